@@ -1,0 +1,1 @@
+"""INT8 calibration: activation capture over the sampling trajectory, ranges, Q/DQ insertion."""

@@ -1,0 +1,1 @@
+"""The bundled demo model: synthetic shapes dataset, prompt-fidelity evaluator, two-stage training."""

@@ -1,0 +1,114 @@
+"""Prompt-fidelity evaluator for the demo model (numpy only, deterministic, no torch).
+
+Reads colour, shape and position of the single shape in a 64x64 RGB uint8 image:
+  * background = median colour of the one-pixel border;
+  * shape pixels = pixels far from the background; colour = nearest named colour of their median;
+  * a soft per-pixel coverage (projection of each pixel onto the background->shape colour line)
+    gives area, centroid and bounding box;
+  * position = nearest named anchor to the centroid;
+  * shape = fill ratio of the bounding box (square ~1, circle ~pi/4, triangle ~1/2).
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from .dataset import BACKGROUNDS, COLOURS, POSITIONS, SHAPES
+
+SHAPE_DIST = 60.0  # RGB distance from the background above which a pixel belongs to the shape
+MIN_SHAPE_PIXELS = 12  # fewer candidate pixels than this: no shape found
+COVER_MASK = 0.5  # coverage above which a pixel counts for the bounding box
+SQUARE_FILL = 0.88  # fill ratio of the bounding box above which the shape is a square
+TRIANGLE_FILL = 0.64  # fill ratio below which the shape is a triangle (between: circle)
+
+_COLOUR_NAMES = list(COLOURS)
+_COLOUR_RGB = np.array([COLOURS[c] for c in _COLOUR_NAMES], dtype=np.float64)
+_BG_NAMES = list(BACKGROUNDS)
+_BG_RGB = np.array([BACKGROUNDS[b] for b in _BG_NAMES], dtype=np.float64)
+_POS_NAMES = list(POSITIONS)
+_POS_XY = np.array([POSITIONS[p] for p in _POS_NAMES], dtype=np.float64)
+_SYNONYMS = {"grey": "gray", "centre": "center", "middle": "center"}
+
+
+def _nearest(table: np.ndarray, names: list[str], value: np.ndarray) -> str:
+    return names[int(np.argmin(((table - value) ** 2).sum(axis=1)))]
+
+
+def detect(image: np.ndarray) -> dict:
+    """Attributes read from one (H, W, 3) uint8 image (64x64 expected; other sizes are scaled)."""
+    img = np.asarray(image, dtype=np.float64)[..., :3]
+    h, w = img.shape[:2]
+    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+    bg = np.median(border, axis=0)
+    out = {"colour": None, "shape": None, "position": None, "background": _nearest(_BG_RGB, _BG_NAMES, bg)}
+    dist = np.sqrt(((img - bg) ** 2).sum(axis=-1))
+    cand = dist > SHAPE_DIST
+    if cand.sum() < MIN_SHAPE_PIXELS:
+        return out
+    fg = np.median(img[cand], axis=0)
+    out["colour"] = _nearest(_COLOUR_RGB, _COLOUR_NAMES, fg)
+    axis = fg - bg
+    cover = np.clip(((img - bg) @ axis) / max(float(axis @ axis), 1e-6), 0.0, 1.0)
+    cover[dist <= SHAPE_DIST / 2] = 0.0  # suppress faint noise far from the shape
+    area = cover.sum()
+    ys, xs = np.mgrid[0:h, 0:w]
+    cx = (cover * (xs + 0.5)).sum() / area * (64.0 / w)
+    cy = (cover * (ys + 0.5)).sum() / area * (64.0 / h)
+    out["position"] = _nearest(_POS_XY, _POS_NAMES, np.array([cx, cy]))
+    mask = cover > COVER_MASK
+    if mask.sum() < MIN_SHAPE_PIXELS:
+        return out
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    box = (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+    fill = area / box
+    out["fill"] = float(fill)
+    out["shape"] = "square" if fill > SQUARE_FILL else ("triangle" if fill < TRIANGLE_FILL else "circle")
+    return out
+
+
+def parse_prompt(text: str) -> dict:
+    """Attributes named in a prompt; missing ones are None."""
+    words = re.findall(r"[a-z]+", text.lower())
+    words = [_SYNONYMS.get(w, w) for w in words]
+    joined = " ".join(words)
+    attrs = {"colour": None, "shape": None, "position": None, "background": None}
+    for w in words:
+        if w in COLOURS and attrs["colour"] is None:
+            attrs["colour"] = w
+        elif w in BACKGROUNDS and attrs["background"] is None:
+            attrs["background"] = w
+        elif w in SHAPES and attrs["shape"] is None:
+            attrs["shape"] = w
+    for p in sorted(POSITIONS, key=len, reverse=True):
+        if re.search(r"\b" + p + r"\b", joined):
+            attrs["position"] = p
+            break
+    return attrs
+
+
+def score(images, prompts) -> dict:
+    """Per-attribute accuracy and 'all three right' (colour, shape, position) hit rate."""
+    keys = ("colour", "shape", "position", "background")
+    hits = {k: 0 for k in keys}
+    all_three = 0
+    n = 0
+    for image, prompt in zip(images, prompts):
+        want = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+        got = detect(np.asarray(image))
+        ok = {k: want.get(k) is not None and got.get(k) == want.get(k) for k in keys}
+        for k in keys:
+            hits[k] += ok[k]
+        all_three += ok["colour"] and ok["shape"] and ok["position"]
+        n += 1
+    d = max(n, 1)
+    result = {k: hits[k] / d for k in keys}
+    result["all"] = all_three / d
+    result["n"] = n
+    return result
+
+
+def format_score(result: dict) -> str:
+    return ", ".join(f"{k} {100 * result[k]:.1f}%" for k in ("colour", "shape", "position", "background")) + (
+        f"; all three {100 * result['all']:.1f}% (n={result['n']})"
+    )

@@ -1,0 +1,1 @@
+"""Heavy side: checkpoint loading, ONNX export, precision rewrites, engine building (imports torch)."""

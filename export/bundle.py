@@ -1,0 +1,172 @@
+"""Write a bundle: every component exported, checked, hashed; manifest last; swap in atomically.
+
+The bundle is assembled in a hidden sibling folder and renamed into place only when
+every component has passed its check and the manifest is written, so a crash or a
+failed check never leaves something at ``out`` that loads as a bundle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import ldm_edge
+from ldm_edge.runtime.fsutil import atomic_write_bytes, atomic_write_json, sha256_file
+from ldm_edge.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME
+from ldm_edge.runtime.spec import ModelDims, describe
+
+from .load import LoadedModel
+from .onnx_export import (DEFAULT_OPSET, ExportError, check_component, export_component,
+                          summarise, worst)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MIN_SIZE = 32
+DEFAULT_MAX_SIZE = 1024
+DEFAULT_MAX_BATCH = 4
+
+
+@dataclass
+class ExportOptions:
+    opset: int = DEFAULT_OPSET
+    min_size: int = DEFAULT_MIN_SIZE
+    max_size: int = DEFAULT_MAX_SIZE
+    max_batch: int = DEFAULT_MAX_BATCH
+    exporter: str = "auto"
+    components: tuple = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+    force: bool = False
+
+
+def file_record(path: Path, root: Path) -> dict:
+    return {"path": path.relative_to(root).as_posix(), "size": path.stat().st_size,
+            "sha256": sha256_file(path)}
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path, force: bool):
+    """Yield a fresh hidden folder next to ``out``; on success it replaces ``out``."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(stage, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_sizes(model: LoadedModel, opts: ExportOptions) -> None:
+    f = model.vae_scale_factor
+    for label, v in (("--min-size", opts.min_size), ("--max-size", opts.max_size)):
+        if v <= 0 or v % 8 or v % f:
+            raise ExportError(f"{label} {v} must be a positive multiple of {max(8, f)} pixels")
+    if opts.min_size > opts.max_size:
+        raise ExportError(f"--min-size {opts.min_size} is larger than --max-size {opts.max_size}")
+    if opts.max_batch < 1:
+        raise ExportError("--max-batch must be at least 1")
+    for key in ("height", "width"):
+        d = int(model.defaults.get(key, opts.min_size))
+        if not opts.min_size <= d <= opts.max_size:
+            raise ExportError(f"the model's default {key} {d} lies outside "
+                              f"--min-size {opts.min_size} .. --max-size {opts.max_size}")
+
+
+def export_bundle(model: LoadedModel, out: str | Path, opts: ExportOptions,
+                  progress: Callable[[str], None] = lambda msg: None) -> dict:
+    """Export, check and write the bundle; return the manifest written."""
+    check_sizes(model, opts)
+    dims = ModelDims(latent_channels=model.latent_channels,
+                     vae_scale_factor=model.vae_scale_factor,
+                     text_hidden_size=model.text_hidden_size,
+                     text_max_length=model.tokenizer_max_length,
+                     use_attention_mask=model.use_attention_mask, min_size=opts.min_size,
+                     max_size=opts.max_size, max_batch=opts.max_batch)
+    specs = describe(dims)
+    out = Path(out)
+    with staged_dir(out, opts.force) as stage:
+        components = {}
+        for name in opts.components:
+            progress(f"{name}: exporting")
+            files = export_component(model, specs[name], stage, opset=opts.opset,
+                                     exporter=opts.exporter,
+                                     height=int(model.defaults["height"]),
+                                     width=int(model.defaults["width"]))
+            progress(f"{name}: checking against PyTorch in onnxruntime")
+            results = check_component(model, specs[name], files[0])
+            for r in results:
+                log.info("%s", r)
+            if not all(results):
+                raise ExportError(f"{name} does not match PyTorch: {worst(results)}; "
+                                  f"nothing was written")
+            components[name] = {
+                "spec": specs[name].to_json(),
+                "variants": {"fp32": {
+                    "file": files[0].name,
+                    "files": [file_record(p, stage) for p in files],
+                    "opset": opts.opset,
+                    "parity": summarise(results),
+                }},
+            }
+            progress(f"{name}: ok ({worst(results)})")
+        tok_path = stage / "tokenizer.json"
+        atomic_write_bytes(tok_path, model.tokenizer_json.encode())
+        manifest = build_manifest(model, dims, components, tok_path, stage)
+        atomic_write_json(stage / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def build_manifest(model: LoadedModel, dims: ModelDims, components: dict, tok_path: Path,
+                   root: Path) -> dict:
+    import diffusers
+    import torch
+
+    tok = file_record(tok_path, root)
+    tok.update({"file": tok.pop("path"), "max_length": model.tokenizer_max_length,
+                "pad_id": model.pad_token_id, "pad_token": model.pad_token,
+                "use_attention_mask": model.use_attention_mask, "truncation": "longest_first"})
+    return {
+        "format_version": FORMAT_VERSION,
+        "producer": {"name": "ldm-edge", "version": ldm_edge.__version__,
+                     "torch": torch.__version__, "diffusers": diffusers.__version__},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"source": model.source, "sha256": model.source_sha256, "family": model.family},
+        "prediction_type": model.prediction_type,
+        "latent_channels": model.latent_channels,
+        "vae_scale_factor": model.vae_scale_factor,
+        "scaling_factor": float(model.vae.config.scaling_factor),
+        "shift_factor": model.vae.config.get("shift_factor"),
+        "size_multiple": max(8, model.vae_scale_factor),
+        "dims": dims.asdict(),
+        "defaults": model.defaults,
+        "tokenizer": tok,
+        "scheduler": _jsonable(model.scheduler_config),
+        "components": components,
+    }
+
+
+def _jsonable(cfg: dict) -> dict:
+    out = {}
+    for k, v in dict(cfg).items():
+        if isinstance(v, (tuple, list)):
+            v = list(v)
+        elif hasattr(v, "tolist"):
+            v = v.tolist()
+        out[k] = v
+    return out

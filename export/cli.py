@@ -1,0 +1,109 @@
+"""``ldm-export``: turn a trained latent diffusion model into a checked bundle."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import click
+
+from ldm_edge.runtime.errors import LdmEdgeError
+
+
+def fail(msg: str, code: int = 1):
+    click.echo(f"ldm-export: error: {msg}", err=True)
+    sys.exit(code)
+
+
+class Group(click.Group):
+    """Turns known errors into one line and an exit code; --debug shows tracebacks."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LdmEdgeError as e:
+            fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted; nothing was written", 130)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except Exception as e:  # last resort: still one line, no traceback
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            fail(f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                 f"(rerun with --debug for the traceback)", 1)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
+@click.pass_context
+def main(ctx, debug):
+    """Export latent diffusion models (SD1.x, SD2.x, LDM, the ldm-edge demo) to checked bundles."""
+    ctx.obj = {"debug": debug}
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command("onnx")
+@click.argument("source", required=False)
+@click.option("-o", "--output", "out", required=True, type=click.Path(),
+              help="Bundle folder to write (a folder with manifest.json).")
+@click.option("--opset", default=18, show_default=True, type=click.IntRange(18, 23),
+              help="ONNX opset.")
+@click.option("--min-size", default=32, show_default=True, type=int,
+              help="Smallest image side (pixels, multiple of 8) the graphs accept.")
+@click.option("--max-size", default=1024, show_default=True, type=int,
+              help="Largest image side (pixels, multiple of 8) the graphs accept.")
+@click.option("--max-batch", default=4, show_default=True, type=int,
+              help="Most images per call (the U-Net sees twice this under guidance).")
+@click.option("--exporter", type=click.Choice(["auto", "torchscript", "dynamo"]), default="auto",
+              show_default=True, help="torch.onnx exporter; auto tries TorchScript, then dynamo.")
+@click.option("--config", type=click.Path(exists=True, file_okay=False),
+              help="For an original-layout SD checkpoint: a diffusers folder of the same architecture.")
+@click.option("--skip-vae-encoder", is_flag=True, help="Do not export the VAE encoder (no img2img).")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+def onnx_cmd(source, out, opset, min_size, max_size, max_batch, exporter, config,
+             skip_vae_encoder, force):
+    """Export SOURCE (a diffusers folder, a .safetensors/.ckpt file; default: the bundled
+    demo model) to ONNX, check every component against PyTorch, write the bundle."""
+    from .bundle import ExportOptions, export_bundle
+    from .load import default_source, load_model
+
+    t0 = time.perf_counter()
+    if source is None:
+        source = default_source()
+        if source is None:
+            fail("no SOURCE given and the bundled demo model is not installed", 2)
+    click.echo(f"loading {source}", err=True)
+    model = load_model(source, config=config)
+    comps = ("text_encoder", "unet", "vae_decoder") + (() if skip_vae_encoder else ("vae_encoder",))
+    opts = ExportOptions(opset=opset, min_size=min_size, max_size=max_size, max_batch=max_batch,
+                         exporter=exporter, components=comps, force=force)
+    click.echo(f"family {model.family}, prediction {model.prediction_type}, "
+               f"latents {model.latent_channels}ch /{model.vae_scale_factor}", err=True)
+    manifest = export_bundle(model, out, opts,
+                             progress=lambda m: click.echo(f"  [{time.perf_counter() - t0:6.1f}s] {m}", err=True))
+    click.echo(summary_table(manifest))
+    click.echo(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
+
+
+def summary_table(manifest: dict) -> str:
+    rows = [("component", "file", "MB", "max-abs", "max-rel", "cosine", "check")]
+    for name, rec in manifest["components"].items():
+        for prec, v in rec["variants"].items():
+            par = v.get("parity", {})
+            mb = sum(f["size"] for f in v["files"]) / 1e6
+            rows.append((f"{name} ({prec})", v["file"], f"{mb:.1f}",
+                         f"{par.get('max_abs', float('nan')):.2e}",
+                         f"{par.get('max_rel', float('nan')):.2e}",
+                         f"{par.get('cosine', float('nan')):.6f}",
+                         "pass" if par.get("passed") else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Trace one component to ONNX and check it against PyTorch in onnxruntime.
+
+Exporter: the TorchScript tracer (``dynamo=False``) first — on this machine it was about
+twice as fast as the dynamo exporter and, traced at a latent size that is *not* a
+multiple of the U-Net's overall down-sampling factor, it records the up-sampling
+sizes from the skip connections, so one graph serves every multiple of 8 pixels.
+The dynamo exporter is the fallback (``exporter="dynamo"`` forces it). Either way the
+graph is checked at two shapes before it is accepted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from ldm_edge.runtime.compare import Comparison, compare
+from ldm_edge.runtime.errors import LdmEdgeError
+from ldm_edge.runtime.spec import ComponentSpec
+
+from .components import run_torch, sample_inputs, wrap
+from .load import LoadedModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+# protobuf cannot serialise a message over 2 GiB; keep a margin for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# FP32 export vs PyTorch: the same math in another order. Differences come from
+# summation order in conv/matmul (~1e-7 relative per op); 1e-4 absolute (plus 1e-5 of
+# the output's largest magnitude, for text hidden states of size ~10-100) leaves room
+# for deep graphs at 512^2 (SD1.5's VAE measured 7e-5 here) and still fails any wrong op.
+EXPORT_ATOL = 1e-4
+EXPORT_RTOL = 1e-5
+EXPORT_MIN_COSINE = 0.99999
+
+
+class ExportError(LdmEdgeError):
+    exit_code = 1
+
+
+def _trace_inputs(model: LoadedModel, spec: ComponentSpec, height: int, width: int):
+    """Batch 2 and, for the U-Net, a latent size off the down-sampling grid (see module doc)."""
+    f = model.vae_scale_factor
+    if spec.name == "unet":
+        factor = 2 ** int(getattr(model.unet, "num_upsamplers", 0))
+        h = height // f
+        if factor > 1 and h % factor == 0:
+            height += f  # one latent row more: no longer a multiple of `factor`
+    feeds = sample_inputs(spec, model, 2, height, width, seed=1)
+    return tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def export_component(model: LoadedModel, spec: ComponentSpec, out_dir: Path, *, height: int,
+                     width: int, opset: int = DEFAULT_OPSET, exporter: str = "auto") -> list[Path]:
+    """Write ``<name>.onnx`` (and ``<name>.onnx.data`` when large) into ``out_dir``."""
+    module = wrap(model, spec.name)
+    args = _trace_inputs(model, spec, height, width)
+    large = _param_bytes(module) > EXTERNAL_DATA_THRESHOLD
+    order = {"auto": ["torchscript", "dynamo"], "torchscript": ["torchscript"],
+             "dynamo": ["dynamo"]}[exporter]
+    errors = []
+    for kind in order:
+        scratch = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=out_dir))
+        try:
+            raw = scratch / f"{spec.name}.onnx"
+            _torch_export(module, args, raw, spec, opset, dynamo=(kind == "dynamo"))
+            files = _finalise(raw, out_dir / f"{spec.name}.onnx", large)
+            log.info("%s: exported with the %s exporter", spec.name, kind)
+            return files
+        except Exception as e:  # an exporter failure: try the next one
+            errors.append(f"{kind}: {str(e).strip().splitlines()[0][:300] if str(e) else type(e).__name__}")
+            log.warning("%s: %s exporter failed: %s", spec.name, kind, errors[-1])
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    raise ExportError(f"{spec.name}: export failed ({'; '.join(errors)})")
+
+
+def _torch_export(module, args, path: Path, spec: ComponentSpec, opset: int, dynamo: bool) -> None:
+    kwargs = dict(input_names=spec.input_names, output_names=spec.output_names,
+                  opset_version=opset, dynamic_axes=spec.dynamic_axes(), dynamo=dynamo)
+    if dynamo:
+        kwargs["external_data"] = True
+    sink = io.StringIO()
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(path), **kwargs)
+
+
+def _finalise(raw: Path, dest: Path, large: bool) -> list[Path]:
+    """Re-save with all weights inline (small) or in one ``.data`` file (large)."""
+    import onnx
+
+    proto = onnx.load(str(raw), load_external_data=True)
+    for stale in (dest, dest.with_name(dest.name + ".data")):
+        stale.unlink(missing_ok=True)
+    if large:
+        data_name = dest.name + ".data"
+        onnx.save_model(proto, str(dest), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        onnx.checker.check_model(str(dest))
+        return [dest, dest.with_name(data_name)]
+    onnx.checker.check_model(proto)
+    onnx.save_model(proto, str(dest))
+    return [dest]
+
+
+def ort_session(path: Path, threads: int = 0):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def check_shapes(model: LoadedModel, spec: ComponentSpec) -> list[tuple[int, int, int]]:
+    """(batch, height, width) in pixels for the self-check: batch 1 square at the
+    model's default size, batch 2 non-square — two shapes prove the dynamic axes."""
+    f = model.vae_scale_factor
+    h = int(model.defaults.get("height", 64))
+    w = int(model.defaults.get("width", 64))
+    w2 = max(f, (w * 3 // 4) // f * f)
+    if w2 == w:
+        w2 = w + f
+    return [(1, h, w), (2, h, w2)]
+
+
+def check_component(model: LoadedModel, spec: ComponentSpec, onnx_path: Path,
+                    shapes=None) -> list[Comparison]:
+    """Run the graph in onnxruntime and PyTorch on the same inputs at each shape."""
+    module = wrap(model, spec.name)
+    sess = ort_session(onnx_path)
+    results = []
+    for i, (b, h, w) in enumerate(shapes or check_shapes(model, spec)):
+        feeds = sample_inputs(spec, model, b, h, w, seed=10 + i)
+        ref = run_torch(module, spec, feeds)
+        out = sess.run([spec.output_names[0]], feeds)[0]
+        label = f"{spec.name} b{b} {h}x{w}"
+        results.append(compare(out, ref, label, atol=EXPORT_ATOL, rtol=EXPORT_RTOL,
+                               min_cosine=EXPORT_MIN_COSINE))
+    return results
+
+
+def summarise(results: list[Comparison]) -> dict:
+    """Worst case over the checked shapes, for the manifest."""
+    return {
+        "max_abs": max(r.max_abs for r in results),
+        "max_rel": max(r.max_rel for r in results),
+        "cosine": min(r.cosine for r in results),
+        "shapes": [r.name.split(" ", 1)[1] for r in results],
+        "tolerance": {"atol": EXPORT_ATOL, "rtol": EXPORT_RTOL, "min_cosine": EXPORT_MIN_COSINE},
+        "reference": "pytorch fp32",
+        "passed": all(bool(r) for r in results),
+    }
+
+
+def worst(results: list[Comparison]) -> Comparison:
+    return max(results, key=lambda r: (not bool(r), r.max_abs))

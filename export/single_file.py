@@ -1,0 +1,148 @@
+"""Single-file checkpoints: ``.safetensors`` (preferred) or pickled ``.ckpt``.
+
+Two layouts are read:
+
+* ldm-edge's own: diffusers key names prefixed by the component (``unet.``, ``vae.``,
+  ``text_encoder.``) with the component configs and ``tokenizer.json`` as JSON in
+  the file's metadata (safetensors) or under ``"ldm_edge.configs"`` (ckpt).
+* the original Stable Diffusion / LDM layout (``model.diffusion_model.*``): converted
+  by diffusers' single-file loader; offline it needs ``config`` — a diffusers folder
+  of the same architecture (weights not needed) — to know the architecture.
+
+Pickles are opened with ``weights_only=True`` only: one that wants to run code is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+from .load import CONFIG_KEY, LoadedModel, ModelLoadError, family_of, hash_files
+from .load import _check_unet, _defaults, tokenizer_facts, uses_attention_mask
+
+PREFIXES = ("unet.", "vae.", "text_encoder.")
+
+
+def _read_state(path: Path) -> tuple[dict, dict | None]:
+    """(state dict, our configs or None) from either file type."""
+    import torch
+
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            state = load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise ModelLoadError(f"{path.name}: not a readable safetensors file ({e})")
+        cfg = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
+        return state, cfg
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0][:160]
+        raise ModelLoadError(f"{path.name}: the pickle wants more than tensors ({first}); "
+                             f"refused — convert it to .safetensors where you trust it")
+    except Exception as e:
+        raise ModelLoadError(f"{path.name}: not a readable checkpoint ({e.__class__.__name__})")
+    if not isinstance(obj, dict):
+        raise ModelLoadError(f"{path.name}: checkpoint holds a {type(obj).__name__}, not a dict")
+    cfg = obj.get(CONFIG_KEY)
+    state = obj.get("state_dict", obj)
+    return state, (json.loads(cfg) if isinstance(cfg, str) else None)
+
+
+def load_single_file(path: Path, config: str | None = None) -> LoadedModel:
+    state, cfg = _read_state(path)
+    if cfg is not None:
+        return _from_own_layout(path, state, cfg)
+    if any(k.startswith("model.diffusion_model.") for k in state):
+        return _from_original_layout(path, config)
+    raise ModelLoadError(f"{path.name}: unknown checkpoint layout (neither ldm-edge's prefixed "
+                         f"keys with configs nor the original model.diffusion_model.* keys)")
+
+
+def _from_own_layout(path: Path, state: dict, cfg: dict) -> LoadedModel:
+    import transformers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from tokenizers import Tokenizer
+
+    for part in ("unet", "vae", "text_encoder", "scheduler", "tokenizer"):
+        if part not in cfg:
+            raise ModelLoadError(f"{path.name}: configs lack {part}")
+    parts = {p[:-1]: {k[len(p):]: v for k, v in state.items() if k.startswith(p)} for p in PREFIXES}
+    unet = UNet2DConditionModel.from_config(cfg["unet"])
+    vae = AutoencoderKL.from_config(cfg["vae"])
+    te_cfg = dict(cfg["text_encoder"])
+    te_cls = getattr(transformers, te_cfg.pop("_class", "CLIPTextModel"))
+    text_encoder = te_cls(te_cls.config_class.from_dict(te_cfg))
+    for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        missing, unexpected = module.load_state_dict(parts[name], strict=False)
+        missing = [k for k in missing if not k.endswith("position_ids")]
+        if missing or unexpected:
+            raise ModelLoadError(f"{path.name}: {name} weights do not fit its config "
+                                 f"({len(missing)} missing, {len(unexpected)} unexpected)")
+    _check_unet(unet)
+    tok = cfg["tokenizer"]
+    Tokenizer.from_str(tok["tokenizer_json"])  # fails early on a broken tokenizer
+    sched = cfg["scheduler"]
+    return LoadedModel(
+        source=path.name, source_sha256=hash_files([path]),
+        family=family_of(unet, text_encoder, sched), text_encoder=text_encoder.eval(),
+        unet=unet.eval(), vae=vae.eval(), tokenizer_json=tok["tokenizer_json"],
+        tokenizer_max_length=int(tok["max_length"]), pad_token_id=int(tok["pad_id"]),
+        pad_token=tok["pad_token"], use_attention_mask=uses_attention_mask(text_encoder),
+        scheduler_config=sched, defaults=_defaults(unet, vae, sched))
+
+
+def _from_original_layout(path: Path, config: str | None) -> LoadedModel:
+    from diffusers import StableDiffusionPipeline
+
+    if not config:
+        raise ModelLoadError(f"{path.name} is an original-layout SD/LDM checkpoint; offline its "
+                             f"architecture must come from --config DIR (a diffusers folder of "
+                             f"the same model, weights not needed)")
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path), config=str(config), local_files_only=True,
+            safety_checker=None, requires_safety_checker=False)
+    except Exception as e:
+        raise ModelLoadError(f"{path.name}: diffusers could not convert it ({str(e).splitlines()[0]})")
+    _check_unet(pipe.unet)
+    sched = dict(pipe.scheduler.config)
+    return LoadedModel(
+        source=path.name, source_sha256=hash_files([path]),
+        family=family_of(pipe.unet, pipe.text_encoder, sched),
+        text_encoder=pipe.text_encoder.eval(), unet=pipe.unet.eval(), vae=pipe.vae.eval(),
+        use_attention_mask=uses_attention_mask(pipe.text_encoder), scheduler_config=sched,
+        defaults=_defaults(pipe.unet, pipe.vae, sched),
+        **tokenizer_facts(pipe.tokenizer, pipe.text_encoder))
+
+
+def save_single_file(model: LoadedModel, path: str | Path) -> Path:
+    """Write ``model`` in ldm-edge's single-file layout (.safetensors or .ckpt)."""
+    import torch
+
+    path = Path(path)
+    state = {}
+    for name, module in (("unet", model.unet), ("vae", model.vae), ("text_encoder", model.text_encoder)):
+        for k, v in module.state_dict().items():
+            state[f"{name}.{k}"] = v.detach().contiguous().clone()
+    te_cfg = model.text_encoder.config.to_dict()
+    te_cfg["_class"] = type(model.text_encoder).__name__
+    cfg = {"unet": dict(model.unet.config), "vae": dict(model.vae.config), "text_encoder": te_cfg,
+           "scheduler": model.scheduler_config,
+           "tokenizer": {"tokenizer_json": model.tokenizer_json,
+                         "max_length": model.tokenizer_max_length,
+                         "pad_id": model.pad_token_id, "pad_token": model.pad_token}}
+    blob = json.dumps(cfg, default=list)
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path), metadata={CONFIG_KEY: blob})
+    else:
+        torch.save({"state_dict": state, CONFIG_KEY: blob}, str(path))
+    return path

@@ -1,0 +1,110 @@
+"""Tiny randomly initialised Stable-Diffusion-style pipelines, built offline.
+
+Used by the tests and by ``make demo`` before a trained model exists. Nothing comes
+from a hub: the CLIP tokenizer is a byte-level BPE whose vocabulary is written here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY_TEXT_HIDDEN = 32
+TINY_MAX_LENGTH = 77
+
+# A handful of merges so that common prompt words become single tokens.
+_WORDS = ["a", "red", "blue", "green", "cat", "dog", "circle", "square", "photo", "of",
+          "the", "on", "in", "an", "astronaut", "horse", "riding", "painting"]
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2/CLIP's reversible byte -> printable-unicode mapping, in byte order."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
+                 + list(range(ord("\xae"), ord("\xff") + 1)))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+def tiny_clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """A CLIP BPE tokenizer with a small vocabulary (bytes + a few whole words)."""
+    from transformers import CLIPTokenizer
+
+    alphabet = _byte_alphabet()
+    vocab: dict[str, int] = {}
+    for ch in alphabet:
+        vocab[ch] = len(vocab)
+    for ch in alphabet:
+        vocab[ch + "</w>"] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    for word in _WORDS:
+        # merge left to right: ((w o) r) d</w>
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        cur = pieces[0]
+        for nxt in pieces[1:]:
+            merges.append((cur, nxt))
+            cur = cur + nxt
+            vocab.setdefault(cur, len(vocab))
+    merges = list(dict.fromkeys(merges))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token)
+    tok.model_max_length = TINY_MAX_LENGTH
+    return tok
+
+
+def tiny_pipeline(family: str = "sd1", seed: int = 0, sample_size: int = 16):
+    """A StableDiffusionPipeline of ~1 M parameters; family 'sd1' (epsilon) or 'sd2'
+    (v_prediction, linear projection, per-block head dims, upcast attention)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if family not in ("sd1", "sd2"):
+        raise ValueError(f"tiny family must be sd1 or sd2, not {family!r}")
+    sd2 = family == "sd2"
+    tokenizer = tiny_clip_tokenizer(pad_token="!" if sd2 else "<|endoftext|>")
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=TINY_TEXT_HIDDEN, intermediate_size=64,
+        num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=TINY_MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, hidden_act="gelu" if sd2 else "quick_gelu",
+        projection_dim=TINY_TEXT_HIDDEN))
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TINY_TEXT_HIDDEN, norm_num_groups=8,
+        attention_head_dim=(4, 8, 8) if sd2 else 8,
+        use_linear_projection=sd2, upcast_attention=sd2)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        block_out_channels=(16, 32, 32, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=sample_size * 8)
+    # Random weights give latents/outputs of O(1); perturb the U-Net's zero-initialised
+    # output conv so the model output is not identically zero.
+    with torch.no_grad():
+        for p in unet.conv_out.parameters():
+            p.normal_(0.0, 0.02)
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+        prediction_type="v_prediction" if sd2 else "epsilon")
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def save_tiny(path: str | Path, family: str = "sd1", seed: int = 0) -> Path:
+    """Write a tiny pipeline as a diffusers folder and return its path."""
+    path = Path(path)
+    tiny_pipeline(family, seed).save_pretrained(path, safe_serialization=True)
+    return path

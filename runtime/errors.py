@@ -1,0 +1,25 @@
+"""Errors a user can act on. CLIs print them as one line and exit non-zero."""
+
+
+class LdmEdgeError(Exception):
+    """Base class: the message says what is wrong and what to do."""
+
+    exit_code = 1
+
+
+class BundleError(LdmEdgeError):
+    """The bundle is missing, damaged or does not fit this machine."""
+
+    exit_code = 3
+
+
+class UsageError(LdmEdgeError):
+    """Arguments that cannot work (size, steps, shapes...)."""
+
+    exit_code = 2
+
+
+class NumericsError(LdmEdgeError):
+    """A component produced NaN or Inf."""
+
+    exit_code = 4

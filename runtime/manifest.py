@@ -1,0 +1,165 @@
+"""The bundle's manifest: the single source of truth, validated before anything is opened.
+
+A bundle is a folder with ``manifest.json`` and the files it names. Every file the
+manifest names must lie inside the bundle (no absolute paths, no ``..``, no symlink
+out), exist, and have the size and sha256 recorded at export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BundleError
+from .fsutil import sha256_file
+from .spec import COMPONENTS, ComponentSpec
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+PRECISIONS = ("fp32", "fp16", "int8")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+_REQUIRED = ("format_version", "model", "components", "tokenizer", "scheduler",
+             "prediction_type", "latent_channels", "vae_scale_factor", "scaling_factor")
+
+
+def safe_member(root: Path, rel: str, what: str) -> Path:
+    """Resolve ``rel`` inside ``root`` or refuse: the manifest may not point outside."""
+    if not isinstance(rel, str) or not rel:
+        raise BundleError(f"{what}: file name missing in manifest")
+    p = Path(rel)
+    if p.is_absolute() or ".." in p.parts or "\\" in rel or "\x00" in rel:
+        raise BundleError(f"{what}: manifest names {rel!r}, outside the bundle; refusing it")
+    full = root / p
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([real_root, os.path.realpath(full)]) != real_root:
+        raise BundleError(f"{what}: {rel!r} is a link that leads outside the bundle; refusing it")
+    return full
+
+
+@dataclass
+class Variant:
+    """One precision of one component: its ONNX file (plus external data) and engines."""
+
+    component: str
+    precision: str
+    path: Path
+    record: dict
+
+
+class Manifest:
+    def __init__(self, root: Path, data: dict):
+        self.root = root
+        self.data = data
+
+    # -- loading --------------------------------------------------------------
+    @classmethod
+    def load(cls, bundle: str | os.PathLike, verify: bool = True) -> "Manifest":
+        root = Path(bundle)
+        if not root.is_dir():
+            raise BundleError(f"bundle {str(root)!r} not found: pass the folder that "
+                              f"`ldm-export onnx` wrote")
+        mpath = root / MANIFEST_NAME
+        if not mpath.is_file():
+            raise BundleError(f"{str(root)!r} has no {MANIFEST_NAME}: not a bundle, or an "
+                              f"export that did not finish; rerun `ldm-export onnx`")
+        try:
+            data = json.loads(mpath.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BundleError(f"{mpath} is damaged ({e.__class__.__name__}); re-export the bundle")
+        m = cls(root, data)
+        m.validate(verify=verify)
+        return m
+
+    def validate(self, verify: bool = True) -> None:
+        d = self.data
+        if not isinstance(d, dict):
+            raise BundleError("manifest.json is not a JSON object; re-export the bundle")
+        missing = [k for k in _REQUIRED if k not in d]
+        if missing:
+            raise BundleError(f"manifest.json lacks {', '.join(missing)}; re-export the bundle")
+        fv = d["format_version"]
+        if not isinstance(fv, int) or isinstance(fv, bool):
+            raise BundleError(f"manifest format_version {fv!r} is not an integer")
+        if fv > FORMAT_VERSION:
+            raise BundleError(f"bundle format {fv} is newer than this ldm-edge reads "
+                              f"({FORMAT_VERSION}); upgrade ldm-edge")
+        if fv < FORMAT_VERSION:
+            raise BundleError(f"bundle format {fv} is no longer read; re-export the bundle")
+        if d["prediction_type"] not in PREDICTION_TYPES:
+            raise BundleError(f"unknown prediction_type {d['prediction_type']!r}")
+        comps = d["components"]
+        if not isinstance(comps, dict):
+            raise BundleError("manifest components is not an object; re-export the bundle")
+        for name in ("text_encoder", "unet", "vae_decoder"):
+            if name not in comps:
+                raise BundleError(f"bundle has no {name}; re-export it")
+        for name, rec in comps.items():
+            if name not in COMPONENTS:
+                raise BundleError(f"unknown component {name!r} in manifest")
+            self.spec(name)  # parses
+            for precision in rec.get("variants", {}):
+                self._check_files(name, precision, verify)
+        tok = d["tokenizer"]
+        self._check_file_record(tok, "tokenizer", verify)
+
+    def _check_files(self, name: str, precision: str, verify: bool) -> None:
+        rec = self.data["components"][name]["variants"][precision]
+        if precision not in PRECISIONS:
+            raise BundleError(f"{name}: unknown precision {precision!r}")
+        for f in rec.get("files", []):
+            self._check_file_record(f, f"{name} ({precision})", verify)
+        safe_member(self.root, rec.get("file"), f"{name} ({precision})")
+
+    def _check_file_record(self, rec: dict, what: str, verify: bool) -> None:
+        if not isinstance(rec, dict):
+            raise BundleError(f"{what}: malformed file record in manifest")
+        path = safe_member(self.root, rec.get("file") or rec.get("path"), what)
+        if not path.is_file():
+            raise BundleError(f"{what}: {path.name} is missing from the bundle; re-export it")
+        size = rec.get("size")
+        if size is not None and path.stat().st_size != size:
+            raise BundleError(f"{what}: {path.name} has {path.stat().st_size} bytes, the manifest "
+                              f"says {size} (truncated copy?); copy or re-export it again")
+        if verify and rec.get("sha256") and sha256_file(path) != rec["sha256"]:
+            raise BundleError(f"{what}: {path.name} does not match its sha256 in the manifest "
+                              f"(damaged copy?); copy or re-export it again")
+
+    # -- accessors --------------------------------------------------------------
+    def __getitem__(self, key):
+        return self.data[key]
+
+    def get(self, key, default=None):
+        return self.data.get(key, default)
+
+    @property
+    def component_names(self) -> list[str]:
+        return list(self.data["components"])
+
+    def has(self, name: str) -> bool:
+        return name in self.data["components"]
+
+    def spec(self, name: str) -> ComponentSpec:
+        try:
+            return ComponentSpec.from_json(name, self.data["components"][name]["spec"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"{name}: malformed spec in manifest ({e}); re-export the bundle")
+
+    def precisions(self, name: str) -> list[str]:
+        return list(self.data["components"][name].get("variants", {}))
+
+    def variant(self, name: str, precision: str) -> Variant:
+        variants = self.data["components"][name].get("variants", {})
+        if precision not in variants:
+            have = ", ".join(variants) or "none"
+            hint = {"fp16": "ldm-export fp16 BUNDLE", "int8": "ldm-export int8 BUNDLE"}.get(
+                precision, "ldm-export onnx")
+            raise BundleError(f"{name} has no {precision} variant in this bundle (has: {have}); "
+                              f"make it with `{hint}`")
+        rec = variants[precision]
+        return Variant(name, precision, safe_member(self.root, rec["file"], name), rec)
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return safe_member(self.root, self.data["tokenizer"]["file"], "tokenizer")

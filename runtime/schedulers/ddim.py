@@ -1,0 +1,91 @@
+"""DDIM: deterministic implicit sampler of Song, Meng & Ermon (2020), arXiv:2010.02502.
+
+Reproduces diffusers.DDIMScheduler with eta = 0 (the pipeline default): every step is
+deterministic, so `generator` is accepted and unused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .base import BETA_SCHEDULES, BOOL_OFF, PREDICTION_TYPES, SPACINGS, Scheduler, SchedulerConfigError
+from .base import spaced_timesteps, x0_and_eps
+
+
+class DDIMScheduler(Scheduler):
+    name = "ddim"
+    diffusers_class = "DDIMScheduler"
+    order = 1
+    DEFAULTS = {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.0001,
+        "beta_end": 0.02,
+        "beta_schedule": "linear",
+        "trained_betas": None,
+        "clip_sample": True,
+        "set_alpha_to_one": True,
+        "steps_offset": 0,
+        "prediction_type": "epsilon",
+        "thresholding": False,
+        "dynamic_thresholding_ratio": 0.995,
+        "clip_sample_range": 1.0,
+        "sample_max_value": 1.0,
+        "timestep_spacing": "leading",
+        "rescale_betas_zero_snr": False,
+    }
+    CHOICES = {
+        "prediction_type": PREDICTION_TYPES,
+        "thresholding": BOOL_OFF,
+        "timestep_spacing": SPACINGS,
+        "beta_schedule": BETA_SCHEDULES,
+    }
+
+    def __init__(self, **config: Any) -> None:
+        super().__init__(**config)
+        # alpha-bar "before the first step": 1 (clean data) or the first training step's value
+        self.final_alpha_cumprod = 1.0 if self.config["set_alpha_to_one"] else float(self.alphas_cumprod[0])
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        n_train = self.config["num_train_timesteps"]
+        if num_inference_steps > n_train:
+            raise SchedulerConfigError(
+                f"{self.name}: num_inference_steps={num_inference_steps} exceeds num_train_timesteps={n_train}"
+            )
+        self.num_inference_steps = int(num_inference_steps)
+        self.timesteps = spaced_timesteps(
+            self.num_inference_steps, self.config["timestep_spacing"], n_train, self.config["steps_offset"]
+        )
+
+    def _alpha_bar(self, t: int) -> float:
+        return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha_cumprod
+
+    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, generator=None) -> np.ndarray:
+        self._require_timesteps()
+        cfg = self.config
+        t = int(timestep)
+        # 1. previous timestep: a fixed stride below t (diffusers uses the stride even for
+        #    "trailing" and "linspace" spacing, so do we)
+        prev_t = t - cfg["num_train_timesteps"] // self.num_inference_steps
+
+        # 2. alpha-bar at both ends of the step
+        alpha_prod_t, alpha_prod_prev = self._alpha_bar(t), self._alpha_bar(prev_t)
+
+        # 3. predicted x_0 and epsilon, formula (12) of the DDIM paper ("predicted x_0")
+        x = np.asarray(sample, dtype=np.float64)
+        out = np.asarray(model_output, dtype=np.float64)
+        pred_x0, pred_eps = x0_and_eps(out, x, alpha_prod_t, cfg["prediction_type"])
+
+        # 4. optional clipping of the predicted x_0
+        if cfg["clip_sample"]:
+            limit = cfg["clip_sample_range"]
+            pred_x0 = np.clip(pred_x0, -limit, limit)
+
+        # 5. sigma_t of formula (16) is 0 for eta = 0, so the "direction pointing to x_t"
+        #    of formula (12) is sqrt(1 - alpha_prev) * epsilon
+        direction = (1.0 - alpha_prod_prev) ** 0.5 * pred_eps
+
+        # 6. x_{t-1} without random noise, formula (12)
+        prev_sample = alpha_prod_prev ** 0.5 * pred_x0 + direction
+        return prev_sample.astype(np.float32)

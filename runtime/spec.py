@@ -1,0 +1,145 @@
+"""One description per component: names, dtypes, symbolic shapes, shape ranges.
+
+Export reads it to trace and check, the manifest records it, the runtime reads it
+back from the manifest (never from this module's defaults) to feed the graphs.
+Pure python: imported by both halves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+
+# The timestep input: float32 of shape [batch]. Float because Euler-family schedulers
+# produce fractional timesteps; [batch] because that is what every exporter traces
+# without broadcasting tricks. Recorded per bundle; the runtime casts to what the
+# manifest says (an imported Optimum bundle declares int64).
+TIMESTEP_DTYPE = "float32"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: "float32", "float16", "int64", ...
+    shape: tuple  # ints for fixed dims, strings for symbolic ones
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TensorSpec":
+        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """What one exported network looks like from the outside."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    # symbolic dim -> [min, max] in the units of that dim (latent or pixel rows, tokens, ...)
+    ranges: dict = field(default_factory=dict)
+
+    def input(self, name: str) -> TensorSpec:
+        for t in self.inputs:
+            if t.name == name:
+                return t
+        raise KeyError(f"{self.name} has no input {name!r}")
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict:
+        """torch.onnx.export's dynamic_axes: every string dim of every tensor."""
+        axes = {}
+        for t in self.inputs + self.outputs:
+            dims = {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+            if dims:
+                axes[t.name] = dims
+        return axes
+
+    def to_json(self) -> dict:
+        return {
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+            "ranges": {k: list(v) for k, v in self.ranges.items()},
+        }
+
+    @classmethod
+    def from_json(cls, name: str, d: dict) -> "ComponentSpec":
+        return cls(
+            name,
+            tuple(TensorSpec.from_json(t) for t in d["inputs"]),
+            tuple(TensorSpec.from_json(t) for t in d["outputs"]),
+            {k: tuple(v) for k, v in d.get("ranges", {}).items()},
+        )
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The few numbers of a model that fix its components' interfaces."""
+
+    latent_channels: int
+    vae_scale_factor: int  # pixels per latent cell
+    text_hidden_size: int
+    text_max_length: int
+    use_attention_mask: bool  # BERT-style text encoders take one, CLIP does not
+    min_size: int = 32  # pixels
+    max_size: int = 1024  # pixels
+    max_batch: int = 4  # images per call; the U-Net sees twice that under guidance
+
+    def asdict(self) -> dict:
+        return asdict(self)
+
+
+def describe(dims: ModelDims) -> dict[str, ComponentSpec]:
+    """The four component descriptions for a model with these dimensions."""
+    f = dims.vae_scale_factor
+    c = dims.latent_channels
+    lat = (dims.min_size // f, dims.max_size // f)
+    pix = (dims.min_size, dims.max_size)
+    text_in = [TensorSpec("input_ids", "int64", ("batch", dims.text_max_length))]
+    if dims.use_attention_mask:
+        text_in.append(TensorSpec("attention_mask", "int64", ("batch", dims.text_max_length)))
+    batch = (1, dims.max_batch)
+    return {
+        "text_encoder": ComponentSpec(
+            "text_encoder",
+            tuple(text_in),
+            (TensorSpec("last_hidden_state", "float32",
+                        ("batch", dims.text_max_length, dims.text_hidden_size)),),
+            {"batch": (1, 2 * dims.max_batch)},
+        ),
+        "unet": ComponentSpec(
+            "unet",
+            (
+                TensorSpec("sample", "float32", ("batch", c, "latent_height", "latent_width")),
+                TensorSpec("timestep", TIMESTEP_DTYPE, ("batch",)),
+                TensorSpec("encoder_hidden_states", "float32",
+                           ("batch", dims.text_max_length, dims.text_hidden_size)),
+            ),
+            (TensorSpec("model_output", "float32", ("batch", c, "latent_height", "latent_width")),),
+            {"batch": (1, 2 * dims.max_batch), "latent_height": lat, "latent_width": lat},
+        ),
+        "vae_decoder": ComponentSpec(
+            "vae_decoder",
+            (TensorSpec("latent", "float32", ("batch", c, "latent_height", "latent_width")),),
+            (TensorSpec("image", "float32", ("batch", 3, "height", "width")),),
+            {"batch": batch, "latent_height": lat, "latent_width": lat},
+        ),
+        "vae_encoder": ComponentSpec(
+            "vae_encoder",
+            (TensorSpec("image", "float32", ("batch", 3, "height", "width")),),
+            # mean and log-variance stacked on channels, as diffusers' DiagonalGaussian reads them
+            (TensorSpec("latent_parameters", "float32",
+                        ("batch", 2 * c, "latent_height", "latent_width")),),
+            {"batch": batch, "height": pix, "width": pix},
+        ),
+    }
