@@ -117,8 +117,8 @@ def heldout_fidelity(unet, vae, text, n: int, guidance: float, steps: int = 25, 
 def load_weights(weights: Path, device: str = "cpu"):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-    vae = AutoencoderKL.from_pretrained(weights / "vae").eval().to(device)
-    unet = UNet2DConditionModel.from_pretrained(weights / "unet").eval().to(device)
+    vae = AutoencoderKL.from_pretrained(weights / "vae", torch_dtype=torch.float32).eval().to(device)
+    unet = UNet2DConditionModel.from_pretrained(weights / "unet", torch_dtype=torch.float32).eval().to(device)
     sched = DDIMScheduler.from_pretrained(weights / "scheduler")
     text = TextEncoder(device, weights / "tokenizer" / "tokenizer.json")
     meta_file = weights / "ldm_edge_demo.json"

@@ -148,7 +148,7 @@ def _load_folder(p: Path) -> LoadedModel:
     missing = [part for part in PIPELINE_PARTS if not (p / part).is_dir()]
     if missing:
         raise ModelLoadError(f"{p.name}: not a StableDiffusionPipeline folder, missing "
-                             f"{', '.join(missing)}/")
+                             f"{', '.join(m + '/' for m in missing)}")
     index = json.loads((p / "model_index.json").read_text()) if (p / "model_index.json").is_file() else {}
     te_cls = (index.get("text_encoder") or ["transformers", "CLIPTextModel"])[1]
     if not hasattr(transformers, te_cls):

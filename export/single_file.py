@@ -43,9 +43,16 @@ def _read_state(path: Path) -> tuple[dict, dict | None]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0][:160]
-        raise ModelLoadError(f"{path.name}: the pickle wants more than tensors ({first}); "
-                             f"refused — convert it to .safetensors where you trust it")
+        # torch's message: a paragraph of advice, then the reason on a line of its own
+        lines = [ln.strip() for ln in str(e).split("WeightsUnpickler error:")[-1].splitlines()]
+        reasons = [ln for ln in lines if ln and not ln.startswith(("Weights only load failed",
+                                                                   "Check the documentation"))]
+        detail = (reasons[0] if reasons else "unknown reason")[:120]
+        if "global" in detail.lower():
+            raise ModelLoadError(f"{path.name}: the pickle wants to run code ({detail}); refused "
+                                 f"— convert it to .safetensors where you trust it")
+        raise ModelLoadError(f"{path.name}: not a readable checkpoint for a weights-only load "
+                             f"({detail}); refused")
     except Exception as e:
         raise ModelLoadError(f"{path.name}: not a readable checkpoint ({e.__class__.__name__})")
     if not isinstance(obj, dict):
@@ -133,12 +140,13 @@ def save_single_file(model: LoadedModel, path: str | Path) -> Path:
             state[f"{name}.{k}"] = v.detach().contiguous().clone()
     te_cfg = model.text_encoder.config.to_dict()
     te_cfg["_class"] = type(model.text_encoder).__name__
+    te_cfg.pop("_name_or_path", None)  # a local path; not part of the architecture
     cfg = {"unet": dict(model.unet.config), "vae": dict(model.vae.config), "text_encoder": te_cfg,
            "scheduler": model.scheduler_config,
            "tokenizer": {"tokenizer_json": model.tokenizer_json,
                          "max_length": model.tokenizer_max_length,
                          "pad_id": model.pad_token_id, "pad_token": model.pad_token}}
-    blob = json.dumps(cfg, default=list)
+    blob = json.dumps(cfg, default=str)
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import save_file
 

@@ -160,8 +160,12 @@ class Scheduler:
     @classmethod
     def from_config(cls, config: dict, **overrides: Any) -> "Scheduler":
         """Like DiffusersClass.from_config: keys the class does not know are ignored, missing
-        keys take this class's defaults, overrides win over the config."""
-        merged = {**dict(config), **overrides}
+        keys take this class's defaults, overrides win over the config. Keys that a saved
+        diffusers config lists under "_use_default_values" were defaults of the class that
+        saved it, so they are dropped too and this class's own defaults apply."""
+        defaulted = set(config.get("_use_default_values", ()))
+        merged = {k: v for k, v in dict(config).items() if k not in defaulted}
+        merged.update(overrides)
         return cls(**{k: v for k, v in merged.items() if k in cls.DEFAULTS})
 
     @property

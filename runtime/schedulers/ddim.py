@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import BETA_SCHEDULES, BOOL_OFF, PREDICTION_TYPES, SPACINGS, Scheduler, SchedulerConfigError
+from .base import BOOL_OFF, PREDICTION_TYPES, SPACINGS, Scheduler, SchedulerConfigError
 from .base import spaced_timesteps, x0_and_eps
 
 
@@ -39,7 +39,6 @@ class DDIMScheduler(Scheduler):
         "prediction_type": PREDICTION_TYPES,
         "thresholding": BOOL_OFF,
         "timestep_spacing": SPACINGS,
-        "beta_schedule": BETA_SCHEDULES,
     }
 
     def __init__(self, **config: Any) -> None:

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from .base import BETA_SCHEDULES, BOOL_OFF, PREDICTION_TYPES, SPACINGS, Scheduler, SchedulerConfigError
+from .base import BOOL_OFF, PREDICTION_TYPES, SPACINGS, Scheduler, SchedulerConfigError
 from .base import spaced_timesteps, x0_and_eps
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
@@ -42,7 +42,6 @@ class DDPMScheduler(Scheduler):
         "variance_type": VARIANCE_TYPES,
         "thresholding": BOOL_OFF,
         "timestep_spacing": SPACINGS,
-        "beta_schedule": BETA_SCHEDULES,
     }
 
     def set_timesteps(self, num_inference_steps: int) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import BETA_SCHEDULES, BOOL_OFF, SPACINGS, IndexedScheduler, SchedulerConfigError
+from .base import BOOL_OFF, SPACINGS, IndexedScheduler, SchedulerConfigError
 from .base import karras_sigmas, per_sample, sigma_to_t, spaced_timesteps
 
 
@@ -61,13 +61,14 @@ class EulerDiscreteScheduler(IndexedScheduler):
         "timestep_spacing": SPACINGS,
         "timestep_type": ("discrete", "continuous"),
         "final_sigmas_type": ("zero", "sigma_min"),
-        "beta_schedule": BETA_SCHEDULES,
     }
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)
         if self.config["timestep_type"] == "continuous" and self.config["prediction_type"] == "v_prediction":
-            raise SchedulerConfigError(f"{self.name}: option timestep_type='continuous' with v_prediction is not supported")
+            raise SchedulerConfigError(
+                f"{self.name}: option timestep_type='continuous' with v_prediction is not supported"
+            )
         self.alphas_cumprod = zero_snr_alphas_cumprod(self)
         n_train = self.config["num_train_timesteps"]
         self.sigmas = np.concatenate([sigma_table(self.alphas_cumprod)[::-1], [0.0]]).astype(np.float32)

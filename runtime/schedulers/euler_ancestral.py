@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import BETA_SCHEDULES, SPACINGS, IndexedScheduler, per_sample, spaced_timesteps
+from .base import SPACINGS, IndexedScheduler, per_sample, spaced_timesteps
 from .euler import sigma_table, zero_snr_alphas_cumprod
 
 
@@ -35,7 +35,6 @@ class EulerAncestralDiscreteScheduler(IndexedScheduler):
     CHOICES = {
         "prediction_type": ("epsilon", "v_prediction"),
         "timestep_spacing": SPACINGS,
-        "beta_schedule": BETA_SCHEDULES,
     }
 
     def __init__(self, **config: Any) -> None:

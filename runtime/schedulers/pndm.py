@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import BETA_SCHEDULES, SPACINGS, Scheduler, SchedulerConfigError, spaced_timesteps
+from .base import SPACINGS, Scheduler, SchedulerConfigError, spaced_timesteps
 
 PNDM_ORDER = 4
 
@@ -36,7 +36,6 @@ class PNDMScheduler(Scheduler):
     CHOICES = {
         "prediction_type": ("epsilon", "v_prediction"),
         "timestep_spacing": SPACINGS,
-        "beta_schedule": BETA_SCHEDULES,
     }
 
     def __init__(self, **config: Any) -> None:

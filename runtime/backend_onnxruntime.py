@@ -1,0 +1,95 @@
+"""onnxruntime backend: TensorRT / CUDA / CPU execution providers, whichever is installed."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .backend_base import Backend
+from .errors import BundleError, UsageError
+from .spec import ComponentSpec
+
+log = logging.getLogger(__name__)
+
+PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+DEVICE_PROVIDERS = {
+    "auto": PROVIDER_ORDER,
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+
+
+def choose_providers(device: str = "auto") -> list[str]:
+    import onnxruntime as ort
+
+    if device not in DEVICE_PROVIDERS:
+        raise UsageError(f"unknown device {device!r}; use one of {', '.join(DEVICE_PROVIDERS)}")
+    available = set(ort.get_available_providers())
+    chosen = [p for p in DEVICE_PROVIDERS[device] if p in available]
+    if device != "auto" and device != "cpu" and chosen[:1] != [DEVICE_PROVIDERS[device][0]]:
+        raise UsageError(f"onnxruntime here has no {DEVICE_PROVIDERS[device][0]} "
+                         f"(has {', '.join(sorted(available))}); install onnxruntime-gpu")
+    return chosen
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, spec: ComponentSpec, path: str | Path, *, device: str = "auto",
+                 threads: int = 0):
+        super().__init__(spec)
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.providers = choose_providers(device)
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=self.providers)
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0][:200] if str(e) else type(e).__name__
+            raise BundleError(f"{spec.name}: onnxruntime cannot load {Path(path).name} ({msg}); "
+                              f"the file is damaged or not ONNX — re-export the bundle")
+        names = [i.name for i in self.session.get_inputs()]
+        if sorted(names) != sorted(spec.input_names):
+            raise BundleError(f"{spec.name}: graph inputs {names} do not match the manifest's "
+                              f"{spec.input_names}; re-export the bundle")
+        self.on_device = self.session.get_providers()[0] != "CPUExecutionProvider"
+        self._device_values = {}
+
+    def bind(self, feeds):
+        super().bind(feeds)
+        if self.on_device:
+            import onnxruntime as ort
+
+            self._device_values = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0)
+                                   for k, v in feeds.items()}
+
+    def unbind(self):
+        super().unbind()
+        self._device_values = {}
+
+    def _run(self, feeds, bound):
+        if not self.on_device:
+            full = {**{k: self._bound[k] for k in bound}, **feeds}
+            outs = self.session.run(self.spec.output_names, full)
+            return dict(zip(self.spec.output_names, outs))
+        io = self.session.io_binding()
+        for k in bound:
+            io.bind_ortvalue_input(k, self._device_values[k])
+        for k, v in feeds.items():
+            io.bind_cpu_input(k, np.ascontiguousarray(v))
+        for name in self.spec.output_names:
+            io.bind_output(name)
+        self.session.run_with_iobinding(io)
+        return dict(zip(self.spec.output_names, io.copy_outputs_to_cpu()))
+
+    def close(self):
+        super().close()
+        self._device_values = {}
+        self.session = None

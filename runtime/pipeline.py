@@ -1,0 +1,214 @@
+"""Text-to-image (and image-to-image) sampling against a bundle, in numpy.
+
+tokenize -> text encoder -> seeded latents -> loop (classifier-free guidance) ->
+VAE decoder -> 8-bit images. The order of random draws is the one diffusers'
+StableDiffusion(Img2Img)Pipeline uses, so with the same initial latents (and, for
+stochastic schedulers, the same noise source) the result is the same picture.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backends import open_backend
+from .errors import NumericsError, UsageError
+from .manifest import Manifest
+from .schedulers import make_scheduler, scheduler_names
+from .tokenizer import PromptTokenizer
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass
+class Result:
+    images: np.ndarray  # uint8 [n, H, W, 3]
+    params: dict
+    timings: dict = field(default_factory=dict)  # seconds per stage, and per-step list
+    dropped_tokens: list = field(default_factory=list)
+
+
+def default_scheduler_name(config: dict) -> str:
+    """The runtime name of the scheduler the model was saved with (falls back to ddim)."""
+    from .schedulers import SCHEDULERS
+
+    cls = config.get("_class_name")
+    for name, sched in SCHEDULERS.items():
+        if sched.diffusers_class == cls:
+            if name.startswith("dpm++2m"):
+                return "dpm++2m-karras" if config.get("use_karras_sigmas") else "dpm++2m"
+            return name
+    return "ddim"
+
+
+class Pipeline:
+    def __init__(self, bundle, *, backend: str = "auto", precision: str = "fp32",
+                 device: str = "auto", threads: int = 0, verify: bool = True):
+        self.manifest = bundle if isinstance(bundle, Manifest) else Manifest.load(bundle, verify)
+        self.tokenizer = PromptTokenizer.from_manifest(self.manifest)
+        self.options = dict(backend=backend, precision=precision, device=device, threads=threads)
+        self._backends = {}
+        self.timings = defaultdict(float)
+
+    # -- components ---------------------------------------------------------------
+    def backend(self, name: str):
+        if name not in self._backends:
+            if not self.manifest.has(name):
+                raise UsageError(f"this bundle has no {name}; re-export it"
+                                 + (" without --skip-vae-encoder" if name == "vae_encoder" else ""))
+            self._backends[name] = open_backend(self.manifest, name, **self.options)
+        return self._backends[name]
+
+    def _call(self, name: str, feeds: dict) -> np.ndarray:
+        b = self.backend(name)
+        t0 = time.perf_counter()
+        out = b.run(feeds)[b.spec.output_names[0]]
+        self.timings[name] += time.perf_counter() - t0
+        if not np.isfinite(out).all():
+            hint = "" if b.precision == "fp32" else "; try --precision fp32"
+            raise NumericsError(f"{name} ({b.precision}) produced NaN/Inf{hint}")
+        return out
+
+    def close(self):
+        for b in self._backends.values():
+            b.close()
+        self._backends = {}
+
+    # -- stages -------------------------------------------------------------------
+    def encode_text(self, prompts: list[str]) -> tuple[np.ndarray, list[int]]:
+        tokens = self.tokenizer(prompts)
+        feeds = {"input_ids": tokens.input_ids}
+        if "attention_mask" in self.backend("text_encoder").spec.input_names:
+            feeds["attention_mask"] = tokens.attention_mask
+        return self._call("text_encoder", feeds), tokens.dropped
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        m = self.manifest
+        z = latents / np.float32(m["scaling_factor"])
+        if m.get("shift_factor"):
+            z = z + np.float32(m["shift_factor"])
+        image = self._call("vae_decoder", {"latent": z.astype(np.float32)})
+        # as diffusers' postprocess: [-1, 1] -> [0, 1], clamp, *255, round
+        image = np.clip(image / 2 + 0.5, 0.0, 1.0)
+        return np.round(image.transpose(0, 2, 3, 1) * 255.0).astype(np.uint8)
+
+    def encode_image(self, image: np.ndarray, generator) -> np.ndarray:
+        """uint8 [1, H, W, 3] -> scaled latents, sampled from the posterior as diffusers does."""
+        x = (image.astype(np.float32) / 255.0) * 2.0 - 1.0
+        params = self._call("vae_encoder", {"image": np.ascontiguousarray(x.transpose(0, 3, 1, 2))})
+        c = params.shape[1] // 2
+        mean, logvar = params[:, :c], np.clip(params[:, c:], -30.0, 20.0)
+        noise = generator.standard_normal(size=mean.shape, dtype=np.float32)
+        latents = mean + np.exp(0.5 * logvar) * noise
+        m = self.manifest
+        if m.get("shift_factor"):
+            latents = latents - np.float32(m["shift_factor"])
+        return (np.float32(m["scaling_factor"]) * latents).astype(np.float32)
+
+    # -- the whole thing ----------------------------------------------------------
+    def __call__(self, prompt, negative_prompt=None, *, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, scheduler: str | None = None,
+                 height: int | None = None, width: int | None = None,
+                 num_images_per_prompt: int = 1, seed: int | None = None, generator=None,
+                 latents: np.ndarray | None = None, init_image: np.ndarray | None = None,
+                 strength: float = 0.8, progress=None) -> Result:
+        self.timings = defaultdict(float)
+        t_start = time.perf_counter()
+        p = self._resolve(prompt, negative_prompt, num_inference_steps, guidance_scale, scheduler,
+                          height, width, num_images_per_prompt, seed, latents, init_image, strength)
+        gen = generator if generator is not None else np.random.default_rng(seed)
+        sched = make_scheduler(p["scheduler"], self.manifest["scheduler"])
+        embeds, dropped = self._embeddings(p)
+        timesteps = self._timesteps(sched, p)
+        if init_image is not None:
+            lat = self._img2img_latents(sched, init_image, timesteps, p, gen)
+        else:
+            lat = self._txt2img_latents(sched, latents, p, gen)
+        lat = self._denoise(sched, lat, embeds, timesteps, p, gen, progress)
+        images = self.decode(lat)
+        timings = dict(self.timings)
+        timings["total"] = time.perf_counter() - t_start
+        timings["steps"] = len(timesteps)
+        return Result(images, p, timings, dropped)
+
+    def _resolve(self, prompt, negative_prompt, steps, guidance, scheduler, height, width,
+                 num_images, seed, latents, init_image, strength) -> dict:
+        from .validate import resolve_params
+
+        return resolve_params(self.manifest, prompt, negative_prompt, steps, guidance, scheduler,
+                              height, width, num_images, seed, latents, init_image, strength,
+                              default_scheduler_name(self.manifest["scheduler"]),
+                              scheduler_names())
+
+    def _embeddings(self, p: dict) -> tuple[np.ndarray, list[int]]:
+        n = p["num_images_per_prompt"]
+        prompts = [q for q in p["prompts"] for _ in range(n)]
+        if p["guidance_scale"] > 1.0:
+            negs = [q for q in p["negative_prompts"] for _ in range(n)]
+            emb, dropped = self.encode_text(negs + prompts)
+            return emb, dropped[len(negs):]
+        return self.encode_text(prompts)
+
+    def _timesteps(self, sched, p: dict) -> np.ndarray:
+        sched.set_timesteps(p["num_inference_steps"])
+        if p["init_image"] is None:
+            return sched.timesteps
+        n = p["num_inference_steps"]
+        init_steps = min(int(n * p["strength"]), n)
+        start = max(n - init_steps, 0) * sched.order
+        if start >= len(sched.timesteps):
+            raise UsageError(f"--strength {p['strength']} with {n} steps leaves no step to run; "
+                             f"raise --strength or --steps")
+        sched.set_begin_index(start)
+        return sched.timesteps[start:]
+
+    def _txt2img_latents(self, sched, latents, p: dict, gen) -> np.ndarray:
+        shape = self._latent_shape(p)
+        if latents is None:
+            latents = gen.standard_normal(size=shape, dtype=np.float32)
+        return (latents * np.float32(sched.init_noise_sigma)).astype(np.float32)
+
+    def _img2img_latents(self, sched, image, timesteps, p: dict, gen) -> np.ndarray:
+        shape = self._latent_shape(p)
+        init = self.encode_image(image, gen)
+        if shape[0] % init.shape[0]:
+            raise UsageError("the number of images must be a multiple of the init images")
+        init = np.concatenate([init] * (shape[0] // init.shape[0]), axis=0)
+        noise = gen.standard_normal(size=shape, dtype=np.float32)
+        t0 = np.repeat(np.asarray(timesteps[:1]), shape[0])
+        return sched.add_noise(init, noise, t0).astype(np.float32)
+
+    def _latent_shape(self, p: dict) -> tuple:
+        f = int(self.manifest["vae_scale_factor"])
+        n = len(p["prompts"]) * p["num_images_per_prompt"]
+        return (n, int(self.manifest["latent_channels"]), p["height"] // f, p["width"] // f)
+
+    def _denoise(self, sched, lat, embeds, timesteps, p, gen, progress) -> np.ndarray:
+        unet = self.backend("unet")
+        cfg = p["guidance_scale"] > 1.0
+        t_dtype = np.dtype(unet.spec.input("timestep").dtype)
+        unet.bind({"encoder_hidden_states": embeds.astype(np.float32)})
+        per_step = []
+        try:
+            for i, t in enumerate(timesteps):
+                x = np.concatenate([lat, lat]) if cfg else lat
+                x = sched.scale_model_input(x, t).astype(np.float32)
+                t0 = time.perf_counter()
+                out = self._call("unet", {"sample": x,
+                                          "timestep": np.full((x.shape[0],), t, dtype=t_dtype)})
+                per_step.append(time.perf_counter() - t0)
+                if cfg:
+                    uncond, text = np.split(out, 2)
+                    out = uncond + np.float32(p["guidance_scale"]) * (text - uncond)
+                lat = sched.step(out, t, lat, generator=gen).astype(np.float32)
+                if progress is not None:
+                    progress(i + 1, len(timesteps))
+        finally:
+            unet.unbind()
+        self.timings["unet_per_step"] = per_step
+        return lat

@@ -1,0 +1,57 @@
+"""Prompt tokenizer from the bundle's ``tokenizer.json`` (CLIP BPE or BERT WordPiece).
+
+Padding and truncation follow the manifest, not whatever the file carries, so the ids
+are exactly what the text encoder was exported for.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BundleError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Tokens:
+    input_ids: np.ndarray       # int64 [n, max_length]
+    attention_mask: np.ndarray  # int64 [n, max_length]
+    dropped: list[int]          # tokens cut from each prompt by truncation
+
+
+class PromptTokenizer:
+    def __init__(self, path: str | Path, max_length: int, pad_id: int, pad_token: str):
+        from tokenizers import Tokenizer
+
+        try:
+            self._full = Tokenizer.from_file(str(path))
+        except Exception as e:
+            raise BundleError(f"tokenizer {Path(path).name} cannot be read ({e}); re-export the bundle")
+        self._full.no_padding()
+        self._full.no_truncation()
+        self._fixed = Tokenizer.from_str(self._full.to_str())
+        self._fixed.enable_truncation(max_length=max_length)
+        self._fixed.enable_padding(length=max_length, pad_id=pad_id, pad_token=pad_token)
+        self.max_length = max_length
+
+    @classmethod
+    def from_manifest(cls, manifest) -> "PromptTokenizer":
+        t = manifest["tokenizer"]
+        return cls(manifest.tokenizer_path, int(t["max_length"]), int(t["pad_id"]), str(t["pad_token"]))
+
+    def __call__(self, prompts: list[str]) -> Tokens:
+        full = self._full.encode_batch(list(prompts))
+        fixed = self._fixed.encode_batch(list(prompts))
+        dropped = [max(0, len(f.ids) - self.max_length) for f in full]
+        for i, n in enumerate(dropped):
+            if n:
+                log.warning("prompt %d is longer than the text encoder's %d tokens: %d token%s "
+                            "dropped", i + 1, self.max_length, n, "s" if n > 1 else "")
+        ids = np.array([e.ids for e in fixed], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in fixed], dtype=np.int64)
+        return Tokens(ids, mask, dropped)

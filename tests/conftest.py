@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny random SD1/SD2 models (built here, nothing downloaded) and their bundles.
+
+Tiers are folders (unit/, parity/, cli/, gpu/) and markers (parity, cli, gpu, slow).
+GPU tests are skipped on machines without CUDA/TensorRT, with the reason printed (-ra).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS))
+
+FAMILIES = ("sd1", "sd2")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tier = Path(str(item.fspath)).parent.name
+        if tier in ("parity", "cli", "gpu"):
+            item.add_marker(getattr(pytest.mark, tier))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    from ldm_edge.export.tiny import save_tiny
+
+    root = tmp_path_factory.mktemp("models")
+    return {fam: save_tiny(root / f"tiny_{fam}", fam, seed=0) for fam in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_bundles(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    from ldm_edge.export.bundle import ExportOptions, export_bundle
+    from ldm_edge.export.load import load_model
+
+    root = tmp_path_factory.mktemp("bundles")
+    out = {}
+    for fam, path in tiny_models.items():
+        out[fam] = root / f"bundle_{fam}"
+        export_bundle(load_model(path), out[fam], ExportOptions())
+    return out
+
+
+class TorchNoise:
+    """A numpy-Generator-shaped noise source that draws from torch's CPU generator, so the
+    runtime's stochastic schedulers and img2img draw exactly what diffusers draws."""
+
+    def __init__(self, seed: int):
+        import torch
+
+        self._torch = torch
+        self.g = torch.Generator().manual_seed(seed)
+
+    def standard_normal(self, size, dtype=np.float32):
+        t = self._torch.randn(tuple(size), generator=self.g, dtype=self._torch.float32)
+        return t.numpy().astype(dtype)

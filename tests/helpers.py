@@ -1,0 +1,53 @@
+"""Test helpers shared by the parity and cli tiers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+DIFFUSERS_SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {}),
+    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "lcm": ("LCMScheduler", {}),
+}
+
+
+def diffusers_pipeline(folder, scheduler: str, img2img: bool = False):
+    """diffusers' own pipeline for ``folder`` with the scheduler of the same name."""
+    import diffusers
+
+    cls = diffusers.StableDiffusionImg2ImgPipeline if img2img else diffusers.StableDiffusionPipeline
+    pipe = cls.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    sched_cls, extra = DIFFUSERS_SCHEDULERS[scheduler]
+    pipe.scheduler = getattr(diffusers, sched_cls).from_config(pipe.scheduler.config, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """diffusers' output_type='np' [0, 1] floats -> 8-bit, as its PIL conversion rounds."""
+    return (images * 255).round().astype(np.uint8)
+
+
+def run_cli(*args, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
+    """Run a console script module (``ldm_edge.runtime`` / ``ldm_edge.export.cli``)."""
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def imported_modules(importtime_stderr: str) -> set[str]:
+    """Top-level module names from ``python -X importtime`` output."""
+    mods = set()
+    for line in importtime_stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            mods.add(line.rsplit("|", 1)[1].strip().split(".")[0])
+    return mods
