@@ -40,6 +40,7 @@ UNET_CONFIG = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_bloc
 AE_STEPS = 3000  # stage-1 target (batch AE_BATCH)
 AE_BATCH = 16
 AE_LR = 4e-4
+AE_LR_FLOOR = 0.05  # final learning rate as a share of AE_LR
 AE_TRAIN_N = 6000  # images rendered for stage 1
 SHAPE_WEIGHT = 8.0  # extra L1 weight on the shape's pixels (plain L1 lost small shapes' colour)
 KL_WEIGHT = 1e-6  # on the per-sample KL sum, next to a per-pixel mean L1
@@ -140,16 +141,16 @@ def eval_ae(vae, device) -> dict:
     recs, zs = [], []
     for i in range(0, len(images), 50):
         x = to_tensor(images[i:i + 50], device)
-        z = vae.encode(x).latent_dist.sample()
-        zs.append(z)
-        recs.append(to_uint8(vae.decode(vae.encode(x).latent_dist.mode()).sample))
+        dist = vae.encode(x).latent_dist
+        zs.append(dist.sample())
+        recs.append(to_uint8(vae.decode(dist.mode()).sample))
     rec = np.concatenate(recs)
     mse = ((rec.astype(np.float64) - images) ** 2).mean(axis=(1, 2, 3))
     psnr = float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))))
     result = E.score(rec, caps)
     vae.train()
     return {"psnr": psnr, "readable": result["all"], "score": result,
-            "latent_std": float(torch.cat(zs).std())}
+            "latent_std": float(torch.cat(zs)[:EVAL_N].std())}  # train-distribution images only
 
 
 def train_ae(args, device, deadline: float) -> None:
@@ -177,7 +178,6 @@ def train_ae(args, device, deadline: float) -> None:
     t0, last_ck, run_start = time.time(), time.time(), time.time()
 
     def checkpoint(final: bool) -> None:
-        nonlocal t0
         wall_now = wall + time.time() - t0
         atomic_save({"vae": vae.state_dict(), "disc": disc.state_dict(), "opt": opt.state_dict(),
                      "dopt": dopt.state_dict(), "step": step, "wall": wall_now}, ckpt_file)
@@ -214,6 +214,9 @@ def train_ae(args, device, deadline: float) -> None:
             d_loss.backward()
             dopt.step()
         step += 1
+        cosine = 0.5 * (1 + np.cos(np.pi * min(step / args.ae_steps, 1.0)))
+        for g in opt.param_groups:  # cosine decay to AE_LR_FLOOR * AE_LR at the target step
+            g["lr"] = AE_LR * (AE_LR_FLOOR + (1 - AE_LR_FLOOR) * cosine)
         if step % 50 == 0:
             rate = (time.time() - run_start) / 50
             run_start = time.time()

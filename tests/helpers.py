@@ -20,14 +20,22 @@ DIFFUSERS_SCHEDULERS = {
 }
 
 
+_PIPES: dict = {}
+
+
 def diffusers_pipeline(folder, scheduler: str, img2img: bool = False):
-    """diffusers' own pipeline for ``folder`` with the scheduler of the same name."""
+    """diffusers' own pipeline for ``folder`` with the scheduler of the same name
+    (loaded once per folder; the scheduler is rebuilt from the saved config each call)."""
     import diffusers
 
-    cls = diffusers.StableDiffusionImg2ImgPipeline if img2img else diffusers.StableDiffusionPipeline
-    pipe = cls.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    key = (str(folder), img2img)
+    if key not in _PIPES:
+        cls = diffusers.StableDiffusionImg2ImgPipeline if img2img else diffusers.StableDiffusionPipeline
+        pipe = cls.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+        _PIPES[key] = (pipe, dict(pipe.scheduler.config))
+    pipe, saved = _PIPES[key]
     sched_cls, extra = DIFFUSERS_SCHEDULERS[scheduler]
-    pipe.scheduler = getattr(diffusers, sched_cls).from_config(pipe.scheduler.config, **extra)
+    pipe.scheduler = getattr(diffusers, sched_cls).from_config(saved, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -1,9 +1,11 @@
 """Shared machinery of the numpy schedulers: noise schedules, timestep spacing, config.
 
-Each scheduler reproduces the diffusers class of the same name. The noise tables
-(betas, alphas_cumprod, sigmas) are built bit-for-bit like diffusers builds them
-in float32 torch, because timesteps and sigmas derived from them are compared for
-equality; the per-step arithmetic runs in float64 and the outputs are float32.
+Each scheduler reproduces the diffusers class of the same name. The float32 beta and
+alpha-bar tables are bit-identical to diffusers' (torch's CPU linspace rounding and its
+float64-accumulated cumprod are reproduced), so integer timesteps derived from them match
+exactly. Tables that go through a square root (sigmas, zero-SNR rescaling) can differ by
+an ulp: numpy's float32 sqrt is correctly rounded, torch's CPU one is not always. The
+per-step arithmetic runs in float64; outputs are float32.
 No torch, no diffusers here.
 """
 
