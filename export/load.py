@@ -64,7 +64,8 @@ def default_source() -> Path:
     from ldm_edge import demo
 
     p = Path(demo.__file__).parent / "weights"
-    return p if (p / DEMO_MARKER).is_file() else None
+    whole = all((p / part).is_dir() for part in ("unet", "vae", "scheduler", "tokenizer"))
+    return p if whole and (p / DEMO_MARKER).is_file() else None
 
 
 def load_model(source: str | os.PathLike, config: str | None = None) -> LoadedModel:

@@ -39,7 +39,7 @@ def pick_precision(manifest: Manifest, component: str, precision: str) -> str:
             if p != precision:
                 log.info("%s has no %s variant; using %s", component, precision, p)
             return p
-    raise UsageError(f"{component} has no {precision} variant (has {', '.join(have)})")
+    manifest.variant(component, precision)  # raises with what to run to make it
 
 
 def open_backend(manifest: Manifest, component: str, *, backend: str = "auto",

@@ -52,6 +52,8 @@ class Pipeline:
         self.manifest = bundle if isinstance(bundle, Manifest) else Manifest.load(bundle, verify)
         self.tokenizer = PromptTokenizer.from_manifest(self.manifest)
         self.options = dict(backend=backend, precision=precision, device=device, threads=threads)
+        # other components may fall back to a wider precision; the U-Net must have the one asked
+        self.manifest.variant("unet", precision)
         self._backends = {}
         self.timings = defaultdict(float)
 

@@ -1,0 +1,44 @@
+# ldm-edge: the two setup commands are `make demo` and `make test`.
+PY       ?= python3
+VENV     := .venv
+BIN      := $(VENV)/bin
+STAMP    := $(VENV)/.installed
+OUT      := out
+MINUTES  ?= 60
+PRECISION ?= fp32
+N        ?= 200
+# tiny models gain nothing from threads; see tests/conftest.py
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install test test-fast demo train-demo eval-demo clean
+
+install: $(STAMP)
+
+# torch first, pinned, so no multi-GB CUDA build is pulled in; then the package with
+# the extras the tests and the demo need.
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[export,demo,test]"
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: install
+	$(BIN)/python -m pytest -q -ra tests/unit
+
+demo: install
+	@mkdir -p $(OUT)
+	$(BIN)/python -m ldm_edge.demo.make_demo --out $(OUT)
+
+train-demo: install
+	$(BIN)/python -m ldm_edge.demo.train --stage all --minutes $(MINUTES)
+
+eval-demo: install
+	$(BIN)/python -m ldm_edge.demo.eval_bundle --precision $(PRECISION) --n $(N)
+
+clean:
+	rm -rf $(OUT) .pytest_cache
