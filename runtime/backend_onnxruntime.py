@@ -39,8 +39,10 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, spec: ComponentSpec, path: str | Path, *, device: str = "auto",
-                 threads: int = 0):
+                 threads: int = 0, io_map: dict | None = None):
         super().__init__(spec)
+        # spec name -> graph name, for graphs whose I/O names differ from ours (Optimum's)
+        self.io_map = dict(io_map or {})
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -56,18 +58,21 @@ class OnnxRuntimeBackend(Backend):
             raise BundleError(f"{spec.name}: onnxruntime cannot load {Path(path).name} ({msg}); "
                               f"the file is damaged or not ONNX — re-export the bundle")
         names = [i.name for i in self.session.get_inputs()]
-        if sorted(names) != sorted(spec.input_names):
+        if sorted(names) != sorted(self._g(n) for n in spec.input_names):
             raise BundleError(f"{spec.name}: graph inputs {names} do not match the manifest's "
                               f"{spec.input_names}; re-export the bundle")
         self.on_device = self.session.get_providers()[0] != "CPUExecutionProvider"
         self._device_values = {}
+
+    def _g(self, name: str) -> str:
+        return self.io_map.get(name, name)
 
     def bind(self, feeds):
         super().bind(feeds)
         if self.on_device:
             import onnxruntime as ort
 
-            self._device_values = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0)
+            self._device_values = {self._g(k): ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0)
                                    for k, v in feeds.items()}
 
     def unbind(self):
@@ -75,16 +80,17 @@ class OnnxRuntimeBackend(Backend):
         self._device_values = {}
 
     def _run(self, feeds, bound):
+        outputs = [self._g(n) for n in self.spec.output_names]
         if not self.on_device:
-            full = {**{k: self._bound[k] for k in bound}, **feeds}
-            outs = self.session.run(self.spec.output_names, full)
+            full = {self._g(k): v for k, v in {**{k: self._bound[k] for k in bound}, **feeds}.items()}
+            outs = self.session.run(outputs, full)
             return dict(zip(self.spec.output_names, outs))
         io = self.session.io_binding()
         for k in bound:
-            io.bind_ortvalue_input(k, self._device_values[k])
+            io.bind_ortvalue_input(self._g(k), self._device_values[self._g(k)])
         for k, v in feeds.items():
-            io.bind_cpu_input(k, np.ascontiguousarray(v))
-        for name in self.spec.output_names:
+            io.bind_cpu_input(self._g(k), np.ascontiguousarray(v))
+        for name in outputs:
             io.bind_output(name)
         self.session.run_with_iobinding(io)
         return dict(zip(self.spec.output_names, io.copy_outputs_to_cpu()))

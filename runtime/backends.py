@@ -51,7 +51,8 @@ def open_backend(manifest: Manifest, component: str, *, backend: str = "auto",
     if kind == "onnxruntime":
         from .backend_onnxruntime import OnnxRuntimeBackend
 
-        b = OnnxRuntimeBackend(spec, variant.path, device=device, threads=threads)
+        io_map = manifest["components"][component].get("io_map")
+        b = OnnxRuntimeBackend(spec, variant.path, device=device, threads=threads, io_map=io_map)
         b.precision = prec
         return b
     raise UsageError(f"backend {kind} is not available")  # pragma: no cover
