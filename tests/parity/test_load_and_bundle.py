@@ -108,3 +108,23 @@ def test_bad_sizes_refused_before_export(tiny_models, tmp_path, kw, match):
     with pytest.raises(LdmEdgeError, match=match):
         export_bundle(load_model(tiny_models["sd1"]), tmp_path / "b", ExportOptions(**kw))
     assert not (tmp_path / "b").exists()
+
+
+def test_large_components_use_one_external_data_file(tiny_models, tmp_path, monkeypatch):
+    """The >2 GB path, exercised on a tiny model by lowering the threshold."""
+    import onnxruntime as ort
+
+    from ldm_edge.runtime.manifest import Manifest
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    out = tmp_path / "b"
+    m = export_bundle(load_model(tiny_models["sd1"]), out, ExportOptions(components=("unet",
+                      "text_encoder", "vae_decoder")))
+    files = [f["path"] for f in m["components"]["unet"]["variants"]["fp32"]["files"]]
+    assert files == ["unet.onnx", "unet.onnx.data"]
+    assert (out / "unet.onnx.data").stat().st_size > 5 * (out / "unet.onnx").stat().st_size
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["manifest.json", "tokenizer.json", "text_encoder.onnx", "text_encoder.onnx.data",
+         "unet.onnx", "unet.onnx.data", "vae_decoder.onnx", "vae_decoder.onnx.data"])
+    Manifest.load(out)
+    ort.InferenceSession(str(out / "unet.onnx"), providers=["CPUExecutionProvider"])
