@@ -170,3 +170,15 @@ def _jsonable(cfg: dict) -> dict:
             v = v.tolist()
         out[k] = v
     return out
+
+
+def update_manifest(bundle: str | Path, change: Callable[[dict], None]) -> dict:
+    """Read, change and atomically rewrite a bundle's manifest (new files are written first,
+    so until this rename the bundle is the old, whole one)."""
+    import json
+
+    path = Path(bundle) / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    atomic_write_json(path, manifest)
+    return manifest

@@ -88,6 +88,39 @@ def onnx_cmd(source, out, opset, min_size, max_size, max_batch, exporter, config
     click.echo(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
 
 
+@main.command("fp16")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False),
+              help="Text file, one prompt a line, for capturing real inputs (default: bundled list).")
+@click.option("--num-prompts", default=4, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--steps", default=10, show_default=True, type=click.IntRange(1, 1000),
+              help="Sampling steps of the FP32 capture run.")
+def fp16_cmd(bundle, prompts_file, num_prompts, steps):
+    """Add FP16 graphs (FP32 islands decided by running) to BUNDLE; record their quality."""
+    from .fp16 import make_fp16
+
+    t0 = time.perf_counter()
+    prompts = _read_prompts(prompts_file, num_prompts)
+    m = make_fp16(bundle, prompts, steps=steps,
+                  progress=lambda msg: click.echo(f"  [{time.perf_counter() - t0:6.1f}s] {msg}", err=True))
+    click.echo(summary_table(m))
+    q = m["quality"]["fp16"]
+    click.echo(f"fp16 end to end: PSNR {q['psnr_db']:.1f} dB vs fp32 "
+               f"({len(q['prompts'])} prompts, {q['steps']} steps)")
+
+
+def _read_prompts(path, n):
+    from ldm_edge.calibration.capture import default_prompts
+
+    if not path:
+        return default_prompts(n)
+    lines = [ln.strip() for ln in open(path, encoding="utf-8").read().splitlines()]
+    prompts = [ln for ln in lines if ln and not ln.startswith("#")][:n]
+    if not prompts:
+        fail(f"{path} holds no prompts", 2)
+    return prompts
+
+
 def summary_table(manifest: dict) -> str:
     rows = [("component", "file", "MB", "max-abs", "max-rel", "cosine", "check")]
     for name, rec in manifest["components"].items():
@@ -103,6 +136,28 @@ def summary_table(manifest: dict) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+@main.command("import-optimum")
+@click.argument("folder", type=click.Path())
+@click.option("-o", "--output", "out", required=True, type=click.Path(),
+              help="Bundle folder to write (a folder with manifest.json).")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+def import_optimum_cmd(folder, out, force):
+    """Make a bundle from FOLDER, an SD 1.x/2.x ONNX export by Hugging Face Optimum
+    (optimum-cli export onnx, ORTStableDiffusionPipeline) or diffusers' legacy script.
+    The graphs are copied as they are; nothing is re-exported."""
+    from .optimum_import import import_optimum
+
+    t0 = time.perf_counter()
+    manifest = import_optimum(folder, out, force=force,
+                              progress=lambda m: click.echo(f"  [{time.perf_counter() - t0:6.1f}s] {m}", err=True))
+    for name, rec in manifest["components"].items():
+        v = rec["variants"]["fp32"]
+        io = ", ".join(f"{k}={g}" for k, g in rec["io_map"].items() if k != g)
+        click.echo(f"{name:<13} {v['file']:<22} {sum(f['size'] for f in v['files']) / 1e6:8.1f} MB"
+                   f"  {io}")
+    click.echo(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,12 @@ class Manifest:
                               f"`ldm-export onnx` wrote")
         mpath = root / MANIFEST_NAME
         if not mpath.is_file():
+            from .optimum import is_optimum_folder, manifest_from_optimum
+
+            if is_optimum_folder(root):  # run a Hugging Face Optimum export as it is
+                m = cls(root, manifest_from_optimum(root, hashes=verify))
+                m.validate(verify=False)  # its hashes were just taken from these very files
+                return m
             raise BundleError(f"{str(root)!r} has no {MANIFEST_NAME}: not a bundle, or an "
                               f"export that did not finish; rerun `ldm-export onnx`")
         try:

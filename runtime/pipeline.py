@@ -84,9 +84,11 @@ class Pipeline:
     # -- stages -------------------------------------------------------------------
     def encode_text(self, prompts: list[str]) -> tuple[np.ndarray, list[int]]:
         tokens = self.tokenizer(prompts)
-        feeds = {"input_ids": tokens.input_ids}
-        if "attention_mask" in self.backend("text_encoder").spec.input_names:
-            feeds["attention_mask"] = tokens.attention_mask
+        spec = self.backend("text_encoder").spec  # ids are int64; some graphs take int32
+        feeds = {"input_ids": tokens.input_ids.astype(spec.input("input_ids").dtype, copy=False)}
+        if "attention_mask" in spec.input_names:
+            feeds["attention_mask"] = tokens.attention_mask.astype(
+                spec.input("attention_mask").dtype, copy=False)
         return self._call("text_encoder", feeds), tokens.dropped
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -103,11 +105,15 @@ class Pipeline:
         """uint8 [1, H, W, 3] -> scaled latents, sampled from the posterior as diffusers does."""
         x = (image.astype(np.float32) / 255.0) * 2.0 - 1.0
         params = self._call("vae_encoder", {"image": np.ascontiguousarray(x.transpose(0, 3, 1, 2))})
-        c = params.shape[1] // 2
-        mean, logvar = params[:, :c], np.clip(params[:, c:], -30.0, 20.0)
-        noise = generator.standard_normal(size=mean.shape, dtype=np.float32)
-        latents = mean + np.exp(0.5 * logvar) * noise
         m = self.manifest
+        if m["components"]["vae_encoder"].get("output_kind") == "sample":
+            # older Optimum / diffusers' script: the graph drew the latent itself (its own RNG)
+            latents = params
+        else:
+            c = params.shape[1] // 2
+            mean, logvar = params[:, :c], np.clip(params[:, c:], -30.0, 20.0)
+            noise = generator.standard_normal(size=mean.shape, dtype=np.float32)
+            latents = mean + np.exp(0.5 * logvar) * noise
         if m.get("shift_factor"):
             latents = latents - np.float32(m["shift_factor"])
         return (np.float32(m["scaling_factor"]) * latents).astype(np.float32)

@@ -1,0 +1,49 @@
+"""Capture what each component really sees: run the bundle's own FP32 sampling loop and
+record every call's inputs, across the whole trajectory (every timestep).
+
+Used to decide FP16 islands by running and to calibrate INT8 ranges. numpy + the lean
+runtime only.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from ldm_edge.runtime.pipeline import Pipeline
+
+DEFAULT_PROMPTS_FILE = Path(__file__).with_name("prompts.txt")
+
+
+def default_prompts(n: int | None = None) -> list[str]:
+    lines = [ln.strip() for ln in DEFAULT_PROMPTS_FILE.read_text().splitlines()]
+    prompts = [ln for ln in lines if ln and not ln.startswith("#")]
+    return prompts[:n] if n else prompts
+
+
+class _Recorder(Pipeline):
+    """The FP32 pipeline, keeping a copy of every component call's inputs."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.records: dict[str, list[dict]] = defaultdict(list)
+
+    def _call(self, name, feeds):
+        full = {**self.backend(name)._bound, **feeds}
+        self.records[name].append({k: np.array(v, copy=True) for k, v in full.items()})
+        return super()._call(name, feeds)
+
+
+def capture(bundle, prompts: list[str], *, steps: int | None = None, seed: int = 0,
+            guidance_scale: float | None = None, scheduler: str | None = None,
+            height: int | None = None, width: int | None = None,
+            threads: int = 0) -> dict[str, list[dict]]:
+    """Inputs of every component call while generating one image per prompt (FP32)."""
+    rec = _Recorder(bundle, precision="fp32", threads=threads)
+    for i, prompt in enumerate(prompts):
+        rec(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, scheduler=scheduler,
+            height=height, width=width, seed=seed + i)
+    rec.close()
+    return dict(rec.records)

@@ -1,0 +1,207 @@
+"""FP16 graphs with FP32 islands, decided by running.
+
+Each component's FP32 graph is rewritten to FP16 (inputs and outputs stay FP32, so the
+runtime's feeds do not change), run on inputs captured from the bundle's own FP32
+sampling loop, and compared with FP32. If it misses the bar, more of it stays FP32:
+normalisations, then softmax too; a component that still misses stays FP32 entirely
+(recorded as such). The U-Net's sinusoidal timestep embedding is always FP32: in FP16,
+``t * freq`` for t near 1000 loses the phase of its high-frequency terms.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ldm_edge.runtime.compare import compare
+from ldm_edge.runtime.manifest import Manifest
+
+from .bundle import file_record
+from .onnx_export import EXTERNAL_DATA_THRESHOLD, ort_session
+
+log = logging.getLogger(__name__)
+
+# Islands, from fewest to most FP32 ops. A level is accepted when every captured sample
+# meets FP16_MIN_COSINE; FP16's 11-bit mantissa alone gives cosines of ~0.99999 on these
+# graphs, so 0.9995 flags overflow/underflow damage while accepting ordinary rounding.
+ISLAND_LEVELS = (
+    ("base", ()),
+    ("norms", ("InstanceNormalization", "LayerNormalization", "GroupNormalization",
+               "ReduceMean", "Pow", "Sqrt")),
+    ("norms+softmax", ("InstanceNormalization", "LayerNormalization", "GroupNormalization",
+                       "ReduceMean", "Pow", "Sqrt", "Softmax")),
+)
+FP16_MIN_COSINE = 0.9995
+ALWAYS_FP32_NODES = ("/time_proj/",)  # substrings of node names
+# Samples per component for the check; the U-Net's are spread over the trajectory.
+MAX_SAMPLES = 6
+
+
+def constants_to_initializers(proto) -> None:
+    """Constant nodes become initializers, so the converter can tell which feed FP32-only
+    inputs (e.g. Resize scales) and leave those alone."""
+    import onnx
+
+    keep = []
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            t = onnx.TensorProto()
+            t.CopyFrom(node.attribute[0].t)
+            t.name = node.output[0]
+            proto.graph.initializer.append(t)
+        else:
+            keep.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+
+
+def to_fp16(fp32_path: Path, block_ops: tuple):
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    from onnx.external_data_helper import load_external_data_for_model
+
+    # Types of every intermediate value are needed to place the casts around islands.
+    # Infer them on the graph without its weights (small even for a 3 GB U-Net), then
+    # load the weights: the whole model is never serialised in memory.
+    proto = onnx.load(str(fp32_path), load_external_data=False)
+    constants_to_initializers(proto)
+    proto = onnx.shape_inference.infer_shapes(proto)
+    load_external_data_for_model(proto, str(Path(fp32_path).parent))
+    nodes = [n.name for n in proto.graph.node if any(s in n.name for s in ALWAYS_FP32_NODES)]
+    # disable_shape_infer: shape inference serialises the model, impossible above 2 GB
+    out = convert_float_to_float16(
+        proto, keep_io_types=True, disable_shape_infer=True,
+        op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(block_ops), node_block_list=nodes)
+    fp32_weights_for_islands(out, set(block_ops))
+    return out
+
+
+def fp32_weights_for_islands(proto, block_ops: set) -> None:
+    """The converter casts an island's activations back to FP32 but may leave its weights
+    (e.g. LayerNormalization's scale and bias) in FP16; give those nodes FP32 copies."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    made = {}
+    for node in proto.graph.node:
+        if node.op_type not in block_ops:
+            continue
+        for i, name in enumerate(node.input):
+            t = inits.get(name)
+            if t is None or t.data_type != onnx.TensorProto.FLOAT16:
+                continue
+            if name not in made:
+                arr = numpy_helper.to_array(t).astype(np.float32)
+                made[name] = numpy_helper.from_array(arr, name + "_fp32")
+                proto.graph.initializer.append(made[name])
+            node.input[i] = name + "_fp32"
+
+
+def save_graph(proto, dest: Path) -> list[Path]:
+    import onnx
+
+    data = dest.with_name(dest.name + ".data")
+    for stale in (dest, data):
+        stale.unlink(missing_ok=True)
+    size = sum(len(t.raw_data) for t in proto.graph.initializer)
+    if size > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(proto, str(dest), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+        return [dest, data]
+    onnx.save_model(proto, str(dest))
+    return [dest]
+
+
+def pick_samples(records: list[dict]) -> list[dict]:
+    if len(records) <= MAX_SAMPLES:
+        return records
+    idx = np.linspace(0, len(records) - 1, MAX_SAMPLES).round().astype(int)
+    return [records[i] for i in idx]
+
+
+def worst_cosine(fp16_path: Path, fp32_path: Path, samples: list[dict]):
+    s16, s32 = ort_session(fp16_path), ort_session(fp32_path)
+    results = []
+    for i, feeds in enumerate(samples):
+        ref = s32.run(None, feeds)[0]
+        out = s16.run(None, feeds)[0]
+        results.append(compare(out, ref, f"sample {i}", min_cosine=FP16_MIN_COSINE))
+    return min(results, key=lambda r: (bool(r), r.cosine))
+
+
+def convert_component(manifest: Manifest, name: str, samples: list[dict], progress) -> dict | None:
+    """Write ``<name>.fp16.onnx`` at the first island level that passes; None if none does."""
+    fp32 = manifest.variant(name, "fp32").path
+    io_map = manifest["components"][name].get("io_map") or {}
+    feeds = [{io_map.get(k, k): v for k, v in s.items()} for s in samples]
+    dest = manifest.root / f"{name}.fp16.onnx"
+    for level, ops in ISLAND_LEVELS:
+        files = save_graph(to_fp16(fp32, ops), dest)
+        try:
+            res = worst_cosine(dest, fp32, feeds)
+        except Exception as e:  # the converter made a graph onnxruntime rejects
+            res = None
+            progress(f"{name}: fp16 with islands '{level}': invalid graph ({str(e).splitlines()[0][:160]})")
+        else:
+            progress(f"{name}: fp16 with islands '{level}': {res}")
+        if res:
+            return {"file": dest.name, "files": [file_record(p, manifest.root) for p in files],
+                    "islands": level, "fp32_nodes": list(ALWAYS_FP32_NODES),
+                    "parity": {**res.to_json(), "reference": "onnxruntime fp32", "passed": True,
+                               "samples": len(feeds), "min_cosine": FP16_MIN_COSINE}}
+        for p in files:
+            p.unlink(missing_ok=True)
+    return None
+
+
+def encoder_samples(manifest: Manifest, records: dict) -> list[dict]:
+    """Real images for the VAE encoder: the FP32 decoder's outputs on captured latents."""
+    dec = ort_session(manifest.variant("vae_decoder", "fp32").path)
+    io_map = manifest["components"]["vae_decoder"].get("io_map") or {}
+    out = []
+    for feeds in records.get("vae_decoder", [])[:MAX_SAMPLES]:
+        img = dec.run(None, {io_map.get(k, k): v for k, v in feeds.items()})[0]
+        out.append({"image": np.clip(img, -1, 1).astype(np.float32)})
+    return out
+
+
+def make_fp16(bundle, prompts: list[str] | None = None, steps: int = 10,
+              progress=lambda msg: None) -> dict:
+    """Add FP16 variants to ``bundle`` and record their measured quality."""
+    from ldm_edge.calibration.capture import capture, default_prompts
+
+    from .bundle import update_manifest
+    from .quality import end_to_end_psnr
+
+    manifest = Manifest.load(bundle)
+    prompts = prompts or default_prompts(4)
+    progress(f"capturing inputs: FP32 sampling of {len(prompts)} prompts, {steps} steps")
+    records = capture(bundle, prompts, steps=steps)
+    if manifest.has("vae_encoder"):
+        records["vae_encoder"] = encoder_samples(manifest, records)
+    variants = {}
+    for name in manifest.component_names:
+        variant = convert_component(manifest, name, pick_samples(records[name]), progress)
+        if variant is None and name == "unet":
+            from .onnx_export import ExportError
+
+            raise ExportError("the U-Net does not run in FP16 even with norms and softmax in FP32; "
+                              "keep using --precision fp32")
+        if variant is None:
+            progress(f"{name}: stays FP32 (overflows or loses accuracy in FP16)")
+        else:
+            variants[name] = variant
+
+    def add(m):
+        for name, v in variants.items():
+            m["components"][name]["variants"]["fp16"] = v
+    update_manifest(bundle, add)
+    q = end_to_end_psnr(bundle, "fp16", prompts[:2], steps=steps)
+    progress(f"end to end: 8-bit PSNR vs FP32 {q['psnr_db']:.1f} dB")
+    kept = sorted(set(manifest.component_names) - set(variants))
+    return update_manifest(bundle, lambda m: m.setdefault("quality", {}).update(
+        fp16={**q, "components_kept_fp32": kept}))
