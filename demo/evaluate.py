@@ -6,7 +6,9 @@ Reads colour, shape and position of the single shape in a 64x64 RGB uint8 image:
   * a soft per-pixel coverage (projection of each pixel onto the background->shape colour line)
     gives area, centroid and bounding box;
   * position = nearest named anchor to the centroid;
-  * shape = fill ratio of the bounding box (square ~1, circle ~pi/4, triangle ~1/2).
+  * shape: an upward triangle keeps only ~1/4 of its area in the top half of its bounding box
+    (circle and square ~1/2), which survives blunted tips; then the bounding-box fill ratio
+    separates square (~1) from circle (~pi/4).
 """
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ from .dataset import BACKGROUNDS, COLOURS, POSITIONS, SHAPES
 SHAPE_DIST = 60.0  # RGB distance from the background above which a pixel belongs to the shape
 MIN_SHAPE_PIXELS = 12  # fewer candidate pixels than this: no shape found
 COVER_MASK = 0.5  # coverage above which a pixel counts for the bounding box
-SQUARE_FILL = 0.88  # fill ratio of the bounding box above which the shape is a square
-TRIANGLE_FILL = 0.64  # fill ratio below which the shape is a triangle (between: circle)
+TRIANGLE_TOP_SHARE = 0.4  # share of the area in the bounding box's top half below which: triangle
+SQUARE_FILL = 0.88  # otherwise, fill ratio of the bounding box above which: square (else circle)
 
 _COLOUR_NAMES = list(COLOURS)
 _COLOUR_RGB = np.array([COLOURS[c] for c in _COLOUR_NAMES], dtype=np.float64)
@@ -62,8 +64,14 @@ def detect(image: np.ndarray) -> dict:
     rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
     box = (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
     fill = area / box
-    out["fill"] = float(fill)
-    out["shape"] = "square" if fill > SQUARE_FILL else ("triangle" if fill < TRIANGLE_FILL else "circle")
+    mid = (rows[0] + rows[-1] + 1) // 2
+    inside = cover[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    top_share = cover[rows[0]:mid, cols[0]:cols[-1] + 1].sum() / max(float(inside.sum()), 1e-6)
+    out["fill"], out["top_share"] = float(fill), float(top_share)
+    if top_share < TRIANGLE_TOP_SHARE:
+        out["shape"] = "triangle"
+    else:
+        out["shape"] = "square" if fill > SQUARE_FILL else "circle"
     return out
 
 

@@ -78,6 +78,8 @@ def export_component(model: LoadedModel, spec: ComponentSpec, out_dir: Path, *, 
             files = _finalise(raw, out_dir / f"{spec.name}.onnx", large)
             log.info("%s: exported with the %s exporter", spec.name, kind)
             return files
+        except OSError:
+            raise  # disk full, permissions: not the exporter's fault, no point retrying
         except Exception as e:  # an exporter failure: try the next one
             errors.append(f"{kind}: {str(e).strip().splitlines()[0][:300] if str(e) else type(e).__name__}")
             log.warning("%s: %s exporter failed: %s", spec.name, kind, errors[-1])

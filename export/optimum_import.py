@@ -24,8 +24,8 @@ import ldm_edge
 from ldm_edge.runtime.errors import BundleError
 from ldm_edge.runtime.fsutil import atomic_write_bytes, atomic_write_json
 from ldm_edge.runtime.manifest import MANIFEST_NAME, Manifest
-from ldm_edge.runtime.optimum import (GRAPH, is_optimum_folder, manifest_from_optimum,
-                                      read_graph_io)
+from ldm_edge.runtime.optimum import (GRAPH, OPTIONAL, REQUIRED, check_supported, graph_files,
+                                      is_optimum_folder, manifest_from_optimum, read_graph_io)
 
 from .bundle import file_record, staged_dir
 from .onnx_export import ExportError
@@ -46,32 +46,34 @@ def import_optimum(src: str | Path, out: str | Path, *, force: bool = False,
                           f"vae_decoder/{GRAPH}")
     if out.resolve() == src.resolve():
         raise BundleError("the bundle must be a new folder, not the Optimum folder itself")
-    if out.exists() and not force:  # before reading gigabytes; staged_dir checks again
+    check_supported(src)
+    if out.exists() and not force:  # before copying gigabytes; staged_dir checks again
         raise ExportError(f"{out} already exists; pass --force to replace it")
-    progress("reading the graphs' inputs and outputs, hashing the source")
-    manifest = manifest_from_optimum(src, hashes=True, for_import=True)
     with staged_dir(out, force) as stage:
+        # Copy first (links followed: a Hugging Face cache snapshot links into blobs/, and
+        # onnxruntime refuses external data that lies outside the model's folder), then read
+        # the copy; the source's configs come along only until the manifest is made.
+        progress("copying the graphs")
+        scratch = _copy_source(src, stage)
+        progress("reading the graphs' inputs and outputs, hashing them")
+        manifest = manifest_from_optimum(stage, hashes=True, for_import=True)
         for name, rec in manifest["components"].items():
             variant = rec["variants"]["fp32"]
-            mb = sum(f["size"] for f in variant["files"]) / 1e6
-            progress(f"{name}: copying {len(variant['files'])} file(s), {mb:.1f} MB")
-            copied = []
-            for f in variant["files"]:
-                dest = stage / f["path"]
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src / f["path"], dest)
-                copied.append(dest)
             if rec.pop("timestep_input", None) == "scalar":
                 progress(f"{name}: adapting the scalar timestep input to one per batch row")
                 adapt_scalar_timestep(stage / variant["file"], rec["io_map"]["timestep"])
-            variant["files"] = [file_record(p, stage) for p in copied]
+                variant["files"] = [file_record(stage / f["path"], stage)
+                                    for f in variant["files"]]
 
         progress("tokenizer: writing tokenizer.json")
         tok_path = stage / "tokenizer.json"
-        atomic_write_bytes(tok_path, tokenizer_json(src / "tokenizer").encode())
+        atomic_write_bytes(tok_path, tokenizer_json(stage / "tokenizer").encode())
         tok = file_record(tok_path, stage)
         manifest["tokenizer"] = {**manifest["tokenizer"], "file": tok.pop("path"), **tok}
+        for p in scratch:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
 
+        manifest["model"]["source"] = src.resolve().name
         manifest["producer"] = {"name": "ldm-edge", "version": ldm_edge.__version__,
                                 "command": "import-optimum",
                                 "from": manifest["producer"].get("from")}
@@ -79,6 +81,29 @@ def import_optimum(src: str | Path, out: str | Path, *, force: bool = False,
         atomic_write_json(stage / MANIFEST_NAME, manifest)
         Manifest.load(stage, verify=False)  # what we wrote reads back as a valid bundle
     return manifest
+
+
+def _copy_source(src: Path, stage: Path) -> list[Path]:
+    """Copy the graphs (with external data) and what the manifest is read from; return
+    the latter, to remove once the manifest is made."""
+    scratch = [stage / "model_index.json", stage / "scheduler", stage / "tokenizer"]
+    shutil.copyfile(src / "model_index.json", stage / "model_index.json")
+    for sub in ("scheduler", "tokenizer"):
+        (stage / sub).mkdir()
+        if (src / sub).is_dir():
+            for p in (src / sub).iterdir():
+                if p.is_file() and p.suffix in (".json", ".txt"):
+                    shutil.copyfile(p, stage / sub / p.name)
+    for c in REQUIRED + OPTIONAL:
+        if not (src / c / GRAPH).is_file():
+            continue
+        (stage / c).mkdir()
+        for p in graph_files(src, c):
+            shutil.copyfile(p, stage / c / p.name)
+        for cfg in (src / c).glob("*.json"):
+            shutil.copyfile(cfg, stage / c / cfg.name)
+            scratch.append(stage / c / cfg.name)
+    return scratch
 
 
 def tokenizer_json(tdir: Path) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import BundleError
 from .fsutil import sha256_file
+from .onnx_scan import ScanError, external_locations
 from .spec import COMPONENTS, ComponentSpec
 
 FORMAT_VERSION = 1
@@ -114,9 +115,29 @@ class Manifest:
         rec = self.data["components"][name]["variants"][precision]
         if precision not in PRECISIONS:
             raise BundleError(f"{name}: unknown precision {precision!r}")
+        what = f"{name} ({precision})"
         for f in rec.get("files", []):
-            self._check_file_record(f, f"{name} ({precision})", verify)
-        safe_member(self.root, rec.get("file"), f"{name} ({precision})")
+            self._check_file_record(f, what, verify)
+        main = safe_member(self.root, rec.get("file"), what)
+        if not main.is_file():
+            raise BundleError(f"{what}: {main.name} is missing from the bundle; re-export it")
+        self._check_external_data(rec, main, what)
+
+    def _check_external_data(self, rec: dict, main: Path, what: str) -> None:
+        """Every external-data file the graph names must be inside the bundle and listed."""
+        try:
+            locations = external_locations(main)
+        except (ScanError, OSError) as e:
+            raise BundleError(f"{what}: {main.name} is not a readable ONNX file ({e}); "
+                              f"re-export the bundle")
+        listed = {f.get("path") for f in rec.get("files", []) if isinstance(f, dict)}
+        folder = Path(rec["file"]).parent
+        for loc in locations:
+            rel = (folder / loc).as_posix() if not Path(loc).is_absolute() else loc
+            safe_member(self.root, rel, f"{what} external data")
+            if Path(rel).as_posix() not in listed:
+                raise BundleError(f"{what}: {main.name} reads weights from {loc!r}, which the "
+                                  f"manifest does not list; re-export the bundle")
 
     def _check_file_record(self, rec: dict, what: str, verify: bool) -> None:
         if not isinstance(rec, dict):

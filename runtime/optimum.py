@@ -15,13 +15,13 @@ diffusers' ``scripts/convert_stable_diffusion_checkpoint_to_onnx.py``) looks lik
 
 The conventions changed over the years, so nothing is assumed that the graph can tell:
 
-* ``input_ids`` is int32 in diffusers' script and Optimum up to 1.23, int64 since;
-* ``timestep`` is int64 of shape [batch] (diffusers' script, Optimum <= 1.23: dim
-  "steps") or a float32 *scalar* (Optimum >= 1.24). The pipeline feeds one value per
-  batch row, so a scalar-timestep U-Net runs only after ``ldm-export import-optimum``
-  (which puts a one-node adapter in front of it);
+* ``input_ids`` is int32 in diffusers' script and in Optimum until Nov 2024, int64 since;
+* ``timestep`` is int64 of shape [batch] (diffusers' script; Optimum until Nov 2024, axis
+  "steps") or a float32 *scalar* (Optimum since Nov 2024, 1.24+). The pipeline feeds one
+  value per batch row, so a scalar-timestep U-Net runs only after
+  ``ldm-export import-optimum`` (which puts a one-node adapter in front of it);
 * the VAE encoder returns the posterior's parameters (``latent_parameters``, Optimum
-  since 1.23) or a latent already sampled inside the graph (``latent_sample``: older
+  since Oct 2024) or a latent already sampled inside the graph (``latent_sample``: older
   Optimum and diffusers' script) — recorded as the component's ``output_kind``.
 
 numpy / onnxruntime / json only: this is part of the lean runtime.
@@ -91,18 +91,19 @@ def manifest_from_optimum(path, *, hashes: bool = True, for_import: bool = False
     if not is_optimum_folder(root):
         raise BundleError(f"{str(root)!r} is not an Optimum / diffusers ONNX export: it needs "
                           f"model_index.json and {', '.join(c + '/' + GRAPH for c in REQUIRED)}")
-    index = _read_json(root / "model_index.json", "model_index.json")
-    for extra in ("text_encoder_2", "text_encoder_3", "transformer"):
-        if (root / extra).is_dir() or extra in index:
-            raise BundleError(f"{root.name}: has {extra}; only SD 1.x/2.x-style pipelines "
-                              f"(one CLIP text encoder and a U-Net) can be read")
+    index = check_supported(root)
     sched = _read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
     prediction = sched.get("prediction_type", "epsilon")
     vae_cfg = _vae_config(root)
     unet_cfg = _optional_json(root / "unet" / "config.json")
     te_cfg = _optional_json(root / "text_encoder" / "config.json")
 
+    tok = _tokenizer_facts(root, te_cfg, require_json=not for_import)
     names = [c for c in REQUIRED + OPTIONAL if (root / c / GRAPH).is_file()]
+    files_by_comp = {c: graph_files(root, c) for c in names}
+    if not for_import:
+        _no_links_out(root, [p for ps in files_by_comp.values() for p in ps]
+                      + [root / tok["file"]])
     graphs = {c: read_graph_io(root / c / GRAPH, c) for c in names}
     io_maps = {c: _io_map(c, graphs[c]) for c in names}
 
@@ -120,7 +121,6 @@ def manifest_from_optimum(path, *, hashes: bool = True, for_import: bool = False
                     "channels, scale factor %d, scaling factor %s", root.name, latent_channels,
                     factor, scaling)
 
-    tok = _tokenizer_facts(root, te_cfg, require_json=not for_import)
     use_mask = "attention_mask" in io_maps["text_encoder"]
     hidden = _text_hidden_size(graphs, io_maps, te_cfg)
     dims = ModelDims(latent_channels=latent_channels, vae_scale_factor=factor,
@@ -131,10 +131,6 @@ def manifest_from_optimum(path, *, hashes: bool = True, for_import: bool = False
 
     size = int(unet_cfg["sample_size"]) * factor if unet_cfg and unet_cfg.get("sample_size") \
         else 512
-    files_by_comp = {c: _graph_files(root, c) for c in names}
-    if not for_import:
-        _no_links_out(root, [p for ps in files_by_comp.values() for p in ps]
-                      + [root / tok["file"]])
     records, model_sha = _file_records(root, files_by_comp, hashes)
 
     components = {}
@@ -174,6 +170,17 @@ def manifest_from_optimum(path, *, hashes: bool = True, for_import: bool = False
         "scheduler": sched,
         "components": components,
     }
+
+
+def check_supported(root: Path) -> dict:
+    """Cheap checks before any graph is opened; returns model_index.json."""
+    index = _read_json(root / "model_index.json", "model_index.json")
+    for extra in ("text_encoder_2", "text_encoder_3", "transformer"):
+        if (root / extra).is_dir() or extra in index:
+            raise BundleError(f"{root.name}: has {extra}; only SD 1.x/2.x-style pipelines "
+                              f"(one CLIP text encoder and a U-Net) can be read")
+    _read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
+    return index
 
 
 # -- the graphs ------------------------------------------------------------------------------
@@ -255,7 +262,7 @@ def _unet_timestep(spec: ComponentSpec, graph, io_map, allow_scalar: bool, root:
         raise BundleError(f"unet: timestep has shape {shape}; expected a scalar or [batch]")
     scalar = len(shape) == 0
     if scalar and not allow_scalar:
-        raise BundleError(f"{root.name}: this U-Net takes one scalar timestep (Optimum >= 1.24), "
+        raise BundleError(f"{root.name}: this U-Net takes one scalar timestep (Optimum 1.24+), "
                           f"the runtime feeds one per image; convert the folder once with "
                           f"`{IMPORT_HINT}`")
     inputs = tuple(TensorSpec(t.name, dtype if t.name == "timestep" else t.dtype, t.shape)
@@ -290,7 +297,7 @@ def _text_hidden_size(graphs, io_maps, te_cfg) -> int:
 
 
 # -- files ---------------------------------------------------------------------------------
-def _graph_files(root: Path, component: str) -> list[Path]:
+def graph_files(root: Path, component: str) -> list[Path]:
     """model.onnx and its external data (model.onnx_data, weights.pb or one file per tensor):
     every file of the component's folder but configs, hidden files and other graphs."""
     folder = root / component

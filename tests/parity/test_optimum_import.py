@@ -234,6 +234,25 @@ def test_scalar_timestep_needs_import(folders):
         Manifest.load(folders["v2"])
 
 
+def test_linked_folder_runs_only_imported(folders, tiny_models, tmp_path):
+    """A Hugging Face cache snapshot links its files into blobs/: refused as it is, copied
+    (links followed) by the importer."""
+    from ldm_edge.export.optimum_import import import_optimum
+
+    snap, blobs = tmp_path / "snapshot", tmp_path / "blobs"
+    shutil.copytree(folders["v1"], snap)
+    shutil.copy(tiny_models["sd1"] / "tokenizer/tokenizer.json", snap / "tokenizer")
+    blobs.mkdir()
+    data = snap / "unet/model.onnx_data"
+    shutil.move(data, blobs / "0123abcd")
+    data.symlink_to(blobs / "0123abcd")
+    with pytest.raises(BundleError, match="links outside.*ldm-export import-optimum"):
+        Manifest.load(snap)
+    import_optimum(snap, tmp_path / "bundle")
+    assert not (tmp_path / "bundle/unet/model.onnx_data").is_symlink()
+    Manifest.load(tmp_path / "bundle")
+
+
 def test_img2img_with_sampling_encoder(bundles):
     from ldm_edge.runtime.pipeline import Pipeline
 

@@ -1,0 +1,173 @@
+"""INT8 U-Net: timestep-aware static Q/DQ calibration, and a quality budget.
+
+The bundle's own FP32 sampling loop is run over the calibration prompts and every U-Net
+call's inputs are captured (``capture``), so the calibration set spans the whole
+trajectory, from pure noise at t~1000 to the nearly clean latents of the last steps;
+samples are taken evenly across timesteps. Activation ranges come from histograms of
+those runs (percentile, entropy or min-max, ``ranges.py``), and ``unet.int8.onnx`` gets
+explicit QuantizeLinear/DequantizeLinear around Conv and weight MatMul/Gemm layers
+(``qdq.py``), with the layers known to be sensitive left in float.
+
+With ``min_psnr`` the most harmful layers (by a per-unit sweep) are kept in float too,
+greedily, until the end-to-end image PSNR vs FP32 meets it (``sensitivity.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ldm_edge.export.bundle import file_record, update_manifest
+from ldm_edge.export.onnx_export import ExportError
+from ldm_edge.runtime.manifest import Manifest
+
+from . import qdq
+from .ranges import METHODS, collect
+
+# U-Net calls used for the ranges, spread evenly over the captured (prompt, step) pairs
+# sorted by step: every timestep region is represented. Each is one FP32 run per
+# calibration pass; 32 keep SD1.5 at 512^2 to minutes on a CPU while each tensor's
+# histogram still sees tens of millions of values.
+MAX_CALIB_SAMPLES = 32
+# U-Net calls per unit in the sensitivity sweep (first, last and evenly between).
+SENSITIVITY_SAMPLES = 4
+# Fixed prompts and seeds for the recorded quality and the min-psnr budget; not among
+# the first default calibration prompts, so the score is not measured on training data.
+EVAL_PROMPTS = ["yellow circle, bottom left, white background",
+                "a cat sleeping on a windowsill in the sun"]
+EVAL_SEED = 0
+VARIANT_FILE = "unet.int8.onnx"
+
+
+def evenly_over_timesteps(records: list[dict], n_prompts: int, n: int) -> list[dict]:
+    """Up to ``n`` of the captured U-Net calls (prompt-major order), spread evenly over
+    the steps, alternating prompts within a step."""
+    if len(records) <= n:
+        return list(records)
+    steps = max(1, len(records) // max(1, n_prompts))
+    order = sorted(range(len(records)), key=lambda i: (i % steps, i // steps))
+    pick = np.linspace(0, len(order) - 1, n).round().astype(int)
+    return [records[order[i]] for i in sorted(set(pick.tolist()))]
+
+
+def _materialize(proto, base_dir: Path) -> None:
+    """Load the external data of the initializers still in ``proto`` (float ones left)."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    for t in proto.graph.initializer:
+        if uses_external_data(t):
+            load_external_data_for_tensor(t, str(base_dir))
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
+
+
+def build_graph(proto, fp32_dir: Path, layers, ranges, quantize: set[str]):
+    g, _ = qdq.build(proto, layers, ranges, quantize)
+    _materialize(g, fp32_dir)
+    return g
+
+
+def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
+              calib_steps: int = 10, method: str = "percentile", min_psnr: float | None = None,
+              progress=print, threads: int = 0) -> dict:
+    """Add ``unet.int8.onnx`` to ``bundle``; record it and its end-to-end quality."""
+    import onnx
+
+    from ldm_edge.calibration.capture import capture, default_prompts
+    from ldm_edge.export.fp16 import save_graph
+    from ldm_edge.export.quality import end_to_end_psnr
+
+    from .sensitivity import EndToEnd, greedy_keep, unit_costs
+
+    if method not in METHODS:
+        raise ExportError(f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}")
+    bundle = Path(bundle)
+    t0 = time.perf_counter()
+    manifest = Manifest.load(bundle)
+    fp32 = manifest.variant("unet", "fp32").path
+    io_map = manifest["components"]["unet"].get("io_map") or {}
+    prompts = list(prompts or default_prompts(num_prompts))
+    progress(f"capturing U-Net inputs: FP32 sampling of {len(prompts)} prompts x {calib_steps} steps")
+    records = capture(bundle, prompts, steps=calib_steps, threads=threads)["unet"]
+    records = [{io_map.get(k, k): v for k, v in r.items()} for r in records]
+    calib = evenly_over_timesteps(records, len(prompts), MAX_CALIB_SAMPLES)
+    t_name = io_map.get("timestep", "timestep")
+    timesteps = sorted({float(np.ravel(r[t_name])[0]) for r in calib}, reverse=True)
+    progress(f"{len(records)} U-Net calls captured; calibrating on {len(calib)} of them "
+             f"(timesteps {timesteps[0]:.0f}..{timesteps[-1]:.0f})")
+
+    proto = onnx.load(str(fp32), load_external_data=False)
+    layers, excluded = qdq.analyse(proto.graph)
+    if not layers:
+        raise ExportError("the U-Net has no Conv/MatMul/Gemm layer INT8 may quantise")
+    tensors = list(dict.fromkeys([ly.act for ly in layers] + [ly.out for ly in layers if ly.out]))
+    hists = collect(fp32, tensors, calib, threads=threads, progress=progress)
+    ranges = {t: hists[t].range(method) for t in tensors}
+    del hists
+    units = sorted({ly.unit for ly in layers})
+    progress(f"{len(layers)} layers in {len(units)} units to INT8 ({method} ranges); "
+             f"{sum(map(len, excluded.values()))} nodes kept float by rule")
+
+    kept, sweep, steps_taken, plain_psnr = [], None, [], None
+    if min_psnr is not None:
+        e2e = EndToEnd(bundle, EVAL_PROMPTS, calib_steps, EVAL_SEED)
+
+        def measure(keep):
+            return e2e(build_graph(proto, fp32.parent, layers, ranges, set(units) - set(keep)))
+
+        plain_psnr = measure([])
+        progress(f"all {len(units)} units INT8: end-to-end PSNR {plain_psnr:.2f} dB "
+                 f"(target {min_psnr:.2f} dB)")
+        if plain_psnr < min_psnr:
+            sens = evenly_over_timesteps(records, len(prompts), SENSITIVITY_SAMPLES)
+            sweep = unit_costs(proto, fp32.parent, layers, ranges, sens, threads=threads,
+                               progress=progress)
+            steps_taken, final = greedy_keep(sweep, measure, min_psnr, plain_psnr, progress)
+            kept = [s["unit"] for s in steps_taken]
+            if final < min_psnr:
+                raise ExportError(f"--min-psnr {min_psnr} dB is out of reach: with every layer "
+                                  f"in float the U-Net gives {final:.2f} dB; nothing was written")
+            if set(kept) == set(units):
+                raise ExportError(f"--min-psnr {min_psnr} dB is met only with every layer in "
+                                  f"float ({final:.2f} dB): no INT8 variant written; lower it")
+
+    dest = bundle / VARIANT_FILE
+    files = save_graph(build_graph(proto, fp32.parent, layers, ranges, set(units) - set(kept)), dest)
+    quantized = [ly.node for ly in layers if ly.unit not in kept]
+    kept_nodes = [ly.node for ly in layers if ly.unit in kept]
+    variant = {
+        "file": dest.name, "files": [file_record(p, bundle) for p in files],
+        "format": "QDQ", "weights": "int8, per output channel, symmetric",
+        "activations": "int8, per tensor, asymmetric", "method": method,
+        "ops": list(qdq.QUANT_OPS), "quantized_nodes": quantized,
+        "excluded_nodes": {**excluded, **({"kept by min_psnr": kept_nodes} if kept_nodes else {})},
+        "kept_float_units": kept,
+        "calibration": {"prompts": prompts, "steps": calib_steps, "samples": len(calib),
+                        "timesteps": timesteps},
+    }
+    if min_psnr is not None:
+        variant["min_psnr"] = {"target_db": min_psnr, "plain_int8_psnr_db": plain_psnr,
+                               "sensitivity": sweep, "greedy": steps_taken}
+    # Measure through a manifest that names the new graph, then commit both at once.
+    import copy
+
+    data = copy.deepcopy(Manifest.load(bundle, verify=False).data)
+    data["components"]["unet"]["variants"]["int8"] = variant
+    q = end_to_end_psnr(Manifest(bundle, data), "int8", EVAL_PROMPTS, steps=calib_steps,
+                        seed=EVAL_SEED)
+    progress(f"end to end: 8-bit PSNR vs FP32 {q['psnr_db']:.2f} dB "
+             f"({time.perf_counter() - t0:.0f} s in all)")
+    if min_psnr is not None and q["psnr_db"] < min_psnr:  # the sweep measured the same thing
+        for p in files:
+            p.unlink(missing_ok=True)
+        raise ExportError(f"INT8 re-measured at {q['psnr_db']:.2f} dB, under --min-psnr "
+                          f"{min_psnr}; nothing was recorded")
+    q.update(method=method, min_psnr=min_psnr, kept_float_units=kept)
+
+    def commit(m):
+        m["components"]["unet"]["variants"]["int8"] = variant
+        m.setdefault("quality", {})["int8"] = q
+    return update_manifest(bundle, commit)

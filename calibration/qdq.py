@@ -1,0 +1,272 @@
+"""Which U-Net layers INT8 may touch, and the graph with explicit QuantizeLinear /
+DequantizeLinear nodes around them (QDQ format, run by onnxruntime's fused int8 kernels).
+
+Per quantised layer: the activation input gets Q/DQ (int8, per-tensor, asymmetric), the
+weight is stored as int8 (per output channel, symmetric) behind a DequantizeLinear, a
+Conv/Gemm bias as int32 with scale ``x_scale * w_scale``. A Conv's output gets Q/DQ too:
+onnxruntime fuses Conv into QLinearConv only with a quantised output; a MatMul with an
+unquantised output becomes MatMulIntegerToFloat, which is as fast and loses less.
+
+``build(..., switchable=True)`` makes a graph for the sensitivity sweep instead: every
+fake-quantisation sits behind ``Where(flag[unit], quantised, float)`` with the flags a
+graph input, so one session measures any subset of units quantised.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+QUANT_OPS = ("Conv", "MatMul", "Gemm")
+# Kept in float by rule (substrings of a layer's scope name), with the reason recorded:
+# the time embedding's sinusoid and MLP feed every block (an error there shifts the whole
+# noise prediction), conv_in / conv_out touch the latents directly, shortcut convs
+# carry the residual path, norm_out precedes conv_out.
+SENSITIVE_SCOPES = (
+    ("time embedding", ("/time_proj/", "/time_embedding/", "/time_emb_proj/")),
+    ("conv_in", ("/conv_in/",)),
+    ("conv_out", ("/conv_out/",)),
+    ("shortcut conv", ("/conv_shortcut/",)),
+    ("norm_out", ("/norm_out/", "/conv_norm_out/")),
+)
+# One sensitivity unit per layer while there are at most this many quantised layers,
+# else one per module (a resnet, an attention/transformer, a sampler): keeps the sweep
+# (one U-Net run per unit and sample) and the greedy keep-list short for SD-size U-Nets.
+MAX_SWEEP_LAYERS = 40
+_MODULE = re.compile(r"^(resnets|attentions|downsamplers|upsamplers)\.\d+$")
+FLAGS_INPUT = "int8_unit_flags"
+ACT_LEVELS = 255  # int8 steps across an activation's range
+WEIGHT_MAX = 127  # symmetric int8 weights use -127..127
+
+
+@dataclass
+class Layer:
+    node: str  # node name in the graph
+    scope: str  # module path of the layer, e.g. /unet/down_blocks.0/resnets.0/conv1/Conv
+    op: str
+    act: str  # activation input tensor
+    weight: str  # initializer
+    axis: int  # per-channel axis of the weight
+    bias: str | None
+    out: str | None  # output tensor to quantise (Conv only)
+    unit: str = ""
+
+
+def _module_path(dotted: str) -> list[str]:
+    """'unet.down_blocks.0.resnets.0.conv1' -> ['unet', 'down_blocks.0', 'resnets.0', 'conv1']."""
+    dotted = re.sub(r"\.?__dict__\['_modules'\]\['([^']+)'\]", r".\1", dotted).strip(".")
+    parts = []
+    for p in dotted.split("."):
+        if p.isdigit() and parts:
+            parts[-1] += "." + p
+        elif p:
+            parts.append(p)
+    return parts
+
+
+def scope_name(node, weight: str | None = None) -> str:
+    """The node's module path, as TorchScript names nodes (/unet/down_blocks.0/.../Conv);
+    the dynamo exporter keeps it in metadata (name scopes); failing both, the weight's name
+    (``a.b.weight``)."""
+    if "/" in node.name:
+        return node.name
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = [s for s in ast.literal_eval(p.value) if s]
+            except (ValueError, SyntaxError):
+                break
+            if len(scopes) >= 2:  # the last entry names the op itself
+                return "/" + "/".join(_module_path(scopes[-2])) + "/" + node.op_type
+    if weight and "." in weight:
+        return "/" + "/".join(_module_path(weight.rsplit(".", 1)[0])) + "/" + node.op_type
+    return "/" + node.name
+
+
+def _initializer_producer(graph) -> dict:
+    """Tensor -> initializer name, through Identity chains (shared weights)."""
+    src = {t.name: t.name for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Identity" and n.input[0] in src:
+            src[n.output[0]] = src[n.input[0]]
+    return src
+
+
+def analyse(graph) -> tuple[list[Layer], dict[str, list[str]]]:
+    """Quantisable layers, and the float-kept nodes by reason."""
+    const = _initializer_producer(graph)
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    layers, excluded = [], {}
+
+    def keep(reason, name):
+        excluded.setdefault(reason, []).append(name)
+
+    for n in graph.node:
+        if n.op_type == "Softmax":
+            keep("softmax", n.name)
+        if n.op_type not in QUANT_OPS:
+            continue
+        w = const.get(n.input[1]) if len(n.input) > 1 else None
+        scope = scope_name(n, w)
+        if w is None:
+            keep("activation x activation matmul", n.name)
+            continue
+        rule = next((r for r, subs in SENSITIVE_SCOPES if any(s in scope for s in subs)), None)
+        if rule:
+            keep(rule, n.name)
+            continue
+        attrs = {a.name: a for a in n.attribute}
+        if n.op_type == "MatMul":
+            if len(dims[w]) != 2 or n.input[0] in const:
+                keep("unsupported weight layout", n.name)
+                continue
+            axis, bias = 1, None
+        elif n.op_type == "Gemm":
+            if any(attrs[k].f != 1.0 for k in ("alpha", "beta") if k in attrs) or \
+                    (attrs.get("transA") and attrs["transA"].i):
+                keep("unsupported weight layout", n.name)
+                continue
+            axis = 0 if (attrs.get("transB") and attrs["transB"].i) else 1
+            bias = const.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+            if bias is not None and len(dims[bias]) != 1:
+                keep("unsupported weight layout", n.name)
+                continue
+        else:
+            if (attrs.get("group") and attrs["group"].i != 1):
+                keep("unsupported weight layout", n.name)  # depthwise/grouped: not in SD U-Nets
+                continue
+            axis = 0
+            bias = const.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        layers.append(Layer(n.name, scope, n.op_type, n.input[0], w, axis, bias,
+                            n.output[0] if n.op_type == "Conv" else None))
+    per_layer = len(layers) <= MAX_SWEEP_LAYERS
+    for ly in layers:
+        ly.unit = ly.scope.rsplit("/", 1)[0] if per_layer else module_of(ly.scope)
+    return layers, excluded
+
+
+def module_of(scope: str) -> str:
+    parts = scope.split("/")
+    for i, p in enumerate(parts):
+        if _MODULE.match(p):
+            return "/".join(parts[: i + 1])
+    return "/".join(parts[:-2]) or scope  # e.g. /unet/conv_in/Conv -> /unet
+
+
+def act_qparams(lo: float, hi: float) -> tuple[np.float32, np.int8]:
+    """int8 scale and zero point for [lo, hi] (widened to contain 0)."""
+    from .ranges import MIN_RANGE
+
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if hi - lo < MIN_RANGE:
+        hi = lo + MIN_RANGE
+    scale = np.float32((hi - lo) / ACT_LEVELS)
+    zp = int(np.clip(np.round(-128 - lo / float(scale)), -128, 127))
+    return scale, np.int8(zp)
+
+
+def weight_qparams(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel symmetric int8 weights and their scales."""
+    red = tuple(i for i in range(w.ndim) if i != axis)
+    amax = np.abs(w).max(axis=red)
+    scale = np.where(amax > 0, amax / WEIGHT_MAX, 1.0).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(w / scale.reshape(shape)), -WEIGHT_MAX, WEIGHT_MAX).astype(np.int8)
+    return q, scale
+
+
+def build(proto, layers: list[Layer], ranges: dict, quantize: set[str], *,
+          switchable: bool = False):
+    """A copy of ``proto`` with the layers whose unit is in ``quantize`` in Q/DQ (all
+    layers behind flags when ``switchable``). ``ranges``: tensor -> (lo, hi)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    g = onnx.ModelProto()
+    g.CopyFrom(proto)
+    graph = g.graph
+    weights = {t.name: t for t in graph.initializer}
+    units = sorted({ly.unit for ly in layers})
+    chosen = {ly.node: ly for ly in layers if switchable or ly.unit in quantize}
+    new_inits, made, flags = [], {}, {}
+
+    def const(name, arr):
+        new_inits.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+    def flag(unit, out):
+        if unit not in flags:
+            idx = const(f"{FLAGS_INPUT}/{units.index(unit)}", np.int64(units.index(unit)))
+            flags[unit] = f"{FLAGS_INPUT}/{unit}"
+            out.append(helper.make_node("Gather", [FLAGS_INPUT, idx], [flags[unit]]))
+        return flags[unit]
+
+    def switch(unit, quant, flt, dst, out):
+        if not switchable:
+            return quant
+        out.append(helper.make_node("Where", [flag(unit, out), quant, flt], [dst]))
+        return dst
+
+    def fake_quant(tensor, src, dst, unit, out):
+        s, z = act_qparams(*ranges[tensor])
+        s, z = const(f"{tensor}/act_scale", s), const(f"{tensor}/act_zp", z)
+        q = f"{dst}/q"
+        deq = dst if not switchable else f"{dst}/dq"
+        out += [helper.make_node("QuantizeLinear", [src, s, z], [q]),
+                helper.make_node("DequantizeLinear", [q, s, z], [deq])]
+        return switch(unit, deq, src, dst, out)
+
+    nodes = []
+    for n in graph.node:
+        ly = chosen.get(n.name)
+        if ly is None:
+            nodes.append(n)
+            continue
+        pre, post = [], []
+        key = (ly.act, ly.unit if switchable else "")
+        if key not in made:
+            made[key] = fake_quant(ly.act, ly.act, f"{ly.act}/{ly.unit}/int8" if switchable
+                                   else f"{ly.act}/int8", ly.unit, pre)
+        n.input[0] = made[key]
+        w = numpy_helper.to_array(weights[ly.weight]).astype(np.float32)
+        wq, ws = weight_qparams(w, ly.axis)
+        wname = f"{ly.weight}/{ly.node}"
+        const(wname + "/int8", wq)
+        ws_name = const(wname + "/scale", ws)
+        wz = const(wname + "/zp", np.zeros(ws.shape, np.int8))
+        pre.append(helper.make_node("DequantizeLinear", [wname + "/int8", ws_name, wz],
+                                    [wname + "/dq"], axis=ly.axis))
+        n.input[1] = switch(ly.unit, wname + "/dq", ly.weight, wname + "/sel", pre)
+        if ly.bias is not None:
+            xs, _ = act_qparams(*ranges[ly.act])
+            b = numpy_helper.to_array(weights[ly.bias]).astype(np.float64)
+            bs = (np.float32(xs) * ws).astype(np.float32)
+            bq = np.clip(np.round(b / bs), -2**31, 2**31 - 1).astype(np.int32)
+            bname = f"{ly.bias}/{ly.node}"
+            const(bname + "/int32", bq)
+            bsn = const(bname + "/scale", bs)
+            bz = const(bname + "/zp", np.zeros(bs.shape, np.int32))
+            pre.append(helper.make_node("DequantizeLinear", [bname + "/int32", bsn, bz],
+                                        [bname + "/dq"], axis=0))
+            n.input[2] = switch(ly.unit, bname + "/dq", ly.bias, bname + "/sel", pre)
+        if ly.out is not None:
+            y = ly.out
+            n.output[0] = f"{y}/float"
+            made[(y, ly.unit if switchable else "")] = y
+            fake_quant(y, n.output[0], y, ly.unit, post)
+        nodes += pre + [n] + post
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(new_inits)
+    used = {i for n in graph.node for i in n.input}
+    live = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(live)
+    if switchable:
+        graph.input.append(helper.make_tensor_value_info(FLAGS_INPUT, onnx.TensorProto.BOOL,
+                                                         [len(units)]))
+    return g, units

@@ -1,0 +1,139 @@
+"""Which INT8 layers cost the most quality, and keeping them in float until a budget holds.
+
+1. Sweep: one "switchable" graph (every unit's fake-quantisation behind a flag input)
+   runs the calibration samples once per unit with only that unit in INT8; the cost of a
+   unit is the U-Net output's SNR vs FP32 then (lower = more harmful).
+2. Greedy: starting from everything in INT8, the most harmful units are kept in float
+   one at a time, each step measured end to end (8-bit image PSNR vs the FP32 bundle,
+   same prompts and seeds as the recorded quality), until the target is met.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ldm_edge.runtime.compare import psnr
+from ldm_edge.runtime.manifest import Manifest
+from ldm_edge.runtime.pipeline import Pipeline
+
+from . import qdq
+
+# Tensors above this many bytes go to the external data file of a temporary graph.
+INLINE_LIMIT = 1024
+
+
+def save_referencing(proto, path: Path, src_dir: Path) -> None:
+    """Write a temporary graph whose unchanged weights stay in the source's external data
+    (linked, not copied) and whose new tensors go to its own data file."""
+    import onnx
+    from onnx.external_data_helper import set_external_data, uses_external_data
+
+    path = Path(path)
+    locs = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    for loc in locs:
+        if not (path.parent / loc).exists():
+            os.symlink((Path(src_dir) / loc).resolve(), path.parent / loc)
+    data = path.with_name(path.name + ".data")
+    with open(data, "wb") as f:
+        for t in proto.graph.initializer:
+            if uses_external_data(t) or len(t.raw_data) <= INLINE_LIMIT:
+                continue
+            offset = f.tell()
+            f.write(t.raw_data)
+            set_external_data(t, data.name, offset, len(t.raw_data))
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+    onnx.save_model(proto, str(path))
+
+
+def unit_costs(proto, src_dir: Path, layers, ranges: dict, samples: list[dict], *,
+               threads: int = 0, progress=lambda msg: None) -> list[dict]:
+    """Per unit: U-Net output SNR (dB) vs FP32 with only that unit in INT8, worst sample."""
+    from ldm_edge.export.onnx_export import ort_session
+
+    g, units = qdq.build(proto, layers, ranges, set(), switchable=True)
+    count = {u: sum(ly.unit == u for ly in layers) for u in units}
+    with tempfile.TemporaryDirectory(prefix="ldm-int8-sweep-") as tmp:
+        path = Path(tmp) / "switchable.onnx"
+        save_referencing(g, path, src_dir)
+        del g
+        sess = ort_session(path, threads=threads)
+        out_name = sess.get_outputs()[0].name
+        snr = {u: math.inf for u in units}
+        snr_all = math.inf
+        for si, feeds in enumerate(samples):
+            flags = np.zeros(len(units), bool)
+            ref = sess.run([out_name], {**feeds, qdq.FLAGS_INPUT: flags})[0].astype(np.float64)
+            power = float(np.sum(ref ** 2))
+
+            def snr_of(f):
+                out = sess.run([out_name], {**feeds, qdq.FLAGS_INPUT: f})[0]
+                err = float(np.sum((out - ref) ** 2))
+                return math.inf if err == 0 else 10 * math.log10(power / err)
+
+            snr_all = min(snr_all, snr_of(np.ones(len(units), bool)))
+            for i, u in enumerate(units):
+                f = flags.copy()
+                f[i] = True
+                snr[u] = min(snr[u], snr_of(f))
+            progress(f"sensitivity: sample {si + 1}/{len(samples)} done "
+                     f"(timestep {float(np.ravel(feeds.get('timestep', [np.nan]))[0]):.0f})")
+        del sess
+    progress(f"sensitivity: U-Net output SNR with every unit INT8: {snr_all:.1f} dB")
+    return [{"unit": u, "layers": count[u], "unet_snr_db_only_this_int8": snr[u]}
+            for u in sorted(units, key=lambda u: snr[u])]
+
+
+class EndToEnd:
+    """8-bit image PSNR of candidate U-Net graphs vs the FP32 bundle, as
+    ``export.quality.end_to_end_psnr`` measures it (FP32 references computed once)."""
+
+    def __init__(self, bundle, prompts: list[str], steps: int, seed: int = 0):
+        self.bundle, self.prompts, self.steps, self.seed = Path(bundle), prompts, steps, seed
+        ref = Pipeline(bundle, precision="fp32")
+        self.refs = [ref(p, num_inference_steps=steps, seed=seed + i).images
+                     for i, p in enumerate(prompts)]
+        ref.close()
+
+    def __call__(self, graph_proto) -> float:
+        from ldm_edge.export.fp16 import save_graph
+
+        m = Manifest.load(self.bundle, verify=False)
+        name = f".unet.int8.candidate-{os.getpid()}.onnx"
+        files = save_graph(graph_proto, self.bundle / name)
+        try:
+            data = copy.deepcopy(m.data)
+            data["components"]["unet"]["variants"]["int8"] = {"file": name}
+            pipe = Pipeline(Manifest(self.bundle, data), precision="int8")
+            values = [psnr(pipe(p, num_inference_steps=self.steps, seed=self.seed + i).images, r)
+                      for i, (p, r) in enumerate(zip(self.prompts, self.refs))]
+            pipe.close()
+        finally:
+            for f in files:
+                f.unlink(missing_ok=True)
+        return min(values)
+
+
+def greedy_keep(costs: list[dict], measure, min_psnr: float, start_psnr: float,
+                progress=lambda msg: None) -> tuple[list[dict], float]:
+    """Keep units in float, most harmful first, until ``measure(kept_units)`` >= min_psnr.
+    Returns the steps taken (unit, PSNR after, gain) and the final PSNR."""
+    kept, steps, current = [], [], start_psnr
+    for c in costs:
+        kept.append(c["unit"])
+        value = measure(list(kept))
+        steps.append({"unit": c["unit"], "layers": c["layers"],
+                      "unet_snr_db_only_this_int8": c["unet_snr_db_only_this_int8"],
+                      "psnr_db_after": value, "gain_db": value - current})
+        progress(f"keep {c['unit']} in float ({c['layers']} layers): end-to-end PSNR "
+                 f"{current:.2f} -> {value:.2f} dB")
+        current = value
+        if value >= min_psnr:
+            return steps, current
+    return steps, current
