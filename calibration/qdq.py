@@ -99,6 +99,12 @@ def analyse(graph) -> tuple[list[Layer], dict[str, list[str]]]:
     """Quantisable layers, and the float-kept nodes by reason."""
     const = _initializer_producer(graph)
     dims = {t.name: list(t.dims) for t in graph.initializer}
+    uses = {}
+    for n in graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    for o in graph.output:
+        uses[o.name] = uses.get(o.name, 0) + 1
     layers, excluded = [], {}
 
     def keep(reason, name):
@@ -137,6 +143,12 @@ def analyse(graph) -> tuple[list[Layer], dict[str, list[str]]]:
         else:
             if (attrs.get("group") and attrs["group"].i != 1):
                 keep("unsupported weight layout", n.name)  # depthwise/grouped: not in SD U-Nets
+                continue
+            if uses.get(n.output[0], 0) != 1:
+                # onnxruntime fuses Q/DQ + Conv into QLinearConv only when the output's
+                # Q/DQ has one consumer; otherwise the layer would pay INT8's error at
+                # FP32 speed (TorchScript's proj_in, downsamplers: <3% of SD's FLOPs)
+                keep("conv output with several consumers (no int8 kernel)", n.name)
                 continue
             axis = 0
             bias = const.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
@@ -192,7 +204,7 @@ def build(proto, layers: list[Layer], ranges: dict, quantize: set[str], *,
     weights = {t.name: t for t in graph.initializer}
     units = sorted({ly.unit for ly in layers})
     chosen = {ly.node: ly for ly in layers if switchable or ly.unit in quantize}
-    new_inits, made, flags = [], {}, {}
+    new_inits, made, flags, shared, used_scale = [], {}, {}, {}, {}
 
     def const(name, arr):
         new_inits.append(numpy_helper.from_array(np.asarray(arr), name))
@@ -211,9 +223,12 @@ def build(proto, layers: list[Layer], ranges: dict, quantize: set[str], *,
         out.append(helper.make_node("Where", [flag(unit, out), quant, flt], [dst]))
         return dst
 
-    def fake_quant(tensor, src, dst, unit, out):
+    def fake_quant(tensor, src, dst, unit, out, nudge=0):
         s, z = act_qparams(*ranges[tensor])
-        s, z = const(f"{tensor}/act_scale", s), const(f"{tensor}/act_zp", z)
+        for _ in range(nudge):
+            s = np.nextafter(s, np.float32(np.inf))
+        used_scale[dst] = s
+        s, z = const(f"{dst}/act_scale", s), const(f"{dst}/act_zp", z)
         q = f"{dst}/q"
         deq = dst if not switchable else f"{dst}/dq"
         out += [helper.make_node("QuantizeLinear", [src, s, z], [q]),
@@ -227,11 +242,20 @@ def build(proto, layers: list[Layer], ranges: dict, quantize: set[str], *,
             nodes.append(n)
             continue
         pre, post = [], []
-        key = (ly.act, ly.unit if switchable else "")
-        if key not in made:
-            made[key] = fake_quant(ly.act, ly.act, f"{ly.act}/{ly.unit}/int8" if switchable
-                                   else f"{ly.act}/int8", ly.unit, pre)
-        n.input[0] = made[key]
+        if switchable:
+            key = (ly.act, ly.unit)
+            if key not in made:
+                made[key] = fake_quant(ly.act, ly.act, f"{ly.act}/{ly.unit}/int8", ly.unit, pre)
+            n.input[0] = made[key]
+        elif (ly.act, "") in made:  # the output of a quantised Conv: already Q/DQ
+            n.input[0] = made[(ly.act, "")]
+        else:
+            # One Q/DQ pair per consumer: onnxruntime fuses DQ -> MatMul/Conv only when the Q
+            # has one consumer, and merges identical Q nodes; a scale 1 ulp apart per
+            # consumer (a 1e-7 relative change) keeps them apart (to_q/to_k/to_v).
+            k = shared.get(ly.act, 0)
+            shared[ly.act] = k + 1
+            n.input[0] = fake_quant(ly.act, ly.act, f"{ly.act}/int8/{k}", ly.unit, pre, nudge=k)
         w = numpy_helper.to_array(weights[ly.weight]).astype(np.float32)
         wq, ws = weight_qparams(w, ly.axis)
         wname = f"{ly.weight}/{ly.node}"
@@ -242,7 +266,7 @@ def build(proto, layers: list[Layer], ranges: dict, quantize: set[str], *,
                                     [wname + "/dq"], axis=ly.axis))
         n.input[1] = switch(ly.unit, wname + "/dq", ly.weight, wname + "/sel", pre)
         if ly.bias is not None:
-            xs, _ = act_qparams(*ranges[ly.act])
+            xs = used_scale.get(n.input[0]) or act_qparams(*ranges[ly.act])[0]
             b = numpy_helper.to_array(weights[ly.bias]).astype(np.float64)
             bs = (np.float32(xs) * ws).astype(np.float32)
             bq = np.clip(np.round(b / bs), -2**31, 2**31 - 1).astype(np.int32)

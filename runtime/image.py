@@ -64,5 +64,7 @@ def load_init_image(path: str | Path, width: int, height: int) -> np.ndarray:
             return np.asarray(im, dtype=np.uint8)[None]
     except FileNotFoundError:
         raise UsageError(f"--init-image {path} not found")
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as e:
+    except Image.DecompressionBombError:
+        raise UsageError(f"--init-image {path} is too large (over {MAX_INIT_PIXELS} pixels)")
+    except (UnidentifiedImageError, OSError) as e:
         raise UsageError(f"--init-image {path} is not a readable image ({type(e).__name__})")

@@ -156,11 +156,20 @@ class Pipeline:
     def _embeddings(self, p: dict) -> tuple[np.ndarray, list[int]]:
         n = p["num_images_per_prompt"]
         prompts = [q for q in p["prompts"] for _ in range(n)]
-        if p["guidance_scale"] > 1.0:
-            negs = [q for q in p["negative_prompts"] for _ in range(n)]
-            emb, dropped = self.encode_text(negs + prompts)
-            return emb, dropped[len(negs):]
-        return self.encode_text(prompts)
+        negs = [q for q in p["negative_prompts"] for _ in range(n)]
+        cfg = p["guidance_scale"] > 1.0
+        emb, dropped = self.encode_text(negs + prompts if cfg else prompts)
+        if cfg:
+            self._warn_truncated("negative prompt", dropped[:len(negs):n])
+            dropped = dropped[len(negs):]
+        self._warn_truncated("prompt", dropped[::n])
+        return emb, dropped[::n]
+
+    def _warn_truncated(self, label: str, dropped: list[int]) -> None:
+        for i, k in enumerate(dropped):
+            if k:
+                log.warning("%s %d is longer than the text encoder's %d tokens: %d token%s dropped",
+                            label, i + 1, self.tokenizer.max_length, k, "s" if k > 1 else "")
 
     def _timesteps(self, sched, p: dict) -> np.ndarray:
         sched.set_timesteps(p["num_inference_steps"])

@@ -6,15 +6,12 @@ are exactly what the text encoder was exported for.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import BundleError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,10 +45,6 @@ class PromptTokenizer:
         full = self._full.encode_batch(list(prompts))
         fixed = self._fixed.encode_batch(list(prompts))
         dropped = [max(0, len(f.ids) - self.max_length) for f in full]
-        for i, n in enumerate(dropped):
-            if n:
-                log.warning("prompt %d is longer than the text encoder's %d tokens: %d token%s "
-                            "dropped", i + 1, self.max_length, n, "s" if n > 1 else "")
         ids = np.array([e.ids for e in fixed], dtype=np.int64)
         mask = np.array([e.attention_mask for e in fixed], dtype=np.int64)
         return Tokens(ids, mask, dropped)

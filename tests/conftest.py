@@ -22,6 +22,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(TESTS / "cli"))
 
 FAMILIES = ("sd1", "sd2")
 

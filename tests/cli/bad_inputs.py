@@ -1,0 +1,115 @@
+"""The bad-input table: every row is a test (test_bad_input_table.py) and a README row.
+
+Print the README table with:  python tests/cli/bad_inputs.py
+Each case: (what, how to break things, ldm-run arguments, exit code, message fragment).
+Placeholders in arguments: BUNDLE (a fresh copy of a tiny bundle, broken by `breaker`),
+TMP (a scratch folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+
+def _m(fn):
+    def breaker(b: Path, tmp: Path):
+        m = json.loads((b / "manifest.json").read_text())
+        fn(m, b, tmp)
+        (b / "manifest.json").write_text(json.dumps(m))
+    return breaker
+
+
+def _unet(m):
+    return m["components"]["unet"]["variants"]["fp32"]
+
+
+def _truncate(b, tmp):
+    d = (b / "unet.onnx").read_bytes()
+    (b / "unet.onnx").write_bytes(d[: len(d) // 3])
+
+
+def _scramble(b, tmp):
+    d = bytearray((b / "unet.onnx").read_bytes())
+    d[64:8064] = np.random.default_rng(0).integers(0, 256, 8000, dtype=np.uint8).tobytes()
+    (b / "unet.onnx").write_bytes(bytes(d))
+
+
+def _symlink_out(b, tmp):
+    os.replace(b / "unet.onnx", tmp / "unet.onnx")
+    os.symlink(tmp / "unet.onnx", b / "unet.onnx")
+
+
+def _huge_png(path: Path, w=40000, h=40000):
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def _files(b, tmp):
+    np.save(tmp / "lat_wrong.npy", np.zeros((1, 4, 8, 8), np.float32))
+    np.save(tmp / "lat_f64.npy", np.zeros((1, 4, 16, 16), np.float64))
+    (tmp / "lat.txt").write_text("not numpy")
+    (tmp / "notimage.png").write_text("hello")
+    _huge_png(tmp / "huge.png")
+    from PIL import Image
+
+    Image.new("RGB", (128, 128), (200, 30, 30)).save(tmp / "init.png")
+
+
+P = ["-p", "a red cat", "--steps", "2", "-q"]
+CASES = [
+    ("bundle folder missing", None, ["TMP/nope"] + P, 3, "not found"),
+    ("folder without manifest.json", lambda b, t: (b / "manifest.json").unlink(), ["BUNDLE"] + P, 3, "no manifest.json"),
+    ("manifest.json not JSON", lambda b, t: (b / "manifest.json").write_text("{oops"), ["BUNDLE"] + P, 3, "damaged"),
+    ("manifest format from the future", _m(lambda m, b, t: m.update(format_version=7)), ["BUNDLE"] + P, 3, "newer than this ldm-edge"),
+    ("manifest names an absolute path", _m(lambda m, b, t: _unet(m).update(file="/etc/hostname")), ["BUNDLE"] + P, 3, "outside the bundle"),
+    ("manifest names ../ path", _m(lambda m, b, t: _unet(m)["files"][0].update(path="../unet.onnx")), ["BUNDLE"] + P, 3, "outside the bundle"),
+    ("graph file is a symlink out of the bundle", _symlink_out, ["BUNDLE"] + P, 3, "link that leads outside"),
+    ("graph file missing", lambda b, t: (b / "unet.onnx").unlink(), ["BUNDLE"] + P, 3, "missing from the bundle"),
+    ("truncated ONNX (copy cut short)", _truncate, ["BUNDLE"] + P, 3, "truncated copy"),
+    ("corrupt ONNX, same size", _scramble, ["BUNDLE"] + P, 3, "does not match its sha256"),
+    ("corrupt ONNX with --no-verify", _scramble, ["BUNDLE", "--no-verify"] + P, 3, "unet.onnx"),
+    ("corrupt tokenizer.json", lambda b, t: (b / "tokenizer.json").write_text("{}" + " " * ((b / "tokenizer.json").stat().st_size - 2)), ["BUNDLE"] + P, 3, "tokenizer: tokenizer.json does not match its sha256"),
+    ("height not a multiple of 8", None, ["BUNDLE", "--height", "100"] + P, 2, "--height 100 must be a positive multiple of 8"),
+    ("width beyond the exported range", None, ["BUNDLE", "--width", "4096"] + P, 2, "outside the bundle's exported range"),
+    ("zero steps", None, ["BUNDLE", "-p", "x", "--steps", "0", "-q"], 2, "--steps 0 must be between 1 and 1000"),
+    ("guidance scale NaN", None, ["BUNDLE", "--guidance-scale", "nan"] + P, 2, "--guidance-scale nan must be between"),
+    ("guidance scale negative", None, ["BUNDLE", "--guidance-scale", "-3"] + P, 2, "--guidance-scale -3.0 must be between"),
+    ("strength out of range", _files, ["BUNDLE", "--init-image", "TMP/init.png", "--strength", "1.5"] + P, 2, "--strength 1.5 must be in (0, 1]"),
+    ("unknown scheduler", None, ["BUNDLE", "--scheduler", "dpm++3m"] + P, 2, "unknown scheduler 'dpm++3m'"),
+    ("too many images for the exported batch", None, ["BUNDLE", "--num-images", "5"] + P, 2, "exported for at most 4"),
+    ("latents of the wrong shape", _files, ["BUNDLE", "--latents", "TMP/lat_wrong.npy"] + P, 2, "--latents has shape [1, 4, 8, 8], expected [1, 4, 16, 16]"),
+    ("latents not float32", _files, ["BUNDLE", "--latents", "TMP/lat_f64.npy"] + P, 2, "--latents must be float32"),
+    ("latents file not .npy", _files, ["BUNDLE", "--latents", "TMP/lat.txt"] + P, 2, "is not a .npy array"),
+    ("init image not an image", _files, ["BUNDLE", "--init-image", "TMP/notimage.png"] + P, 2, "is not a readable image"),
+    ("init image 40000x40000 (decompression bomb)", _files, ["BUNDLE", "--init-image", "TMP/huge.png"] + P, 2, "too large"),
+    ("init image missing", None, ["BUNDLE", "--init-image", "TMP/none.png"] + P, 2, "--init-image TMP/none.png not found"),
+    ("output not .png", None, ["BUNDLE", "-o", "TMP/x.jpg"] + P, 2, "must end in .png"),
+    ("output folder missing", None, ["BUNDLE", "-o", "TMP/no/dir/x.png"] + P, 2, "does not exist"),
+    ("output folder is a file", lambda b, t: (t / "afile").write_text("x"), ["BUNDLE", "-o", "TMP/afile/x.png"] + P, 2, "does not exist"),
+    ("--precision fp16 without an fp16 variant", None, ["BUNDLE", "--precision", "fp16"] + P, 3, "no fp16 variant"),
+    ("--backend tensorrt without TensorRT", None, ["BUNDLE", "--backend", "tensorrt"] + P, 2, "TensorRT"),
+    ("empty prompt (accepted)", None, ["BUNDLE", "-p", "", "--steps", "1", "-q"], 0, ""),
+    ("emoji prompt (accepted)", None, ["BUNDLE", "-p", "a 🐱 on a 🚲", "--steps", "1", "-q"], 0, ""),
+    ("right-to-left prompt (accepted)", None, ["BUNDLE", "-p", "قطة حمراء على دراجة", "--steps", "1", "-q"], 0, ""),
+    ("very long prompt (accepted, truncated with a warning)", None, ["BUNDLE", "-p", "cat " * 200, "--steps", "1", "-q"], 0, "prompt 1 is longer than the text encoder's 77 tokens: 125 tokens dropped"),
+]
+
+
+def markdown() -> str:
+    rows = ["| # | input | exit | what the user sees (stderr) |", "|---|---|---|---|"]
+    for i, (what, _, _, code, needle) in enumerate(CASES, 1):
+        msg = f"`...{needle}...`" if needle else "(image written)"
+        rows.append(f"| {i} | {what} | {code} | {msg} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown())

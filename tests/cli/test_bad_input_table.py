@@ -1,0 +1,41 @@
+"""Every row of the README's bad-input table, as a user meets it: ldm-run in a subprocess."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from bad_inputs import CASES, markdown
+from helpers import run_cli
+
+README = Path(__file__).parents[2] / "README.md"
+
+
+@pytest.mark.parametrize("what,breaker,args,code,needle", CASES, ids=[c[0] for c in CASES])
+def test_case(what, breaker, args, code, needle, tiny_bundles, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundles["sd1"], bundle)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    if breaker:
+        breaker(bundle, scratch)
+    sub = [a.replace("BUNDLE", str(bundle)).replace("TMP", str(scratch)) for a in args]
+    if "-o" not in sub:
+        sub += ["-o", str(scratch / "out.png")]
+    r = run_cli("-m", "ldm_edge.runtime", *sub)
+    assert r.returncode == code, r.stderr[-1500:]
+    assert "Traceback" not in r.stderr
+    if code:
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1, r.stderr
+        assert lines[0].startswith("ldm-run: error: ")
+        assert needle.replace("TMP", str(scratch)) in lines[0], lines[0]
+        assert not (scratch / "out.png").exists()
+    else:
+        assert (scratch / "out.png").is_file()
+        assert needle in r.stderr
+
+
+def test_readme_has_the_table():
+    assert markdown() in README.read_text(), "regenerate: python tests/cli/bad_inputs.py"
