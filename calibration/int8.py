@@ -65,7 +65,7 @@ def _materialize(proto, base_dir: Path) -> None:
 
 
 def build_graph(proto, fp32_dir: Path, layers, ranges, quantize: set[str]):
-    g, _ = qdq.build(proto, layers, ranges, quantize)
+    g, _ = qdq.build(proto, layers, ranges, quantize, base_dir=str(fp32_dir))
     _materialize(g, fp32_dir)
     return g
 

@@ -192,9 +192,11 @@ def weight_qparams(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build(proto, layers: list[Layer], ranges: dict, quantize: set[str], *,
-          switchable: bool = False):
+          switchable: bool = False, base_dir: str = ""):
     """A copy of ``proto`` with the layers whose unit is in ``quantize`` in Q/DQ (all
-    layers behind flags when ``switchable``). ``ranges``: tensor -> (lo, hi)."""
+    layers behind flags when ``switchable``). ``ranges``: tensor -> (lo, hi). ``proto``
+    may leave its weights in external data (in ``base_dir``): only the weights being
+    quantised are read, one at a time."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -256,7 +258,7 @@ def build(proto, layers: list[Layer], ranges: dict, quantize: set[str], *,
             k = shared.get(ly.act, 0)
             shared[ly.act] = k + 1
             n.input[0] = fake_quant(ly.act, ly.act, f"{ly.act}/int8/{k}", ly.unit, pre, nudge=k)
-        w = numpy_helper.to_array(weights[ly.weight]).astype(np.float32)
+        w = numpy_helper.to_array(weights[ly.weight], base_dir).astype(np.float32)
         wq, ws = weight_qparams(w, ly.axis)
         wname = f"{ly.weight}/{ly.node}"
         const(wname + "/int8", wq)
@@ -267,7 +269,7 @@ def build(proto, layers: list[Layer], ranges: dict, quantize: set[str], *,
         n.input[1] = switch(ly.unit, wname + "/dq", ly.weight, wname + "/sel", pre)
         if ly.bias is not None:
             xs = used_scale.get(n.input[0]) or act_qparams(*ranges[ly.act])[0]
-            b = numpy_helper.to_array(weights[ly.bias]).astype(np.float64)
+            b = numpy_helper.to_array(weights[ly.bias], base_dir).astype(np.float64)
             bs = (np.float32(xs) * ws).astype(np.float32)
             bq = np.clip(np.round(b / bs), -2**31, 2**31 - 1).astype(np.int32)
             bname = f"{ly.bias}/{ly.node}"

@@ -6,15 +6,15 @@ intermediate tensors added as outputs, the group's total size kept under
 ``OUTPUT_BUDGET_BYTES`` (sizes from shape inference at the calibration shape); each
 output is folded into a fixed-size histogram right after the run and dropped. More
 tensors than fit in one budget simply cost more passes over the samples. The graph
-with the extra outputs is written without its weights: for a model with external data
-the temporary folder links to the bundle's weight file instead of copying it.
+with the extra outputs is written without its weights, next to the FP32 graph, whose
+external weight files it shares (removed after).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +30,11 @@ PERCENTILE_TAIL = 1e-5
 # entropy (KL) search: quantised levels per sign and the stride of candidate thresholds.
 ENTROPY_LEVELS = 128
 ENTROPY_STRIDE = 16
-# Extra outputs per calibration pass, all together (SD1.5 at 512^2, CFG batch 2: the
-# quantised layers' inputs/outputs add up to ~2-3 GB, so 2-3 passes).
-OUTPUT_BUDGET_BYTES = 1 << 30
+# Extra outputs per calibration pass, all together. SD1.5 at 512^2, CFG batch 2: the
+# inputs/outputs of its quantised layers add up to ~1.6 GB (about 150 tensors of
+# 2 x C x H x W floats, 10.5 MB each at 64x64x320), so one pass; its FP32 session itself
+# holds ~3.4 GB of weights plus ~3 GB of working memory: ~9 GB in all, under 24 GB.
+OUTPUT_BUDGET_BYTES = 2 << 30
 # Initializers up to this many elements keep their values for shape inference (shape
 # constants); larger ones are weights, whose shapes suffice.
 SMALL_INITIALIZER = 64
@@ -101,18 +103,19 @@ class Histogram:
         mag = self.counts[half:] + self.counts[:half][::-1]
         width = self.radius / half
         best, best_kl = half, np.inf
+        nz = mag > 0
         for i in range(ENTROPY_LEVELS, half + 1, ENTROPY_STRIDE):
             p = mag[:i].copy()
             p[-1] += mag[i:].sum()
             if p.sum() == 0:
                 continue
-            bounds = np.linspace(0, i, ENTROPY_LEVELS + 1).round().astype(int)
-            q = np.zeros(i)
-            nz = (mag[:i] > 0)
-            for a, b in zip(bounds[:-1], bounds[1:]):
-                n = nz[a:b].sum()
-                if n:  # spread the level's mass over its bins that held values
-                    q[a:b][nz[a:b]] = mag[a:b].sum() / n
+            # Q: each of the ENTROPY_LEVELS levels spreads its mass evenly over its bins
+            # that held values (empty bins stay empty, as quantisation cannot fill them)
+            starts = np.linspace(0, i, ENTROPY_LEVELS + 1).round().astype(int)
+            sums = np.add.reduceat(mag[:i], starts[:-1])
+            cnts = np.add.reduceat(nz[:i].astype(np.int64), starts[:-1])
+            avg = np.where(cnts > 0, sums / np.maximum(cnts, 1), 0.0)
+            q = np.repeat(avg, np.diff(starts)) * nz[:i]
             p, q = p / p.sum(), q / max(q.sum(), 1e-30)
             m = p > 0
             kl = float(np.sum(p[m] * np.log(p[m] / np.maximum(q[m], 1e-12))))
@@ -169,14 +172,17 @@ def pack(names: list[str], sizes: dict[str, int], budget: int) -> list[list[str]
     return groups + ([cur] if cur else [])
 
 
-def _link_external_data(src_dir: Path, proto, dst_dir: Path) -> None:
-    locs = set()
-    for t in proto.graph.initializer:
-        for e in t.external_data:
-            if e.key == "location":
-                locs.add(e.value)
-    for loc in locs:
-        os.symlink((src_dir / loc).resolve(), dst_dir / loc)
+@contextlib.contextmanager
+def scratch_path(folder: Path, tag: str):
+    """A hidden temporary graph path next to the FP32 graph: its external data (weights)
+    resolve there without copies (onnxruntime refuses external data reached through a
+    link out of the model's folder). The graph and its own data file are removed after."""
+    path = Path(folder) / f".{tag}-{os.getpid()}.onnx"
+    try:
+        yield path
+    finally:
+        for p in (path, path.with_name(path.name + ".data")):
+            p.unlink(missing_ok=True)
 
 
 def collect(fp32_path: Path, names: list[str], samples: list[dict], *, threads: int = 0,
@@ -198,23 +204,19 @@ def collect(fp32_path: Path, names: list[str], samples: list[dict], *, threads: 
     sizes = tensor_sizes(proto, samples[0], inner)
     groups = pack(inner, sizes, budget)
     have = {o.name for o in proto.graph.output}
-    with tempfile.TemporaryDirectory(prefix="ldm-int8-calib-") as tmp:
-        tmp = Path(tmp)
-        _link_external_data(fp32_path.parent, proto, tmp)
-        for gi, group in enumerate(groups):
-            g = copy.deepcopy(proto) if len(groups) > 1 else proto
-            for n in group:
-                if n not in have:
-                    g.graph.output.append(onnx.ValueInfoProto(name=n))
-            path = tmp / f"calib_{gi}.onnx"
+    for gi, group in enumerate(groups):
+        g = copy.deepcopy(proto) if len(groups) > 1 else proto
+        for n in group:
+            if n not in have:
+                g.graph.output.append(onnx.ValueInfoProto(name=n))
+        progress(f"calibration pass {gi + 1}/{len(groups)}: {len(group)} tensors, "
+                 f"~{sum(sizes[n] for n in group) / 2**20:.0f} MiB per run, {len(samples)} runs")
+        with scratch_path(fp32_path.parent, f"calib-{gi}") as path:
             onnx.save_model(g, str(path))
             del g
-            progress(f"calibration pass {gi + 1}/{len(groups)}: {len(group)} tensors, "
-                     f"~{sum(sizes[n] for n in group) / 2**20:.0f} MiB per run, {len(samples)} runs")
             sess = ort_session(path, threads=threads)
             for s in samples:
                 for n, arr in zip(group, sess.run(group, s)):
                     hists[n].update(arr)
             del sess
-            path.unlink()
     return hists

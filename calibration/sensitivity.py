@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,22 +22,19 @@ from ldm_edge.runtime.manifest import Manifest
 from ldm_edge.runtime.pipeline import Pipeline
 
 from . import qdq
+from .ranges import scratch_path
 
 # Tensors above this many bytes go to the external data file of a temporary graph.
 INLINE_LIMIT = 1024
 
 
-def save_referencing(proto, path: Path, src_dir: Path) -> None:
-    """Write a temporary graph whose unchanged weights stay in the source's external data
-    (linked, not copied) and whose new tensors go to its own data file."""
+def save_referencing(proto, path: Path) -> None:
+    """Write a temporary graph next to its source: unchanged weights stay in the source's
+    external data, new tensors go to the graph's own data file."""
     import onnx
     from onnx.external_data_helper import set_external_data, uses_external_data
 
     path = Path(path)
-    locs = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
-    for loc in locs:
-        if not (path.parent / loc).exists():
-            os.symlink((Path(src_dir) / loc).resolve(), path.parent / loc)
     data = path.with_name(path.name + ".data")
     with open(data, "wb") as f:
         for t in proto.graph.initializer:
@@ -57,11 +53,10 @@ def unit_costs(proto, src_dir: Path, layers, ranges: dict, samples: list[dict], 
     """Per unit: U-Net output SNR (dB) vs FP32 with only that unit in INT8, worst sample."""
     from ldm_edge.export.onnx_export import ort_session
 
-    g, units = qdq.build(proto, layers, ranges, set(), switchable=True)
+    g, units = qdq.build(proto, layers, ranges, set(), switchable=True, base_dir=str(src_dir))
     count = {u: sum(ly.unit == u for ly in layers) for u in units}
-    with tempfile.TemporaryDirectory(prefix="ldm-int8-sweep-") as tmp:
-        path = Path(tmp) / "switchable.onnx"
-        save_referencing(g, path, src_dir)
+    with scratch_path(src_dir, "int8-sweep") as path:
+        save_referencing(g, path)
         del g
         sess = ort_session(path, threads=threads)
         out_name = sess.get_outputs()[0].name

@@ -37,7 +37,7 @@ UNET_CONFIG = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_bloc
                    block_out_channels=(64, 128), norm_num_groups=32, cross_attention_dim=384,
                    attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 2,
                    up_block_types=("CrossAttnUpBlock2D",) * 2)
-AE_STEPS = 3000  # stage-1 target (batch AE_BATCH)
+AE_STEPS = 2800  # stage-1 target (batch AE_BATCH); the LR follows a cosine to this step
 AE_BATCH = 16
 AE_LR = 4e-4
 AE_LR_FLOOR = 0.05  # final learning rate as a share of AE_LR

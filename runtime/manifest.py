@@ -76,7 +76,12 @@ class Manifest:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise BundleError(f"{mpath} is damaged ({e.__class__.__name__}); re-export the bundle")
         m = cls(root, data)
-        m.validate(verify=verify)
+        try:
+            m.validate(verify=verify)
+        except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
+            # a structural surprise the explicit checks did not name
+            raise BundleError(f"manifest.json is malformed ({type(e).__name__}: {e}); "
+                              f"re-export the bundle")
         return m
 
     def validate(self, verify: bool = True) -> None:
@@ -96,6 +101,7 @@ class Manifest:
             raise BundleError(f"bundle format {fv} is no longer read; re-export the bundle")
         if d["prediction_type"] not in PREDICTION_TYPES:
             raise BundleError(f"unknown prediction_type {d['prediction_type']!r}")
+        self._check_types(d)
         comps = d["components"]
         if not isinstance(comps, dict):
             raise BundleError("manifest components is not an object; re-export the bundle")
@@ -110,6 +116,38 @@ class Manifest:
                 self._check_files(name, precision, verify)
         tok = d["tokenizer"]
         self._check_file_record(tok, "tokenizer", verify)
+
+    @staticmethod
+    def _check_types(d: dict) -> None:
+        """The scalar facts the runtime computes with must have usable types."""
+        def need(value, kind, what, positive=False):
+            ok = isinstance(value, kind) and not isinstance(value, bool)
+            if ok and positive:
+                ok = value > 0
+            if not ok:
+                raise BundleError(f"manifest {what} is {value!r}; re-export the bundle")
+
+        need(d["latent_channels"], int, "latent_channels", positive=True)
+        need(d["vae_scale_factor"], int, "vae_scale_factor", positive=True)
+        need(d["scaling_factor"], (int, float), "scaling_factor", positive=True)
+        if d.get("shift_factor") is not None:
+            need(d["shift_factor"], (int, float), "shift_factor")
+        need(d["scheduler"], dict, "scheduler")
+        tok = d["tokenizer"]
+        need(tok, dict, "tokenizer")
+        need(tok.get("max_length"), int, "tokenizer.max_length", positive=True)
+        need(tok.get("pad_id"), int, "tokenizer.pad_id")
+        need(tok.get("pad_token"), str, "tokenizer.pad_token")
+        for section in ("dims", "defaults"):
+            need(d.get(section, {}), dict, section)
+        for key in ("min_size", "max_size", "max_batch"):
+            if key in d.get("dims", {}):
+                need(d["dims"][key], int, f"dims.{key}", positive=True)
+        for key in ("height", "width", "num_inference_steps"):
+            if key in d.get("defaults", {}):
+                need(d["defaults"][key], int, f"defaults.{key}", positive=True)
+        if "guidance_scale" in d.get("defaults", {}):
+            need(d["defaults"]["guidance_scale"], (int, float), "defaults.guidance_scale")
 
     def _check_files(self, name: str, precision: str, verify: bool) -> None:
         rec = self.data["components"][name]["variants"][precision]

@@ -1,0 +1,92 @@
+"""``ldm-export int8 BUNDLE``: add a calibrated INT8 (QDQ) U-Net to a bundle.
+
+Registered in ``export/cli.py`` with ``main.add_command(int8_cmd, "int8")``; it also runs on
+its own (``python -m ldm_edge.calibration.cli_int8 BUNDLE``).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from .ranges import METHODS
+
+
+def _fail(msg: str, code: int):
+    click.echo(f"ldm-export: error: {msg}", err=True)
+    sys.exit(code)
+
+
+def _read_prompts(path, n: int) -> list[str]:
+    from ldm_edge.calibration.capture import default_prompts
+
+    if not path:
+        return default_prompts(n)
+    with open(path, encoding="utf-8") as f:
+        lines = [ln.strip() for ln in f.read().splitlines()]
+    prompts = [ln for ln in lines if ln and not ln.startswith("#")][:n]
+    if not prompts:
+        _fail(f"{path} holds no prompts", 2)
+    return prompts
+
+
+def summary(m: dict) -> str:
+    unet = m["components"]["unet"]["variants"]
+    v, q = unet["int8"], m["quality"]["int8"]
+    mb = {p: sum(f["size"] for f in unet[p]["files"]) / 1e6 for p in ("fp32", "int8")}
+    n_excl = sum(len(x) for k, x in v["excluded_nodes"].items() if k != "kept by min_psnr")
+    lines = [f"unet (int8): {v['file']}, {mb['int8']:.1f} MB (fp32 {mb['fp32']:.1f} MB); "
+             f"{len(v['quantized_nodes'])} layers INT8 ({v['method']} ranges, "
+             f"{v['calibration']['samples']} calibration calls over timesteps "
+             f"{v['calibration']['timesteps'][0]:.0f}..{v['calibration']['timesteps'][-1]:.0f}), "
+             f"{n_excl} nodes float by rule",
+             f"int8 end to end: PSNR {q['psnr_db']:.2f} dB vs fp32 "
+             f"({len(q['prompts'])} prompts, {q['steps']} steps, seed {q['seed']})"]
+    budget = v.get("min_psnr")
+    if budget:
+        plain = budget["plain_int8_psnr_db"]
+        lines.append(f"--min-psnr {budget['target_db']:.2f} dB: all-INT8 gave {plain:.2f} dB; "
+                     f"kept in float: {len(v['kept_float_units']) or 'nothing'}")
+        for s in budget["greedy"]:
+            lines.append(f"  {s['unit']} ({s['layers']} layers; U-Net SNR {s['unet_snr_db_only_this_int8']:.1f} dB "
+                         f"when only it is INT8): {s['gain_db']:+.2f} dB -> {s['psnr_db_after']:.2f} dB")
+    return "\n".join(lines)
+
+
+@click.command("int8")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False),
+              help="Text file, one prompt a line, for calibration (default: bundled list).")
+@click.option("--num-prompts", default=8, show_default=True, type=click.IntRange(1, 1000),
+              help="Calibration prompts to use (the file's or the bundled list's first N).")
+@click.option("--calib-steps", default=10, show_default=True, type=click.IntRange(1, 1000),
+              help="Sampling steps of the FP32 capture run (and of the quality check).")
+@click.option("--method", type=click.Choice(METHODS), default="percentile", show_default=True,
+              help="Activation ranges from histograms: percentile, entropy (KL) or min-max.")
+@click.option("--min-psnr", type=float, default=None,
+              help="Keep the most sensitive layers in float until the end-to-end 8-bit PSNR "
+                   "vs fp32 reaches this many dB.")
+def int8_cmd(bundle, prompts_file, num_prompts, calib_steps, method, min_psnr):
+    """Add an INT8 U-Net (QDQ, calibrated on the bundle's own sampling trajectory) to
+    BUNDLE; record it and its end-to-end quality."""
+    from ldm_edge.runtime.errors import LdmEdgeError
+
+    from .int8 import make_int8
+
+    t0 = time.perf_counter()
+    prompts = _read_prompts(prompts_file, num_prompts)
+    try:
+        m = make_int8(bundle, prompts, calib_steps=calib_steps, method=method,
+                      min_psnr=min_psnr,
+                      progress=lambda msg: click.echo(f"  [{time.perf_counter() - t0:6.1f}s] {msg}",
+                                                      err=True))
+    except LdmEdgeError as e:
+        _fail(str(e), e.exit_code)
+    click.echo(summary(m))
+    click.echo(f"wrote {bundle} in {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    int8_cmd()
