@@ -50,8 +50,9 @@ def summary(m: dict) -> str:
         lines.append(f"--min-psnr {budget['target_db']:.2f} dB: all-INT8 gave {plain:.2f} dB; "
                      f"kept in float: {len(v['kept_float_units']) or 'nothing'}")
         for s in budget["greedy"]:
-            lines.append(f"  {s['unit']} ({s['layers']} layers; U-Net SNR {s['unet_snr_db_only_this_int8']:.1f} dB "
-                         f"when only it is INT8): {s['gain_db']:+.2f} dB -> {s['psnr_db_after']:.2f} dB")
+            lines.append(f"  {'kept ' if s['kept'] else 'tried'} {s['unit']} ({s['layers']} layers; "
+                         f"U-Net SNR {s['unet_snr_db_only_this_int8']:.1f} dB when only it is INT8): "
+                         f"{s['gain_db']:+.2f} dB -> {s['psnr_db_after']:.2f} dB")
     return "\n".join(lines)
 
 

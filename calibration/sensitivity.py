@@ -3,9 +3,10 @@
 1. Sweep: one "switchable" graph (every unit's fake-quantisation behind a flag input)
    runs the calibration samples once per unit with only that unit in INT8; the cost of a
    unit is the U-Net output's SNR vs FP32 then (lower = more harmful).
-2. Greedy: starting from everything in INT8, the most harmful units are kept in float
+2. Greedy: starting from everything in INT8, the most harmful units are tried in float
    one at a time, each step measured end to end (8-bit image PSNR vs the FP32 bundle,
-   same prompts and seeds as the recorded quality), until the target is met.
+   same prompts and seeds as the recorded quality) and kept float when it helps, until
+   the target is met.
 """
 
 from __future__ import annotations
@@ -116,19 +117,23 @@ class EndToEnd:
 
 
 def greedy_keep(costs: list[dict], measure, min_psnr: float, start_psnr: float,
-                progress=lambda msg: None) -> tuple[list[dict], float]:
-    """Keep units in float, most harmful first, until ``measure(kept_units)`` >= min_psnr.
-    Returns the steps taken (unit, PSNR after, gain) and the final PSNR."""
+                progress=lambda msg: None) -> tuple[list[str], list[dict], float]:
+    """Try units in float, most harmful first; a unit stays float only if the end-to-end
+    PSNR rises (a unit whose measured gain is <= 0 would cost speed for nothing), until
+    ``measure(kept_units)`` >= ``min_psnr``. Returns the kept units, every step tried
+    (unit, PSNR with it float, gain, kept or not) and the PSNR reached."""
     kept, steps, current = [], [], start_psnr
     for c in costs:
-        kept.append(c["unit"])
-        value = measure(list(kept))
+        value = measure(kept + [c["unit"]])
+        gain = value - current
         steps.append({"unit": c["unit"], "layers": c["layers"],
                       "unet_snr_db_only_this_int8": c["unet_snr_db_only_this_int8"],
-                      "psnr_db_after": value, "gain_db": value - current})
-        progress(f"keep {c['unit']} in float ({c['layers']} layers): end-to-end PSNR "
-                 f"{current:.2f} -> {value:.2f} dB")
-        current = value
-        if value >= min_psnr:
-            return steps, current
-    return steps, current
+                      "psnr_db_after": value, "gain_db": gain, "kept": gain > 0})
+        progress(f"{c['unit']} ({c['layers']} layers) in float: end-to-end PSNR "
+                 f"{current:.2f} -> {value:.2f} dB ({'kept float' if gain > 0 else 'no gain, stays INT8'})")
+        if gain > 0:
+            kept.append(c["unit"])
+            current = value
+        if current >= min_psnr:
+            break
+    return kept, steps, current

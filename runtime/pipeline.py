@@ -211,6 +211,7 @@ class Pipeline:
         t_dtype = np.dtype(unet.spec.input("timestep").dtype)
         unet.bind({"encoder_hidden_states": embeds.astype(np.float32)})
         per_step = []
+        t_loop = time.perf_counter()
         try:
             for i, t in enumerate(timesteps):
                 x = np.concatenate([lat, lat]) if cfg else lat
@@ -228,4 +229,5 @@ class Pipeline:
         finally:
             unet.unbind()
         self.timings["unet_per_step"] = per_step
+        self.timings["denoise_loop"] = time.perf_counter() - t_loop
         return lat

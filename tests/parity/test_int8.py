@@ -142,15 +142,19 @@ def test_min_psnr_keeps_the_most_harmful_layers_in_float(budget):
     bundle, plain, target = budget
     m, g = _graph(bundle)
     v, q = m.variant("unet", "int8").record, m["quality"]["int8"]
-    assert v["min_psnr"]["plain_int8_psnr_db"] == pytest.approx(plain, abs=1e-9) < target
+    assert v["min_psnr"]["plain_int8_psnr_db"] == pytest.approx(plain, abs=1e-9)
+    assert plain < target
     kept = v["kept_float_units"]
     assert kept and q["kept_float_units"] == kept
     assert q["psnr_db"] >= target and q["min_psnr"] == target
     steps = v["min_psnr"]["greedy"]
-    assert [s["unit"] for s in steps] == kept and steps[-1]["psnr_db_after"] == pytest.approx(q["psnr_db"])
+    assert [s["unit"] for s in steps if s["kept"]] == kept
+    assert all(s["gain_db"] > 0 for s in steps if s["kept"])
+    assert max(s["psnr_db_after"] for s in steps) == pytest.approx(q["psnr_db"], abs=1e-9)
     sweep = v["min_psnr"]["sensitivity"]
     snr = [s["unet_snr_db_only_this_int8"] for s in sweep]
-    assert snr == sorted(snr) and [s["unit"] for s in sweep[: len(kept)]] == kept  # worst first
+    assert snr == sorted(snr)  # worst first, and tried in that order
+    assert [s["unit"] for s in steps] == [s["unit"] for s in sweep[: len(steps)]]
     prod, nodes = _producers(g), {n.name: n for n in g.graph.node}
     kept_nodes = v["excluded_nodes"]["kept by min_psnr"]
     assert kept_nodes and not set(kept_nodes) & set(v["quantized_nodes"])

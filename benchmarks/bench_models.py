@@ -1,0 +1,125 @@
+"""Models for the benchmark: the demo model and the SD1.5 architecture with seeded random
+weights (real config: 320/640/1280/1280 channels, cross-attention 768, CLIP ViT-L/14 text
+encoder, the SD VAE), built here and cached under out/bench/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+SD15_SEED = 0
+
+
+def sd15_pipeline():
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm_edge.export.tiny import tiny_clip_tokenizer
+
+    torch.manual_seed(SD15_SEED)
+    tok = tiny_clip_tokenizer()
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                      num_attention_heads=12, num_hidden_layers=12,
+                                      max_position_embeddings=77, hidden_act="quick_gelu",
+                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id, projection_dim=768))
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # SD1.x otherwise
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                        down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, sample_size=512)
+    sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def unet_gflop(unet, size: int, hidden: int, seq: int) -> float:
+    """FLOPs of one batch-2 (guidance) U-Net call at ``size`` pixels, counted by torch."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(2, unet.config.in_channels, size // 8, size // 8)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        unet(x, torch.tensor([500.0, 500.0]), torch.randn(2, seq, hidden))
+    return fc.get_total_flops() / 1e9
+
+
+def _export(src: Path, bundle: Path, min_size: int, max_size: int, default: int, max_batch: int = 1):
+    from ldm_edge.export.bundle import ExportOptions, export_bundle
+    from ldm_edge.export.load import load_model
+
+    model = load_model(src)
+    model.defaults.update(height=default, width=default)
+    export_bundle(model, bundle, ExportOptions(min_size=min_size, max_size=max_size,
+                                               max_batch=max_batch, force=True,
+                                               components=("text_encoder", "unet", "vae_decoder")))
+    return model
+
+
+def prepare(name: str, out: Path) -> dict | None:
+    if name == "demo":
+        return _prepare_demo(out)
+    if name == "tiny":
+        return _prepare_tiny(out)
+    if name.startswith("sd15-"):
+        return _prepare_sd15(int(name.split("-")[1]), out)
+    raise SystemExit(f"unknown benchmark model {name!r}")
+
+
+def _latents(path: Path, shape) -> Path:
+    if not path.is_file():
+        np.save(path, np.random.default_rng(1).standard_normal(shape, dtype=np.float32))
+    return path
+
+
+def _prepare_demo(out: Path) -> dict | None:
+    from ldm_edge.demo.diffusers_pipe import demo_pipeline
+    from ldm_edge.export.load import default_source
+
+    src = default_source()
+    if src is None:
+        return None
+    folder, bundle = out / "demo-diffusers", out / "demo-bundle"
+    if not (folder / "model_index.json").is_file():
+        demo_pipeline(src).save_pretrained(folder)
+    info_path = out / "demo-info.json"
+    if not (bundle / "manifest.json").is_file() or not info_path.is_file():
+        model = _export(src, bundle, 32, 128, 64, max_batch=4)
+        info_path.write_text(json.dumps({"unet_gflop": unet_gflop(model.unet, 64, 384, 16)}))
+    return {"name": "demo", "dir": folder, "bundle": bundle, "size": 64,
+            "latents": _latents(out / "demo-latents.npy", (1, 4, 8, 8)),
+            **json.loads(info_path.read_text())}
+
+
+def _prepare_sd15(size: int, out: Path) -> dict:
+    folder, bundle = out / "sd15-random", out / "sd15-bundle"
+    if not (folder / "model_index.json").is_file():
+        print("building the SD1.5-architecture model (random weights, seed 0)", flush=True)
+        sd15_pipeline().save_pretrained(folder, safe_serialization=True)
+    info_path = out / "sd15-info.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    if not (bundle / "manifest.json").is_file():
+        print("exporting it (U-Net ~3.4 GB: a few minutes)", flush=True)
+        model = _export(folder, bundle, 256, 512, 256)
+        info = {str(s): unet_gflop(model.unet, s, 768, 77) for s in (256, 512)}
+        info_path.write_text(json.dumps(info))
+    return {"name": f"sd15-{size}", "dir": folder, "bundle": bundle, "size": size,
+            "latents": _latents(out / f"sd15-latents-{size}.npy", (1, 4, size // 8, size // 8)),
+            "unet_gflop": info.get(str(size))}
+
+
+def _prepare_tiny(out: Path) -> dict:
+    """A ~1 M-parameter SD1-style model: a smoke test of the benchmark itself."""
+    from ldm_edge.export.tiny import save_tiny
+
+    folder, bundle = out / "tiny-sd1", out / "tiny-bundle"
+    if not (folder / "model_index.json").is_file():
+        save_tiny(folder, "sd1")
+    if not (bundle / "manifest.json").is_file():
+        _export(folder, bundle, 64, 256, 128)
+    return {"name": "tiny", "dir": folder, "bundle": bundle, "size": 128,
+            "latents": _latents(out / "tiny-latents.npy", (1, 4, 16, 16)), "unet_gflop": None}
