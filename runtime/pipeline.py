@@ -205,11 +205,31 @@ class Pipeline:
         n = len(p["prompts"]) * p["num_images_per_prompt"]
         return (n, int(self.manifest["latent_channels"]), p["height"] // f, p["width"] // f)
 
+    def _unet_max_batch(self) -> int:
+        """Largest batch one U-Net call takes: a fixed engine batch, or the exported range."""
+        spec = self.backend("unet").spec
+        dim = spec.input("sample").shape[0]
+        return dim if isinstance(dim, int) else int(spec.ranges.get("batch", (1, 1 << 30))[1])
+
+    def _unet(self, x, t, t_dtype, embeds, chunk: int) -> np.ndarray:
+        """One batched call when it fits (embeddings bound once), else several calls."""
+        if chunk >= x.shape[0]:
+            return self._call("unet", {"sample": x, "timestep": np.full((x.shape[0],), t, dtype=t_dtype)})
+        outs = []
+        for s in range(0, x.shape[0], chunk):
+            xs = x[s:s + chunk]
+            outs.append(self._call("unet", {"sample": xs, "encoder_hidden_states": embeds[s:s + chunk],
+                                            "timestep": np.full((xs.shape[0],), t, dtype=t_dtype)}))
+        return np.concatenate(outs)
+
     def _denoise(self, sched, lat, embeds, timesteps, p, gen, progress) -> np.ndarray:
         unet = self.backend("unet")
         cfg = p["guidance_scale"] > 1.0
         t_dtype = np.dtype(unet.spec.input("timestep").dtype)
-        unet.bind({"encoder_hidden_states": embeds.astype(np.float32)})
+        embeds = embeds.astype(np.float32)
+        chunk = self._unet_max_batch()
+        if chunk >= embeds.shape[0]:
+            unet.bind({"encoder_hidden_states": embeds})
         per_step = []
         t_loop = time.perf_counter()
         try:
@@ -217,8 +237,7 @@ class Pipeline:
                 x = np.concatenate([lat, lat]) if cfg else lat
                 x = sched.scale_model_input(x, t).astype(np.float32)
                 t0 = time.perf_counter()
-                out = self._call("unet", {"sample": x,
-                                          "timestep": np.full((x.shape[0],), t, dtype=t_dtype)})
+                out = self._unet(x, t, t_dtype, embeds, chunk)
                 per_step.append(time.perf_counter() - t0)
                 if cfg:
                     uncond, text = np.split(out, 2)

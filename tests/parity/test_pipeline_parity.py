@@ -79,3 +79,26 @@ def test_img2img_matches_diffusers(family, scheduler, tiny_models, runtimes):
                             scheduler=scheduler, init_image=init, strength=0.6,
                             generator=TorchNoise(11))
     assert psnr(ours.images, ref) >= MIN_PSNR_DB, psnr(ours.images, ref)
+
+
+def test_fixed_batch_unet_runs_guidance_as_two_calls(tiny_bundles, runtimes, tmp_path):
+    """An engine with batch fixed at 1 (a static TensorRT profile) gets the unconditional and
+    the text-conditioned halves as two calls; the picture must not change."""
+    import json
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundles["sd1"], b)
+    m = json.loads((b / "manifest.json").read_text())
+    m["components"]["unet"]["spec"]["ranges"]["batch"] = [1, 1]
+    (b / "manifest.json").write_text(json.dumps(m))
+    fixed = Pipeline(b)
+    calls = []
+    real = fixed._call
+    fixed._call = lambda name, feeds: (calls.append((name, feeds["sample"].shape[0]))
+                                       if name == "unet" else None, real(name, feeds))[1]
+    lat = latents_for(4)
+    a = runtimes["sd1"](PROMPT, num_inference_steps=4, scheduler="euler", latents=lat)
+    b_ = fixed(PROMPT, num_inference_steps=4, scheduler="euler", latents=lat)
+    assert calls == [("unet", 1)] * 8
+    assert psnr(b_.images, a.images) >= MIN_PSNR_DB

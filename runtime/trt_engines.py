@@ -1,0 +1,203 @@
+"""TensorRT engines in a bundle: which machine they fit, where they live, which one to use.
+
+Shared by ``ldm-export engines`` and the TensorRT backend, so both halves follow one naming
+and one matching rule. A serialised engine runs only on the GPU model, compute capability
+and TensorRT version it was built with; the manifest records those facts per engine and
+:func:`select_engine` compares them with the running machine's as plain data (tested
+without a GPU). ``tensorrt`` and ``cuda-python`` are imported only inside the functions that
+ask the machine; anything missing becomes one line saying how to get it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+
+from .errors import BundleError, UsageError
+
+ENGINE_BACKEND = "tensorrt"
+ENGINES_DIR = "engines"
+# Name-based I/O (set_input_shape / set_tensor_address / execute_async_v3) and user-managed
+# context memory arrived in TensorRT 10; JetPack 6 ships 10.3, JetPack 7 ships 11.x.
+MIN_TRT_MAJOR = 10
+
+NO_TENSORRT = ("TensorRT is not installed (pip install tensorrt from NVIDIA's index, or use "
+               "JetPack's python3-libnvinfer); onnxruntime runs this bundle on the CPU meanwhile")
+NO_CUDA_PYTHON = ("cuda-python is not installed (pip install cuda-python; the TensorRT backend "
+                  "reaches CUDA through it); onnxruntime runs this bundle meanwhile")
+NO_GPU = ("no CUDA GPU is visible here ({why}); TensorRT engines are built and run on the GPU "
+          "they are for — onnxruntime runs this bundle on the CPU meanwhile")
+
+
+class TensorRTUnavailable(UsageError):
+    """TensorRT, cuda-python or a CUDA GPU is missing on this machine."""
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What decides whether a serialised engine can run here."""
+
+    device_name: str  # as CUDA reports it, e.g. "NVIDIA H100 80GB HBM3", "Orin"
+    compute_capability: str  # "major.minor", e.g. "8.7"
+    trt_version: str  # tensorrt.__version__, compared exactly
+
+    @property
+    def sm(self) -> str:
+        return "sm" + self.compute_capability.replace(".", "")
+
+    def __str__(self) -> str:
+        return f"{self.device_name} ({self.sm}, TensorRT {self.trt_version})"
+
+
+# -- asking the machine (lazy, guarded imports) ------------------------------------------------
+def import_tensorrt():
+    try:
+        import tensorrt as trt
+    except Exception:  # ImportError, or OSError/RuntimeError when libnvinfer is missing
+        raise TensorRTUnavailable(NO_TENSORRT) from None
+    if not hasattr(trt, "Runtime"):  # PyPI's placeholder package, not NVIDIA's wheel
+        raise TensorRTUnavailable(NO_TENSORRT)
+    major = _major(getattr(trt, "__version__", "0"))
+    if major < MIN_TRT_MAJOR:
+        raise TensorRTUnavailable(f"TensorRT {trt.__version__} is too old; ldm-edge needs TensorRT "
+                                  f"{MIN_TRT_MAJOR} or newer (JetPack 6 or later)")
+    return trt
+
+
+def import_cudart():
+    """cuda-python's runtime bindings: ``cuda.bindings.runtime`` (12.6+), else ``cuda.cudart``."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except Exception:
+        try:
+            from cuda import cudart
+        except Exception:
+            raise TensorRTUnavailable(NO_CUDA_PYTHON) from None
+    return cudart
+
+
+def cuda_error(cudart, err) -> str:
+    try:
+        msg = cudart.cudaGetErrorString(err)[1]
+        return msg.decode() if isinstance(msg, bytes) else str(msg)
+    except Exception:
+        return str(err)
+
+
+@functools.lru_cache(maxsize=None)
+def device_facts(device: int = 0) -> DeviceFacts:
+    """The running machine's facts; raises :class:`TensorRTUnavailable` naming what is missing."""
+    trt = import_tensorrt()
+    cudart = import_cudart()
+    ok = cudart.cudaError_t.cudaSuccess
+    err, count = cudart.cudaGetDeviceCount()
+    if err != ok or count <= device:
+        why = cuda_error(cudart, err) if err != ok else "the CUDA driver sees no device"
+        raise TensorRTUnavailable(NO_GPU.format(why=why))
+    err, prop = cudart.cudaGetDeviceProperties(device)
+    if err != ok:
+        raise TensorRTUnavailable(NO_GPU.format(why=cuda_error(cudart, err)))
+    name = prop.name
+    if isinstance(name, (bytes, bytearray)):
+        name = bytes(name).split(b"\0", 1)[0].decode(errors="replace")
+    return DeviceFacts(str(name).strip(), f"{prop.major}.{prop.minor}", str(trt.__version__))
+
+
+def _major(version: str) -> int:
+    m = re.match(r"(\d+)", str(version))
+    return int(m.group(1)) if m else 0
+
+
+# -- naming -------------------------------------------------------------------------------------
+def engine_dir_name(facts: DeviceFacts) -> str:
+    """``engines/<gpu-name>-sm<cc>-trt<version>``: one folder per machine kind."""
+    slug = re.sub(r"[^a-z0-9]+", "-", facts.device_name.lower()).strip("-") or "gpu"
+    version = re.sub(r"[^0-9A-Za-z.]+", "-", facts.trt_version)
+    return f"{slug}-{facts.sm}-trt{version}"
+
+
+def profile_hash(profile: dict) -> str:
+    """12 hex digits naming a shape profile (min/opt/max per input), independent of key order."""
+    text = json.dumps(profile, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def engine_path(facts: DeviceFacts, component: str, precision: str, profile: dict) -> str:
+    """The bundle-relative path of one engine (posix separators, as the manifest stores it)."""
+    return (f"{ENGINES_DIR}/{engine_dir_name(facts)}/"
+            f"{component}.{precision}.{profile_hash(profile)}.plan")
+
+
+# -- choosing -----------------------------------------------------------------------------------
+_RECORD_KEYS = ("backend", "precision", "trt_version", "device_name", "compute_capability",
+                "profile", "onnx_sha256", "file", "size", "sha256")
+
+
+def record_facts(record: dict) -> DeviceFacts:
+    return DeviceFacts(str(record["device_name"]), str(record["compute_capability"]),
+                       str(record["trt_version"]))
+
+
+def rebuild_hint(bundle: str, precision: str) -> str:
+    return f"`ldm-export engines {bundle} --precision {precision}`"
+
+
+def tensorrt_records(component_record: dict, precision: str) -> list[dict]:
+    """This component's TensorRT engine records of ``precision`` (malformed ones refused)."""
+    out = []
+    for rec in component_record.get("engines") or []:
+        if not isinstance(rec, dict) or rec.get("backend") != ENGINE_BACKEND:
+            continue
+        missing = [k for k in _RECORD_KEYS if k not in rec]
+        if missing:
+            raise BundleError(f"a TensorRT engine record lacks {', '.join(missing)}; "
+                              f"rebuild the engines with `ldm-export engines`")
+        if rec["precision"] == precision:
+            out.append(rec)
+    return out
+
+
+def select_engine(records: list[dict], facts: DeviceFacts, *, component: str, precision: str,
+                  onnx_sha256: str | None, bundle: str = "BUNDLE") -> dict:
+    """The engine record that runs here, or a one-line :class:`BundleError` saying how to rebuild.
+
+    ``records`` are this component's TensorRT records of ``precision``. Several may fit (one per
+    shape profile); the one accepting the largest shapes wins, the latest on a tie.
+    """
+    hint = rebuild_hint(bundle, precision)
+    if not records:
+        raise BundleError(f"{component} has no {precision} TensorRT engine in this bundle; build "
+                          f"one here with {hint}, or use --backend onnxruntime")
+    here = [r for r in records if record_facts(r) == facts]
+    if not here:
+        built = sorted({str(record_facts(r)) for r in records})
+        more = f" and {len(built) - 2} more" if len(built) > 2 else ""
+        raise BundleError(f"{component}: the {precision} TensorRT engines in this bundle are for "
+                          f"{', '.join(built[:2])}{more}, not this {facts}; rebuild them here "
+                          f"with {hint}")
+    fresh = [r for r in here if onnx_sha256 is None or r["onnx_sha256"] == onnx_sha256]
+    if not fresh:
+        raise BundleError(f"{component}: the {precision} TensorRT engine was built from an older "
+                          f"ONNX graph (sha256 differs from the manifest's); rebuild it with {hint}")
+    widest = max(range(len(fresh)), key=lambda i: (profile_volume(fresh[i]["profile"]), i))
+    return fresh[widest]
+
+
+def profile_volume(profile: dict) -> float:
+    """Sum over inputs of the elements at the profile's max shape (a size to rank profiles)."""
+    return float(sum(math.prod(v["max"]) for v in profile.values()))
+
+
+def profile_violation(profile: dict, name: str, shape: tuple) -> str | None:
+    """Why ``shape`` does not fit the engine's profile for input ``name`` (None when it fits)."""
+    p = profile.get(name)
+    if p is None:
+        return None  # a fixed-shape input: TensorRT checks it against the network
+    lo, hi = list(p["min"]), list(p["max"])
+    if len(shape) != len(lo) or any(not a <= n <= b for n, a, b in zip(shape, lo, hi)):
+        return f"shape {list(shape)} is outside the engine's profile {lo}..{hi}"
+    return None
