@@ -11,7 +11,7 @@ N        ?= 200
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test test-fast demo train-demo eval-demo bench clean
+.PHONY: install test test-fast demo train-demo eval-demo bench gpu-check clean
 
 install: $(STAMP)
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[export,demo,test]"
+	$(BIN)/pip install -q -e ".[export,demo,test,openvino]"
 	touch $(STAMP)
 
 test: install
@@ -43,6 +43,10 @@ eval-demo: install
 # side-by-side benchmark vs diffusers; QUICK=1: demo + SD1.5 arch at 256², < 15 min
 bench: install
 	env -u OMP_NUM_THREADS $(BIN)/python benchmarks/bench.py $(if $(QUICK),--quick,)
+
+# a CUDA machine with TensorRT: FP16/INT8 engines, pytest -m gpu, short benchmark -> out/gpu-check/
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py --out $(OUT)/gpu-check
 
 clean:
 	rm -rf $(OUT) .pytest_cache

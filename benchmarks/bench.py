@@ -29,6 +29,11 @@ METRICS = ("e2e_s", "text_encoder_s", "unet_step_s", "vae_decoder_s", "overhead_
 def candidates(model: dict) -> list[tuple[str, list[str]]]:
     c = [("diffusers-eager", ["--kind", "diffusers", "--model-dir", str(model["dir"])]),
          ("ldm-edge-ort-fp32", ["--kind", "ours", "--bundle", str(model["bundle"])])]
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is not None:
+        c.append(("ldm-edge-openvino-fp32", ["--kind", "ours", "--bundle", str(model["bundle"]),
+                                             "--backend", "openvino"]))
     m = json.loads((model["bundle"] / "manifest.json").read_text())
     for prec in ("fp16", "int8"):
         if prec in m["components"]["unet"]["variants"]:

@@ -43,7 +43,8 @@ def run_ours(a, timer: StageTimer) -> dict:
     from ldm_edge.runtime.image import save_png
     from ldm_edge.runtime.pipeline import Pipeline
 
-    pipe = Pipeline(a.bundle, precision=a.precision, threads=a.threads, verify=False)
+    pipe = Pipeline(a.bundle, precision=a.precision, threads=a.threads, verify=False,
+                    backend=a.backend, device="cpu")
     original = pipe._call
     first_unet = {}
 
@@ -111,6 +112,7 @@ def main() -> None:
     ap.add_argument("--bundle")
     ap.add_argument("--model-dir")
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--backend", default="onnxruntime")
     ap.add_argument("--size", type=int, required=True)
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--guidance", type=float, default=7.5)

@@ -14,6 +14,7 @@ greedily, until the end-to-end image PSNR vs FP32 meets it (``sensitivity.py``).
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
@@ -70,6 +71,38 @@ def build_graph(proto, fp32_dir: Path, layers, ranges, quantize: set[str]):
     return g
 
 
+def keep_for_budget(bundle: Path, proto, fp32_dir: Path, layers, ranges, samples: list[dict],
+                    min_psnr: float, steps: int, threads: int, progress) -> tuple[list[str], dict]:
+    """Units to keep in float so that the end-to-end PSNR reaches ``min_psnr``, and the
+    record of how they were chosen; ExportError when no INT8 variant can reach it."""
+    from .sensitivity import EndToEnd, greedy_keep, unit_costs
+
+    units = sorted({ly.unit for ly in layers})
+    e2e = EndToEnd(bundle, EVAL_PROMPTS, steps, EVAL_SEED)
+
+    def measure(keep):
+        return e2e(build_graph(proto, fp32_dir, layers, ranges, set(units) - set(keep)))
+
+    plain = measure([])
+    progress(f"all {len(units)} units INT8: end-to-end PSNR {plain:.2f} dB (target {min_psnr:.2f} dB)")
+    record = {"target_db": min_psnr, "plain_int8_psnr_db": plain, "sensitivity": None, "greedy": []}
+    if plain >= min_psnr:
+        return [], record
+    sweep = unit_costs(proto, fp32_dir, layers, ranges, samples, threads=threads, progress=progress)
+    kept, steps_taken, final = greedy_keep(sweep, measure, min_psnr, plain, progress)
+    record.update(sensitivity=sweep, greedy=steps_taken)
+    if final >= min_psnr and set(kept) != set(units):
+        return kept, record
+    every = final if set(kept) == set(units) else measure(units)  # the FP32 U-Net, no Q/DQ
+    progress(f"every unit in float: end-to-end PSNR {every:.2f} dB")
+    if every < min_psnr:
+        raise ExportError(f"--min-psnr {min_psnr} dB is out of reach: even with every layer in "
+                          f"float the images give {every:.2f} dB; nothing was written")
+    raise ExportError(f"--min-psnr {min_psnr} dB is met only with every layer in float "
+                      f"({every:.2f} dB; best with INT8 layers {final:.2f} dB): no INT8 variant "
+                      f"written; lower --min-psnr")
+
+
 def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
               calib_steps: int = 10, method: str = "percentile", min_psnr: float | None = None,
               progress=print, threads: int = 0) -> dict:
@@ -79,8 +112,6 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
     from ldm_edge.calibration.capture import capture, default_prompts
     from ldm_edge.export.fp16 import save_graph
     from ldm_edge.export.quality import end_to_end_psnr
-
-    from .sensitivity import EndToEnd, greedy_keep, unit_costs
 
     if method not in METHODS:
         raise ExportError(f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}")
@@ -111,34 +142,20 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
     progress(f"{len(layers)} layers in {len(units)} units to INT8 ({method} ranges); "
              f"{sum(map(len, excluded.values()))} nodes kept float by rule")
 
-    kept, sweep, steps_taken, plain_psnr = [], None, [], None
+    kept, budget = [], None
     if min_psnr is not None:
-        e2e = EndToEnd(bundle, EVAL_PROMPTS, calib_steps, EVAL_SEED)
-
-        def measure(keep):
-            return e2e(build_graph(proto, fp32.parent, layers, ranges, set(units) - set(keep)))
-
-        plain_psnr = measure([])
-        progress(f"all {len(units)} units INT8: end-to-end PSNR {plain_psnr:.2f} dB "
-                 f"(target {min_psnr:.2f} dB)")
-        if plain_psnr < min_psnr:
-            sens = evenly_over_timesteps(records, len(prompts), SENSITIVITY_SAMPLES)
-            sweep = unit_costs(proto, fp32.parent, layers, ranges, sens, threads=threads,
-                               progress=progress)
-            kept, steps_taken, final = greedy_keep(sweep, measure, min_psnr, plain_psnr, progress)
-            if final < min_psnr or set(kept) == set(units):
-                # all float: the FP32 U-Net in a QDQ-free graph
-                every = final if set(kept) == set(units) else measure(units)
-                progress(f"every unit in float: end-to-end PSNR {every:.2f} dB")
-                if every < min_psnr:
-                    raise ExportError(f"--min-psnr {min_psnr} dB is out of reach: even with every "
-                                      f"layer in float the images give {every:.2f} dB; "
-                                      f"nothing was written")
-                raise ExportError(f"--min-psnr {min_psnr} dB is met only with every layer in "
-                                  f"float ({every:.2f} dB; best with INT8 layers {final:.2f} dB): "
-                                  f"no INT8 variant written; lower --min-psnr")
+        sens = evenly_over_timesteps(records, len(prompts), SENSITIVITY_SAMPLES)
+        kept, budget = keep_for_budget(bundle, proto, fp32.parent, layers, ranges, sens,
+                                       min_psnr, calib_steps, threads, progress)
 
     dest = bundle / VARIANT_FILE
+    if "int8" in manifest.precisions("unet"):
+        # its files are about to be replaced: forget them first, so that a failure from
+        # here on leaves a bundle without INT8 rather than one whose hashes do not match
+        def drop(m):
+            m["components"]["unet"]["variants"].pop("int8", None)
+            m.get("quality", {}).pop("int8", None)
+        update_manifest(bundle, drop)
     files = save_graph(build_graph(proto, fp32.parent, layers, ranges, set(units) - set(kept)), dest)
     quantized = [ly.node for ly in layers if ly.unit not in kept]
     kept_nodes = [ly.node for ly in layers if ly.unit in kept]
@@ -152,12 +169,9 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
         "calibration": {"prompts": prompts, "steps": calib_steps, "samples": len(calib),
                         "timesteps": timesteps},
     }
-    if min_psnr is not None:
-        variant["min_psnr"] = {"target_db": min_psnr, "plain_int8_psnr_db": plain_psnr,
-                               "sensitivity": sweep, "greedy": steps_taken}
+    if budget is not None:
+        variant["min_psnr"] = budget
     # Measure through a manifest that names the new graph, then commit both at once.
-    import copy
-
     data = copy.deepcopy(Manifest.load(bundle, verify=False).data)
     data["components"]["unet"]["variants"]["int8"] = variant
     q = end_to_end_psnr(Manifest(bundle, data), "int8", EVAL_PROMPTS, steps=calib_steps,

@@ -31,9 +31,9 @@ PERCENTILE_TAIL = 1e-5
 ENTROPY_LEVELS = 128
 ENTROPY_STRIDE = 16
 # Extra outputs per calibration pass, all together. SD1.5 at 512^2, CFG batch 2: the
-# inputs/outputs of its quantised layers add up to ~1.6 GB (about 150 tensors of
-# 2 x C x H x W floats, 10.5 MB each at 64x64x320), so one pass; its FP32 session itself
-# holds ~3.4 GB of weights plus ~3 GB of working memory: ~9 GB in all, under 24 GB.
+# inputs of its quantised layers and its convs' outputs are ~240 tensors, 1.5 GB in all
+# (by shape, on a meta-device U-Net), so one pass; 768^2 would take two. The FP32 session
+# itself holds ~3.4 GB of weights plus a few GB of working memory: ~9 GB, under 24 GB.
 OUTPUT_BUDGET_BYTES = 2 << 30
 # Initializers up to this many elements keep their values for shape inference (shape
 # constants); larger ones are weights, whose shapes suffice.
@@ -126,7 +126,7 @@ class Histogram:
 
 def tensor_sizes(proto, feeds: dict, names: list[str]) -> dict[str, int]:
     """Bytes of each named tensor at the shapes of ``feeds``, by shape inference on the
-    graph without its weights; tensors it cannot size get the largest known size."""
+    graph without its weights (float32 assumed, as the U-Net's activations are)."""
     import onnx
 
     g = copy.deepcopy(proto)
@@ -146,10 +146,15 @@ def tensor_sizes(proto, feeds: dict, names: list[str]) -> dict[str, int]:
             for d, n in zip(dims, feeds[inp.name].shape):
                 d.Clear()
                 d.dim_value = int(n)
-    try:
-        g = onnx.shape_inference.infer_shapes(g, data_prop=True)
-    except Exception:  # inference failed: every size unknown, handled below
-        pass
+    try:  # onnxruntime's symbolic inference follows Shape->Gather->Reshape chains
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        g = SymbolicShapeInference.infer_shapes(g, auto_merge=True)
+    except Exception:
+        try:
+            g = onnx.shape_inference.infer_shapes(g, data_prop=True)
+        except Exception:  # every size unknown, estimated below
+            pass
     known = {}
     for vi in list(g.graph.value_info) + list(g.graph.output) + list(g.graph.input):
         dims = vi.type.tensor_type.shape.dim
@@ -157,8 +162,18 @@ def tensor_sizes(proto, feeds: dict, names: list[str]) -> dict[str, int]:
             known[vi.name] = int(np.prod([d.dim_value for d in dims])) * 4
     for k, v in feeds.items():
         known[k] = v.nbytes
-    fallback = max(known.values(), default=OUTPUT_BUDGET_BYTES)
-    return {n: known.get(n, fallback) for n in names}
+    # Unsized: as large as the producer's largest input (exact for casts, reshapes and
+    # elementwise ops), else as the largest of the other requested tensors.
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    fallback = max((known[n] for n in names if n in known), default=OUTPUT_BUDGET_BYTES)
+    sizes = {}
+    for n in names:
+        if n in known:
+            sizes[n] = known[n]
+        else:
+            ins = [known[i] for i in getattr(producer.get(n), "input", []) if i in known]
+            sizes[n] = max(ins, default=fallback)
+    return sizes
 
 
 def pack(names: list[str], sizes: dict[str, int], budget: int) -> list[list[str]]:

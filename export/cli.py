@@ -160,5 +160,52 @@ def import_optimum_cmd(folder, out, force):
     click.echo(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
 
 
+@main.command("engines")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16",
+              show_default=True, help="Which ONNX variant to build from (strongly typed: the "
+              "graph's own precision; components without it use the next wider one).")
+@click.option("--static", is_flag=True, help="One fixed shape: --opt-size and --max-batch "
+              "(default: the model's default size, 1 image).")
+@click.option("--min-size", type=int, default=None,
+              help="Smallest image side, pixels (default: as exported).")
+@click.option("--opt-size", type=int, default=None,
+              help="Image side TensorRT tunes for (default: the model's).")
+@click.option("--max-size", type=int, default=None,
+              help="Largest image side, pixels (default: as exported).")
+@click.option("--max-batch", type=click.IntRange(1, 1024), default=None, help="Most images per "
+              "call; U-Net and text encoder get twice this (default: as exported).")
+@click.option("--workspace", "workspace_mb", type=click.IntRange(1, None), default=None,
+              help="Builder workspace cap in MiB (e.g. 1024-2048 on 8 GB Jetsons; "
+              "default: TensorRT's).")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
+              help="Tactic timing cache to read and update (speeds up rebuilds on this GPU).")
+@click.option("--optimization-level", type=click.IntRange(0, 5), default=None,
+              help="TensorRT builder optimisation level 0-5 (default: TensorRT's, 3).")
+@click.option("--components", default=None,
+              help="Comma-separated components to build (default: all in the bundle).")
+@click.pass_context
+def engines_cmd(ctx, bundle, precision, static, min_size, opt_size, max_size, max_batch,
+                workspace_mb, timing_cache, optimization_level, components):
+    """Build TensorRT engines for BUNDLE on this GPU and record them in its manifest.
+    Needs TensorRT (10.3+: JetPack 6, or 11.x), Polygraphy, cuda-python and a CUDA GPU."""
+    from .engines import ProfileOptions, build_engines
+
+    t0 = time.perf_counter()
+    names = tuple(c.strip() for c in components.split(",") if c.strip()) if components else None
+    opts = ProfileOptions(static=static, min_size=min_size, opt_size=opt_size, max_size=max_size,
+                          max_batch=max_batch)
+    records = build_engines(
+        bundle, precision=precision, options=opts, components=names, workspace_mb=workspace_mb,
+        timing_cache=timing_cache, optimization_level=optimization_level,
+        debug=bool(ctx.obj and ctx.obj.get("debug")),
+        progress=lambda m: click.echo(f"  [{time.perf_counter() - t0:6.1f}s] {m}", err=True))
+    for r in records:
+        shapes = ", ".join(f"{k} {p['min']}..{p['max']}" for k, p in r["profile"].items())
+        click.echo(f"{r['component']:<13} {r['precision']:<5} {r['size'] / 1e6:8.1f} MB  "
+                   f"{r['file']}  [{shapes}]")
+    click.echo(f"built {len(records)} engine(s) in {time.perf_counter() - t0:.1f} s")
+
+
 if __name__ == "__main__":
     main()

@@ -11,23 +11,24 @@ from .manifest import PRECISIONS, Manifest
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
 # When a component has no variant of the asked precision, take the next wider one:
 # INT8 bundles usually quantise only the U-Net.
 FALLBACK = {"int8": ("int8", "fp16", "fp32"), "fp16": ("fp16", "fp32"), "fp32": ("fp32",)}
 
 
 def resolve_backend(name: str) -> str:
+    """Check the name; ``tensorrt`` also checks that TensorRT, cuda-python and a GPU are here
+    (one line naming what is missing). ``auto`` decides per component in :func:`open_backend`."""
     if name not in BACKENDS:
         raise UsageError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
     if name == "tensorrt":
-        if importlib.util.find_spec("tensorrt") is None:
-            raise UsageError("the tensorrt backend needs TensorRT's Python package, which is not "
-                             "installed here; use --backend onnxruntime")
-        raise UsageError("native TensorRT engines are not built into this bundle yet; "
-                         "use --backend onnxruntime (its TensorRT execution provider runs the "
-                         "same ONNX graphs where onnxruntime-gpu is installed)")
-    return "onnxruntime"
+        from .trt_engines import device_facts
+
+        device_facts()
+    if name == "openvino" and importlib.util.find_spec("openvino") is None:
+        raise UsageError("the openvino backend needs OpenVINO: pip install 'ldm-edge[openvino]'")
+    return name
 
 
 def pick_precision(manifest: Manifest, component: str, precision: str) -> str:
@@ -44,15 +45,28 @@ def pick_precision(manifest: Manifest, component: str, precision: str) -> str:
 
 def open_backend(manifest: Manifest, component: str, *, backend: str = "auto",
                  precision: str = "fp32", device: str = "auto", threads: int = 0) -> Backend:
+    """``tensorrt``: the manifest's engine for this machine, or a one-line error saying how to
+    build it. ``auto``: that engine when it exists and TensorRT imports, else onnxruntime."""
     kind = resolve_backend(backend)
     prec = pick_precision(manifest, component, precision)
-    variant = manifest.variant(component, prec)
-    spec = manifest.spec(component)
-    if kind == "onnxruntime":
-        from .backend_onnxruntime import OnnxRuntimeBackend
+    io_map = manifest["components"][component].get("io_map")
+    if kind == "openvino":
+        from .backend_openvino import OpenVINOBackend
 
-        io_map = manifest["components"][component].get("io_map")
-        b = OnnxRuntimeBackend(spec, variant.path, device=device, threads=threads, io_map=io_map)
+        b = OpenVINOBackend(manifest.spec(component), manifest.variant(component, prec).path,
+                            threads=threads, io_map=io_map)
         b.precision = prec
         return b
-    raise UsageError(f"backend {kind} is not available")  # pragma: no cover
+    if kind != "onnxruntime":
+        from .backend_tensorrt import open_tensorrt
+
+        b = open_tensorrt(manifest, component, prec, required=kind == "tensorrt", device=device)
+        if b is not None:
+            return b
+    variant = manifest.variant(component, prec)
+    spec = manifest.spec(component)
+    from .backend_onnxruntime import OnnxRuntimeBackend
+
+    b = OnnxRuntimeBackend(spec, variant.path, device=device, threads=threads, io_map=io_map)
+    b.precision = prec
+    return b

@@ -61,8 +61,9 @@ def _scheduler_help() -> str:
               help="img2img: how much of the schedule to run (0..1].")
 @click.option("--latents", "latents_path", type=click.Path(), default=None,
               help="float32 .npy [num_images, C, H/f, W/f] of initial noise (as diffusers' latents=).")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto",
-              show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]),
+              default="auto", show_default=True,
+              help="auto: TensorRT where this bundle has an engine for this GPU, else onnxruntime.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto",
               show_default=True, help="onnxruntime execution provider.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
@@ -149,7 +150,7 @@ def _metadata(params: dict, pipe, init_image) -> dict:
     meta = {k: params[k] for k in keep}
     meta["negative_prompt"] = meta.pop("negative_prompts")[0]
     meta.update({"init_image": str(init_image) if init_image else None,
-                 "precision": pipe.options["precision"], "backend": "onnxruntime",
+                 "precision": pipe.options["precision"], "backend": pipe.options["backend"],
                  "model": m["model"].get("source"), "model_sha256": m["model"].get("sha256")})
     return meta
 

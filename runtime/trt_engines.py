@@ -10,6 +10,7 @@ ask the machine; anything missing becomes one line saying how to get it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -18,6 +19,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import BundleError, UsageError
+from .spec import ComponentSpec
 
 ENGINE_BACKEND = "tensorrt"
 ENGINES_DIR = "engines"
@@ -61,7 +63,7 @@ def import_tensorrt():
         raise TensorRTUnavailable(NO_TENSORRT) from None
     if not hasattr(trt, "Runtime"):  # PyPI's placeholder package, not NVIDIA's wheel
         raise TensorRTUnavailable(NO_TENSORRT)
-    major = _major(getattr(trt, "__version__", "0"))
+    major = version_major(getattr(trt, "__version__", "0"))
     if major < MIN_TRT_MAJOR:
         raise TensorRTUnavailable(f"TensorRT {trt.__version__} is too old; ldm-edge needs TensorRT "
                                   f"{MIN_TRT_MAJOR} or newer (JetPack 6 or later)")
@@ -107,7 +109,7 @@ def device_facts(device: int = 0) -> DeviceFacts:
     return DeviceFacts(str(name).strip(), f"{prop.major}.{prop.minor}", str(trt.__version__))
 
 
-def _major(version: str) -> int:
+def version_major(version: str) -> int:
     m = re.match(r"(\d+)", str(version))
     return int(m.group(1)) if m else 0
 
@@ -181,10 +183,19 @@ def select_engine(records: list[dict], facts: DeviceFacts, *, component: str, pr
                           f"with {hint}")
     fresh = [r for r in here if onnx_sha256 is None or r["onnx_sha256"] == onnx_sha256]
     if not fresh:
-        raise BundleError(f"{component}: the {precision} TensorRT engine was built from an older "
-                          f"ONNX graph (sha256 differs from the manifest's); rebuild it with {hint}")
+        raise BundleError(f"{component}: the {precision} TensorRT engine was built from an "
+                          f"older ONNX graph (sha256 differs from the manifest's); rebuild it "
+                          f"with {hint}")
     widest = max(range(len(fresh)), key=lambda i: (profile_volume(fresh[i]["profile"]), i))
     return fresh[widest]
+
+
+def variant_sha256(variant_record: dict) -> str | None:
+    """The recorded sha256 of a variant's main ONNX file (None when the manifest has none)."""
+    for f in variant_record.get("files") or []:
+        if isinstance(f, dict) and f.get("path") == variant_record.get("file"):
+            return f.get("sha256")
+    return None
 
 
 def profile_volume(profile: dict) -> float:
@@ -195,9 +206,23 @@ def profile_volume(profile: dict) -> float:
 def profile_violation(profile: dict, name: str, shape: tuple) -> str | None:
     """Why ``shape`` does not fit the engine's profile for input ``name`` (None when it fits)."""
     p = profile.get(name)
-    if p is None:
-        return None  # a fixed-shape input: TensorRT checks it against the network
+    if p is None or len(shape) != len(p["min"]):
+        return None  # fixed-shape input, or a wrong rank: the spec check names those
     lo, hi = list(p["min"]), list(p["max"])
-    if len(shape) != len(lo) or any(not a <= n <= b for n, a, b in zip(shape, lo, hi)):
+    if any(not a <= n <= b for n, a, b in zip(shape, lo, hi)):
         return f"shape {list(shape)} is outside the engine's profile {lo}..{hi}"
     return None
+
+
+def narrow_spec(spec: ComponentSpec, profile: dict, io_map: dict | None = None) -> ComponentSpec:
+    """``spec`` with each symbolic dim's range cut to what the engine's profile accepts, so the
+    pipeline sizes its calls to the engine (it splits a guided batch an engine cannot take)."""
+    io_map = io_map or {}
+    ranges = {k: tuple(v) for k, v in spec.ranges.items()}
+    for t in spec.inputs:
+        p = profile.get(io_map.get(t.name, t.name))
+        for i, d in enumerate(t.shape if p else ()):
+            if isinstance(d, str):
+                lo, hi = ranges.get(d, (p["min"][i], p["max"][i]))
+                ranges[d] = (max(lo, p["min"][i]), min(hi, p["max"][i]))
+    return dataclasses.replace(spec, ranges=ranges)

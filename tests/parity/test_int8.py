@@ -211,3 +211,25 @@ def test_calibration_samples_span_the_timesteps():
     ts = sorted(float(r["timestep"][0]) for r in picked)
     assert len(picked) == 8 and ts[0] == 100 and ts[-1] == 1000
     assert len({r["p"] for r in picked}) == 3
+
+
+def test_calibration_passes_bounded_by_a_budget_give_the_same_histograms(tiny_bundles):
+    from ldm_edge.calibration.ranges import collect
+
+    m = Manifest.load(tiny_bundles["sd1"])
+    path = m.variant("unet", "fp32").path
+    layers, _ = qdq.analyse(onnx.load(str(path), load_external_data=False).graph)
+    names = list(dict.fromkeys([ly.act for ly in layers] + [ly.out for ly in layers if ly.out]))
+    rng = np.random.default_rng(1)
+    feeds = [{"sample": rng.standard_normal((2, 4, 16, 16), dtype=np.float32),
+              "timestep": np.array([t, t], np.float32),
+              "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32)}
+             for t in (900.0, 20.0)]
+    before = sorted(p.name for p in path.parent.iterdir())
+    one_msgs, many_msgs = [], []
+    one = collect(path, names, feeds, progress=one_msgs.append)
+    many = collect(path, names, feeds, budget=1 << 20, progress=many_msgs.append)  # 1 MiB
+    assert len(one_msgs) == 1 and len(many_msgs) >= 4  # the tiny U-Net's ~5 MiB in passes
+    for n in names:
+        assert np.array_equal(one[n].counts, many[n].counts) and one[n].range("minmax") == many[n].range("minmax")
+    assert sorted(p.name for p in path.parent.iterdir()) == before  # scratch graphs removed

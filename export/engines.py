@@ -1,0 +1,279 @@
+"""``ldm-export engines``: TensorRT engines for a bundle, built on the GPU that will run them.
+
+A thin layer on Polygraphy's loaders, written against what TensorRT 10.3 (JetPack 6) and
+11.x both have. Networks are strongly typed: the precision is the ONNX graph's (FP32, FP16
+with FP32 islands, INT8 as Q/DQ), so there are no precision builder flags and no implicit
+INT8 calibrator — TensorRT 11 has neither. Per component:
+
+    NetworkFromOnnxPath(onnx, strongly_typed=True)
+      -> CreateConfig(profiles=[one profile from the manifest's shape ranges], workspace, ...)
+      -> EngineFromNetwork -> SaveEngine(engines/<gpu>-sm<cc>-trt<ver>/<comp>.<prec>.<hash>.plan)
+
+then the engine is recorded in the manifest (device, compute capability, TensorRT version,
+profile, the ONNX file's sha256, file, size, sha256). No torch here: engines are usually
+built on the device itself (a Jetson), which has TensorRT and no PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ldm_edge.runtime.errors import LdmEdgeError, UsageError
+from ldm_edge.runtime.fsutil import atomic_write_json, sha256_file
+from ldm_edge.runtime.manifest import MANIFEST_NAME, Manifest
+from ldm_edge.runtime.spec import ComponentSpec
+from ldm_edge.runtime.trt_engines import (ENGINE_BACKEND, TensorRTUnavailable, device_facts,
+                                          engine_path, import_tensorrt, variant_sha256,
+                                          version_major)
+
+# Components that see the negative and the positive prompt in one call under classifier-free
+# guidance, so their batch is twice the number of images.
+GUIDED = ("text_encoder", "unet")
+SIZE_DIMS = {"latent_height": "height", "latent_width": "width",
+             "height": "height", "width": "width"}
+NO_POLYGRAPHY = ("Polygraphy is not installed (pip install polygraphy); ldm-export engines "
+                 "builds through its TensorRT loaders")
+# Older Polygraphy reads IBuilderConfig.int8_calibrator unguarded; TensorRT 11 removed it.
+MIN_POLYGRAPHY_FOR_TRT11 = (0, 49, 24)
+
+
+class EngineBuildError(LdmEdgeError):
+    """TensorRT could not build an engine."""
+
+
+@dataclass(frozen=True)
+class ProfileOptions:
+    """The shapes an engine accepts; None takes the bundle's exported range (or its defaults)."""
+
+    static: bool = False
+    min_size: int | None = None  # pixels, image side
+    opt_size: int | None = None
+    max_size: int | None = None
+    max_batch: int | None = None  # images per call (doubled for the guided components)
+
+
+# -- shape profiles (pure) --------------------------------------------------------------------
+def shape_profile(manifest: dict, component: str, opts: ProfileOptions) -> dict:
+    """One optimisation profile: graph input name -> {"min", "opt", "max"} shapes."""
+    if opts.static and (opts.min_size or opts.max_size):
+        raise UsageError("--static builds one shape: give --opt-size and --max-batch, "
+                         "not --min-size/--max-size")
+    rec = manifest["components"][component]
+    spec = ComponentSpec.from_json(component, rec["spec"])
+    io_map = rec.get("io_map") or {}
+    dims = {d: _dim_range(d, spec, manifest, component, opts)
+            for t in spec.inputs for d in t.shape if isinstance(d, str)}
+    profile = {}
+    for t in spec.inputs:
+        if not any(isinstance(d, str) for d in t.shape):
+            continue  # fixed shape: nothing to profile
+        shapes = [[dims[d][k] if isinstance(d, str) else int(d) for d in t.shape]
+                  for k in range(3)]
+        profile[io_map.get(t.name, t.name)] = dict(zip(("min", "opt", "max"), shapes))
+    return profile
+
+
+def _dim_range(dim: str, spec: ComponentSpec, manifest: dict, component: str,
+               opts: ProfileOptions) -> tuple[int, int, int]:
+    lo, hi = spec.ranges.get(dim, (1, None))
+    if dim == "batch":
+        per = 2 if component in GUIDED else 1
+        images = opts.max_batch
+        mn, opt, mx = 1, per, per * images if images else hi
+        if opts.static:
+            mn = opt = mx = per * (images or 1)
+        return _within(dim, (mn, opt, mx), lo, hi, "re-export with a larger --max-batch")
+    if dim not in SIZE_DIMS:  # a symbolic dim ldm-edge does not size (imported graphs)
+        if hi is None:
+            raise UsageError(f"{component}: no range recorded for dimension {dim!r}; re-export")
+        return (lo, lo, hi)
+    scale = int(manifest["vae_scale_factor"]) if dim.startswith("latent") else 1
+    mult = int(manifest.get("size_multiple", 8))
+    default_opt = int(manifest.get("defaults", {}).get(SIZE_DIMS[dim], lo * scale))
+    px = [opts.min_size or lo * scale, opts.opt_size or default_opt, opts.max_size or hi * scale]
+    if opts.static:
+        px = [px[1]] * 3
+    elif not opts.opt_size:
+        px[1] = min(max(px[1], px[0]), px[2])  # the model's default size, kept inside the range
+    for label, v in zip(("--min-size", "--opt-size", "--max-size"), px):
+        if v <= 0 or v % mult:
+            raise UsageError(f"{label} {v} must be a positive multiple of {mult} pixels")
+    return _within(dim, tuple(v // scale for v in px), lo, hi,
+                   "re-export with `ldm-export onnx --min-size/--max-size`", scale)
+
+
+def _within(dim, rng, lo, hi, fix, scale=1):
+    mn, opt, mx = rng
+    if not mn <= opt <= mx:
+        raise UsageError(f"{dim}: min {mn * scale} <= opt {opt * scale} <= max {mx * scale} "
+                         f"does not hold; fix the sizes")
+    if mn < lo or (hi is not None and mx > hi):
+        raise UsageError(f"{dim} {mn * scale}..{mx * scale} lies outside the range the ONNX "
+                         f"graphs were exported for ({lo * scale}..{hi * scale}); {fix}")
+    return rng
+
+
+# -- building -----------------------------------------------------------------------------------
+def import_polygraphy():
+    try:
+        import polygraphy
+        from polygraphy.backend import trt as poly_trt
+        from polygraphy.logger import G_LOGGER
+    except Exception:
+        raise TensorRTUnavailable(NO_POLYGRAPHY) from None
+    have = tuple(int(x) for x in re.findall(r"\d+", polygraphy.__version__)[:3])
+    if version_major(import_tensorrt().__version__) >= 11 and have < MIN_POLYGRAPHY_FOR_TRT11:
+        need = ".".join(map(str, MIN_POLYGRAPHY_FOR_TRT11))
+        raise TensorRTUnavailable(f"Polygraphy {polygraphy.__version__} cannot drive TensorRT 11; "
+                                  f"pip install 'polygraphy>={need}'")
+    return poly_trt, G_LOGGER
+
+
+def plan_builds(manifest: Manifest, precision: str, opts: ProfileOptions,
+                components: tuple[str, ...] | None = None) -> list[tuple]:
+    """(component, precision, variant, profile) for each engine to build; checks everything
+    that can be checked before TensorRT is touched."""
+    from ldm_edge.runtime.backends import pick_precision
+
+    names = components or tuple(manifest.component_names)
+    unknown = [n for n in names if not manifest.has(n)]
+    if unknown:
+        raise UsageError(f"this bundle has no {', '.join(unknown)}; it has "
+                         f"{', '.join(manifest.component_names)}")
+    if "unet" in names:
+        manifest.variant("unet", precision)  # the U-Net must have it (says how to make it)
+    plans = []
+    for name in names:
+        prec = pick_precision(manifest, name, precision)
+        variant = manifest.variant(name, prec)
+        if prec == "int8" and asymmetric_qdq(variant.path):
+            raise UsageError(f"{name} (int8): its Q/DQ nodes have non-zero zero points "
+                             f"(asymmetric activations); TensorRT quantises symmetrically only "
+                             f"— build --precision fp16 engines, or re-quantise symmetrically")
+        plans.append((name, prec, variant, shape_profile(manifest.data, name, opts)))
+    return plans
+
+
+def asymmetric_qdq(onnx_path: Path) -> int:
+    """How many Quantize/DequantizeLinear nodes have a non-zero zero point (0 when the onnx
+    package is absent: TensorRT's parser then says it, later and less plainly)."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        return 0
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    consts = {t.name: t for t in graph.initializer}
+    consts.update({n.output[0]: a.t for n in graph.node if n.op_type == "Constant"
+                   for a in n.attribute if a.name == "value"})
+    bad = 0
+    for n in graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2:
+            zp = consts.get(n.input[2])
+            if zp is not None and zp.data_location != onnx.TensorProto.EXTERNAL:
+                bad += bool(numpy_helper.to_array(zp).any())
+    return bad
+
+
+def build_engines(bundle, *, precision: str = "fp16", options: ProfileOptions = ProfileOptions(),
+                  components: tuple[str, ...] | None = None, workspace_mb: int | None = None,
+                  timing_cache: str | None = None, optimization_level: int | None = None,
+                  debug: bool = False, progress: Callable[[str], None] = lambda m: None
+                  ) -> list[dict]:
+    """Build and record one engine per component; return the records written."""
+    root = Path(bundle)
+    facts = device_facts()  # one line if TensorRT, cuda-python or a GPU is missing
+    poly = import_polygraphy()
+    manifest = Manifest.load(root)
+    if not (root / MANIFEST_NAME).is_file():
+        raise UsageError("engines are recorded in manifest.json; make a bundle of this Optimum "
+                         "folder first with `ldm-export import-optimum`")
+    plans = plan_builds(manifest, precision, options, components)
+    progress(f"building on {facts}")
+    written = []
+    for name, prec, variant, profile in plans:
+        rel = engine_path(facts, name, prec, profile)
+        t0 = time.perf_counter()
+        progress(f"{name} ({prec}): building {rel}")
+        out = root / rel
+        _build_one(poly, name, variant.path, profile, out, workspace_mb=workspace_mb,
+                   timing_cache=timing_cache, optimization_level=optimization_level, debug=debug)
+        rec = {"backend": ENGINE_BACKEND, "precision": prec, "trt_version": facts.trt_version,
+               "device_name": facts.device_name, "compute_capability": facts.compute_capability,
+               "profile": profile,
+               "onnx_sha256": variant_sha256(variant.record) or sha256_file(variant.path),
+               "file": rel, "size": out.stat().st_size, "sha256": sha256_file(out),
+               "build_seconds": round(time.perf_counter() - t0, 1), "workspace_mb": workspace_mb,
+               "optimization_level": optimization_level}
+        update_manifest(root, lambda m, n=name, r=rec: _put_record(m, n, r))
+        progress(f"{name} ({prec}): {rec['size'] / 1e6:.1f} MB in {rec['build_seconds']} s")
+        written.append({"component": name, **rec})
+    return written
+
+
+def _build_one(poly, component: str, onnx_path: Path, profile: dict, out: Path, *,
+               workspace_mb, timing_cache, optimization_level, debug: bool) -> None:
+    """Polygraphy: parse strongly typed, configure one profile, build, save (atomically)."""
+    trt = import_tensorrt()
+    poly_trt, G_LOGGER = poly
+    prof = poly_trt.Profile()
+    for name, p in profile.items():
+        prof.add(name, min=p["min"], opt=p["opt"], max=p["max"])
+    config = {"profiles": [prof]}
+    if workspace_mb:
+        config["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: int(workspace_mb) << 20}
+    if timing_cache:
+        config["load_timing_cache"] = str(timing_cache)
+    if optimization_level is not None:
+        config["builder_optimization_level"] = int(optimization_level)
+    network = poly_trt.NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
+    cache = str(timing_cache) if timing_cache else None
+    engine = poly_trt.EngineFromNetwork(network, config=poly_trt.CreateConfig(**config),
+                                        save_timing_cache=cache)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        with G_LOGGER.verbosity(G_LOGGER.INFO if debug else G_LOGGER.ERROR):
+            built = poly_trt.SaveEngine(engine, path=str(tmp))()
+        del built  # the deserialised engine: its GPU memory goes before the next build
+        os.replace(tmp, out)
+    except Exception as e:
+        if debug or isinstance(e, (LdmEdgeError, KeyboardInterrupt)):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise EngineBuildError(f"{component}: TensorRT could not build the engine ({first}); "
+                               f"rerun with --debug for TensorRT's log") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+        _remove_empty(out.parent)
+
+
+def _remove_empty(folder: Path) -> None:
+    for d in (folder, folder.parent):
+        try:
+            d.rmdir()  # only succeeds when empty: nothing half-built is left behind
+        except OSError:
+            return
+
+
+def _put_record(manifest: dict, component: str, record: dict) -> None:
+    """Add ``record``, replacing one for the same file (same machine, precision, profile)."""
+    comp = manifest["components"][component]
+    kept = [r for r in comp.get("engines") or [] if r.get("file") != record["file"]]
+    comp["engines"] = kept + [record]
+
+
+def update_manifest(bundle, change: Callable[[dict], None]) -> dict:
+    """Read, change, atomically rewrite manifest.json: ``ldm_edge.export.bundle.update_manifest``
+    without that module's torch import (engines are built on devices that have no PyTorch)."""
+    path = Path(bundle) / MANIFEST_NAME
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    change(manifest)
+    atomic_write_json(path, manifest)
+    return manifest
