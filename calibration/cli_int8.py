@@ -50,8 +50,10 @@ def summary(m: dict) -> str:
         lines.append(f"--min-psnr {budget['target_db']:.2f} dB: all-INT8 gave {plain:.2f} dB; "
                      f"kept in float: {len(v['kept_float_units']) or 'nothing'}")
         for s in budget["greedy"]:
-            lines.append(f"  {'kept ' if s['kept'] else 'tried'} {s['unit']} ({s['layers']} layers; "
-                         f"U-Net SNR {s['unet_snr_db_only_this_int8']:.1f} dB when only it is INT8): "
+            what = ("back to INT8?" if s.get("pruning") else "float") + \
+                (" -> stays float" if s["kept"] else " -> INT8")
+            lines.append(f"  {s['unit']} ({s['layers']} layers; U-Net SNR "
+                         f"{s['unet_snr_db_only_this_int8']:.1f} dB when only it is INT8) {what}: "
                          f"{s['gain_db']:+.2f} dB -> {s['psnr_db_after']:.2f} dB")
     return "\n".join(lines)
 

@@ -3,10 +3,10 @@
 1. Sweep: one "switchable" graph (every unit's fake-quantisation behind a flag input)
    runs the calibration samples once per unit with only that unit in INT8; the cost of a
    unit is the U-Net output's SNR vs FP32 then (lower = more harmful).
-2. Greedy: starting from everything in INT8, the most harmful units are tried in float
+2. Greedy: starting from everything in INT8, the most harmful units are kept in float
    one at a time, each step measured end to end (8-bit image PSNR vs the FP32 bundle,
-   same prompts and seeds as the recorded quality) and kept float when it helps, until
-   the target is met.
+   same prompts and seeds as the recorded quality), until the target is met; then kept
+   units whose step did not help are tried back in INT8.
 """
 
 from __future__ import annotations
@@ -118,22 +118,39 @@ class EndToEnd:
 
 def greedy_keep(costs: list[dict], measure, min_psnr: float, start_psnr: float,
                 progress=lambda msg: None) -> tuple[list[str], list[dict], float]:
-    """Try units in float, most harmful first; a unit stays float only if the end-to-end
-    PSNR rises (a unit whose measured gain is <= 0 would cost speed for nothing), until
-    ``measure(kept_units)`` >= ``min_psnr``. Returns the kept units, every step tried
-    (unit, PSNR with it float, gain, kept or not) and the PSNR reached."""
+    """Keep units in float, most harmful first, until ``measure(kept)`` >= ``min_psnr``;
+    then try each kept unit whose own step did not raise the PSNR back in INT8, leaving
+    it there if the target still holds (image PSNR over a sampling trajectory is not
+    monotone in the U-Net's error: one step can lose dB by chance and the next regain
+    them). Returns the kept units, every step (unit, PSNR after, gain, kept) and the
+    PSNR of the final set."""
     kept, steps, current = [], [], start_psnr
     for c in costs:
-        value = measure(kept + [c["unit"]])
-        gain = value - current
+        kept.append(c["unit"])
+        value = measure(list(kept))
         steps.append({"unit": c["unit"], "layers": c["layers"],
                       "unet_snr_db_only_this_int8": c["unet_snr_db_only_this_int8"],
-                      "psnr_db_after": value, "gain_db": gain, "kept": gain > 0})
+                      "psnr_db_after": value, "gain_db": value - current, "kept": True})
         progress(f"{c['unit']} ({c['layers']} layers) in float: end-to-end PSNR "
-                 f"{current:.2f} -> {value:.2f} dB ({'kept float' if gain > 0 else 'no gain, stays INT8'})")
-        if gain > 0:
-            kept.append(c["unit"])
-            current = value
+                 f"{current:.2f} -> {value:.2f} dB")
+        current = value
         if current >= min_psnr:
             break
+    if current < min_psnr:
+        return kept, steps, current
+    for step in reversed(steps[:-1]):
+        if step["gain_db"] > 0:
+            continue
+        trial = [u for u in kept if u != step["unit"]]
+        value = measure(trial)
+        back = value >= min_psnr
+        progress(f"{step['unit']} back in INT8: end-to-end PSNR {value:.2f} dB "
+                 f"({'stays INT8' if back else 'misses the target, stays float'})")
+        steps.append({"unit": step["unit"], "layers": step["layers"],
+                      "unet_snr_db_only_this_int8": step["unet_snr_db_only_this_int8"],
+                      "psnr_db_after": value, "gain_db": value - current, "kept": not back,
+                      "pruning": True})
+        if back:
+            kept, current = trial, value
+            step["kept"] = False
     return kept, steps, current

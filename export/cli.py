@@ -209,3 +209,12 @@ def engines_cmd(ctx, bundle, precision, static, min_size, opt_size, max_size, ma
 
 if __name__ == "__main__":
     main()
+
+
+def _register_int8() -> None:
+    from ldm_edge.calibration.cli_int8 import int8_cmd
+
+    main.add_command(int8_cmd, "int8")
+
+
+_register_int8()
