@@ -11,7 +11,7 @@ N        ?= 200
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test test-fast demo train-demo eval-demo bench gpu-check clean
+.PHONY: install test test-fast demo train-demo eval-demo eval-demo-torch bench gpu-check clean
 
 install: $(STAMP)
 
@@ -39,6 +39,10 @@ train-demo: install
 
 eval-demo: install
 	$(BIN)/python -m ldm_edge.demo.eval_bundle --precision $(PRECISION) --n $(N)
+
+# the same prompts and latents sampled in PyTorch with diffusers (the reference)
+eval-demo-torch: install
+	$(BIN)/python -m ldm_edge.demo.eval_bundle --reference diffusers --n $(N)
 
 # side-by-side benchmark vs diffusers; QUICK=1: demo + SD1.5 arch at 256², < 15 min
 bench: install
