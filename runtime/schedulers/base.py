@@ -131,6 +131,16 @@ def x0_and_eps(model_output, sample, alpha_prod_t: float, prediction_type: str):
     raise SchedulerConfigError(f"prediction_type={prediction_type!r} is not supported")
 
 
+def predicted_x0(model_output, sample: np.ndarray, alpha_prod_t: float, config: dict):
+    """(x_0, epsilon) from the model output, x_0 clipped when the config asks for it."""
+    out = np.asarray(model_output, dtype=np.float64)
+    pred_x0, pred_eps = x0_and_eps(out, sample, alpha_prod_t, config["prediction_type"])
+    if config.get("clip_sample"):
+        limit = config["clip_sample_range"]
+        pred_x0 = np.clip(pred_x0, -limit, limit)
+    return pred_x0, pred_eps
+
+
 class Scheduler:
     """Common interface; subclasses fill DEFAULTS with their diffusers class's __init__ defaults."""
 
@@ -193,6 +203,18 @@ class Scheduler:
         out = per_sample(np.sqrt(alpha_bar), ndim) * original_samples
         out = out + per_sample(np.sqrt(1.0 - alpha_bar.astype(np.float64)), ndim) * noise
         return out.astype(np.float32)
+
+    def _set_spaced_timesteps(self, num_inference_steps: int) -> None:
+        """Integer timesteps spaced over the training range (DDIM/DDPM style)."""
+        n_train = self.config["num_train_timesteps"]
+        if num_inference_steps > n_train:
+            raise SchedulerConfigError(
+                f"{self.name}: num_inference_steps={num_inference_steps} exceeds num_train_timesteps={n_train}"
+            )
+        self.num_inference_steps = int(num_inference_steps)
+        self.timesteps = spaced_timesteps(
+            self.num_inference_steps, self.config["timestep_spacing"], n_train, self.config["steps_offset"]
+        )
 
     def _require_timesteps(self) -> None:
         if self.num_inference_steps is None:

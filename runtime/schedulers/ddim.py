@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import BOOL_OFF, PREDICTION_TYPES, SPACINGS, Scheduler, SchedulerConfigError
-from .base import spaced_timesteps, x0_and_eps
+from .base import BOOL_OFF, PREDICTION_TYPES, SPACINGS, Scheduler
+from .base import predicted_x0
 
 
 class DDIMScheduler(Scheduler):
@@ -47,15 +47,7 @@ class DDIMScheduler(Scheduler):
         self.final_alpha_cumprod = 1.0 if self.config["set_alpha_to_one"] else float(self.alphas_cumprod[0])
 
     def set_timesteps(self, num_inference_steps: int) -> None:
-        n_train = self.config["num_train_timesteps"]
-        if num_inference_steps > n_train:
-            raise SchedulerConfigError(
-                f"{self.name}: num_inference_steps={num_inference_steps} exceeds num_train_timesteps={n_train}"
-            )
-        self.num_inference_steps = int(num_inference_steps)
-        self.timesteps = spaced_timesteps(
-            self.num_inference_steps, self.config["timestep_spacing"], n_train, self.config["steps_offset"]
-        )
+        self._set_spaced_timesteps(num_inference_steps)
 
     def _alpha_bar(self, t: int) -> float:
         return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha_cumprod
@@ -72,14 +64,9 @@ class DDIMScheduler(Scheduler):
         alpha_prod_t, alpha_prod_prev = self._alpha_bar(t), self._alpha_bar(prev_t)
 
         # 3. predicted x_0 and epsilon, formula (12) of the DDIM paper ("predicted x_0")
+        #    4. optionally clipped
         x = np.asarray(sample, dtype=np.float64)
-        out = np.asarray(model_output, dtype=np.float64)
-        pred_x0, pred_eps = x0_and_eps(out, x, alpha_prod_t, cfg["prediction_type"])
-
-        # 4. optional clipping of the predicted x_0
-        if cfg["clip_sample"]:
-            limit = cfg["clip_sample_range"]
-            pred_x0 = np.clip(pred_x0, -limit, limit)
+        pred_x0, pred_eps = predicted_x0(model_output, x, alpha_prod_t, cfg)
 
         # 5. sigma_t of formula (16) is 0 for eta = 0, so the "direction pointing to x_t"
         #    of formula (12) is sqrt(1 - alpha_prev) * epsilon

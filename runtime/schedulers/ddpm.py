@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from .base import BOOL_OFF, PREDICTION_TYPES, SPACINGS, Scheduler, SchedulerConfigError
-from .base import spaced_timesteps, x0_and_eps
+from .base import predicted_x0
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
 
@@ -45,15 +45,7 @@ class DDPMScheduler(Scheduler):
     }
 
     def set_timesteps(self, num_inference_steps: int) -> None:
-        n_train = self.config["num_train_timesteps"]
-        if num_inference_steps > n_train:
-            raise SchedulerConfigError(
-                f"{self.name}: num_inference_steps={num_inference_steps} exceeds num_train_timesteps={n_train}"
-            )
-        self.num_inference_steps = int(num_inference_steps)
-        self.timesteps = spaced_timesteps(
-            self.num_inference_steps, self.config["timestep_spacing"], n_train, self.config["steps_offset"]
-        )
+        self._set_spaced_timesteps(num_inference_steps)
 
     def previous_timestep(self, t: int) -> int:
         """The entry after t in the schedule (-1 after the last); t - 1 before set_timesteps."""
@@ -88,14 +80,9 @@ class DDPMScheduler(Scheduler):
         beta_t = 1.0 - alpha_t
 
         # 2. predicted x_0, eq. (15) of the DDPM paper
+        #    3. optionally clipped
         x = np.asarray(sample, dtype=np.float64)
-        out = np.asarray(model_output, dtype=np.float64)
-        pred_x0, _ = x0_and_eps(out, x, alpha_prod_t, cfg["prediction_type"])
-
-        # 3. optional clipping of the predicted x_0
-        if cfg["clip_sample"]:
-            limit = cfg["clip_sample_range"]
-            pred_x0 = np.clip(pred_x0, -limit, limit)
+        pred_x0, _ = predicted_x0(model_output, x, alpha_prod_t, cfg)
 
         # 4. posterior mean mu-tilde(x_t, x_0), eq. (7)
         coef_x0 = alpha_prod_prev ** 0.5 * beta_t / (1.0 - alpha_prod_t)

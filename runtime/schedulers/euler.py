@@ -30,7 +30,40 @@ def zero_snr_alphas_cumprod(scheduler: IndexedScheduler) -> np.ndarray:
     return alphas_cumprod
 
 
-class EulerDiscreteScheduler(IndexedScheduler):
+class SigmaScheduler(IndexedScheduler):
+    """What the Euler family shares: the EDM sigma view of the discrete schedule
+    (x_t = x_0 + sigma * noise), its input scaling, denoised estimate and noising."""
+
+    def scale_model_input(self, sample: np.ndarray, timestep) -> np.ndarray:
+        """The network expects unit-variance input: divide by sqrt(sigma^2 + 1)."""
+        self._init_step_index(timestep)
+        sigma = np.float64(self.sigmas[self._step_index])
+        return (np.asarray(sample, dtype=np.float64) / (sigma * sigma + 1.0) ** 0.5).astype(np.float32)
+
+    def _begin_step(self, model_output, timestep, sample):
+        """(sigma, sigma_next, x, denoised D(x; sigma)) for this step, in float64."""
+        self._init_step_index(timestep)
+        i = self._step_index
+        sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        x = np.asarray(sample, dtype=np.float64)
+        out = np.asarray(model_output, dtype=np.float64)
+        kind = self.config["prediction_type"]
+        if kind == "epsilon":
+            denoised = x - sigma * out
+        elif kind == "v_prediction":
+            denoised = out * (-sigma / (sigma * sigma + 1.0) ** 0.5) + x / (sigma * sigma + 1.0)
+        else:  # "sample" / "original_sample"
+            denoised = out
+        return sigma, sigma_next, x, denoised
+
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
+        """x + sigma * noise (variance-exploding form), sigma at each timestep's schedule entry."""
+        sigma = self.sigmas[self._noise_indices(timesteps)]
+        out = original_samples + per_sample(sigma, np.ndim(original_samples)) * noise
+        return out.astype(np.float32)
+
+
+class EulerDiscreteScheduler(SigmaScheduler):
     name = "euler"
     diffusers_class = "EulerDiscreteScheduler"
     order = 1
@@ -108,35 +141,12 @@ class EulerDiscreteScheduler(IndexedScheduler):
         self.timesteps = np.asarray(timesteps).astype(np.float32)
         self._reset_index()
 
-    def scale_model_input(self, sample: np.ndarray, timestep) -> np.ndarray:
-        """The network expects unit-variance input: divide by sqrt(sigma^2 + 1)."""
-        self._init_step_index(timestep)
-        sigma = np.float64(self.sigmas[self._step_index])
-        return (np.asarray(sample, dtype=np.float64) / (sigma * sigma + 1.0) ** 0.5).astype(np.float32)
-
     def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, generator=None) -> np.ndarray:
-        self._init_step_index(timestep)
-        i = self._step_index
-        sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
-        x = np.asarray(sample, dtype=np.float64)
-        out = np.asarray(model_output, dtype=np.float64)
         # 1. denoised estimate D(x; sigma) from the model output
-        kind = self.config["prediction_type"]
-        if kind == "epsilon":
-            denoised = x - sigma * out
-        elif kind == "v_prediction":
-            denoised = out * (-sigma / (sigma * sigma + 1.0) ** 0.5) + x / (sigma * sigma + 1.0)
-        else:  # "sample" / "original_sample"
-            denoised = out
+        sigma, sigma_next, x, denoised = self._begin_step(model_output, timestep, sample)
         # 2. ODE slope d = (x - D(x; sigma)) / sigma, Algorithm 2 line 7 of the EDM paper
         derivative = (x - denoised) / sigma
         # 3. explicit Euler step to the next noise level, Algorithm 2 line 8
         prev_sample = x + derivative * (sigma_next - sigma)
         self._step_index += 1
         return prev_sample.astype(np.float32)
-
-    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
-        """x + sigma * noise (variance-exploding form), sigma at each timestep's schedule entry."""
-        sigma = self.sigmas[self._noise_indices(timesteps)]
-        out = original_samples + per_sample(sigma, np.ndim(original_samples)) * noise
-        return out.astype(np.float32)

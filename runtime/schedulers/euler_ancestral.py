@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from .base import SPACINGS, IndexedScheduler, per_sample, spaced_timesteps
-from .euler import sigma_table, zero_snr_alphas_cumprod
+from .base import SPACINGS, spaced_timesteps
+from .euler import SigmaScheduler, sigma_table, zero_snr_alphas_cumprod
 
 
-class EulerAncestralDiscreteScheduler(IndexedScheduler):
+class EulerAncestralDiscreteScheduler(SigmaScheduler):
     name = "euler-a"
     diffusers_class = "EulerAncestralDiscreteScheduler"
     order = 1
@@ -65,23 +65,9 @@ class EulerAncestralDiscreteScheduler(IndexedScheduler):
         self.timesteps = timesteps
         self._reset_index()
 
-    def scale_model_input(self, sample: np.ndarray, timestep) -> np.ndarray:
-        """The network expects unit-variance input: divide by sqrt(sigma^2 + 1)."""
-        self._init_step_index(timestep)
-        sigma = np.float64(self.sigmas[self._step_index])
-        return (np.asarray(sample, dtype=np.float64) / (sigma * sigma + 1.0) ** 0.5).astype(np.float32)
-
     def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, generator=None) -> np.ndarray:
-        self._init_step_index(timestep)
-        i = self._step_index
-        sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
-        x = np.asarray(sample, dtype=np.float64)
-        out = np.asarray(model_output, dtype=np.float64)
         # 1. denoised estimate D(x; sigma) from the model output
-        if self.config["prediction_type"] == "epsilon":
-            denoised = x - sigma * out
-        else:  # v_prediction
-            denoised = out * (-sigma / (sigma * sigma + 1.0) ** 0.5) + x / (sigma * sigma + 1.0)
+        sigma, sigma_next, x, denoised = self._begin_step(model_output, timestep, sample)
         # 2. split the move sigma -> sigma_next into a deterministic descent to sigma_down and
         #    fresh noise of scale sigma_up, with sigma_down^2 + sigma_up^2 = sigma_next^2
         sigma_up = (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5
@@ -93,9 +79,3 @@ class EulerAncestralDiscreteScheduler(IndexedScheduler):
         prev_sample = prev_sample + noise * sigma_up
         self._step_index += 1
         return prev_sample.astype(np.float32)
-
-    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
-        """x + sigma * noise (variance-exploding form), sigma at each timestep's schedule entry."""
-        sigma = self.sigmas[self._noise_indices(timesteps)]
-        out = original_samples + per_sample(sigma, np.ndim(original_samples)) * noise
-        return out.astype(np.float32)
