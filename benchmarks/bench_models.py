@@ -104,8 +104,12 @@ def _prepare_sd15(size: int, out: Path) -> dict:
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     if not (bundle / "manifest.json").is_file():
         print("exporting it (U-Net ~3.4 GB: a few minutes)", flush=True)
-        model = _export(folder, bundle, 256, 512, 256)
-        info = {str(s): unet_gflop(model.unet, s, 768, 77) for s in (256, 512)}
+        _export(folder, bundle, 256, 512, 256)
+    if str(size) not in info:
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+        info[str(size)] = unet_gflop(unet, size, 768, 77)
         info_path.write_text(json.dumps(info))
     return {"name": f"sd15-{size}", "dir": folder, "bundle": bundle, "size": size,
             "latents": _latents(out / f"sd15-latents-{size}.npy", (1, 4, size // 8, size // 8)),

@@ -46,29 +46,41 @@ def table(res: dict) -> str:
 
 
 def chart(results: list, path: Path) -> None:
-    """Speed-up over diffusers per stage, one group of bars per model (pillow only)."""
+    """Speed-up over diffusers per stage (log scale), a group of bars per model and
+    candidate. Pillow only."""
+    import math
+
     from PIL import Image, ImageDraw
 
-    keys = ["e2e_s", "unet_step_s", "vae_decoder_s", "text_encoder_s"]
-    bars = [(r["model"], n, k, r["medians"][BASELINE][k] / r["medians"][n][k])
-            for r in results for n in r["medians"] if n != BASELINE for k in keys
-            if r["medians"][n][k] and r["medians"][BASELINE][k]]
-    w, h, pad = 60 + 26 * len(bars), 360, 40
-    img = Image.new("RGB", (max(w, 400), h), "white")
+    keys = [("e2e_s", "#1f77b4"), ("unet_step_s", "#ff7f0e"), ("vae_decoder_s", "#2ca02c"),
+            ("text_encoder_s", "#9467bd")]
+    groups = [(r["model"], n, r["medians"]) for r in results for n in r["medians"] if n != BASELINE]
+    bar, gap, pad, h = 16, 30, 50, 380
+    w = pad + len(groups) * (len(keys) * bar + gap) + 20
+    img = Image.new("RGB", (max(w, 520), h), "white")
     d = ImageDraw.Draw(img)
-    top = max([b[3] for b in bars] + [1.0]) * 1.1
-    y = lambda v: h - pad - (h - 2 * pad) * v / top  # noqa: E731
-    d.line([(pad, y(1.0)), (img.width - 10, y(1.0))], fill="gray")
-    d.text((5, y(1.0) - 6), "1.0x", fill="gray")
-    colours = {"e2e_s": "#1f77b4", "unet_step_s": "#ff7f0e", "vae_decoder_s": "#2ca02c",
-               "text_encoder_s": "#9467bd"}
-    for i, (model, name, key, ratio) in enumerate(bars):
-        x = pad + 10 + 26 * i
-        d.rectangle([x, y(ratio), x + 18, h - pad], fill=colours[key])
-        d.text((x, y(ratio) - 12), f"{ratio:.1f}", fill="black")
-    d.text((pad, 8), "speed-up vs diffusers eager: e2e (blue), U-Net step (orange), "
-           "decoder (green), text enc (purple)", fill="black")
-    d.text((pad, h - pad + 8), "  ".join(sorted({f"{m}:{n}" for m, n, _, _ in bars})), fill="black")
+    ratios = [m[BASELINE][k] / m[n][k] for _, n, m in groups for k, _ in keys
+              if m[n][k] and m[BASELINE][k]]
+    top = math.log2(max(ratios + [2.0])) + 0.5
+    bottom = min(0.0, math.log2(min(ratios + [1.0]))) - 0.25
+    y = lambda r: h - 70 - (h - 110) * (math.log2(r) - bottom) / (top - bottom)  # noqa: E731
+    for e in range(math.floor(bottom), math.ceil(top)):
+        d.line([(pad, y(2 ** e)), (img.width - 10, y(2 ** e))], fill="#dddddd" if e else "gray")
+        d.text((8, y(2 ** e) - 6), f"{2 ** e:g}x", fill="gray")
+    x = pad + 10
+    for model, name, m in groups:
+        for k, colour in keys:
+            if m[name][k] and m[BASELINE][k]:
+                r = m[BASELINE][k] / m[name][k]
+                d.rectangle([x, min(y(r), y(1)), x + bar - 3, max(y(r), y(1))], fill=colour)
+                d.text((x - 2, min(y(r), y(1)) - 12), f"{r:.1f}", fill="black")
+            x += bar
+        d.text((x - len(keys) * bar, h - 60), model, fill="black")
+        d.text((x - len(keys) * bar, h - 46), name.replace("ldm-edge-", ""), fill="black")
+        x += gap
+    d.text((pad, 6), "speed-up vs diffusers eager (log scale, same run)", fill="black")
+    d.text((pad, 20), "end to end (blue), U-Net step (orange), VAE decoder (green), "
+           "text encoder (purple)", fill="black")
     img.save(path)
 
 
