@@ -4,7 +4,7 @@ VENV     := .venv
 BIN      := $(VENV)/bin
 STAMP    := $(VENV)/.installed
 OUT      := out
-MINUTES  ?= 60
+MINUTES  ?= 115
 PRECISION ?= fp32
 N        ?= 200
 # tiny models gain nothing from threads; see tests/conftest.py

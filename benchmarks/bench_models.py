@@ -83,10 +83,19 @@ def _prepare_demo(out: Path) -> dict | None:
     src = default_source()
     if src is None:
         return None
+    import shutil
+
+    from ldm_edge.export.load import _weight_files, hash_files
+
     folder, bundle = out / "demo-diffusers", out / "demo-bundle"
+    info_path = out / "demo-info.json"
+    if (bundle / "manifest.json").is_file():
+        made_from = json.loads((bundle / "manifest.json").read_text())["model"]["sha256"]
+        if made_from != hash_files(_weight_files(src)):  # the weights changed: rebuild both
+            shutil.rmtree(bundle)
+            shutil.rmtree(folder, ignore_errors=True)
     if not (folder / "model_index.json").is_file():
         demo_pipeline(src).save_pretrained(folder)
-    info_path = out / "demo-info.json"
     if not (bundle / "manifest.json").is_file() or not info_path.is_file():
         model = _export(src, bundle, 32, 128, 64, max_batch=4)
         info_path.write_text(json.dumps({"unet_gflop": unet_gflop(model.unet, 64, 384, 16)}))
