@@ -71,7 +71,9 @@ def summary(m: dict) -> str:
 @click.option("--min-psnr", type=float, default=None,
               help="Keep the most sensitive layers in float until the end-to-end 8-bit PSNR "
                    "vs fp32 reaches this many dB.")
-def int8_cmd(bundle, prompts_file, num_prompts, calib_steps, method, min_psnr):
+@click.option("--symmetric", is_flag=True,
+              help="Symmetric activation ranges (zero points 0): what TensorRT engines need.")
+def int8_cmd(bundle, prompts_file, num_prompts, calib_steps, method, min_psnr, symmetric):
     """Add an INT8 U-Net (QDQ, calibrated on the bundle's own sampling trajectory) to
     BUNDLE; record it and its end-to-end quality."""
     from ldm_edge.runtime.errors import LdmEdgeError
@@ -82,7 +84,7 @@ def int8_cmd(bundle, prompts_file, num_prompts, calib_steps, method, min_psnr):
     prompts = _read_prompts(prompts_file, num_prompts)
     try:
         m = make_int8(bundle, prompts, calib_steps=calib_steps, method=method,
-                      min_psnr=min_psnr,
+                      min_psnr=min_psnr, symmetric=symmetric,
                       progress=lambda msg: click.echo(f"  [{time.perf_counter() - t0:6.1f}s] {msg}",
                                                       err=True))
     except LdmEdgeError as e:

@@ -105,8 +105,9 @@ def keep_for_budget(bundle: Path, proto, fp32_dir: Path, layers, ranges, samples
 
 def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
               calib_steps: int = 10, method: str = "percentile", min_psnr: float | None = None,
-              progress=print, threads: int = 0) -> dict:
-    """Add ``unet.int8.onnx`` to ``bundle``; record it and its end-to-end quality."""
+              progress=print, threads: int = 0, symmetric: bool = False) -> dict:
+    """Add ``unet.int8.onnx`` to ``bundle``; record it and its end-to-end quality.
+    ``symmetric``: activation ranges made symmetric (zero points 0), as TensorRT requires."""
     import onnx
 
     from ldm_edge.calibration.capture import capture, default_prompts
@@ -137,6 +138,8 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
     tensors = list(dict.fromkeys([ly.act for ly in layers] + [ly.out for ly in layers if ly.out]))
     hists = collect(fp32, tensors, calib, threads=threads, progress=progress)
     ranges = {t: hists[t].range(method) for t in tensors}
+    if symmetric:
+        ranges = {t: (-max(abs(lo), abs(hi)), max(abs(lo), abs(hi))) for t, (lo, hi) in ranges.items()}
     del hists
     units = sorted({ly.unit for ly in layers})
     progress(f"{len(layers)} layers in {len(units)} units to INT8 ({method} ranges); "
@@ -162,7 +165,8 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
     variant = {
         "file": dest.name, "files": [file_record(p, bundle) for p in files],
         "format": "QDQ", "weights": "int8, per output channel, symmetric",
-        "activations": "int8, per tensor, asymmetric", "method": method,
+        "activations": f"int8, per tensor, {'symmetric' if symmetric else 'asymmetric'}",
+        "method": method,
         "ops": list(qdq.QUANT_OPS), "quantized_nodes": quantized,
         "excluded_nodes": {**excluded, **({"kept by min_psnr": kept_nodes} if kept_nodes else {})},
         "kept_float_units": kept,

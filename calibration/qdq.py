@@ -173,6 +173,8 @@ def act_qparams(lo: float, hi: float) -> tuple[np.float32, np.int8]:
     from .ranges import MIN_RANGE
 
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if lo == -hi:  # a symmetric range (TensorRT's only kind): zero point 0, -127..127
+        return np.float32(max(hi, MIN_RANGE / 2) / WEIGHT_MAX), np.int8(0)
     if hi - lo < MIN_RANGE:
         hi = lo + MIN_RANGE
     scale = np.float32((hi - lo) / ACT_LEVELS)

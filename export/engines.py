@@ -155,7 +155,7 @@ def plan_builds(manifest: Manifest, precision: str, opts: ProfileOptions,
         if prec == "int8" and asymmetric_qdq(variant.path):
             raise UsageError(f"{name} (int8): its Q/DQ nodes have non-zero zero points "
                              f"(asymmetric activations); TensorRT quantises symmetrically only "
-                             f"— build --precision fp16 engines, or re-quantise symmetrically")
+                             f"— build fp16 engines, or rerun `ldm-export int8 BUNDLE --symmetric`")
         plans.append((name, prec, variant, shape_profile(manifest.data, name, opts)))
     return plans
 
