@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsageError
+from .fsutil import default_mode
 
 # Decompression-bomb guard: a 16k x 16k image is far beyond any exported range anyway.
 MAX_INIT_PIXELS = 16384 * 16384
@@ -30,6 +31,7 @@ def save_png(image: np.ndarray, path: str | Path, params: dict) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     except OSError as e:
         raise UsageError(f"cannot write {path}: {e.strerror}")
+    os.chmod(tmp, default_mode())
     try:
         with os.fdopen(fd, "wb") as f:
             Image.fromarray(image).save(f, format="PNG", pnginfo=info)

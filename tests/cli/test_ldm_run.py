@@ -48,6 +48,9 @@ def test_png_metadata_and_several_images(tiny_bundles, tmp_path):
     assert r.returncode == 0, r.stderr
     files = sorted(tmp_path.glob("x-*.png"))
     assert [f.name for f in files] == ["x-0.png", "x-1.png", "x-2.png", "x-3.png"]
+    from ldm_edge.runtime.fsutil import default_mode
+
+    assert files[0].stat().st_mode & 0o777 == default_mode()  # not mkstemp's 0600
     meta = json.loads(Image.open(files[2]).text["ldm-edge"])
     assert meta["prompt"] == "a blue dog" and meta["seed"] == 3 and meta["num_inference_steps"] == 2
 
