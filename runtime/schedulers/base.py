@@ -24,6 +24,16 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BOOL_OFF = (False, None)  # "option disabled": diffusers treats None like False
 
 
+# The training noise schedule: diffusers' defaults, shared by every scheduler's DEFAULTS.
+BETA_DEFAULTS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+}
+
+
 class SchedulerConfigError(UsageError, ValueError):
     """Unknown scheduler name or a config option this runtime does not implement."""
 
@@ -203,6 +213,13 @@ class Scheduler:
         out = per_sample(np.sqrt(alpha_bar), ndim) * original_samples
         out = out + per_sample(np.sqrt(1.0 - alpha_bar.astype(np.float64)), ndim) * noise
         return out.astype(np.float32)
+
+    def _alpha_bar(self, t: int) -> float:
+        """alpha-bar at training step t; "before the first step" (t < 0) it is 1 (clean data)
+        with set_alpha_to_one, else the first training step's value."""
+        if t >= 0:
+            return float(self.alphas_cumprod[t])
+        return 1.0 if self.config.get("set_alpha_to_one") else float(self.alphas_cumprod[0])
 
     def _set_spaced_timesteps(self, num_inference_steps: int) -> None:
         """Integer timesteps spaced over the training range (DDIM/DDPM style)."""

@@ -6,11 +6,10 @@ deterministic, so `generator` is accepted and unused.
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 
-from .base import BOOL_OFF, PREDICTION_TYPES, SPACINGS, Scheduler
+from .base import BETA_DEFAULTS, BOOL_OFF, PREDICTION_TYPES, SPACINGS, Scheduler
 from .base import predicted_x0
 
 
@@ -19,11 +18,7 @@ class DDIMScheduler(Scheduler):
     diffusers_class = "DDIMScheduler"
     order = 1
     DEFAULTS = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **BETA_DEFAULTS,
         "clip_sample": True,
         "set_alpha_to_one": True,
         "steps_offset": 0,
@@ -41,16 +36,8 @@ class DDIMScheduler(Scheduler):
         "timestep_spacing": SPACINGS,
     }
 
-    def __init__(self, **config: Any) -> None:
-        super().__init__(**config)
-        # alpha-bar "before the first step": 1 (clean data) or the first training step's value
-        self.final_alpha_cumprod = 1.0 if self.config["set_alpha_to_one"] else float(self.alphas_cumprod[0])
-
     def set_timesteps(self, num_inference_steps: int) -> None:
         self._set_spaced_timesteps(num_inference_steps)
-
-    def _alpha_bar(self, t: int) -> float:
-        return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha_cumprod
 
     def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, generator=None) -> np.ndarray:
         self._require_timesteps()

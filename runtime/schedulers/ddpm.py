@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from .base import BOOL_OFF, PREDICTION_TYPES, SPACINGS, Scheduler, SchedulerConfigError
+from .base import BETA_DEFAULTS, BOOL_OFF, PREDICTION_TYPES, SPACINGS, Scheduler, SchedulerConfigError
 from .base import predicted_x0
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
@@ -21,11 +21,7 @@ class DDPMScheduler(Scheduler):
     diffusers_class = "DDPMScheduler"
     order = 1
     DEFAULTS = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **BETA_DEFAULTS,
         "variance_type": "fixed_small",
         "clip_sample": True,
         "prediction_type": "epsilon",

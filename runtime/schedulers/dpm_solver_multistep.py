@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import BOOL_OFF, PREDICTION_TYPES, SPACINGS, IndexedScheduler
+from .base import BETA_DEFAULTS, BOOL_OFF, PREDICTION_TYPES, SPACINGS, IndexedScheduler
 from .base import karras_sigmas, per_sample, sigma_to_t
 from .euler import sigma_table, zero_snr_alphas_cumprod
 
@@ -35,11 +35,7 @@ class DPMSolverMultistepScheduler(IndexedScheduler):
     diffusers_class = "DPMSolverMultistepScheduler"
     order = 1
     DEFAULTS = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **BETA_DEFAULTS,
         "solver_order": 2,
         "prediction_type": "epsilon",
         "thresholding": False,

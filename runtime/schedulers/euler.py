@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import BOOL_OFF, SPACINGS, IndexedScheduler, SchedulerConfigError
+from .base import BETA_DEFAULTS, BOOL_OFF, SPACINGS, IndexedScheduler, SchedulerConfigError
 from .base import karras_sigmas, per_sample, sigma_to_t, spaced_timesteps
 
 
@@ -68,11 +68,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
     diffusers_class = "EulerDiscreteScheduler"
     order = 1
     DEFAULTS = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **BETA_DEFAULTS,
         "prediction_type": "epsilon",
         "interpolation_type": "linear",
         "use_karras_sigmas": False,

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import SPACINGS, spaced_timesteps
+from .base import BETA_DEFAULTS, SPACINGS, spaced_timesteps
 from .euler import SigmaScheduler, sigma_table, zero_snr_alphas_cumprod
 
 
@@ -22,11 +22,7 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
     diffusers_class = "EulerAncestralDiscreteScheduler"
     order = 1
     DEFAULTS = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **BETA_DEFAULTS,
         "prediction_type": "epsilon",
         "timestep_spacing": "linspace",
         "steps_offset": 0,

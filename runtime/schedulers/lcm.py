@@ -9,7 +9,6 @@ normal sample from `generator`.
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 
@@ -47,10 +46,6 @@ class LCMScheduler(IndexedScheduler):
         "thresholding": BOOL_OFF,
     }
 
-    def __init__(self, **config: Any) -> None:
-        super().__init__(**config)
-        self.final_alpha_cumprod = 1.0 if self.config["set_alpha_to_one"] else float(self.alphas_cumprod[0])
-
     def set_timesteps(self, num_inference_steps: int) -> None:
         n_train = self.config["num_train_timesteps"]
         original = self.config["original_inference_steps"]
@@ -69,9 +64,6 @@ class LCMScheduler(IndexedScheduler):
         self.timesteps = origin[picks].astype(np.int64)
         self.num_inference_steps = n
         self._reset_index()
-
-    def _alpha_bar(self, t: int) -> float:
-        return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha_cumprod
 
     def _boundary_scalings(self, t: int) -> tuple[float, float]:
         """c_skip and c_out of the consistency parameterisation (LCM paper, eq. (9)), with the

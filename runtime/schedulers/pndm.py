@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import SPACINGS, Scheduler, SchedulerConfigError, spaced_timesteps
+from .base import BETA_DEFAULTS, SPACINGS, Scheduler, SchedulerConfigError, spaced_timesteps
 
 PNDM_ORDER = 4
 
@@ -22,11 +22,7 @@ class PNDMScheduler(Scheduler):
     diffusers_class = "PNDMScheduler"
     order = 1
     DEFAULTS = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **BETA_DEFAULTS,
         "skip_prk_steps": False,
         "set_alpha_to_one": False,
         "prediction_type": "epsilon",
@@ -40,7 +36,6 @@ class PNDMScheduler(Scheduler):
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)
-        self.final_alpha_cumprod = 1.0 if self.config["set_alpha_to_one"] else float(self.alphas_cumprod[0])
         self.prk_timesteps = np.zeros(0, dtype=np.int64)
         self._reset_history()
 
@@ -130,7 +125,7 @@ class PNDMScheduler(Scheduler):
     def _transfer(self, x: np.ndarray, t: int, prev_t: int, out: np.ndarray) -> np.ndarray:
         """The transfer part phi(x_t, e_t, t, t - delta), formula (9) of the paper."""
         alpha_prod_t = float(self.alphas_cumprod[t])
-        alpha_prod_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else self.final_alpha_cumprod
+        alpha_prod_prev = self._alpha_bar(prev_t)
         beta_prod_t, beta_prod_prev = 1.0 - alpha_prod_t, 1.0 - alpha_prod_prev
         # a v-prediction is turned into the equivalent epsilon first
         if self.config["prediction_type"] == "v_prediction":
