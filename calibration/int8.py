@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_edge.export.bundle import file_record, update_manifest
+from ldm_edge.export.bundle_files import file_record, update_manifest
 from ldm_edge.export.onnx_export import ExportError
 from ldm_edge.runtime.manifest import Manifest
 

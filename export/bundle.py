@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Callable
 
 import ldm_edge
-from ldm_edge.runtime.fsutil import atomic_write_bytes, atomic_write_json, sha256_file
+from ldm_edge.runtime.fsutil import atomic_write_bytes, atomic_write_json
 from ldm_edge.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME
 from ldm_edge.runtime.spec import ModelDims, describe
 
+from .bundle_files import file_record
 from .load import LoadedModel
 from .onnx_export import (DEFAULT_OPSET, ExportError, check_component, export_component,
                           summarise, worst)
@@ -42,11 +43,6 @@ class ExportOptions:
     exporter: str = "auto"
     components: tuple = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
     force: bool = False
-
-
-def file_record(path: Path, root: Path) -> dict:
-    return {"path": path.relative_to(root).as_posix(), "size": path.stat().st_size,
-            "sha256": sha256_file(path)}
 
 
 @contextlib.contextmanager
@@ -197,14 +193,3 @@ def _jsonable(cfg: dict) -> dict:
         out[k] = v
     return out
 
-
-def update_manifest(bundle: str | Path, change: Callable[[dict], None]) -> dict:
-    """Read, change and atomically rewrite a bundle's manifest (new files are written first,
-    so until this rename the bundle is the old, whole one)."""
-    import json
-
-    path = Path(bundle) / MANIFEST_NAME
-    manifest = json.loads(path.read_text())
-    change(manifest)
-    atomic_write_json(path, manifest)
-    return manifest

@@ -16,7 +16,6 @@ built on the device itself (a Jetson), which has TensorRT and no PyTorch.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -25,9 +24,11 @@ from pathlib import Path
 from typing import Callable
 
 from ldm_edge.runtime.errors import LdmEdgeError, UsageError
-from ldm_edge.runtime.fsutil import atomic_write_json, sha256_file
+from ldm_edge.runtime.fsutil import sha256_file
 from ldm_edge.runtime.manifest import MANIFEST_NAME, Manifest
 from ldm_edge.runtime.spec import ComponentSpec
+
+from .bundle_files import update_manifest
 from ldm_edge.runtime.trt_engines import (ENGINE_BACKEND, TensorRTUnavailable, device_facts,
                                           engine_path, import_tensorrt, variant_sha256,
                                           version_major)
@@ -267,13 +268,3 @@ def _put_record(manifest: dict, component: str, record: dict) -> None:
     comp = manifest["components"][component]
     kept = [r for r in comp.get("engines") or [] if r.get("file") != record["file"]]
     comp["engines"] = kept + [record]
-
-
-def update_manifest(bundle, change: Callable[[dict], None]) -> dict:
-    """Read, change, atomically rewrite manifest.json: ``ldm_edge.export.bundle.update_manifest``
-    without that module's torch import (engines are built on devices that have no PyTorch)."""
-    path = Path(bundle) / MANIFEST_NAME
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    change(manifest)
-    atomic_write_json(path, manifest)
-    return manifest

@@ -18,7 +18,7 @@ import numpy as np
 from ldm_edge.runtime.compare import compare
 from ldm_edge.runtime.manifest import Manifest
 
-from .bundle import file_record
+from .bundle_files import file_record
 from .onnx_export import EXTERNAL_DATA_THRESHOLD, ort_session
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ def make_fp16(bundle, prompts: list[str] | None = None, steps: int = 10,
     """Add FP16 variants to ``bundle`` and record their measured quality."""
     from ldm_edge.calibration.capture import capture, default_prompts
 
-    from .bundle import update_manifest
+    from .bundle_files import update_manifest
     from .quality import end_to_end_psnr
 
     manifest = Manifest.load(bundle)

@@ -27,7 +27,8 @@ from ldm_edge.runtime.manifest import MANIFEST_NAME, Manifest
 from ldm_edge.runtime.optimum import (GRAPH, OPTIONAL, REQUIRED, check_supported, graph_files,
                                       is_optimum_folder, manifest_from_optimum, read_graph_io)
 
-from .bundle import file_record, staged_dir
+from .bundle import staged_dir
+from .bundle_files import file_record
 from .onnx_export import ExportError
 
 log = logging.getLogger(__name__)

@@ -12,3 +12,11 @@ def test_importing_runtime_loads_no_torch():
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_engine_building_needs_no_torch():
+    # engines are built on devices (Jetsons) without PyTorch
+    code = ("import sys, ldm_edge.export.engines, ldm_edge.export.bundle_files; "
+            "assert 'torch' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
