@@ -17,10 +17,22 @@ from ldm_edge.runtime.pipeline import Pipeline
 DEFAULT_PROMPTS_FILE = Path(__file__).with_name("prompts.txt")
 
 
-def default_prompts(n: int | None = None) -> list[str]:
-    lines = [ln.strip() for ln in DEFAULT_PROMPTS_FILE.read_text().splitlines()]
+def read_prompts(path=None, n: int | None = None) -> list[str]:
+    """The first ``n`` prompts of a text file (one a line, ``#`` comments); the bundled
+    list when ``path`` is None."""
+    from ldm_edge.runtime.errors import UsageError
+
+    path = Path(path) if path else DEFAULT_PROMPTS_FILE
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
     prompts = [ln for ln in lines if ln and not ln.startswith("#")]
-    return prompts[:n] if n else prompts
+    prompts = prompts[:n] if n else prompts
+    if not prompts:
+        raise UsageError(f"{path} holds no prompts")
+    return prompts
+
+
+def default_prompts(n: int | None = None) -> list[str]:
+    return read_prompts(None, n)
 
 
 class _Recorder(Pipeline):

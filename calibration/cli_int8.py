@@ -6,30 +6,14 @@ its own (``python -m ldm_edge.calibration.cli_int8 BUNDLE``).
 
 from __future__ import annotations
 
-import sys
 import time
 
 import click
 
+from ldm_edge.runtime.cli_errors import fail
+
+from .capture import read_prompts
 from .ranges import METHODS
-
-
-def _fail(msg: str, code: int):
-    click.echo(f"ldm-export: error: {msg}", err=True)
-    sys.exit(code)
-
-
-def _read_prompts(path, n: int) -> list[str]:
-    from ldm_edge.calibration.capture import default_prompts
-
-    if not path:
-        return default_prompts(n)
-    with open(path, encoding="utf-8") as f:
-        lines = [ln.strip() for ln in f.read().splitlines()]
-    prompts = [ln for ln in lines if ln and not ln.startswith("#")][:n]
-    if not prompts:
-        _fail(f"{path} holds no prompts", 2)
-    return prompts
 
 
 def summary(m: dict) -> str:
@@ -81,14 +65,17 @@ def int8_cmd(bundle, prompts_file, num_prompts, calib_steps, method, min_psnr, s
     from .int8 import make_int8
 
     t0 = time.perf_counter()
-    prompts = _read_prompts(prompts_file, num_prompts)
+    try:
+        prompts = read_prompts(prompts_file, num_prompts)
+    except LdmEdgeError as e:
+        fail("ldm-export", str(e), e.exit_code)
     try:
         m = make_int8(bundle, prompts, calib_steps=calib_steps, method=method,
                       min_psnr=min_psnr, symmetric=symmetric,
                       progress=lambda msg: click.echo(f"  [{time.perf_counter() - t0:6.1f}s] {msg}",
                                                       err=True))
     except LdmEdgeError as e:
-        _fail(str(e), e.exit_code)
+        fail("ldm-export", str(e), e.exit_code)
     click.echo(summary(m))
     click.echo(f"wrote {bundle} in {time.perf_counter() - t0:.1f} s")
 

@@ -3,36 +3,24 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
 
 import click
 
-from ldm_edge.runtime.errors import LdmEdgeError
+from ldm_edge.runtime import cli_errors
 
 
 def fail(msg: str, code: int = 1):
-    click.echo(f"ldm-export: error: {msg}", err=True)
-    sys.exit(code)
+    cli_errors.fail("ldm-export", msg, code)
 
 
 class Group(click.Group):
     """Turns known errors into one line and an exit code; --debug shows tracebacks."""
 
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except LdmEdgeError as e:
-            fail(str(e), e.exit_code)
-        except KeyboardInterrupt:
-            fail("interrupted; nothing was written", 130)
-        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
-            raise
-        except Exception as e:  # last resort: still one line, no traceback
-            if ctx.obj and ctx.obj.get("debug"):
-                raise
-            fail(f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                 f"(rerun with --debug for the traceback)", 1)
+        return cli_errors.invoke_reporting(
+            "ldm-export", super().invoke, ctx, interrupted="interrupted; nothing was written",
+            debug=lambda: bool(ctx.obj and ctx.obj.get("debug")))
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -100,25 +88,15 @@ def fp16_cmd(bundle, prompts_file, num_prompts, steps):
     from .fp16 import make_fp16
 
     t0 = time.perf_counter()
-    prompts = _read_prompts(prompts_file, num_prompts)
+    from ldm_edge.calibration.capture import read_prompts
+
+    prompts = read_prompts(prompts_file, num_prompts)
     m = make_fp16(bundle, prompts, steps=steps,
                   progress=lambda msg: click.echo(f"  [{time.perf_counter() - t0:6.1f}s] {msg}", err=True))
     click.echo(summary_table(m))
     q = m["quality"]["fp16"]
     click.echo(f"fp16 end to end: PSNR {q['psnr_db']:.1f} dB vs fp32 "
                f"({len(q['prompts'])} prompts, {q['steps']} steps)")
-
-
-def _read_prompts(path, n):
-    from ldm_edge.calibration.capture import default_prompts
-
-    if not path:
-        return default_prompts(n)
-    lines = [ln.strip() for ln in open(path, encoding="utf-8").read().splitlines()]
-    prompts = [ln for ln in lines if ln and not ln.startswith("#")][:n]
-    if not prompts:
-        fail(f"{path} holds no prompts", 2)
-    return prompts
 
 
 def summary_table(manifest: dict) -> str:

@@ -8,33 +8,16 @@ import time
 
 import click
 
-from .errors import LdmEdgeError, UsageError
-
-
-def _fail(msg: str, code: int) -> None:
-    click.echo(f"ldm-run: error: {msg}", err=True)
-    sys.exit(code)
+from .cli_errors import invoke_reporting
+from .errors import UsageError
 
 
 class _Command(click.Command):
     """One-line errors and an exit code instead of tracebacks."""
 
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except LdmEdgeError as e:
-            _fail(str(e), e.exit_code)
-        except KeyboardInterrupt:
-            _fail("interrupted", 130)
-        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
-            raise
-        except MemoryError:
-            _fail("out of memory; use a smaller size or fewer images", 1)
-        except Exception as e:
-            if ctx.params.get("debug"):
-                raise
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-            _fail(f"unexpected {type(e).__name__}: {first} (rerun with --debug for the traceback)", 1)
+        return invoke_reporting("ldm-run", super().invoke, ctx,
+                                debug=lambda: bool(ctx.params.get("debug")))
 
 
 def _scheduler_help() -> str:
