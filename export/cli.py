@@ -7,6 +7,7 @@ import time
 
 import click
 
+from ldm_edge.calibration.cli_int8 import int8_cmd
 from ldm_edge.runtime import cli_errors
 
 
@@ -189,10 +190,4 @@ if __name__ == "__main__":
     main()
 
 
-def _register_int8() -> None:
-    from ldm_edge.calibration.cli_int8 import int8_cmd
-
-    main.add_command(int8_cmd, "int8")
-
-
-_register_int8()
+main.add_command(int8_cmd, "int8")  # lives in calibration/, where INT8 is made

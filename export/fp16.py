@@ -72,33 +72,9 @@ def to_fp16(fp32_path: Path, block_ops: tuple):
     load_external_data_for_model(proto, str(Path(fp32_path).parent))
     nodes = [n.name for n in proto.graph.node if any(s in n.name for s in ALWAYS_FP32_NODES)]
     # disable_shape_infer: shape inference serialises the model, impossible above 2 GB
-    out = convert_float_to_float16(
+    return convert_float_to_float16(
         proto, keep_io_types=True, disable_shape_infer=True,
         op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(block_ops), node_block_list=nodes)
-    fp32_weights_for_islands(out, set(block_ops))
-    return out
-
-
-def fp32_weights_for_islands(proto, block_ops: set) -> None:
-    """The converter casts an island's activations back to FP32 but may leave its weights
-    (e.g. LayerNormalization's scale and bias) in FP16; give those nodes FP32 copies."""
-    import onnx
-    from onnx import numpy_helper
-
-    inits = {t.name: t for t in proto.graph.initializer}
-    made = {}
-    for node in proto.graph.node:
-        if node.op_type not in block_ops:
-            continue
-        for i, name in enumerate(node.input):
-            t = inits.get(name)
-            if t is None or t.data_type != onnx.TensorProto.FLOAT16:
-                continue
-            if name not in made:
-                arr = numpy_helper.to_array(t).astype(np.float32)
-                made[name] = numpy_helper.from_array(arr, name + "_fp32")
-                proto.graph.initializer.append(made[name])
-            node.input[i] = name + "_fp32"
 
 
 def save_graph(proto, dest: Path) -> list[Path]:

@@ -63,7 +63,6 @@ def resolve_params(manifest, prompt, negative_prompt, steps, guidance, scheduler
     if num_images < 1:
         raise UsageError("--num-images must be at least 1")
     h, w = _size(manifest, "height", height), _size(manifest, "width", width)
-    batch = len(prompts) * num_images * (2 if g > 1.0 else 1)
     max_batch = int(manifest.get("dims", {}).get("max_batch", 1 << 16))
     if len(prompts) * num_images > max_batch:
         raise UsageError(f"{len(prompts) * num_images} images in one call, the bundle was exported "
@@ -80,7 +79,7 @@ def resolve_params(manifest, prompt, negative_prompt, steps, guidance, scheduler
     return {"prompts": prompts, "negative_prompts": negs, "num_inference_steps": steps,
             "guidance_scale": g, "scheduler": name, "height": h, "width": w,
             "num_images_per_prompt": int(num_images), "seed": seed, "strength": strength,
-            "init_image": None if init_image is None else "given", "unet_batch": batch}
+            "init_image": None if init_image is None else "given"}
 
 
 def _check_latents(manifest, latents, n: int, h: int, w: int) -> None:
