@@ -44,3 +44,36 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def _hash_cache_path() -> Path:
+    root = os.environ.get("LDM_EDGE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ldm-edge")
+    return Path(root) / "sha256.json"
+
+
+def sha256_cached(path: str | os.PathLike) -> str:
+    """sha256 of ``path``, remembered per (file, size, mtime, ctime, inode): a file that is
+    rewritten, even to the same size and with its mtime put back, gets a new ctime and is
+    hashed again. Saves re-reading a 3.4 GB U-Net at every start (4.4 s here). The cache
+    is best effort: where it cannot be read or written, the file is simply hashed."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    key = f"{real}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+    cache_file = _hash_cache_path()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if isinstance(cache, dict) and isinstance(cache.get(key), str):
+        return cache[key]
+    digest = sha256_file(real)
+    cache = {k: v for k, v in (cache.items() if isinstance(cache, dict) else ())
+             if not k.startswith(real + "|")}
+    cache[key] = digest
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cache_file, cache)
+    except OSError:
+        pass
+    return digest

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BundleError
-from .fsutil import sha256_file
+from .fsutil import sha256_cached
 from .onnx_scan import ScanError, external_locations
 from .spec import COMPONENTS, ComponentSpec
 
@@ -187,7 +187,7 @@ class Manifest:
         if size is not None and path.stat().st_size != size:
             raise BundleError(f"{what}: {path.name} has {path.stat().st_size} bytes, the manifest "
                               f"says {size} (truncated copy?); copy or re-export it again")
-        if verify and rec.get("sha256") and sha256_file(path) != rec["sha256"]:
+        if verify and rec.get("sha256") and sha256_cached(path) != rec["sha256"]:
             raise BundleError(f"{what}: {path.name} does not match its sha256 in the manifest "
                               f"(damaged copy?); copy or re-export it again")
 

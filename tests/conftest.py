@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ import pytest
 # workers spinning against onnxruntime's pool made one parity test 20x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the manifest reader's hash cache: one per test run, never the user's
+os.environ["LDM_EDGE_CACHE"] = tempfile.mkdtemp(prefix="ldm-edge-cache-")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 

@@ -77,3 +77,23 @@ def test_truncated_onnx_refused(bundle):
     (bundle / "unet.onnx").write_bytes(data[: len(data) // 2])
     with pytest.raises(BundleError, match="truncated"):
         Manifest.load(bundle)
+
+
+def test_hashes_are_remembered_but_a_rewritten_file_is_hashed_again(bundle, monkeypatch):
+    from ldm_edge.runtime import fsutil
+
+    Manifest.load(bundle)  # fills the cache
+    calls = []
+    real = fsutil.sha256_file
+    monkeypatch.setattr(fsutil, "sha256_file", lambda p: calls.append(p) or real(p))
+    Manifest.load(bundle)
+    assert calls == []  # nothing re-read
+    p = bundle / "unet.onnx"
+    st = p.stat()
+    data = bytearray(p.read_bytes())
+    data[-100] ^= 0xFF  # same size ...
+    p.write_bytes(bytes(data))
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # ... and the old mtime put back
+    with pytest.raises(BundleError, match="sha256"):
+        Manifest.load(bundle)
+    assert [os.path.basename(c) for c in calls] == ["unet.onnx"]
