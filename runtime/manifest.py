@@ -172,7 +172,10 @@ class Manifest:
         folder = Path(rec["file"]).parent
         for loc in locations:
             rel = (folder / loc).as_posix() if not Path(loc).is_absolute() else loc
-            safe_member(self.root, rel, f"{what} external data")
+            data = safe_member(self.root, rel, f"{what} external data")
+            if not data.is_file():
+                raise BundleError(f"{what}: {main.name} reads weights from {loc!r}, which is "
+                                  f"missing; copy it next to {main.name} or re-export")
             if Path(rel).as_posix() not in listed:
                 raise BundleError(f"{what}: {main.name} reads weights from {loc!r}, which the "
                                   f"manifest does not list; re-export the bundle")

@@ -1,9 +1,12 @@
-"""List the external-data files an ONNX model points at, without the onnx package and
-without loading weights: a small walk over the protobuf wire format.
+"""Read facts from an ONNX model without the onnx package and without loading weights: a
+small walk over the protobuf wire format.
 
-Lets the manifest reader refuse a graph whose weights live outside the bundle before any
-backend opens it (onnxruntime 1.32 refuses such paths too; other backends may not).
-Covers initializers of the main graph and of subgraphs, and tensors in node attributes.
+* ``external_locations``: the external-data files a model points at. Lets the manifest
+  reader refuse a graph whose weights live outside the bundle before any backend opens it
+  (onnxruntime 1.32 refuses such paths too; other backends may not). Covers initializers
+  of the main graph and of subgraphs, and tensors in node attributes.
+* ``graph_io``: the main graph's inputs and outputs with element type and shape, so that
+  reading an Optimum folder does not open a multi-GB graph once just to learn them.
 """
 
 from __future__ import annotations
@@ -14,6 +17,13 @@ from pathlib import Path
 # field numbers in onnx.proto
 _MODEL_GRAPH = 7
 _GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_SPARSE_INITIALIZER = 1, 5, 15
+_GRAPH_INPUT, _GRAPH_OUTPUT = 11, 12
+_TENSOR_NAME = 8
+_VALUE_NAME, _VALUE_TYPE = 1, 2
+_TYPE_TENSOR = 1
+_TENSOR_TYPE_ELEM, _TENSOR_TYPE_SHAPE = 1, 2
+_SHAPE_DIM = 1
+_DIM_VALUE, _DIM_PARAM = 1, 2
 _NODE_ATTRIBUTE = 5
 _ATTR_T, _ATTR_G, _ATTR_TENSORS, _ATTR_GRAPHS = 5, 6, 10, 11
 _TENSOR_EXTERNAL_DATA = 13
@@ -40,15 +50,16 @@ def _varint(buf, pos: int) -> tuple[int, int]:
             raise ScanError("varint too long")
 
 
-def _fields(buf, pos: int, end: int):
+def _fields(buf, pos: int, end: int, values: bool = False):
     """Yield (field number, payload start, payload end) for each field of the message in
-    ``buf[pos:end]``; start is None for scalar fields. Offsets only: nothing is copied."""
+    ``buf[pos:end]``; start is None for scalar fields. Offsets only: nothing is copied.
+    ``values``: for varint fields yield (field, None, value) instead."""
     while pos < end:
         key, pos = _varint(buf, pos)
         field, wire = key >> 3, key & 7
         if wire == 0:
-            _, pos = _varint(buf, pos)
-            yield field, None, None
+            value, pos = _varint(buf, pos)
+            yield field, None, (value if values else None)
         elif wire in (1, 5):
             pos += 8 if wire == 1 else 4
             yield field, None, None
@@ -99,14 +110,92 @@ def _attribute_locations(buf, a: int, b: int, out: list) -> None:
             _graph_locations(buf, s, e, out)
 
 
-def external_locations(path: str | Path) -> list[str]:
-    """Distinct external-data locations named by the model at ``path``."""
-    with open(path, "rb") as f:
+def _text(buf, s: int, e: int) -> str:
+    return bytes(buf[s:e]).decode("utf-8", "replace")
+
+
+def _value_info(buf, a: int, b: int) -> tuple[str, tuple[str, list]]:
+    """(name, (dtype, shape)) of a ValueInfoProto; a dim is an int, its symbolic name, or
+    None when unknown (as onnxruntime's session metadata reports them)."""
+    name, dtype, shape = "", "unknown", []
+    for field, s, e in _fields(buf, a, b):
+        if field == _VALUE_NAME and s is not None:
+            name = _text(buf, s, e)
+        elif field == _VALUE_TYPE and s is not None:
+            for tf, ts, te in _fields(buf, s, e):
+                if tf != _TYPE_TENSOR or ts is None:
+                    continue
+                for f, fs, fe in _fields(buf, ts, te, values=True):
+                    if f == _TENSOR_TYPE_ELEM and fs is None:
+                        dtype = _ELEM_TYPES.get(fe, f"elem_type {fe}")
+                    elif f == _TENSOR_TYPE_SHAPE and fs is not None:
+                        for df, ds, de in _fields(buf, fs, fe):
+                            if df == _SHAPE_DIM and ds is not None:
+                                shape.append(_dim(buf, ds, de))
+    return name, (dtype, shape)
+
+
+def _dim(buf, a: int, b: int):
+    dim = None
+    for f, s, v in _fields(buf, a, b, values=True):
+        if f == _DIM_VALUE and s is None:
+            dim = v - (1 << 64) if v >= 1 << 63 else v  # int64 on the wire
+        elif f == _DIM_PARAM and s is not None:
+            dim = _text(buf, s, v)
+    return dim
+
+
+# onnx.TensorProto.DataType -> numpy-style names
+_ELEM_TYPES = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32",
+               7: "int64", 8: "string", 9: "bool", 10: "float16", 11: "float64",
+               12: "uint32", 13: "uint64", 16: "bfloat16"}
+
+
+def _open_model(path: str | Path):
+    f = open(path, "rb")
+    try:
         if Path(path).stat().st_size == 0:
             raise ScanError("empty file")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            out: list[str] = []
-            for field, s, e in _fields(mm, 0, len(mm)):
-                if field == _MODEL_GRAPH and s is not None:
-                    _graph_locations(mm, s, e, out)
-            return sorted(set(out))
+        return f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except BaseException:
+        f.close()
+        raise
+
+
+def external_locations(path: str | Path) -> list[str]:
+    """Distinct external-data locations named by the model at ``path``."""
+    f, mm = _open_model(path)
+    with f, mm:
+        out: list[str] = []
+        for field, s, e in _fields(mm, 0, len(mm)):
+            if field == _MODEL_GRAPH and s is not None:
+                _graph_locations(mm, s, e, out)
+        return sorted(set(out))
+
+
+def graph_io(path: str | Path) -> tuple[dict, dict]:
+    """({input: (dtype, shape)}, {output: (dtype, shape)}) of the model's main graph, in
+    graph order. Inputs that are also initializers (IR < 4 models list them) are left out,
+    as onnxruntime leaves them out of ``get_inputs()``."""
+    f, mm = _open_model(path)
+    with f, mm:
+        graph = None
+        for field, s, e in _fields(mm, 0, len(mm)):
+            if field == _MODEL_GRAPH and s is not None:
+                graph = (s, e)
+        if graph is None:
+            raise ScanError("no graph in the file")
+        inputs, outputs, initializers = {}, {}, set()
+        for field, s, e in _fields(mm, *graph):
+            if s is None:
+                continue
+            if field == _GRAPH_INPUT:
+                name, io = _value_info(mm, s, e)
+                inputs[name] = io
+            elif field == _GRAPH_OUTPUT:
+                name, io = _value_info(mm, s, e)
+                outputs[name] = io
+            elif field == _GRAPH_INITIALIZER:
+                initializers.update(_text(mm, fs, fe) for f, fs, fe in _fields(mm, s, e)
+                                    if f == _TENSOR_NAME and fs is not None)
+        return {k: v for k, v in inputs.items() if k not in initializers}, outputs

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from .errors import BundleError
 from .manifest import FORMAT_VERSION
+from .onnx_scan import ScanError, graph_io
 from .spec import ComponentSpec, ModelDims, TensorSpec, describe
 
 log = logging.getLogger(__name__)
@@ -65,11 +66,6 @@ GRAPH_NAMES = {
     "vae_encoder": {"image": ("sample",),
                     "latent_parameters": ("latent_parameters", "latent_sample")},
 }
-
-_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16",
-               "tensor(double)": "float64", "tensor(int64)": "int64", "tensor(int32)": "int32",
-               "tensor(bfloat16)": "bfloat16", "tensor(bool)": "bool"}
-
 
 def is_optimum_folder(path) -> bool:
     """A folder laid out as Optimum / diffusers' ONNX export writes one (not one of our bundles)."""
@@ -185,26 +181,13 @@ def check_supported(root: Path) -> dict:
 
 # -- the graphs ------------------------------------------------------------------------------
 def read_graph_io(path: Path, what: str) -> tuple[dict, dict]:
-    """({input: (dtype, shape)}, {output: (dtype, shape)}) from onnxruntime's session metadata."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
+    """({input: (dtype, shape)}, {output: (dtype, shape)}) read from the file's protobuf
+    header fields, without loading the weights (the backend opens the graph once, later)."""
     try:
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise BundleError(f"{what}: onnxruntime cannot load {what}/{path.name} ({msg}); "
-                          f"the export is damaged or incomplete (missing external data?)")
-
-    def table(args):
-        return {a.name: (_ORT_DTYPES.get(a.type, a.type), list(a.shape or [])) for a in args}
-
-    try:
-        return table(sess.get_inputs()), table(sess.get_outputs())
-    finally:
-        del sess
+        return graph_io(path)
+    except (ScanError, OSError) as e:
+        raise BundleError(f"{what}: {what}/{path.name} is not a readable ONNX model ({e}); "
+                          f"the export is damaged or incomplete")
 
 
 def _io_map(component: str, graph: tuple[dict, dict]) -> dict:

@@ -270,3 +270,24 @@ def test_bad_folder_one_line(tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode != 0 and len(lines) == 1 and "not an Optimum" in lines[0], r.stderr
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated_graph", "missing_weights"])
+def test_damaged_folder_runs_to_one_line(damage, folders, tiny_models, tmp_path):
+    """The folder's I/O is read from the graph's header fields (not by opening it), so
+    damage is found either there or when the backend opens the graph: one line either way."""
+    f = tmp_path / "folder"
+    shutil.copytree(folders["v1"], f)
+    shutil.copy(tiny_models["sd1"] / "tokenizer/tokenizer.json", f / "tokenizer")
+    if damage == "truncated_graph":
+        g = f / "unet/model.onnx"
+        g.write_bytes(g.read_bytes()[: g.stat().st_size // 2])
+    else:
+        (f / "unet/model.onnx_data").unlink()
+    out = tmp_path / "x.png"
+    r = run_cli(*RUN, str(f), "-p", PROMPT, "--steps", "2", "-q", "-o", str(out))
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode != 0 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "unet" in lines[0] and not out.exists()
+    if damage == "missing_weights":
+        assert "model.onnx_data', which is missing" in lines[0]
