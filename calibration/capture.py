@@ -43,7 +43,7 @@ class _Recorder(Pipeline):
         self.records: dict[str, list[dict]] = defaultdict(list)
 
     def _call(self, name, feeds):
-        full = {**self.backend(name)._bound, **feeds}
+        full = {**self.backend(name).bound, **feeds}
         self.records[name].append({k: np.array(v, copy=True) for k, v in full.items()})
         return super()._call(name, feeds)
 

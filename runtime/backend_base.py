@@ -28,6 +28,11 @@ class Backend(ABC):
         self.check(feeds, partial=True)
         self._bound = dict(feeds)
 
+    @property
+    def bound(self) -> dict[str, np.ndarray]:
+        """The inputs kept by ``bind`` (a copy of the mapping; the arrays are shared)."""
+        return dict(self._bound)
+
     def unbind(self) -> None:
         self._bound = {}
 
