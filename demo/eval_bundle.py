@@ -17,6 +17,7 @@ from .dataset import heldout_prompts
 from .evaluate import score
 
 BATCH = 4  # images per call; the demo bundle is exported for --max-batch 4
+DEFAULT_BUNDLE = "out/demo-bundle"
 
 
 def _latents(pipe_manifest, k: int, seed: int) -> np.ndarray:
@@ -77,7 +78,9 @@ def _torch_images(pipe, prompts, steps, guidance, lat):
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--bundle", default="out/demo-bundle")
+    ap.add_argument("--bundle", default=DEFAULT_BUNDLE,
+                    help="default: the demo model's bundle, (re-)exported when it is missing "
+                         "or was made from other weights than demo/weights")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--steps", type=int, default=25)
@@ -87,7 +90,8 @@ def main(argv=None) -> None:
                     help="diffusers: sample the same model in PyTorch instead, same latents")
     a = ap.parse_args(argv)
     bundle = Path(a.bundle)
-    if not (bundle / "manifest.json").is_file():
+    if a.bundle == DEFAULT_BUNDLE or not (bundle / "manifest.json").is_file():
+        # after `make train-demo` the default bundle holds the previous weights: re-export
         from .make_demo import ensure_bundle
         from ldm_edge.export.load import default_source
 
