@@ -44,7 +44,7 @@ def run_ours(a, timer: StageTimer) -> dict:
     from ldm_edge.runtime.pipeline import Pipeline
 
     pipe = Pipeline(a.bundle, precision=a.precision, threads=a.threads, verify=False,
-                    backend=a.backend, device="cpu")
+                    backend=a.backend, device="cpu", ort_cache=a.ort_cache)
     original = pipe._call
     first_unet = {}
 
@@ -115,6 +115,7 @@ def main() -> None:
     ap.add_argument("--model-dir")
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--backend", default="onnxruntime")
+    ap.add_argument("--ort-cache", action="store_true", help="onnxruntime graphs from the disk cache")
     ap.add_argument("--size", type=int, required=True)
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--guidance", type=float, default=7.5)

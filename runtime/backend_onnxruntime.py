@@ -39,30 +39,91 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, spec: ComponentSpec, path: str | Path, *, device: str = "auto",
-                 threads: int = 0, io_map: dict | None = None):
+                 threads: int = 0, io_map: dict | None = None, graph_cache: bool = False):
         super().__init__(spec)
         # spec name -> graph name, for graphs whose I/O names differ from ours (Optimum's)
         self.io_map = dict(io_map or {})
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
+        self.threads = threads
         self.providers = choose_providers(device)
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=self.providers)
-        except Exception as e:
-            msg = str(e).strip().splitlines()[0][:200] if str(e) else type(e).__name__
-            raise BundleError(f"{spec.name}: onnxruntime cannot load {Path(path).name} ({msg}); "
-                              f"the file is damaged or not ONNX — re-export the bundle")
+        # "off", "hit" (opened the cached optimised graph) or "miss" (optimised and stored it)
+        self.cache_state = "off"
+        if graph_cache and self.providers == ["CPUExecutionProvider"]:
+            self.session = self._open_cached(Path(path))
+        else:
+            self.session = self._open(Path(path), self._options())
         names = [i.name for i in self.session.get_inputs()]
         if sorted(names) != sorted(self._g(n) for n in spec.input_names):
             raise BundleError(f"{spec.name}: graph inputs {names} do not match the manifest's "
                               f"{spec.input_names}; re-export the bundle")
         self.on_device = self.session.get_providers()[0] != "CPUExecutionProvider"
         self._device_values = {}
+
+    def _options(self, optimise: bool = True):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimise
+                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        opts.log_severity_level = 3
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        return opts
+
+    def _open(self, path: Path, opts):
+        import onnxruntime as ort
+
+        try:
+            return ort.InferenceSession(str(path), opts, providers=self.providers)
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0][:200] if str(e) else type(e).__name__
+            raise BundleError(f"{self.spec.name}: onnxruntime cannot load {path.name} ({msg}); "
+                              f"the file is damaged or not ONNX — re-export the bundle")
+
+    def _open_cached(self, path: Path):
+        """The optimised graph from the cache, or optimise now and store it (ort_cache.py)."""
+        import onnxruntime as ort
+
+        from .onnx_scan import ScanError, external_locations
+        from .ort_cache import DATA, EXTERNAL_MIN_BYTES, MODEL, GraphCache, entry_key
+
+        cache = GraphCache()
+        try:
+            files = [path] + [path.parent / loc for loc in external_locations(path)]
+            key = entry_key(files, ort.__version__)
+        except (OSError, ScanError):  # the plain open names the problem
+            return self._open(path, self._options())
+        hit = cache.lookup(key)
+        if hit is not None:
+            try:
+                session = ort.InferenceSession(str(hit), self._options(optimise=False),
+                                               providers=self.providers)
+                self.cache_state = "hit"
+                return session
+            except Exception as e:
+                log.warning("%s: the cached optimised graph does not load (%s); making it again",
+                            self.spec.name, str(e).strip().splitlines()[0][:120] if str(e) else e)
+                cache.remove(key)
+        try:
+            staged = cache.stage(key)
+        except OSError as e:
+            log.warning("onnxruntime graph cache: cannot write to %s (%s)", cache.root, e)
+            return self._open(path, self._options())
+        opts = self._options()
+        opts.optimized_model_filepath = str(staged / MODEL)
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", DATA)
+        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                      str(EXTERNAL_MIN_BYTES))
+        try:
+            session = ort.InferenceSession(str(path), opts, providers=self.providers)
+        except Exception:
+            # the graph or the save (disk full?) failed: a plain open tells which
+            cache.discard(staged)
+            session = self._open(path, self._options())
+            log.warning("%s: could not store the optimised graph in %s", self.spec.name, cache.root)
+            return session
+        if cache.commit(key, staged) is not None:
+            self.cache_state = "miss"
+        return session
 
     def _g(self, name: str) -> str:
         return self.io_map.get(name, name)

@@ -44,9 +44,12 @@ def pick_precision(manifest: Manifest, component: str, precision: str) -> str:
 
 
 def open_backend(manifest: Manifest, component: str, *, backend: str = "auto",
-                 precision: str = "fp32", device: str = "auto", threads: int = 0) -> Backend:
+                 precision: str = "fp32", device: str = "auto", threads: int = 0,
+                 ort_cache: bool = False) -> Backend:
     """``tensorrt``: the manifest's engine for this machine, or a one-line error saying how to
-    build it. ``auto``: that engine when it exists and TensorRT imports, else onnxruntime."""
+    build it. ``auto``: that engine when it exists and TensorRT imports, else onnxruntime.
+    ``ort_cache``: onnxruntime on the CPU opens its optimised graph from the disk cache
+    (runtime/ort_cache.py)."""
     kind = resolve_backend(backend)
     prec = pick_precision(manifest, component, precision)
     io_map = manifest["components"][component].get("io_map")
@@ -67,6 +70,7 @@ def open_backend(manifest: Manifest, component: str, *, backend: str = "auto",
     spec = manifest.spec(component)
     from .backend_onnxruntime import OnnxRuntimeBackend
 
-    b = OnnxRuntimeBackend(spec, variant.path, device=device, threads=threads, io_map=io_map)
+    b = OnnxRuntimeBackend(spec, variant.path, device=device, threads=threads, io_map=io_map,
+                           graph_cache=ort_cache)
     b.precision = prec
     return b

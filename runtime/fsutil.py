@@ -46,10 +46,12 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def _hash_cache_path() -> Path:
+def cache_dir() -> Path:
+    """ldm-edge's per-user cache: $LDM_EDGE_CACHE, else $XDG_CACHE_HOME/ldm-edge, else
+    ~/.cache/ldm-edge. Everything in it can be deleted at any time."""
     root = os.environ.get("LDM_EDGE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ldm-edge")
-    return Path(root) / "sha256.json"
+    return Path(root)
 
 
 def sha256_cached(path: str | os.PathLike) -> str:
@@ -60,7 +62,7 @@ def sha256_cached(path: str | os.PathLike) -> str:
     real = os.path.realpath(path)
     st = os.stat(real)
     key = f"{real}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
-    cache_file = _hash_cache_path()
+    cache_file = cache_dir() / "sha256.json"
     try:
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):

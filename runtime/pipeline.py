@@ -48,10 +48,16 @@ def default_scheduler_name(config: dict) -> str:
 
 class Pipeline:
     def __init__(self, bundle, *, backend: str = "auto", precision: str = "fp32",
-                 device: str = "auto", threads: int = 0, verify: bool = True):
+                 device: str = "auto", threads: int = 0, verify: bool = True,
+                 ort_cache: bool | None = None):
         self.manifest = bundle if isinstance(bundle, Manifest) else Manifest.load(bundle, verify)
         self.tokenizer = PromptTokenizer.from_manifest(self.manifest)
-        self.options = dict(backend=backend, precision=precision, device=device, threads=threads)
+        if ort_cache is None:  # not said: the environment decides (LDM_EDGE_ORT_CACHE=1)
+            from .ort_cache import enabled_by_env
+
+            ort_cache = enabled_by_env()
+        self.options = dict(backend=backend, precision=precision, device=device, threads=threads,
+                            ort_cache=ort_cache)
         # other components may fall back to a wider precision; the U-Net must have the one asked
         self.manifest.variant("unet", precision)
         self._backends = {}

@@ -1,0 +1,138 @@
+"""An opt-in disk cache of the graphs onnxruntime optimises for this CPU.
+
+Opening the SD1.5 U-Net with every graph optimisation costs 12-16 s on this machine, in
+each new process: most of it is the CPU-specific layout work (NCHWc convolutions) done on
+3.4 GB of weights. onnxruntime can save the graph it ends up with; opened again with
+optimisation off, that graph starts in 1.4 s and computes the same numbers at the same
+speed (`benchmarks/cold_start.py`). The saved graph is only valid for the onnxruntime
+version and CPU that made it, and it is a second copy of the weights (3.3 GB for SD1.5),
+so it lives in the user's cache (``runtime.fsutil.cache_dir()/ort-graphs``), keyed by
+the graph files' sha256, the onnxruntime version and the CPU, and is used only when asked
+for (``ldm-run --ort-cache``, ``Pipeline(ort_cache=True)``, or ``LDM_EDGE_ORT_CACHE=1``).
+
+An entry is written into a hidden folder and renamed into place once onnxruntime has
+written it whole; ``entry.json`` records the file sizes and is checked on every use. A
+damaged or unloadable entry is deleted and made again; a cache that cannot be written
+(read-only, disk full) is skipped with a warning, never an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from .fsutil import atomic_write_json, cache_dir, sha256_cached
+
+log = logging.getLogger(__name__)
+
+ENV = "LDM_EDGE_ORT_CACHE"
+SUBDIR = "ort-graphs"
+MODEL, DATA, ENTRY = "model.onnx", "model.onnx.data", "entry.json"
+CACHE_FORMAT = 1  # bump when the layout of an entry changes
+# Initializers at least this big go to the one external-data file; smaller ones stay in the
+# graph (a > 2 GB graph cannot be one protobuf).
+EXTERNAL_MIN_BYTES = 1024
+# A staged entry untouched this long belongs to a process that died: writing the SD1.5
+# U-Net's entry takes under a minute here.
+STALE_S = 3600
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get(ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def cpu_identity() -> str:
+    """The CPU model and feature flags: what decides which kernels and layouts onnxruntime
+    picks. Falls back to the platform's processor name where /proc/cpuinfo is missing."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"{platform.machine()}|{platform.processor()}"
+    model = flags = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "Model", "CPU part") and not model:
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = " ".join(sorted(value.split()))
+    return f"{platform.machine()}|{model}|{flags}"
+
+
+def entry_key(graph_files: list[Path], ort_version: str, level: str = "all") -> str:
+    """Key of the optimised form of the graph made of ``graph_files`` (graph first, then its
+    external data): their sha256 (remembered per file), onnxruntime, the CPU, the level."""
+    h = hashlib.sha256()
+    for part in [str(CACHE_FORMAT), ort_version, cpu_identity(), level]:
+        h.update(part.encode() + b"\0")
+    for f in graph_files:
+        h.update(sha256_cached(f).encode() + b"\0")
+    return h.hexdigest()[:40]
+
+
+class GraphCache:
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root is not None else cache_dir() / SUBDIR
+
+    def lookup(self, key: str) -> Path | None:
+        """The cached graph for ``key`` when its entry is whole; a damaged one is removed."""
+        folder = self.root / key
+        if not folder.is_dir():
+            return None
+        try:
+            entry = json.loads((folder / ENTRY).read_text())
+            whole = all((folder / name).stat().st_size == size
+                        for name, size in entry["sizes"].items())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            whole = False
+        if not whole:
+            log.warning("onnxruntime graph cache: entry %s is incomplete; making it again", key)
+            self.remove(key)
+            return None
+        return folder / MODEL
+
+    def stage(self, key: str) -> Path:
+        """A new hidden folder to let onnxruntime write the optimised graph into. Folders
+        left by a process killed while writing (older than STALE_S) are removed first."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        now = time.time()
+        for old in self.root.glob(".*.partial"):
+            try:
+                if now - old.stat().st_mtime > STALE_S:
+                    shutil.rmtree(old, ignore_errors=True)
+            except OSError:
+                pass
+        folder = self.root / f".{key}.{uuid.uuid4().hex[:8]}.partial"
+        folder.mkdir()
+        return folder
+
+    def commit(self, key: str, staged: Path) -> Path | None:
+        """Record the sizes and rename the staged folder into place; None if it could not be."""
+        try:
+            sizes = {p.name: p.stat().st_size for p in staged.iterdir() if p.is_file()}
+            if MODEL not in sizes:
+                raise OSError("onnxruntime wrote no optimised graph")
+            atomic_write_json(staged / ENTRY, {"format": CACHE_FORMAT, "sizes": sizes})
+            final = self.root / key
+            if final.exists():  # another process got there first
+                shutil.rmtree(staged, ignore_errors=True)
+            else:
+                os.replace(staged, final)
+            return final / MODEL
+        except OSError as e:
+            log.warning("onnxruntime graph cache: could not store the optimised graph (%s)", e)
+            shutil.rmtree(staged, ignore_errors=True)
+            return None
+
+    def remove(self, key: str) -> None:
+        shutil.rmtree(self.root / key, ignore_errors=True)
+
+    def discard(self, staged: Path) -> None:
+        shutil.rmtree(staged, ignore_errors=True)

@@ -1,0 +1,149 @@
+"""The onnxruntime graph cache (runtime/ort_cache.py): the cached optimised graph draws the
+same picture as optimising afresh, damaged entries are made again, a cache that cannot
+be written is skipped, and nothing is cached unless asked for."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import pytest
+
+from ldm_edge.runtime.ort_cache import DATA, ENTRY, MODEL, STALE_S, GraphCache, entry_key
+from ldm_edge.runtime.pipeline import Pipeline
+
+PROMPT = "a photo of a cat"
+COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+
+
+@pytest.fixture()
+def cache_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_EDGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("LDM_EDGE_ORT_CACHE", raising=False)
+    return tmp_path / "cache" / "ort-graphs"
+
+
+def _draw(bundle, **kw):
+    pipe = Pipeline(bundle, device="cpu", **kw)
+    img = pipe(PROMPT, num_inference_steps=3, seed=0).images
+    states = {c: getattr(pipe.backend(c), "cache_state", None) for c in COMPONENTS}
+    pipe.close()
+    return img, states
+
+
+def _key(bundle, component):
+    import onnxruntime as ort
+
+    from ldm_edge.runtime.manifest import Manifest
+    from ldm_edge.runtime.onnx_scan import external_locations
+
+    path = Manifest.load(bundle).variant(component, "fp32").path
+    return entry_key([path] + [path.parent / loc for loc in external_locations(path)], ort.__version__)
+
+
+def _entries(root):
+    return sorted(p for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
+
+
+def test_cached_graph_draws_the_same_picture(tiny_bundles, cache_root):
+    plain, states = _draw(tiny_bundles["sd1"])
+    assert set(states.values()) == {"off"} and not cache_root.exists()
+    miss, states = _draw(tiny_bundles["sd1"], ort_cache=True)
+    assert set(states.values()) == {"miss"}
+    entries = _entries(cache_root)
+    assert len(entries) == len(COMPONENTS)
+    for e in entries:
+        sizes = json.loads((e / ENTRY).read_text())["sizes"]
+        assert MODEL in sizes and all((e / n).stat().st_size == s for n, s in sizes.items())
+    hit, states = _draw(tiny_bundles["sd1"], ort_cache=True)
+    assert set(states.values()) == {"hit"}
+    assert np.array_equal(plain, miss) and np.array_equal(plain, hit)
+
+
+def test_environment_turns_it_on(tiny_bundles, cache_root, monkeypatch):
+    monkeypatch.setenv("LDM_EDGE_ORT_CACHE", "1")
+    _, states = _draw(tiny_bundles["sd1"])
+    assert set(states.values()) == {"miss"}
+    _, states = _draw(tiny_bundles["sd1"], ort_cache=False)  # the argument wins
+    assert set(states.values()) == {"off"}
+
+
+@pytest.mark.parametrize("damage", ["truncated_data", "no_entry_record", "garbage_same_size"])
+def test_damaged_entry_is_made_again(damage, tiny_bundles, cache_root, caplog):
+    plain, _ = _draw(tiny_bundles["sd1"])
+    _draw(tiny_bundles["sd1"], ort_cache=True)
+    unet_entry = cache_root / _key(tiny_bundles["sd1"], "unet")
+    if damage == "truncated_data":
+        with open(unet_entry / DATA, "r+b") as f:
+            f.truncate(1000)
+    elif damage == "no_entry_record":
+        (unet_entry / ENTRY).unlink()
+    else:
+        size = (unet_entry / MODEL).stat().st_size
+        (unet_entry / MODEL).write_bytes(b"\xff" * size)
+    with caplog.at_level(logging.WARNING):
+        img, states = _draw(tiny_bundles["sd1"], ort_cache=True)
+    assert states["unet"] == "miss" and states["text_encoder"] == "hit"
+    assert np.array_equal(img, plain)
+    assert "making it again" in caplog.text
+    _, states = _draw(tiny_bundles["sd1"], ort_cache=True)
+    assert states["unet"] == "hit"
+
+
+def test_unwritable_cache_is_skipped_with_a_warning(tiny_bundles, tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("LDM_EDGE_CACHE", str(blocker / "cache"))
+    plain, _ = _draw(tiny_bundles["sd1"], ort_cache=False)
+    with caplog.at_level(logging.WARNING):
+        img, states = _draw(tiny_bundles["sd1"], ort_cache=True)
+    assert set(states.values()) == {"off"} and np.array_equal(img, plain)
+    assert "cannot write" in caplog.text
+
+
+def test_a_changed_graph_gets_its_own_entry(tiny_bundles, cache_root, tmp_path):
+    import shutil
+
+    import onnx
+
+    other = tmp_path / "bundle"
+    shutil.copytree(tiny_bundles["sd1"], other)
+    _draw(tiny_bundles["sd1"], ort_cache=True)
+    _, states = _draw(other, ort_cache=True)  # same files, other place: same entries
+    assert set(states.values()) == {"hit"}
+    graph = onnx.load(other / "unet.onnx")
+    w = next(t for t in graph.graph.initializer if t.raw_data and t.data_type == onnx.TensorProto.FLOAT)
+    values = np.frombuffer(w.raw_data, np.float32).copy()
+    values[0] += 1e-3  # other weights, same size: the manifest's hash no longer holds
+    w.raw_data = values.tobytes()
+    onnx.save(graph, other / "unet.onnx")
+    _, states = _draw(other, ort_cache=True, verify=False)
+    assert states == {"text_encoder": "hit", "unet": "miss", "vae_decoder": "hit"}
+    assert len(_entries(cache_root)) == len(COMPONENTS) + 1
+
+
+def test_stale_staging_folders_are_removed(tmp_path):
+    cache = GraphCache(tmp_path)
+    old, fresh = tmp_path / ".dead.partial", tmp_path / ".busy.partial"
+    old.mkdir(), fresh.mkdir()
+    past = time.time() - STALE_S - 60
+    os.utime(old, (past, past))
+    staged = cache.stage("k")
+    assert not old.exists() and fresh.exists() and staged.is_dir()
+
+
+def test_cli_flag(tiny_bundles, tmp_path):
+    from helpers import run_cli
+
+    env = {"LDM_EDGE_CACHE": str(tmp_path / "cache")}
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"o{i}.png"
+        r = run_cli("-m", "ldm_edge.runtime", str(tiny_bundles["sd1"]), "-p", PROMPT, "--steps", "2",
+                    "--seed", "0", "-q", "--ort-cache", "-o", str(out), env_extra=env)
+        assert r.returncode == 0, r.stderr
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    assert len(_entries(tmp_path / "cache" / "ort-graphs")) == len(COMPONENTS)
