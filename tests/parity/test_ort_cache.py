@@ -62,6 +62,32 @@ def test_cached_graph_draws_the_same_picture(tiny_bundles, cache_root):
     assert np.array_equal(plain, miss) and np.array_equal(plain, hit)
 
 
+@pytest.fixture(scope="module")
+def reduced_precision_bundle(tiny_bundles, tmp_path_factory):
+    import shutil
+
+    from ldm_edge.calibration import int8
+    from ldm_edge.export import fp16
+
+    dst = tmp_path_factory.mktemp("cache-precisions") / "sd1"
+    shutil.copytree(tiny_bundles["sd1"], dst)
+    prompts = ["a red cat", "a blue square on a white background"]
+    fp16.make_fp16(dst, prompts, steps=4)
+    int8.make_int8(dst, prompts, calib_steps=4, method="percentile", progress=lambda msg: None)
+    return dst
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_cached_reduced_precision_graphs(precision, reduced_precision_bundle, cache_root):
+    """FP16 graphs and Q/DQ graphs (fused into int8 kernels by the optimiser) survive the
+    round trip through the saved optimised graph."""
+    plain, _ = _draw(reduced_precision_bundle, precision=precision)
+    miss, states = _draw(reduced_precision_bundle, precision=precision, ort_cache=True)
+    hit, states2 = _draw(reduced_precision_bundle, precision=precision, ort_cache=True)
+    assert states["unet"] == "miss" and states2["unet"] == "hit"
+    assert np.array_equal(plain, miss) and np.array_equal(plain, hit)
+
+
 def test_environment_turns_it_on(tiny_bundles, cache_root, monkeypatch):
     monkeypatch.setenv("LDM_EDGE_ORT_CACHE", "1")
     _, states = _draw(tiny_bundles["sd1"])
