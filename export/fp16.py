@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ldm_edge.runtime.compare import compare
+from ldm_edge.runtime.errors import first_line
 from ldm_edge.runtime.manifest import Manifest
 
 from .bundle_files import file_record
@@ -121,7 +122,7 @@ def convert_component(manifest: Manifest, name: str, samples: list[dict], progre
             res = worst_cosine(dest, fp32, feeds)
         except Exception as e:  # the converter made a graph onnxruntime rejects
             res = None
-            progress(f"{name}: fp16 with islands '{level}': invalid graph ({str(e).splitlines()[0][:160]})")
+            progress(f"{name}: fp16 with islands '{level}': invalid graph ({first_line(e, 160)})")
         else:
             progress(f"{name}: fp16 with islands '{level}': {res}")
         if res:

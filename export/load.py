@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ldm_edge.runtime.errors import LdmEdgeError
+from ldm_edge.runtime.errors import LdmEdgeError, first_line
 
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 DEMO_MARKER = "ldm_edge_demo.json"
@@ -160,7 +160,7 @@ def _load_folder(p: Path) -> LoadedModel:
         text_encoder = getattr(transformers, te_cls).from_pretrained(p / "text_encoder")
         tokenizer = transformers.AutoTokenizer.from_pretrained(p / "tokenizer")
     except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(f"{p.name}: cannot load ({str(e).splitlines()[0]})")
+        raise ModelLoadError(f"{p.name}: cannot load ({first_line(e, 300)})")
     _check_unet(unet)
     sched = json.loads((p / "scheduler" / "scheduler_config.json").read_text())
     return LoadedModel(

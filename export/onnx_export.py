@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ldm_edge.runtime.compare import Comparison, compare
-from ldm_edge.runtime.errors import LdmEdgeError
+from ldm_edge.runtime.errors import LdmEdgeError, first_line
 from ldm_edge.runtime.spec import ComponentSpec
 
 from .components import run_torch, sample_inputs, wrap
@@ -81,7 +81,7 @@ def export_component(model: LoadedModel, spec: ComponentSpec, out_dir: Path, *, 
         except OSError:
             raise  # disk full, permissions: not the exporter's fault, no point retrying
         except Exception as e:  # an exporter failure: try the next one
-            errors.append(f"{kind}: {str(e).strip().splitlines()[0][:300] if str(e) else type(e).__name__}")
+            errors.append(f"{kind}: {first_line(e, 300)}")
             log.warning("%s: %s exporter failed: %s", spec.name, kind, errors[-1])
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

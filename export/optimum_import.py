@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import ldm_edge
-from ldm_edge.runtime.errors import BundleError
+from ldm_edge.runtime.errors import BundleError, first_line
 from ldm_edge.runtime.fsutil import atomic_write_bytes, atomic_write_json
 from ldm_edge.runtime.manifest import MANIFEST_NAME, Manifest
 from ldm_edge.runtime.optimum import (GRAPH, OPTIONAL, REQUIRED, check_supported, graph_files,
@@ -121,7 +121,7 @@ def tokenizer_json(tdir: Path) -> str:
     try:
         tok = cls.from_pretrained(str(tdir))
     except Exception as e:
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         raise BundleError(f"{tdir}: transformers cannot read the CLIP tokenizer ({msg})")
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:

@@ -18,6 +18,8 @@ import json
 import pickle
 from pathlib import Path
 
+from ldm_edge.runtime.errors import first_line
+
 from .load import CONFIG_KEY, LoadedModel, ModelLoadError, family_of, hash_files
 from .load import _check_unet, _defaults, tokenizer_facts, uses_attention_mask
 
@@ -117,7 +119,7 @@ def _from_original_layout(path: Path, config: str | None) -> LoadedModel:
             str(path), config=str(config), local_files_only=True,
             safety_checker=None, requires_safety_checker=False)
     except Exception as e:
-        raise ModelLoadError(f"{path.name}: diffusers could not convert it ({str(e).splitlines()[0]})")
+        raise ModelLoadError(f"{path.name}: diffusers could not convert it ({first_line(e, 300)})")
     _check_unet(pipe.unet)
     sched = dict(pipe.scheduler.config)
     return LoadedModel(

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend_base import Backend
-from .errors import BundleError, UsageError
+from .errors import BundleError, UsageError, first_line
 from .spec import ComponentSpec
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class OnnxRuntimeBackend(Backend):
         try:
             return ort.InferenceSession(str(path), opts, providers=self.providers)
         except Exception as e:
-            msg = str(e).strip().splitlines()[0][:200] if str(e) else type(e).__name__
+            msg = first_line(e)
             raise BundleError(f"{self.spec.name}: onnxruntime cannot load {path.name} ({msg}); "
                               f"the file is damaged or not ONNX — re-export the bundle")
 
@@ -101,7 +101,7 @@ class OnnxRuntimeBackend(Backend):
                 return session
             except Exception as e:
                 log.warning("%s: the cached optimised graph does not load (%s); making it again",
-                            self.spec.name, str(e).strip().splitlines()[0][:120] if str(e) else e)
+                            self.spec.name, first_line(e, 120))
                 cache.remove(key)
         try:
             staged = cache.stage(key)

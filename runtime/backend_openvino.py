@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend_base import Backend
-from .errors import BundleError
+from .errors import BundleError, first_line
 from .spec import ComponentSpec
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class OpenVINOBackend(Backend):
             core = ov.Core()
             self.compiled = core.compile_model(str(path), "CPU", config)
         except Exception as e:
-            msg = str(e).strip().splitlines()[0][:200] if str(e) else type(e).__name__
+            msg = first_line(e)
             raise BundleError(f"{spec.name}: OpenVINO cannot load {Path(path).name} ({msg})")
         self.request = self.compiled.create_infer_request()
         self._outputs = [self.compiled.output(self.io_map.get(n, n)) for n in spec.output_names]

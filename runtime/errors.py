@@ -23,3 +23,10 @@ class NumericsError(LdmEdgeError):
     """A component produced NaN or Inf."""
 
     exit_code = 4
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, cut to ``limit`` characters, or the
+    exception's type name when the message is empty (for one-line error reports)."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__

@@ -52,3 +52,12 @@ def test_bound_and_fed_inputs_must_agree_on_batch():
     be.bind({"b": np.zeros((2, 2), np.float32)})
     with pytest.raises(UsageError, match="disagree on batch"):
         be.run({"a": np.zeros((1, 2), np.float32)})
+
+
+@pytest.mark.parametrize("message,expected", [
+    ("first line\nsecond line", "first line"), ("", "ValueError"), ("   \n  ", "ValueError"),
+    ("x" * 500, "x" * 200)])
+def test_first_line_of_an_error(message, expected):
+    from ldm_edge.runtime.errors import first_line
+
+    assert first_line(ValueError(message)) == expected
