@@ -55,6 +55,11 @@ class Backend(ABC):
     def _run(self, feeds: dict[str, np.ndarray], bound: set[str]) -> dict[str, np.ndarray]:
         """Run with ``feeds`` plus the bound inputs named in ``bound``."""
 
+    def _with_bound(self, feeds: dict[str, np.ndarray], bound: set[str]) -> dict[str, np.ndarray]:
+        """``feeds`` plus the bound host arrays named in ``bound``: what a backend without
+        device-resident inputs passes to its engine."""
+        return {**{k: self._bound[k] for k in bound}, **feeds}
+
     def check(self, feeds: dict[str, np.ndarray], partial: bool = False) -> None:
         spec = self.spec
         unknown = set(feeds) - set(spec.input_names)

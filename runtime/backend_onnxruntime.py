@@ -143,7 +143,7 @@ class OnnxRuntimeBackend(Backend):
     def _run(self, feeds, bound):
         outputs = [self._g(n) for n in self.spec.output_names]
         if not self.on_device:
-            full = {self._g(k): v for k, v in {**{k: self._bound[k] for k in bound}, **feeds}.items()}
+            full = {self._g(k): v for k, v in self._with_bound(feeds, bound).items()}
             outs = self.session.run(outputs, full)
             return dict(zip(self.spec.output_names, outs))
         io = self.session.io_binding()

@@ -41,8 +41,8 @@ class OpenVINOBackend(Backend):
         self._outputs = [self.compiled.output(self.io_map.get(n, n)) for n in spec.output_names]
 
     def _run(self, feeds, bound):
-        full = {**{k: self._bound[k] for k in bound}, **feeds}
-        inputs = {self.io_map.get(k, k): np.ascontiguousarray(v) for k, v in full.items()}
+        inputs = {self.io_map.get(k, k): np.ascontiguousarray(v)
+                  for k, v in self._with_bound(feeds, bound).items()}
         result = self.request.infer(inputs)
         return {n: np.array(result[o], copy=True) for n, o in zip(self.spec.output_names, self._outputs)}
 
