@@ -83,13 +83,12 @@ class OnnxRuntimeBackend(Backend):
         """The optimised graph from the cache, or optimise now and store it (ort_cache.py)."""
         import onnxruntime as ort
 
-        from .onnx_scan import ScanError, external_locations
-        from .ort_cache import DATA, EXTERNAL_MIN_BYTES, MODEL, GraphCache, entry_key
+        from .onnx_scan import ScanError
+        from .ort_cache import DATA, EXTERNAL_MIN_BYTES, MODEL, GraphCache, graph_key
 
         cache = GraphCache()
         try:
-            files = [path] + [path.parent / loc for loc in external_locations(path)]
-            key = entry_key(files, ort.__version__)
+            key = graph_key(path)
         except (OSError, ScanError):  # the plain open names the problem
             return self._open(path, self._options())
         hit = cache.lookup(key)

@@ -77,6 +77,19 @@ def entry_key(graph_files: list[Path], ort_version: str, level: str = "all") -> 
     return h.hexdigest()[:40]
 
 
+def graph_key(path: Path) -> str:
+    """``entry_key`` of the graph at ``path`` with the external-data files it names, for
+    the onnxruntime installed here. Raises OSError or onnx_scan.ScanError for a file that
+    cannot be read."""
+    import onnxruntime as ort
+
+    from .onnx_scan import external_locations
+
+    path = Path(path)
+    files = [path] + [path.parent / loc for loc in external_locations(path)]
+    return entry_key(files, ort.__version__)
+
+
 class GraphCache:
     def __init__(self, root: Path | None = None):
         self.root = Path(root) if root is not None else cache_dir() / SUBDIR

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from ldm_edge.runtime.ort_cache import DATA, ENTRY, MODEL, STALE_S, GraphCache, entry_key
+from ldm_edge.runtime.ort_cache import DATA, ENTRY, MODEL, STALE_S, GraphCache, graph_key
 from ldm_edge.runtime.pipeline import Pipeline
 
 PROMPT = "a photo of a cat"
@@ -34,13 +34,9 @@ def _draw(bundle, **kw):
 
 
 def _key(bundle, component):
-    import onnxruntime as ort
-
     from ldm_edge.runtime.manifest import Manifest
-    from ldm_edge.runtime.onnx_scan import external_locations
 
-    path = Manifest.load(bundle).variant(component, "fp32").path
-    return entry_key([path] + [path.parent / loc for loc in external_locations(path)], ort.__version__)
+    return graph_key(Manifest.load(bundle).variant(component, "fp32").path)
 
 
 def _entries(root):
