@@ -1,10 +1,9 @@
 """An opt-in disk cache of the graphs onnxruntime optimises for this CPU.
 
-Opening the SD1.5 U-Net with every graph optimisation costs 12-16 s on this machine, in
-each new process: most of it is the CPU-specific layout work (NCHWc convolutions) done on
-3.4 GB of weights. onnxruntime can save the graph it ends up with; opened again with
-optimisation off, that graph starts in 1.4 s and computes the same numbers at the same
-speed (`benchmarks/cold_start.py`). The saved graph is only valid for the onnxruntime
+Opening the SD1.5 U-Net with every graph optimisation costs 8.7 s (2 threads) on this
+machine, in each new process. onnxruntime can save the graph it ends up with; opened again
+with optimisation off, that graph opens in 1.3 s and computes the same numbers at the same
+speed (`python benchmarks/bench_ort_cache.py BUNDLE`). The saved graph is only valid for the onnxruntime
 version and CPU that made it, and it is a second copy of the weights (3.3 GB for SD1.5),
 so it lives in the user's cache (``runtime.fsutil.cache_dir()/ort-graphs``), keyed by
 the graph files' sha256, the onnxruntime version and the CPU, and is used only when asked
