@@ -16,7 +16,7 @@ def test_importing_runtime_loads_no_torch():
 
 def test_engine_building_needs_no_torch():
     # engines are built on devices (Jetsons) without PyTorch
-    code = ("import sys, ldm_edge.export.engines, ldm_edge.export.bundle_files; "
+    code = ("import sys, ldm_edge.export.engines, ldm_edge.bundletools.files; "
             "assert 'torch' not in sys.modules")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
