@@ -20,3 +20,14 @@ def test_engine_building_needs_no_torch():
             "assert 'torch' not in sys.modules")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_precision_variants_and_bundle_tools_load_no_torch():
+    # ldm-export fp16 / int8 / import-optimum run on devices without PyTorch
+    code = ("import sys, ldm_edge.bundletools.files, ldm_edge.bundletools.staging, "
+            "ldm_edge.bundletools.save, ldm_edge.bundletools.quality, ldm_edge.calibration.fp16, "
+            "ldm_edge.calibration.int8, ldm_edge.export.optimum_import, ldm_edge.export.cli; "
+            "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
