@@ -54,13 +54,11 @@ def _child(a) -> None:
     import time
 
     import numpy as np
-    import onnxruntime as ort
+
+    from ldm_edge.runtime.sessions import SessionFromOnnx
 
     model, shape = _graph(a.child, a.batch, a.heads, a.tokens, a.head_dim)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = a.threads
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = SessionFromOnnx(model.SerializeToString(), threads=a.threads)()
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((a.batch, a.heads, a.tokens, a.head_dim), dtype=np.float32)
                for _ in range(3))

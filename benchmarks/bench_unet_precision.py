@@ -61,14 +61,9 @@ def make_feeds(manifest, batch: int, height: int | None, width: int | None) -> d
 
 
 def session(path: Path, threads: int):
-    import onnxruntime as ort
+    from ldm_edge.runtime.sessions import SessionFromOnnx
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return SessionFromOnnx(path, threads=threads, inter_threads=1)()
 
 
 def run(bundle, repeats: int = DEFAULT_REPEATS, threads: int = 2, batch: int = 2,

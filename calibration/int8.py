@@ -20,8 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_edge.export.bundle_files import file_record, update_manifest
-from ldm_edge.export.onnx_export import ExportError
+from ldm_edge.bundletools.files import file_record, update_manifest
+from ldm_edge.bundletools.quality import end_to_end_psnr
+from ldm_edge.bundletools.save import save_graph
+from ldm_edge.runtime.errors import ExportError
 from ldm_edge.runtime.manifest import Manifest
 
 from . import qdq
@@ -110,9 +112,7 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
     ``symmetric``: activation ranges made symmetric (zero points 0), as TensorRT requires."""
     import onnx
 
-    from ldm_edge.calibration.capture import capture, default_prompts
-    from ldm_edge.export.fp16 import save_graph
-    from ldm_edge.export.quality import end_to_end_psnr
+    from .capture import capture, default_prompts
 
     if method not in METHODS:
         raise ExportError(f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}")

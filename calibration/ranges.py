@@ -205,7 +205,7 @@ def collect(fp32_path: Path, names: list[str], samples: list[dict], *, threads: 
     """Histogram of every tensor in ``names`` over all ``samples`` (feeds of the graph)."""
     import onnx
 
-    from ldm_edge.export.onnx_export import ort_session
+    from ldm_edge.runtime.sessions import SessionFromOnnx
 
     fp32_path = Path(fp32_path)
     proto = onnx.load(str(fp32_path), load_external_data=False)
@@ -229,7 +229,7 @@ def collect(fp32_path: Path, names: list[str], samples: list[dict], *, threads: 
         with scratch_path(fp32_path.parent, f"calib-{gi}") as path:
             onnx.save_model(g, str(path))
             del g
-            sess = ort_session(path, threads=threads)
+            sess = SessionFromOnnx(path, threads=threads)()
             for s in samples:
                 for n, arr in zip(group, sess.run(group, s)):
                     hists[n].update(arr)

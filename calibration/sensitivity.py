@@ -18,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ldm_edge.bundletools.save import save_graph
 from ldm_edge.runtime.compare import psnr
 from ldm_edge.runtime.manifest import Manifest
 from ldm_edge.runtime.pipeline import Pipeline
+from ldm_edge.runtime.sessions import SessionFromOnnx
 
 from . import qdq
 from .ranges import scratch_path
@@ -52,14 +54,12 @@ def save_referencing(proto, path: Path) -> None:
 def unit_costs(proto, src_dir: Path, layers, ranges: dict, samples: list[dict], *,
                threads: int = 0, progress=lambda msg: None) -> list[dict]:
     """Per unit: U-Net output SNR (dB) vs FP32 with only that unit in INT8, worst sample."""
-    from ldm_edge.export.onnx_export import ort_session
-
     g, units = qdq.build(proto, layers, ranges, set(), switchable=True, base_dir=str(src_dir))
     count = {u: sum(ly.unit == u for ly in layers) for u in units}
     with scratch_path(src_dir, "int8-sweep") as path:
         save_referencing(g, path)
         del g
-        sess = ort_session(path, threads=threads)
+        sess = SessionFromOnnx(path, threads=threads)()
         out_name = sess.get_outputs()[0].name
         snr = {u: math.inf for u in units}
         snr_all = math.inf
@@ -88,7 +88,7 @@ def unit_costs(proto, src_dir: Path, layers, ranges: dict, samples: list[dict], 
 
 class EndToEnd:
     """8-bit image PSNR of candidate U-Net graphs vs the FP32 bundle, as
-    ``export.quality.end_to_end_psnr`` measures it (FP32 references computed once)."""
+    ``bundletools.quality.end_to_end_psnr`` measures it (FP32 references computed once)."""
 
     def __init__(self, bundle, prompts: list[str], steps: int, seed: int = 0):
         self.bundle, self.prompts, self.steps, self.seed = Path(bundle), prompts, steps, seed
@@ -98,8 +98,6 @@ class EndToEnd:
         ref.close()
 
     def __call__(self, graph_proto) -> float:
-        from ldm_edge.export.fp16 import save_graph
-
         m = Manifest.load(self.bundle, verify=False)
         name = f".unet.int8.candidate-{os.getpid()}.onnx"
         files = save_graph(graph_proto, self.bundle / name)

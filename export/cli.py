@@ -86,11 +86,10 @@ def onnx_cmd(source, out, opset, min_size, max_size, max_batch, exporter, config
               help="Sampling steps of the FP32 capture run.")
 def fp16_cmd(bundle, prompts_file, num_prompts, steps):
     """Add FP16 graphs (FP32 islands decided by running) to BUNDLE; record their quality."""
-    from .fp16 import make_fp16
+    from ldm_edge.calibration.capture import read_prompts
+    from ldm_edge.calibration.fp16 import make_fp16
 
     t0 = time.perf_counter()
-    from ldm_edge.calibration.capture import read_prompts
-
     prompts = read_prompts(prompts_file, num_prompts)
     m = make_fp16(bundle, prompts, steps=steps,
                   progress=lambda msg: click.echo(f"  [{time.perf_counter() - t0:6.1f}s] {msg}", err=True))
@@ -186,8 +185,7 @@ def engines_cmd(ctx, bundle, precision, static, min_size, opt_size, max_size, ma
     click.echo(f"built {len(records)} engine(s) in {time.perf_counter() - t0:.1f} s")
 
 
+main.add_command(int8_cmd, "int8")  # lives in calibration/, where INT8 is made
+
 if __name__ == "__main__":
     main()
-
-
-main.add_command(int8_cmd, "int8")  # lives in calibration/, where INT8 is made

@@ -23,12 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ldm_edge.bundletools.files import update_manifest
 from ldm_edge.runtime.errors import LdmEdgeError, UsageError
 from ldm_edge.runtime.fsutil import sha256_file
 from ldm_edge.runtime.manifest import MANIFEST_NAME, Manifest
 from ldm_edge.runtime.spec import ComponentSpec
-
-from .bundle_files import update_manifest
 from ldm_edge.runtime.trt_engines import (ENGINE_BACKEND, TensorRTUnavailable, device_facts,
                                           engine_path, import_tensorrt, variant_sha256,
                                           version_major)

@@ -20,8 +20,10 @@ from pathlib import Path
 
 import torch
 
+from ldm_edge.bundletools.save import EXTERNAL_DATA_THRESHOLD
 from ldm_edge.runtime.compare import Comparison, compare
-from ldm_edge.runtime.errors import LdmEdgeError, first_line
+from ldm_edge.runtime.errors import ExportError, first_line  # noqa: F401 (re-exported)
+from ldm_edge.runtime.sessions import SessionFromOnnx
 from ldm_edge.runtime.spec import ComponentSpec
 
 from .components import run_torch, sample_inputs, wrap
@@ -30,8 +32,6 @@ from .load import LoadedModel
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
-# protobuf cannot serialise a message over 2 GiB; keep a margin for the graph itself.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # FP32 export vs PyTorch: the same math in another order. Differences come from
 # summation order in conv/matmul (~1e-7 relative per op); 1e-4 absolute (plus 1e-5 of
 # the output's largest magnitude, for text hidden states of size ~10-100) leaves room
@@ -39,10 +39,6 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 EXPORT_ATOL = 1e-4
 EXPORT_RTOL = 1e-5
 EXPORT_MIN_COSINE = 0.99999
-
-
-class ExportError(LdmEdgeError):
-    exit_code = 1
 
 
 def _trace_inputs(model: LoadedModel, spec: ComponentSpec, height: int, width: int):
@@ -117,16 +113,6 @@ def _finalise(raw: Path, dest: Path, large: bool) -> list[Path]:
     return [dest]
 
 
-def ort_session(path: Path, threads: int = 0):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def check_shapes(model: LoadedModel, spec: ComponentSpec) -> list[tuple[int, int, int]]:
     """(batch, height, width) in pixels for the self-check: batch 1 square at the
     model's default size, batch 2 non-square — two shapes prove the dynamic axes."""
@@ -143,7 +129,7 @@ def check_component(model: LoadedModel, spec: ComponentSpec, onnx_path: Path,
                     shapes=None) -> list[Comparison]:
     """Run the graph in onnxruntime and PyTorch on the same inputs at each shape."""
     module = wrap(model, spec.name)
-    sess = ort_session(onnx_path)
+    sess = SessionFromOnnx(onnx_path)()
     results = []
     for i, (b, h, w) in enumerate(shapes or check_shapes(model, spec)):
         feeds = sample_inputs(spec, model, b, h, w, seed=10 + i)

@@ -21,15 +21,14 @@ from pathlib import Path
 from typing import Callable
 
 import ldm_edge
-from ldm_edge.runtime.errors import BundleError, first_line
+from ldm_edge.bundletools.files import file_record
+from ldm_edge.bundletools.staging import staged_dir
+from ldm_edge.runtime.errors import BundleError, ExportError, first_line
 from ldm_edge.runtime.fsutil import atomic_write_bytes, atomic_write_json
 from ldm_edge.runtime.manifest import MANIFEST_NAME, Manifest
 from ldm_edge.runtime.optimum import (GRAPH, OPTIONAL, REQUIRED, check_supported, graph_files,
                                       is_optimum_folder, manifest_from_optimum, read_graph_io)
 
-from .bundle import staged_dir
-from .bundle_files import file_record
-from .onnx_export import ExportError
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from ldm_edge.runtime.errors import first_line
 
-from .load import CONFIG_KEY, LoadedModel, ModelLoadError, family_of, hash_files
-from .load import _check_unet, _defaults, tokenizer_facts, uses_attention_mask
+from .model_facts import (CONFIG_KEY, LoadedModel, ModelLoadError, check_unet, family_of,
+                          hash_files, model_defaults, tokenizer_facts, uses_attention_mask)
 
 PREFIXES = ("unet.", "vae.", "text_encoder.")
 
@@ -94,7 +94,7 @@ def _from_own_layout(path: Path, state: dict, cfg: dict) -> LoadedModel:
         if missing or unexpected:
             raise ModelLoadError(f"{path.name}: {name} weights do not fit its config "
                                  f"({len(missing)} missing, {len(unexpected)} unexpected)")
-    _check_unet(unet)
+    check_unet(unet)
     tok = cfg["tokenizer"]
     Tokenizer.from_str(tok["tokenizer_json"])  # fails early on a broken tokenizer
     sched = cfg["scheduler"]
@@ -104,7 +104,7 @@ def _from_own_layout(path: Path, state: dict, cfg: dict) -> LoadedModel:
         unet=unet.eval(), vae=vae.eval(), tokenizer_json=tok["tokenizer_json"],
         tokenizer_max_length=int(tok["max_length"]), pad_token_id=int(tok["pad_id"]),
         pad_token=tok["pad_token"], use_attention_mask=uses_attention_mask(text_encoder),
-        scheduler_config=sched, defaults=_defaults(unet, vae, sched))
+        scheduler_config=sched, defaults=model_defaults(unet, vae, sched))
 
 
 def _from_original_layout(path: Path, config: str | None) -> LoadedModel:
@@ -120,14 +120,14 @@ def _from_original_layout(path: Path, config: str | None) -> LoadedModel:
             safety_checker=None, requires_safety_checker=False)
     except Exception as e:
         raise ModelLoadError(f"{path.name}: diffusers could not convert it ({first_line(e, 300)})")
-    _check_unet(pipe.unet)
+    check_unet(pipe.unet)
     sched = dict(pipe.scheduler.config)
     return LoadedModel(
         source=path.name, source_sha256=hash_files([path]),
         family=family_of(pipe.unet, pipe.text_encoder, sched),
         text_encoder=pipe.text_encoder.eval(), unet=pipe.unet.eval(), vae=pipe.vae.eval(),
         use_attention_mask=uses_attention_mask(pipe.text_encoder), scheduler_config=sched,
-        defaults=_defaults(pipe.unet, pipe.vae, sched),
+        defaults=model_defaults(pipe.unet, pipe.vae, sched),
         **tokenizer_facts(pipe.tokenizer, pipe.text_encoder))
 
 

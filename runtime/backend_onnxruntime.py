@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
 
 from .backend_base import Backend
 from .errors import BundleError, UsageError, first_line
+from .sessions import SessionFromOnnx
 from .spec import ComponentSpec
-
-log = logging.getLogger(__name__)
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 DEVICE_PROVIDERS = {
@@ -45,84 +43,22 @@ class OnnxRuntimeBackend(Backend):
         self.io_map = dict(io_map or {})
         self.threads = threads
         self.providers = choose_providers(device)
+        loader = SessionFromOnnx(path, threads=threads, providers=self.providers,
+                                 cache=graph_cache, label=spec.name)
+        try:
+            self.session = loader()
+        except Exception as e:
+            raise BundleError(f"{spec.name}: onnxruntime cannot load {Path(path).name} "
+                              f"({first_line(e)}); the file is damaged or not ONNX — "
+                              f"re-export the bundle")
         # "off", "hit" (opened the cached optimised graph) or "miss" (optimised and stored it)
-        self.cache_state = "off"
-        if graph_cache and self.providers == ["CPUExecutionProvider"]:
-            self.session = self._open_cached(Path(path))
-        else:
-            self.session = self._open(Path(path), self._options())
+        self.cache_state = loader.cache_state
         names = [i.name for i in self.session.get_inputs()]
         if sorted(names) != sorted(self._g(n) for n in spec.input_names):
             raise BundleError(f"{spec.name}: graph inputs {names} do not match the manifest's "
                               f"{spec.input_names}; re-export the bundle")
         self.on_device = self.session.get_providers()[0] != "CPUExecutionProvider"
         self._device_values = {}
-
-    def _options(self, optimise: bool = True):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimise
-                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-        opts.log_severity_level = 3
-        if self.threads:
-            opts.intra_op_num_threads = self.threads
-        return opts
-
-    def _open(self, path: Path, opts):
-        import onnxruntime as ort
-
-        try:
-            return ort.InferenceSession(str(path), opts, providers=self.providers)
-        except Exception as e:
-            msg = first_line(e)
-            raise BundleError(f"{self.spec.name}: onnxruntime cannot load {path.name} ({msg}); "
-                              f"the file is damaged or not ONNX — re-export the bundle")
-
-    def _open_cached(self, path: Path):
-        """The optimised graph from the cache, or optimise now and store it (ort_cache.py)."""
-        import onnxruntime as ort
-
-        from .onnx_scan import ScanError
-        from .ort_cache import DATA, EXTERNAL_MIN_BYTES, MODEL, GraphCache, graph_key
-
-        cache = GraphCache()
-        try:
-            key = graph_key(path)
-        except (OSError, ScanError):  # the plain open names the problem
-            return self._open(path, self._options())
-        hit = cache.lookup(key)
-        if hit is not None:
-            try:
-                session = ort.InferenceSession(str(hit), self._options(optimise=False),
-                                               providers=self.providers)
-                self.cache_state = "hit"
-                return session
-            except Exception as e:
-                log.warning("%s: the cached optimised graph does not load (%s); making it again",
-                            self.spec.name, first_line(e, 120))
-                cache.remove(key)
-        try:
-            staged = cache.stage(key)
-        except OSError as e:
-            log.warning("onnxruntime graph cache: cannot write to %s (%s)", cache.root, e)
-            return self._open(path, self._options())
-        opts = self._options()
-        opts.optimized_model_filepath = str(staged / MODEL)
-        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", DATA)
-        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
-                                      str(EXTERNAL_MIN_BYTES))
-        try:
-            session = ort.InferenceSession(str(path), opts, providers=self.providers)
-        except Exception:
-            # the graph or the save (disk full?) failed: a plain open tells which
-            cache.discard(staged)
-            session = self._open(path, self._options())
-            log.warning("%s: could not store the optimised graph in %s", self.spec.name, cache.root)
-            return session
-        if cache.commit(key, staged) is not None:
-            self.cache_state = "miss"
-        return session
 
     def _g(self, name: str) -> str:
         return self.io_map.get(name, name)

@@ -19,6 +19,13 @@ class UsageError(LdmEdgeError):
     exit_code = 2
 
 
+class ExportError(LdmEdgeError):
+    """Making or rewriting a bundle failed (export, precision variants, import); nothing
+    was written, or the bundle was left as it was."""
+
+    exit_code = 1
+
+
 class NumericsError(LdmEdgeError):
     """A component produced NaN or Inf."""
 

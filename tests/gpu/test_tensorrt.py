@@ -45,7 +45,7 @@ SIZES = ("--min-size", "64", "--max-size", "256", "--max-batch", "2")
 @pytest.fixture(scope="module")
 def trt_bundle(tiny_bundles, tmp_path_factory):
     """A copy of the tiny SD1 bundle with FP16 graphs and FP16 engines for 64-256 px, 1-2 images."""
-    from ldm_edge.export.fp16 import make_fp16
+    from ldm_edge.calibration.fp16 import make_fp16
 
     root = tmp_path_factory.mktemp("trt") / "bundle"
     shutil.copytree(tiny_bundles["sd1"], root)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
+
+from ldm_edge.runtime.sessions import SessionFromOnnx
 
 # Same FP32 math in another order; the bar for the tiny models.
 MAX_ABS = 1e-4
@@ -32,7 +33,7 @@ def case(request, tiny_models, tiny_bundles):
 def session(bundle, name):
     m = json.loads((bundle / "manifest.json").read_text())
     path = bundle / m["components"][name]["variants"]["fp32"]["file"]
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return SessionFromOnnx(path)()
 
 
 def max_abs(a, b):

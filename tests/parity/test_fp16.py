@@ -8,12 +8,12 @@ import numpy as np
 import onnx
 import pytest
 
-from ldm_edge.export import fp16
-from ldm_edge.export.onnx_export import ExportError
+from ldm_edge.calibration import fp16
 from ldm_edge.runtime.compare import psnr
-from ldm_edge.runtime.errors import NumericsError
+from ldm_edge.runtime.errors import ExportError, NumericsError
 from ldm_edge.runtime.manifest import Manifest
 from ldm_edge.runtime.pipeline import Pipeline
+from ldm_edge.runtime.sessions import SessionFromOnnx
 
 # The FP16 issue's bar: end-to-end 8-bit PSNR vs the FP32 bundle, same prompts and seeds.
 MIN_PSNR_DB = 40.0
@@ -67,6 +67,26 @@ def test_unet_that_fails_every_level_is_refused(tiny_bundles, tmp_path, monkeypa
     assert "fp16" not in Manifest.load(dst).precisions("unet")
 
 
+def test_a_failure_before_the_commit_leaves_the_manifest_and_no_graphs(tiny_bundles, tmp_path,
+                                                                      monkeypatch):
+    dst = tmp_path / "b"
+    shutil.copytree(tiny_bundles["sd1"], dst)
+    before = (dst / "manifest.json").read_bytes()
+    seen = {}
+
+    def broken(manifest, precision, *args, **kwargs):
+        # measured through a manifest that names the new graphs, not yet on disk
+        seen["unet"] = manifest.variant("unet", precision).path.is_file()
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fp16, "end_to_end_psnr", broken)
+    with pytest.raises(OSError, match="disk full"):
+        fp16.make_fp16(dst, PROMPTS[:1], steps=2)
+    assert seen == {"unet": True}
+    assert (dst / "manifest.json").read_bytes() == before
+    assert not list(dst.glob("*.fp16.onnx*"))
+
+
 def test_nan_from_a_component_names_it_and_suggests_fp32(fp16_bundles, monkeypatch):
     from ldm_edge.runtime import backend_onnxruntime as bo
 
@@ -86,8 +106,6 @@ def test_nan_from_a_component_names_it_and_suggests_fp32(fp16_bundles, monkeypat
 @pytest.mark.parametrize("level,ops", fp16.ISLAND_LEVELS)
 @pytest.mark.parametrize("name", ["text_encoder", "unet", "vae_decoder"])
 def test_every_island_level_gives_a_valid_accurate_graph(level, ops, name, tiny_bundles, tmp_path):
-    from ldm_edge.export.onnx_export import ort_session
-
     m = Manifest.load(tiny_bundles["sd2"])
     files = fp16.save_graph(fp16.to_fp16(m.variant(name, "fp32").path, ops), tmp_path / "g.onnx")
     rng = np.random.default_rng(0)
@@ -96,8 +114,8 @@ def test_every_island_level_gives_a_valid_accurate_graph(level, ops, name, tiny_
                       "timestep": np.array([999.0, 3.0], np.float32),
                       "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32)},
              "vae_decoder": {"latent": rng.standard_normal((1, 4, 16, 16), dtype=np.float32)}}[name]
-    ref = ort_session(m.variant(name, "fp32").path).run(None, feeds)[0]
-    out = ort_session(files[0]).run(None, feeds)[0]
+    ref = SessionFromOnnx(m.variant(name, "fp32").path)().run(None, feeds)[0]
+    out = SessionFromOnnx(files[0])().run(None, feeds)[0]
     from ldm_edge.runtime.compare import compare
 
     assert compare(out, ref, min_cosine=fp16.FP16_MIN_COSINE)

@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 from ldm_edge.calibration import int8, qdq
 from ldm_edge.calibration.ranges import Histogram
-from ldm_edge.export.onnx_export import ExportError
+from ldm_edge.runtime.errors import ExportError
 from ldm_edge.runtime.compare import psnr
 from ldm_edge.runtime.manifest import Manifest
 from ldm_edge.runtime.pipeline import Pipeline

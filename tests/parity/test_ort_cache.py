@@ -63,7 +63,7 @@ def reduced_precision_bundle(tiny_bundles, tmp_path_factory):
     import shutil
 
     from ldm_edge.calibration import int8
-    from ldm_edge.export import fp16
+    from ldm_edge.calibration import fp16
 
     dst = tmp_path_factory.mktemp("cache-precisions") / "sd1"
     shutil.copytree(tiny_bundles["sd1"], dst)

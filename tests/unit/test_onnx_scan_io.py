@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from ldm_edge.runtime.onnx_scan import ScanError, graph_io
+from ldm_edge.runtime.sessions import SessionFromOnnx
 
 _ORT_NAMES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
               "tensor(int32)": "int32", "tensor(bool)": "bool", "tensor(double)": "float64"}
 
 
 def _ort_io(path):
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = SessionFromOnnx(path)()
 
     def table(args):
         return {a.name: (_ORT_NAMES[a.type], list(a.shape or [])) for a in args}

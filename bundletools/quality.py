@@ -1,5 +1,6 @@
 """End-to-end quality of a precision variant: the same prompts and seeds through the
-FP32 and the variant pipelines, compared as 8-bit images."""
+FP32 and the variant pipelines, compared as 8-bit images. ``bundle`` may be a folder or a
+``Manifest`` not yet written to disk, so a new variant is measured before it is recorded."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Bundle file records and manifest edits, torch-free: engines are built on devices
-(Jetsons) that have no PyTorch, so this must not import the exporter."""
+"""Bundle file records and manifest edits, torch-free: engines and precision variants are
+made on devices (Jetsons) that have no PyTorch, so this must not import the exporter."""
 
 from __future__ import annotations
 

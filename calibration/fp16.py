@@ -10,17 +10,21 @@ normalisations, then softmax too; a component that still misses stays FP32 entir
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
 import numpy as np
 
+from ldm_edge.bundletools.files import file_record, update_manifest
+from ldm_edge.bundletools.quality import end_to_end_psnr
+from ldm_edge.bundletools.save import save_graph
 from ldm_edge.runtime.compare import compare
-from ldm_edge.runtime.errors import first_line
+from ldm_edge.runtime.errors import ExportError, first_line
 from ldm_edge.runtime.manifest import Manifest
+from ldm_edge.runtime.sessions import SessionFromOnnx
 
-from .bundle_files import file_record
-from .onnx_export import EXTERNAL_DATA_THRESHOLD, ort_session
+from .capture import capture, default_prompts
 
 log = logging.getLogger(__name__)
 
@@ -78,21 +82,6 @@ def to_fp16(fp32_path: Path, block_ops: tuple):
         op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(block_ops), node_block_list=nodes)
 
 
-def save_graph(proto, dest: Path) -> list[Path]:
-    import onnx
-
-    data = dest.with_name(dest.name + ".data")
-    for stale in (dest, data):
-        stale.unlink(missing_ok=True)
-    size = sum(len(t.raw_data) for t in proto.graph.initializer)
-    if size > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(proto, str(dest), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-        return [dest, data]
-    onnx.save_model(proto, str(dest))
-    return [dest]
-
-
 def pick_samples(records: list[dict]) -> list[dict]:
     if len(records) <= MAX_SAMPLES:
         return records
@@ -101,7 +90,7 @@ def pick_samples(records: list[dict]) -> list[dict]:
 
 
 def worst_cosine(fp16_path: Path, fp32_path: Path, samples: list[dict]):
-    s16, s32 = ort_session(fp16_path), ort_session(fp32_path)
+    s16, s32 = SessionFromOnnx(fp16_path)(), SessionFromOnnx(fp32_path)()
     results = []
     for i, feeds in enumerate(samples):
         ref = s32.run(None, feeds)[0]
@@ -137,7 +126,7 @@ def convert_component(manifest: Manifest, name: str, samples: list[dict], progre
 
 def encoder_samples(manifest: Manifest, records: dict) -> list[dict]:
     """Real images for the VAE encoder: the FP32 decoder's outputs on captured latents."""
-    dec = ort_session(manifest.variant("vae_decoder", "fp32").path)
+    dec = SessionFromOnnx(manifest.variant("vae_decoder", "fp32").path)()
     io_map = manifest["components"]["vae_decoder"].get("io_map") or {}
     out = []
     for feeds in records.get("vae_decoder", [])[:MAX_SAMPLES]:
@@ -148,37 +137,51 @@ def encoder_samples(manifest: Manifest, records: dict) -> list[dict]:
 
 def make_fp16(bundle, prompts: list[str] | None = None, steps: int = 10,
               progress=lambda msg: None) -> dict:
-    """Add FP16 variants to ``bundle`` and record their measured quality."""
-    from ldm_edge.calibration.capture import capture, default_prompts
-
-    from .bundle_files import update_manifest
-    from .quality import end_to_end_psnr
-
+    """Add FP16 variants to ``bundle`` and record their measured quality. As ``make_int8``
+    does, the end-to-end check runs through a manifest not yet on disk that names the new
+    graphs, and the manifest is written once, at the end: a failure leaves it as it was
+    (less a previous FP16 variant, whose files were about to be replaced)."""
+    bundle = Path(bundle)
     manifest = Manifest.load(bundle)
     prompts = prompts or default_prompts(4)
     progress(f"capturing inputs: FP32 sampling of {len(prompts)} prompts, {steps} steps")
     records = capture(bundle, prompts, steps=steps)
     if manifest.has("vae_encoder"):
         records["vae_encoder"] = encoder_samples(manifest, records)
-    variants = {}
-    for name in manifest.component_names:
-        variant = convert_component(manifest, name, pick_samples(records[name]), progress)
-        if variant is None and name == "unet":
-            from .onnx_export import ExportError
-
-            raise ExportError("the U-Net does not run in FP16 even with norms and softmax in FP32; "
-                              "keep using --precision fp32")
-        if variant is None:
-            progress(f"{name}: stays FP32 (overflows or loses accuracy in FP16)")
-        else:
-            variants[name] = variant
-
-    def add(m):
-        for name, v in variants.items():
-            m["components"][name]["variants"]["fp16"] = v
-    update_manifest(bundle, add)
-    q = end_to_end_psnr(bundle, "fp16", prompts[:2], steps=steps)
+    if any("fp16" in manifest.precisions(n) for n in manifest.component_names):
+        update_manifest(bundle, _drop_fp16)  # its files are about to be replaced
+    variants: dict[str, dict] = {}
+    try:
+        for name in manifest.component_names:
+            variant = convert_component(manifest, name, pick_samples(records[name]), progress)
+            if variant is None and name == "unet":
+                raise ExportError("the U-Net does not run in FP16 even with norms and softmax in "
+                                  "FP32; keep using --precision fp32")
+            if variant is None:
+                progress(f"{name}: stays FP32 (overflows or loses accuracy in FP16)")
+            else:
+                variants[name] = variant
+        data = copy.deepcopy(Manifest.load(bundle, verify=False).data)
+        _add_fp16(data, variants)
+        q = end_to_end_psnr(Manifest(bundle, data), "fp16", prompts[:2], steps=steps)
+    except BaseException:
+        for v in variants.values():
+            for f in v["files"]:
+                (bundle / f["path"]).unlink(missing_ok=True)
+        raise
     progress(f"end to end: 8-bit PSNR vs FP32 {q['psnr_db']:.1f} dB")
-    kept = sorted(set(manifest.component_names) - set(variants))
-    return update_manifest(bundle, lambda m: m.setdefault("quality", {}).update(
-        fp16={**q, "components_kept_fp32": kept}))
+    q["components_kept_fp32"] = sorted(set(manifest.component_names) - set(variants))
+    return update_manifest(bundle, lambda m: _add_fp16(m, variants, q))
+
+
+def _add_fp16(m: dict, variants: dict, quality: dict | None = None) -> None:
+    for name, v in variants.items():
+        m["components"][name]["variants"]["fp16"] = v
+    if quality is not None:
+        m.setdefault("quality", {})["fp16"] = quality
+
+
+def _drop_fp16(m: dict) -> None:
+    for rec in m["components"].values():
+        rec["variants"].pop("fp16", None)
+    m.get("quality", {}).pop("fp16", None)

@@ -1,0 +1,113 @@
+"""One way to open an onnxruntime session, for the runtime, the export checks, calibration
+and the benchmarks.
+
+A loader in Polygraphy's manner: ``SessionFromOnnx(path, threads=2)`` stores the graph and
+the explicit settings; calling it opens the session. With ``cache=True`` (CPU only) the
+graph onnxruntime optimises is kept on disk and reopened without optimising again
+(``ort_cache.py``); ``cache_state`` then says what happened.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .errors import first_line
+
+log = logging.getLogger(__name__)
+
+CPU = ("CPUExecutionProvider",)
+# onnxruntime's warnings about unused initializers and the like are noise to our users.
+LOG_SEVERITY_ERROR = 3
+
+
+class SessionFromOnnx:
+    """Callable that opens ``model`` (a path, or the serialised graph as bytes).
+
+    ``threads``: intra-op threads (0: onnxruntime's choice); ``inter_threads`` likewise;
+    ``optimise``: every graph optimisation, or none; ``providers``: execution providers in
+    order of preference; ``cache``: reuse this CPU's optimised graph from the disk cache
+    (ignored unless the providers are CPU only and ``model`` is a path); ``label``: what
+    log messages call the graph (default: its file name).
+    """
+
+    def __init__(self, model: str | Path | bytes, *, threads: int = 0, inter_threads: int = 0,
+                 optimise: bool = True, providers=CPU, cache: bool = False,
+                 label: str | None = None):
+        self.model = model if isinstance(model, bytes) else Path(model)
+        self.threads, self.inter_threads, self.optimise = threads, inter_threads, optimise
+        self.providers = list(providers)
+        self.cache = cache and self.providers == list(CPU) and not isinstance(model, bytes)
+        self.label = label or (self.model.name if isinstance(self.model, Path) else "graph")
+        # after a call: "off", "hit" (opened the cached optimised graph) or "miss" (stored it)
+        self.cache_state = "off"
+
+    def options(self, optimise: bool | None = None):
+        import onnxruntime as ort
+
+        optimise = self.optimise if optimise is None else optimise
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimise
+                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        opts.log_severity_level = LOG_SEVERITY_ERROR
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        if self.inter_threads:
+            opts.inter_op_num_threads = self.inter_threads
+        return opts
+
+    def __call__(self):
+        """The session; onnxruntime's own exception when the graph does not load."""
+        self.cache_state = "off"
+        if self.cache:
+            return self._open_cached()
+        return self._open(self.model, self.options())
+
+    def _open(self, model, opts):
+        import onnxruntime as ort
+
+        source = model if isinstance(model, bytes) else str(model)
+        return ort.InferenceSession(source, opts, providers=self.providers)
+
+    def _open_cached(self):
+        """The optimised graph from the cache, or optimise now and store it."""
+        from .onnx_scan import ScanError
+        from .ort_cache import DATA, EXTERNAL_MIN_BYTES, MODEL, GraphCache, graph_key
+
+        path = self.model
+        cache = GraphCache()
+        try:
+            key = graph_key(path)
+        except (OSError, ScanError):  # the plain open names the problem
+            return self._open(path, self.options())
+        hit = cache.lookup(key)
+        if hit is not None:
+            try:
+                session = self._open(hit, self.options(optimise=False))
+                self.cache_state = "hit"
+                return session
+            except Exception as e:
+                log.warning("%s: the cached optimised graph does not load (%s); making it again",
+                            self.label, first_line(e, 120))
+                cache.remove(key)
+        try:
+            staged = cache.stage(key)
+        except OSError as e:
+            log.warning("onnxruntime graph cache: cannot write to %s (%s)", cache.root, e)
+            return self._open(path, self.options())
+        opts = self.options()
+        opts.optimized_model_filepath = str(staged / MODEL)
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", DATA)
+        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                      str(EXTERNAL_MIN_BYTES))
+        try:
+            session = self._open(path, opts)
+        except Exception:
+            # the graph or the save (disk full?) failed: a plain open tells which
+            cache.discard(staged)
+            session = self._open(path, self.options())
+            log.warning("%s: could not store the optimised graph in %s", self.label, cache.root)
+            return session
+        if cache.commit(key, staged) is not None:
+            self.cache_state = "miss"
+        return session
