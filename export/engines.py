@@ -17,7 +17,6 @@ built on the device itself (a Jetson), which has TensorRT and no PyTorch.
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +36,6 @@ from ldm_edge.runtime.trt_engines import (ENGINE_BACKEND, TensorRTUnavailable, d
 GUIDED = ("text_encoder", "unet")
 SIZE_DIMS = {"latent_height": "height", "latent_width": "width",
              "height": "height", "width": "width"}
-NO_POLYGRAPHY = ("Polygraphy is not installed (pip install polygraphy); ldm-export engines "
-                 "builds through its TensorRT loaders")
-# Older Polygraphy reads IBuilderConfig.int8_calibrator unguarded; TensorRT 11 removed it.
-MIN_POLYGRAPHY_FOR_TRT11 = (0, 49, 24)
 
 
 class EngineBuildError(LdmEdgeError):
@@ -121,18 +116,10 @@ def _within(dim, rng, lo, hi, fix, scale=1):
 
 # -- building -----------------------------------------------------------------------------------
 def import_polygraphy():
-    try:
-        import polygraphy
-        from polygraphy.backend import trt as poly_trt
-        from polygraphy.logger import G_LOGGER
-    except Exception:
-        raise TensorRTUnavailable(NO_POLYGRAPHY) from None
-    have = tuple(int(x) for x in re.findall(r"\d+", polygraphy.__version__)[:3])
-    if version_major(import_tensorrt().__version__) >= 11 and have < MIN_POLYGRAPHY_FOR_TRT11:
-        need = ".".join(map(str, MIN_POLYGRAPHY_FOR_TRT11))
-        raise TensorRTUnavailable(f"Polygraphy {polygraphy.__version__} cannot drive TensorRT 11; "
-                                  f"pip install 'polygraphy>={need}'")
-    return poly_trt, G_LOGGER
+    """Polygraphy's TensorRT loaders, from the one TensorRT environment (``trt_engines``)."""
+    from ldm_edge.runtime.trt_engines import import_polygraphy as from_environment
+
+    return from_environment()
 
 
 def plan_builds(manifest: Manifest, precision: str, opts: ProfileOptions,

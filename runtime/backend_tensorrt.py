@@ -143,15 +143,16 @@ def _device_memory_size(engine) -> int:
     return int(engine.device_memory_size)
 
 
-_TRT_LOGGER = None
+_TRT_LOGGER = (None, None)  # (the tensorrt module it belongs to, the logger)
 
 
 def _trt_logger(trt):
+    """One logger per process and TensorRT module (a test's fake never reaches the real one)."""
     global _TRT_LOGGER
-    if _TRT_LOGGER is None:
+    if _TRT_LOGGER[0] is not trt:
         debug = logging.getLogger().isEnabledFor(logging.DEBUG)
-        _TRT_LOGGER = trt.Logger(trt.Logger.WARNING if debug else trt.Logger.ERROR)
-    return _TRT_LOGGER
+        _TRT_LOGGER = (trt, trt.Logger(trt.Logger.WARNING if debug else trt.Logger.ERROR))
+    return _TRT_LOGGER[1]
 
 
 class TensorRTBackend(Backend):

@@ -4,14 +4,14 @@ Shared by ``ldm-export engines`` and the TensorRT backend, so both halves follow
 and one matching rule. A serialised engine runs only on the GPU model, compute capability
 and TensorRT version it was built with; the manifest records those facts per engine and
 :func:`select_engine` compares them with the running machine's as plain data (tested
-without a GPU). ``tensorrt`` and ``cuda-python`` are imported only inside the functions that
-ask the machine; anything missing becomes one line saying how to get it.
+without a GPU). ``tensorrt``, ``cuda-python`` and Polygraphy come from one
+:class:`TensorRTEnvironment` (tests install fakes there), imported only when first asked;
+anything missing becomes one line saying how to get it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -56,30 +56,118 @@ class DeviceFacts:
 
 
 # -- asking the machine (lazy, guarded imports) ------------------------------------------------
+NO_POLYGRAPHY = ("Polygraphy is not installed (pip install polygraphy); ldm-export engines "
+                 "builds through its TensorRT loaders")
+# Older Polygraphy reads IBuilderConfig.int8_calibrator unguarded; TensorRT 11 removed it.
+MIN_POLYGRAPHY_FOR_TRT11 = (0, 49, 24)
+
+
+class TensorRTEnvironment:
+    """Where TensorRT, cuda-python, Polygraphy and the device facts come from.
+
+    Every caller (the backend, ``ldm-export engines``, ``--backend auto``) reaches them through
+    :func:`import_tensorrt`, :func:`import_cudart`, :func:`import_polygraphy` and
+    :func:`device_facts`, which ask the one installed environment. This one asks the machine;
+    tests install fakes with :func:`set_environment`, so no module can reach the real TensorRT
+    behind a test's back.
+    """
+
+    def __init__(self):
+        self._facts: dict[int, DeviceFacts] = {}
+
+    def tensorrt(self):
+        try:
+            import tensorrt as trt
+        except Exception:  # ImportError, or OSError/RuntimeError when libnvinfer is missing
+            raise TensorRTUnavailable(NO_TENSORRT) from None
+        if not hasattr(trt, "Runtime"):  # PyPI's placeholder package, not NVIDIA's wheel
+            raise TensorRTUnavailable(NO_TENSORRT)
+        major = version_major(getattr(trt, "__version__", "0"))
+        if major < MIN_TRT_MAJOR:
+            raise TensorRTUnavailable(f"TensorRT {trt.__version__} is too old; ldm-edge needs "
+                                      f"TensorRT {MIN_TRT_MAJOR} or newer (JetPack 6 or later)")
+        return trt
+
+    def cudart(self):
+        """cuda-python's runtime bindings: ``cuda.bindings.runtime`` (12.6+), else ``cuda.cudart``."""
+        try:
+            from cuda.bindings import runtime as cudart
+        except Exception:
+            try:
+                from cuda import cudart
+            except Exception:
+                raise TensorRTUnavailable(NO_CUDA_PYTHON) from None
+        return cudart
+
+    def polygraphy(self):
+        """(``polygraphy.backend.trt``, ``G_LOGGER``), refused when too old for this TensorRT."""
+        try:
+            import polygraphy
+            from polygraphy.backend import trt as poly_trt
+            from polygraphy.logger import G_LOGGER
+        except Exception:
+            raise TensorRTUnavailable(NO_POLYGRAPHY) from None
+        have = tuple(int(x) for x in re.findall(r"\d+", polygraphy.__version__)[:3])
+        trt_major = version_major(self.tensorrt().__version__)
+        if trt_major >= 11 and have < MIN_POLYGRAPHY_FOR_TRT11:
+            need = ".".join(map(str, MIN_POLYGRAPHY_FOR_TRT11))
+            raise TensorRTUnavailable(f"Polygraphy {polygraphy.__version__} cannot drive "
+                                      f"TensorRT 11; pip install 'polygraphy>={need}'")
+        return poly_trt, G_LOGGER
+
+    def facts(self, device: int = 0) -> DeviceFacts:
+        """The running machine's facts (asked once per device); raises
+        :class:`TensorRTUnavailable` naming what is missing."""
+        if device not in self._facts:
+            self._facts[device] = self._ask_facts(device)
+        return self._facts[device]
+
+    def _ask_facts(self, device: int) -> DeviceFacts:
+        trt, cudart = self.tensorrt(), self.cudart()
+        ok = cudart.cudaError_t.cudaSuccess
+        err, count = cudart.cudaGetDeviceCount()
+        if err != ok or count <= device:
+            why = cuda_error(cudart, err) if err != ok else "the CUDA driver sees no device"
+            raise TensorRTUnavailable(NO_GPU.format(why=why))
+        err, prop = cudart.cudaGetDeviceProperties(device)
+        if err != ok:
+            raise TensorRTUnavailable(NO_GPU.format(why=cuda_error(cudart, err)))
+        name = prop.name
+        if isinstance(name, (bytes, bytearray)):
+            name = bytes(name).split(b"\0", 1)[0].decode(errors="replace")
+        return DeviceFacts(str(name).strip(), f"{prop.major}.{prop.minor}", str(trt.__version__))
+
+
+_ENVIRONMENT = TensorRTEnvironment()
+
+
+def set_environment(env: TensorRTEnvironment) -> TensorRTEnvironment:
+    """Install ``env`` as the one source of TensorRT, CUDA and device facts; returns the
+    previous one (tests put it back)."""
+    global _ENVIRONMENT
+    previous, _ENVIRONMENT = _ENVIRONMENT, env
+    return previous
+
+
+def environment() -> TensorRTEnvironment:
+    return _ENVIRONMENT
+
+
 def import_tensorrt():
-    try:
-        import tensorrt as trt
-    except Exception:  # ImportError, or OSError/RuntimeError when libnvinfer is missing
-        raise TensorRTUnavailable(NO_TENSORRT) from None
-    if not hasattr(trt, "Runtime"):  # PyPI's placeholder package, not NVIDIA's wheel
-        raise TensorRTUnavailable(NO_TENSORRT)
-    major = version_major(getattr(trt, "__version__", "0"))
-    if major < MIN_TRT_MAJOR:
-        raise TensorRTUnavailable(f"TensorRT {trt.__version__} is too old; ldm-edge needs TensorRT "
-                                  f"{MIN_TRT_MAJOR} or newer (JetPack 6 or later)")
-    return trt
+    return _ENVIRONMENT.tensorrt()
 
 
 def import_cudart():
-    """cuda-python's runtime bindings: ``cuda.bindings.runtime`` (12.6+), else ``cuda.cudart``."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except Exception:
-        try:
-            from cuda import cudart
-        except Exception:
-            raise TensorRTUnavailable(NO_CUDA_PYTHON) from None
-    return cudart
+    return _ENVIRONMENT.cudart()
+
+
+def import_polygraphy():
+    return _ENVIRONMENT.polygraphy()
+
+
+def device_facts(device: int = 0) -> DeviceFacts:
+    """The running machine's facts; raises :class:`TensorRTUnavailable` naming what is missing."""
+    return _ENVIRONMENT.facts(device)
 
 
 def cuda_error(cudart, err) -> str:
@@ -88,25 +176,6 @@ def cuda_error(cudart, err) -> str:
         return msg.decode() if isinstance(msg, bytes) else str(msg)
     except Exception:
         return str(err)
-
-
-@functools.lru_cache(maxsize=None)
-def device_facts(device: int = 0) -> DeviceFacts:
-    """The running machine's facts; raises :class:`TensorRTUnavailable` naming what is missing."""
-    trt = import_tensorrt()
-    cudart = import_cudart()
-    ok = cudart.cudaError_t.cudaSuccess
-    err, count = cudart.cudaGetDeviceCount()
-    if err != ok or count <= device:
-        why = cuda_error(cudart, err) if err != ok else "the CUDA driver sees no device"
-        raise TensorRTUnavailable(NO_GPU.format(why=why))
-    err, prop = cudart.cudaGetDeviceProperties(device)
-    if err != ok:
-        raise TensorRTUnavailable(NO_GPU.format(why=cuda_error(cudart, err)))
-    name = prop.name
-    if isinstance(name, (bytes, bytearray)):
-        name = bytes(name).split(b"\0", 1)[0].decode(errors="replace")
-    return DeviceFacts(str(name).strip(), f"{prop.major}.{prop.minor}", str(trt.__version__))
 
 
 def version_major(version: str) -> int:

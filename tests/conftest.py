@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +38,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(getattr(pytest.mark, tier))
 
 
+# What building the tiny models and their bundles imports: the export extra, absent on the
+# lean runtime install (`pip install .[test]`), where the tests that need them skip.
+EXPORT_MODULES = ("torch", "diffusers", "transformers", "onnx")
+
+
+def need_export_extra() -> None:
+    for mod in EXPORT_MODULES:
+        pytest.importorskip(mod, reason=f"needs {mod} (pip install .[export]) to build the "
+                                        f"tiny models; the lean runtime install has none")
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    need_export_extra()
     from ldm_edge.export.tiny import save_tiny
 
     root = tmp_path_factory.mktemp("models")
@@ -71,3 +84,50 @@ class TorchNoise:
     def standard_normal(self, size, dtype=np.float32):
         t = self._torch.randn(tuple(size), generator=self.g, dtype=self._torch.float32)
         return t.numpy().astype(dtype)
+
+
+class FakeTensorRTEnvironment:
+    """A TensorRT environment made of the parts a test gives; any other part is refused as
+    missing, so a test never reaches this machine's real TensorRT, CUDA or Polygraphy."""
+
+    def __init__(self, *, facts=None, tensorrt=None, cudart=None, polygraphy=None):
+        self.parts = {"facts": facts, "tensorrt": tensorrt, "cudart": cudart,
+                      "polygraphy": polygraphy}
+
+    def _part(self, name):
+        from ldm_edge.runtime.trt_engines import TensorRTUnavailable
+
+        part = self.parts[name]
+        if part is None:
+            raise TensorRTUnavailable(f"this test's fake TensorRT environment has no {name}")
+        return part() if isinstance(part, types.FunctionType) else part
+
+    def tensorrt(self):
+        return self._part("tensorrt")
+
+    def cudart(self):
+        return self._part("cudart")
+
+    def polygraphy(self):
+        return self._part("polygraphy")
+
+    def facts(self, device: int = 0):
+        return self._part("facts")
+
+
+@pytest.fixture
+def fake_trt():
+    """``fake_trt(facts=..., tensorrt=..., cudart=..., polygraphy=...)`` installs one fake
+    TensorRT environment for this test (every module sees it); the real one comes back after.
+    A part given as a function is called on each ask (e.g. to raise)."""
+    from ldm_edge.runtime import trt_engines
+
+    previous = trt_engines.environment()
+
+    def install(**parts):
+        env = FakeTensorRTEnvironment(**parts)
+        trt_engines.set_environment(env)
+        return env
+
+    yield install
+    trt_engines.set_environment(previous)

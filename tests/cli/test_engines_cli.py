@@ -136,14 +136,12 @@ def test_widest_profile_wins_among_matching_engines():
     assert select_engine(recs, H100, component="unet", precision="fp16", onnx_sha256=SHA) is recs[1]
 
 
-def test_open_backend_refuses_doctored_record_and_auto_falls_back(bundle, monkeypatch):
-    from ldm_edge.runtime import backend_tensorrt, trt_engines
+def test_open_backend_refuses_doctored_record_and_auto_falls_back(bundle, fake_trt):
     from ldm_edge.runtime.backend_onnxruntime import OnnxRuntimeBackend
     from ldm_edge.runtime.backends import open_backend
     from ldm_edge.runtime.manifest import Manifest
 
-    monkeypatch.setattr(trt_engines, "device_facts", lambda: ORIN)
-    monkeypatch.setattr(backend_tensorrt, "device_facts", lambda: ORIN)
+    fake_trt(facts=ORIN)
     m = Manifest.load(bundle)
     m.data["components"]["unet"]["engines"] = [record(H100, precision="fp32")]
     with pytest.raises(BundleError) as e:
@@ -158,15 +156,14 @@ def test_open_backend_refuses_doctored_record_and_auto_falls_back(bundle, monkey
         open_backend(m, "unet", backend="tensorrt")
 
 
-def test_auto_without_engines_never_asks_for_tensorrt(bundle, monkeypatch):
-    from ldm_edge.runtime import backend_tensorrt
+def test_auto_without_engines_never_asks_for_tensorrt(bundle, fake_trt):
     from ldm_edge.runtime.backend_onnxruntime import OnnxRuntimeBackend
     from ldm_edge.runtime.backends import open_backend
     from ldm_edge.runtime.manifest import Manifest
 
     def boom():
         raise AssertionError("device_facts called")
-    monkeypatch.setattr(backend_tensorrt, "device_facts", boom)
+    fake_trt(facts=boom, tensorrt=boom, cudart=boom)
     assert isinstance(open_backend(Manifest.load(bundle), "unet"), OnnxRuntimeBackend)
 
 

