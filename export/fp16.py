@@ -18,6 +18,8 @@ import numpy as np
 from ldm_edge.runtime.compare import compare
 from ldm_edge.runtime.errors import first_line
 from ldm_edge.runtime.manifest import Manifest
+from ldm_edge.runtime.schema import (BundleManifest, FileRecord, QualityRecord, VariantRecord,
+                                     edit_manifest)
 
 from .bundle_files import file_record
 from .onnx_export import EXTERNAL_DATA_THRESHOLD, ort_session
@@ -110,11 +112,12 @@ def worst_cosine(fp16_path: Path, fp32_path: Path, samples: list[dict]):
     return min(results, key=lambda r: (bool(r), r.cosine))
 
 
-def convert_component(manifest: Manifest, name: str, samples: list[dict], progress) -> dict | None:
+def convert_component(manifest: Manifest, name: str, samples: list[dict],
+                      progress) -> VariantRecord | None:
     """Write ``<name>.fp16.onnx`` at the first island level that passes; None if none does."""
     fp32 = manifest.variant(name, "fp32").path
-    io_map = manifest["components"][name].get("io_map") or {}
-    feeds = [{io_map.get(k, k): v for k, v in s.items()} for s in samples]
+    comp = manifest.component(name)
+    feeds = [{comp.graph_name(k): v for k, v in s.items()} for s in samples]
     dest = manifest.root / f"{name}.fp16.onnx"
     for level, ops in ISLAND_LEVELS:
         files = save_graph(to_fp16(fp32, ops), dest)
@@ -126,10 +129,11 @@ def convert_component(manifest: Manifest, name: str, samples: list[dict], progre
         else:
             progress(f"{name}: fp16 with islands '{level}': {res}")
         if res:
-            return {"file": dest.name, "files": [file_record(p, manifest.root) for p in files],
-                    "islands": level, "fp32_nodes": list(ALWAYS_FP32_NODES),
-                    "parity": {**res.to_json(), "reference": "onnxruntime fp32", "passed": True,
-                               "samples": len(feeds), "min_cosine": FP16_MIN_COSINE}}
+            return VariantRecord(
+                file=dest.name, files=[FileRecord(**file_record(p, manifest.root)) for p in files],
+                islands=level, fp32_nodes=list(ALWAYS_FP32_NODES),
+                parity={**res.to_json(), "reference": "onnxruntime fp32", "passed": True,
+                        "samples": len(feeds), "min_cosine": FP16_MIN_COSINE})
         for p in files:
             p.unlink(missing_ok=True)
     return None
@@ -138,20 +142,19 @@ def convert_component(manifest: Manifest, name: str, samples: list[dict], progre
 def encoder_samples(manifest: Manifest, records: dict) -> list[dict]:
     """Real images for the VAE encoder: the FP32 decoder's outputs on captured latents."""
     dec = ort_session(manifest.variant("vae_decoder", "fp32").path)
-    io_map = manifest["components"]["vae_decoder"].get("io_map") or {}
+    comp = manifest.component("vae_decoder")
     out = []
     for feeds in records.get("vae_decoder", [])[:MAX_SAMPLES]:
-        img = dec.run(None, {io_map.get(k, k): v for k, v in feeds.items()})[0]
+        img = dec.run(None, {comp.graph_name(k): v for k, v in feeds.items()})[0]
         out.append({"image": np.clip(img, -1, 1).astype(np.float32)})
     return out
 
 
 def make_fp16(bundle, prompts: list[str] | None = None, steps: int = 10,
-              progress=lambda msg: None) -> dict:
+              progress=lambda msg: None) -> BundleManifest:
     """Add FP16 variants to ``bundle`` and record their measured quality."""
     from ldm_edge.calibration.capture import capture, default_prompts
 
-    from .bundle_files import update_manifest
     from .quality import end_to_end_psnr
 
     manifest = Manifest.load(bundle)
@@ -173,12 +176,12 @@ def make_fp16(bundle, prompts: list[str] | None = None, steps: int = 10,
         else:
             variants[name] = variant
 
-    def add(m):
+    def add(m: BundleManifest):
         for name, v in variants.items():
-            m["components"][name]["variants"]["fp16"] = v
-    update_manifest(bundle, add)
+            m.components[name].variants["fp16"] = v
+    edit_manifest(bundle, add)
     q = end_to_end_psnr(bundle, "fp16", prompts[:2], steps=steps)
     progress(f"end to end: 8-bit PSNR vs FP32 {q['psnr_db']:.1f} dB")
     kept = sorted(set(manifest.component_names) - set(variants))
-    return update_manifest(bundle, lambda m: m.setdefault("quality", {}).update(
-        fp16={**q, "components_kept_fp32": kept}))
+    record = QualityRecord.from_json({**q, "components_kept_fp32": kept}, "quality.fp16")
+    return edit_manifest(bundle, lambda m: m.quality.update(fp16=record))

@@ -93,7 +93,7 @@ def test_graph_is_qdq_with_per_channel_int8_weights(int8_bundle):
 
 def test_sensitive_and_excluded_nodes_stay_float(int8_bundle):
     m, g = _graph(int8_bundle)
-    excluded = m.variant("unet", "int8").record["excluded_nodes"]
+    excluded = m.variant("unet", "int8").record.excluded_nodes
     for rule, sub in REQUIRED_RULES.items():
         assert any(sub in n for n in excluded.get(rule, [])), rule
     prod, nodes = _producers(g), {n.name: n for n in g.graph.node}
@@ -122,7 +122,7 @@ def test_runs_in_onnxruntime_with_int8_kernels(int8_bundle, tmp_path):
                          providers=["CPUExecutionProvider"])
     opt = onnx.load(str(tmp_path / "opt.onnx"))
     ops = [n.op_type for n in opt.graph.node]
-    n_q = len(Manifest.load(int8_bundle).variant("unet", "int8").record["quantized_nodes"])
+    n_q = len(Manifest.load(int8_bundle).variant("unet", "int8").record.quantized_nodes)
     assert ops.count("QLinearConv") + ops.count("MatMulIntegerToFloat") == n_q
     assert ops.count("QLinearConv") > 10 and ops.count("MatMulIntegerToFloat") > 10
 
@@ -185,7 +185,7 @@ def test_cli_writes_the_variant_and_summarises(tiny_bundles, tmp_path):
                                         "--method", "minmax"])
     assert res.exit_code == 0, res.output
     assert "int8 end to end: PSNR" in res.output and "calibration pass" in res.output
-    assert Manifest.load(dst).variant("unet", "int8").record["method"] == "minmax"
+    assert Manifest.load(dst).variant("unet", "int8").record.method == "minmax"
 
 
 def test_range_methods_on_outliers():
@@ -266,7 +266,7 @@ def test_symmetric_activations_for_tensorrt(tiny_bundles, tmp_path):
     b = tmp_path / "b"
     shutil.copytree(tiny_bundles["sd1"], b)
     m = make_int8(b, num_prompts=2, calib_steps=4, symmetric=True, progress=lambda *_: None)
-    path = b / m["components"]["unet"]["variants"]["int8"]["file"]
+    path = b / m.components["unet"].variants["int8"].file
     g = onnx.load(str(path))
     inits = {t.name: numpy_helper.to_array(t) for t in g.graph.initializer}
     zps = [inits[n.input[2]] for n in g.graph.node
