@@ -64,13 +64,13 @@ def _producers(g):
 def test_graph_is_qdq_with_per_channel_int8_weights(int8_bundle):
     m, g = _graph(int8_bundle)
     v = m.variant("unet", "int8").record
-    assert v["format"] == "QDQ" and v["method"] == "percentile"
+    assert v.format == "QDQ" and v.method == "percentile"
     ops = [n.op_type for n in g.graph.node]
     assert ops.count("QuantizeLinear") > 20 and ops.count("DequantizeLinear") > 40
     inits = {t.name: t for t in g.graph.initializer}
     prod, nodes = _producers(g), {n.name: n for n in g.graph.node}
-    assert len(v["quantized_nodes"]) > 50
-    for name in v["quantized_nodes"]:
+    assert len(v.quantized_nodes) > 50
+    for name in v.quantized_nodes:
         node = nodes[name]
         wdq = prod[node.input[1]]
         assert wdq.op_type == "DequantizeLinear"
@@ -86,7 +86,7 @@ def test_graph_is_qdq_with_per_channel_int8_weights(int8_bundle):
     fp32 = onnx.load(str(m.variant("unet", "fp32").path))
     assert [o.name for o in g.graph.output] == [o.name for o in fp32.graph.output]
     assert m.variant("unet", "int8").path.stat().st_size < 0.6 * m.variant("unet", "fp32").path.stat().st_size
-    cal = v["calibration"]
+    cal = v.calibration
     assert cal["prompts"] == PROMPTS and cal["steps"] == CALIB_STEPS
     assert cal["timesteps"][0] > 500 and cal["timesteps"][-1] < 100  # the whole trajectory
 
@@ -142,22 +142,22 @@ def test_min_psnr_keeps_the_most_harmful_layers_in_float(budget):
     bundle, plain, target = budget
     m, g = _graph(bundle)
     v, q = m.variant("unet", "int8").record, m["quality"]["int8"]
-    assert v["min_psnr"]["plain_int8_psnr_db"] == pytest.approx(plain, abs=1e-9)
+    assert v.min_psnr["plain_int8_psnr_db"] == pytest.approx(plain, abs=1e-9)
     assert plain < target
-    kept = v["kept_float_units"]
+    kept = v.kept_float_units
     assert kept and q["kept_float_units"] == kept
     assert q["psnr_db"] >= target and q["min_psnr"] == target
-    steps = v["min_psnr"]["greedy"]
+    steps = v.min_psnr["greedy"]
     greedy = [s for s in steps if not s.get("pruning")]
     assert [s["unit"] for s in greedy if s["kept"]] == kept
     assert any(s["psnr_db_after"] == pytest.approx(q["psnr_db"], abs=1e-9) for s in steps)
-    sweep = v["min_psnr"]["sensitivity"]
+    sweep = v.min_psnr["sensitivity"]
     snr = [s["unet_snr_db_only_this_int8"] for s in sweep]
     assert snr == sorted(snr)  # worst first, and tried in that order
     assert [s["unit"] for s in greedy] == [s["unit"] for s in sweep[: len(greedy)]]
     prod, nodes = _producers(g), {n.name: n for n in g.graph.node}
-    kept_nodes = v["excluded_nodes"]["kept by min_psnr"]
-    assert kept_nodes and not set(kept_nodes) & set(v["quantized_nodes"])
+    kept_nodes = v.excluded_nodes["kept by min_psnr"]
+    assert kept_nodes and not set(kept_nodes) & set(v.quantized_nodes)
     for name in kept_nodes:
         assert all(prod.get(i) is None or prod[i].op_type != "DequantizeLinear" for i in nodes[name].input)
 
@@ -273,4 +273,4 @@ def test_symmetric_activations_for_tensorrt(tiny_bundles, tmp_path):
            if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits]
     assert zps and all(not np.any(z) for z in zps)
     assert asymmetric_qdq(path) == 0
-    assert m["quality"]["int8"]["psnr_db"] >= 30.0
+    assert m.quality["int8"].psnr_db >= 30.0
