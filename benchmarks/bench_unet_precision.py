@@ -93,7 +93,7 @@ def run(bundle, repeats: int = DEFAULT_REPEATS, threads: int = 2, batch: int = 2
     rows = []
     for p in have:
         c = compare(outputs[p], outputs["fp32"]) if "fp32" in outputs else None
-        size = sum(f["size"] for f in m.variant("unet", p).record["files"])
+        size = sum(f.size for f in m.variant("unet", p).record.files)
         rows.append({
             "precision": p, "median_ms": med[p] * 1e3,
             "min_ms": min(times[p]) * 1e3, "max_ms": max(times[p]) * 1e3,

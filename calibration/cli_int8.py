@@ -16,23 +16,25 @@ from .capture import read_prompts
 from .ranges import METHODS
 
 
-def summary(m: dict) -> str:
-    unet = m["components"]["unet"]["variants"]
-    v, q = unet["int8"], m["quality"]["int8"]
-    mb = {p: sum(f["size"] for f in unet[p]["files"]) / 1e6 for p in ("fp32", "int8")}
-    n_excl = sum(len(x) for k, x in v["excluded_nodes"].items() if k != "kept by min_psnr")
-    lines = [f"unet (int8): {v['file']}, {mb['int8']:.1f} MB (fp32 {mb['fp32']:.1f} MB); "
-             f"{len(v['quantized_nodes'])} layers INT8 ({v['method']} ranges, "
-             f"{v['calibration']['samples']} calibration calls over timesteps "
-             f"{v['calibration']['timesteps'][0]:.0f}..{v['calibration']['timesteps'][-1]:.0f}), "
+def summary(m) -> str:
+    """What ``make_int8`` recorded (a BundleManifest), in a few lines."""
+    unet = m.components["unet"].variants
+    v, q = unet["int8"], m.quality["int8"]
+    mb = {p: sum(f.size for f in unet[p].files) / 1e6 for p in ("fp32", "int8")}
+    n_excl = sum(len(x) for k, x in v.excluded_nodes.items() if k != "kept by min_psnr")
+    calib = v.calibration
+    lines = [f"unet (int8): {v.file}, {mb['int8']:.1f} MB (fp32 {mb['fp32']:.1f} MB); "
+             f"{len(v.quantized_nodes)} layers INT8 ({v.method} ranges, "
+             f"{calib['samples']} calibration calls over timesteps "
+             f"{calib['timesteps'][0]:.0f}..{calib['timesteps'][-1]:.0f}), "
              f"{n_excl} nodes float by rule",
-             f"int8 end to end: PSNR {q['psnr_db']:.2f} dB vs fp32 "
-             f"({len(q['prompts'])} prompts, {q['steps']} steps, seed {q['seed']})"]
-    budget = v.get("min_psnr")
+             f"int8 end to end: PSNR {q.psnr_db:.2f} dB vs fp32 "
+             f"({len(q.prompts)} prompts, {q.steps} steps, seed {q.seed})"]
+    budget = v.min_psnr
     if budget:
         plain = budget["plain_int8_psnr_db"]
         lines.append(f"--min-psnr {budget['target_db']:.2f} dB: all-INT8 gave {plain:.2f} dB; "
-                     f"kept in float: {len(v['kept_float_units']) or 'nothing'}")
+                     f"kept in float: {len(v.kept_float_units) or 'nothing'}")
         for s in budget["greedy"]:
             what = ("back to INT8?" if s.get("pruning") else "float") + \
                 (" -> stays float" if s["kept"] else " -> INT8")

@@ -10,18 +10,19 @@ normalisations, then softmax too; a component that still misses stays FP32 entir
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from ldm_edge.bundletools.files import file_record, update_manifest
+from ldm_edge.bundletools.files import file_record
 from ldm_edge.bundletools.quality import end_to_end_psnr
 from ldm_edge.bundletools.save import save_graph
 from ldm_edge.runtime.compare import compare
 from ldm_edge.runtime.errors import ExportError, first_line
 from ldm_edge.runtime.manifest import Manifest
+from ldm_edge.runtime.schema import (BundleManifest, QualityRecord, VariantRecord,
+                                     edit_manifest)
 from ldm_edge.runtime.sessions import SessionFromOnnx
 
 from .capture import capture, default_prompts
@@ -99,11 +100,12 @@ def worst_cosine(fp16_path: Path, fp32_path: Path, samples: list[dict]):
     return min(results, key=lambda r: (bool(r), r.cosine))
 
 
-def convert_component(manifest: Manifest, name: str, samples: list[dict], progress) -> dict | None:
+def convert_component(manifest: Manifest, name: str, samples: list[dict],
+                      progress) -> VariantRecord | None:
     """Write ``<name>.fp16.onnx`` at the first island level that passes; None if none does."""
     fp32 = manifest.variant(name, "fp32").path
-    io_map = manifest["components"][name].get("io_map") or {}
-    feeds = [{io_map.get(k, k): v for k, v in s.items()} for s in samples]
+    comp = manifest.component(name)
+    feeds = [{comp.graph_name(k): v for k, v in s.items()} for s in samples]
     dest = manifest.root / f"{name}.fp16.onnx"
     for level, ops in ISLAND_LEVELS:
         files = save_graph(to_fp16(fp32, ops), dest)
@@ -115,10 +117,11 @@ def convert_component(manifest: Manifest, name: str, samples: list[dict], progre
         else:
             progress(f"{name}: fp16 with islands '{level}': {res}")
         if res:
-            return {"file": dest.name, "files": [file_record(p, manifest.root) for p in files],
-                    "islands": level, "fp32_nodes": list(ALWAYS_FP32_NODES),
-                    "parity": {**res.to_json(), "reference": "onnxruntime fp32", "passed": True,
-                               "samples": len(feeds), "min_cosine": FP16_MIN_COSINE}}
+            return VariantRecord(
+                file=dest.name, files=[file_record(p, manifest.root) for p in files],
+                islands=level, fp32_nodes=list(ALWAYS_FP32_NODES),
+                parity={**res.to_json(), "reference": "onnxruntime fp32", "passed": True,
+                        "samples": len(feeds), "min_cosine": FP16_MIN_COSINE})
         for p in files:
             p.unlink(missing_ok=True)
     return None
@@ -127,16 +130,16 @@ def convert_component(manifest: Manifest, name: str, samples: list[dict], progre
 def encoder_samples(manifest: Manifest, records: dict) -> list[dict]:
     """Real images for the VAE encoder: the FP32 decoder's outputs on captured latents."""
     dec = SessionFromOnnx(manifest.variant("vae_decoder", "fp32").path)()
-    io_map = manifest["components"]["vae_decoder"].get("io_map") or {}
+    comp = manifest.component("vae_decoder")
     out = []
     for feeds in records.get("vae_decoder", [])[:MAX_SAMPLES]:
-        img = dec.run(None, {io_map.get(k, k): v for k, v in feeds.items()})[0]
+        img = dec.run(None, {comp.graph_name(k): v for k, v in feeds.items()})[0]
         out.append({"image": np.clip(img, -1, 1).astype(np.float32)})
     return out
 
 
 def make_fp16(bundle, prompts: list[str] | None = None, steps: int = 10,
-              progress=lambda msg: None) -> dict:
+              progress=lambda msg: None) -> BundleManifest:
     """Add FP16 variants to ``bundle`` and record their measured quality. As ``make_int8``
     does, the end-to-end check runs through a manifest not yet on disk that names the new
     graphs, and the manifest is written once, at the end: a failure leaves it as it was
@@ -149,8 +152,8 @@ def make_fp16(bundle, prompts: list[str] | None = None, steps: int = 10,
     if manifest.has("vae_encoder"):
         records["vae_encoder"] = encoder_samples(manifest, records)
     if any("fp16" in manifest.precisions(n) for n in manifest.component_names):
-        update_manifest(bundle, _drop_fp16)  # its files are about to be replaced
-    variants: dict[str, dict] = {}
+        edit_manifest(bundle, _drop_fp16)  # its files are about to be replaced
+    variants: dict[str, VariantRecord] = {}
     try:
         for name in manifest.component_names:
             variant = convert_component(manifest, name, pick_samples(records[name]), progress)
@@ -161,27 +164,28 @@ def make_fp16(bundle, prompts: list[str] | None = None, steps: int = 10,
                 progress(f"{name}: stays FP32 (overflows or loses accuracy in FP16)")
             else:
                 variants[name] = variant
-        data = copy.deepcopy(Manifest.load(bundle, verify=False).data)
-        _add_fp16(data, variants)
-        q = end_to_end_psnr(Manifest(bundle, data), "fp16", prompts[:2], steps=steps)
+        pending = Manifest.load(bundle, verify=False).schema
+        _add_fp16(pending, variants)
+        q = end_to_end_psnr(Manifest(bundle, pending), "fp16", prompts[:2], steps=steps)
     except BaseException:
         for v in variants.values():
-            for f in v["files"]:
-                (bundle / f["path"]).unlink(missing_ok=True)
+            for f in v.files:
+                (bundle / f.path).unlink(missing_ok=True)
         raise
     progress(f"end to end: 8-bit PSNR vs FP32 {q['psnr_db']:.1f} dB")
-    q["components_kept_fp32"] = sorted(set(manifest.component_names) - set(variants))
-    return update_manifest(bundle, lambda m: _add_fp16(m, variants, q))
+    kept = sorted(set(manifest.component_names) - set(variants))
+    record = QualityRecord.from_json({**q, "components_kept_fp32": kept}, "quality.fp16")
+    return edit_manifest(bundle, lambda m: _add_fp16(m, variants, record))
 
 
-def _add_fp16(m: dict, variants: dict, quality: dict | None = None) -> None:
+def _add_fp16(m: BundleManifest, variants: dict, quality: QualityRecord | None = None) -> None:
     for name, v in variants.items():
-        m["components"][name]["variants"]["fp16"] = v
+        m.components[name].variants["fp16"] = v
     if quality is not None:
-        m.setdefault("quality", {})["fp16"] = quality
+        m.quality["fp16"] = quality
 
 
-def _drop_fp16(m: dict) -> None:
-    for rec in m["components"].values():
-        rec["variants"].pop("fp16", None)
-    m.get("quality", {}).pop("fp16", None)
+def _drop_fp16(m: BundleManifest) -> None:
+    for rec in m.components.values():
+        rec.variants.pop("fp16", None)
+    m.quality.pop("fp16", None)

@@ -14,17 +14,18 @@ greedily, until the end-to-end image PSNR vs FP32 meets it (``sensitivity.py``).
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ldm_edge.bundletools.files import file_record, update_manifest
+from ldm_edge.bundletools.files import file_record
 from ldm_edge.bundletools.quality import end_to_end_psnr
 from ldm_edge.bundletools.save import save_graph
 from ldm_edge.runtime.errors import ExportError
 from ldm_edge.runtime.manifest import Manifest
+from ldm_edge.runtime.schema import (BundleManifest, Int8QualityRecord, VariantRecord,
+                                     edit_manifest, read_manifest_json)
 
 from . import qdq
 from .ranges import METHODS, collect
@@ -107,7 +108,7 @@ def keep_for_budget(bundle: Path, proto, fp32_dir: Path, layers, ranges, samples
 
 def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
               calib_steps: int = 10, method: str = "percentile", min_psnr: float | None = None,
-              progress=print, threads: int = 0, symmetric: bool = False) -> dict:
+              progress=print, threads: int = 0, symmetric: bool = False) -> BundleManifest:
     """Add ``unet.int8.onnx`` to ``bundle``; record it and its end-to-end quality.
     ``symmetric``: activation ranges made symmetric (zero points 0), as TensorRT requires."""
     import onnx
@@ -120,13 +121,13 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
     t0 = time.perf_counter()
     manifest = Manifest.load(bundle)
     fp32 = manifest.variant("unet", "fp32").path
-    io_map = manifest["components"]["unet"].get("io_map") or {}
+    unet = manifest.component("unet")
     prompts = list(prompts or default_prompts(num_prompts))
     progress(f"capturing U-Net inputs: FP32 sampling of {len(prompts)} prompts x {calib_steps} steps")
     records = capture(bundle, prompts, steps=calib_steps, threads=threads)["unet"]
-    records = [{io_map.get(k, k): v for k, v in r.items()} for r in records]
+    records = [{unet.graph_name(k): v for k, v in r.items()} for r in records]
     calib = evenly_over_timesteps(records, len(prompts), MAX_CALIB_SAMPLES)
-    t_name = io_map.get("timestep", "timestep")
+    t_name = unet.graph_name("timestep")
     timesteps = sorted({float(np.ravel(r[t_name])[0]) for r in calib}, reverse=True)
     progress(f"{len(records)} U-Net calls captured; calibrating on {len(calib)} of them "
              f"(timesteps {timesteps[0]:.0f}..{timesteps[-1]:.0f})")
@@ -155,30 +156,28 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
     if "int8" in manifest.precisions("unet"):
         # its files are about to be replaced: forget them first, so that a failure from
         # here on leaves a bundle without INT8 rather than one whose hashes do not match
-        def drop(m):
-            m["components"]["unet"]["variants"].pop("int8", None)
-            m.get("quality", {}).pop("int8", None)
-        update_manifest(bundle, drop)
+        def drop(m: BundleManifest):
+            m.components["unet"].variants.pop("int8", None)
+            m.quality.pop("int8", None)
+        edit_manifest(bundle, drop)
     files = save_graph(build_graph(proto, fp32.parent, layers, ranges, set(units) - set(kept)), dest)
     quantized = [ly.node for ly in layers if ly.unit not in kept]
     kept_nodes = [ly.node for ly in layers if ly.unit in kept]
-    variant = {
-        "file": dest.name, "files": [file_record(p, bundle) for p in files],
-        "format": "QDQ", "weights": "int8, per output channel, symmetric",
-        "activations": f"int8, per tensor, {'symmetric' if symmetric else 'asymmetric'}",
-        "method": method,
-        "ops": list(qdq.QUANT_OPS), "quantized_nodes": quantized,
-        "excluded_nodes": {**excluded, **({"kept by min_psnr": kept_nodes} if kept_nodes else {})},
-        "kept_float_units": kept,
-        "calibration": {"prompts": prompts, "steps": calib_steps, "samples": len(calib),
-                        "timesteps": timesteps},
-    }
-    if budget is not None:
-        variant["min_psnr"] = budget
+    variant = VariantRecord(
+        file=dest.name, files=[file_record(p, bundle) for p in files],
+        format="QDQ", weights="int8, per output channel, symmetric",
+        activations=f"int8, per tensor, {'symmetric' if symmetric else 'asymmetric'}",
+        method=method,
+        ops=list(qdq.QUANT_OPS), quantized_nodes=quantized,
+        excluded_nodes={**excluded, **({"kept by min_psnr": kept_nodes} if kept_nodes else {})},
+        kept_float_units=kept,
+        calibration={"prompts": prompts, "steps": calib_steps, "samples": len(calib),
+                     "timesteps": timesteps},
+        min_psnr=budget)
     # Measure through a manifest that names the new graph, then commit both at once.
-    data = copy.deepcopy(Manifest.load(bundle, verify=False).data)
-    data["components"]["unet"]["variants"]["int8"] = variant
-    q = end_to_end_psnr(Manifest(bundle, data), "int8", EVAL_PROMPTS, steps=calib_steps,
+    trial = read_manifest_json(bundle)
+    trial.components["unet"].variants["int8"] = variant
+    q = end_to_end_psnr(Manifest(bundle, trial), "int8", EVAL_PROMPTS, steps=calib_steps,
                         seed=EVAL_SEED)
     progress(f"end to end: 8-bit PSNR vs FP32 {q['psnr_db']:.2f} dB "
              f"({time.perf_counter() - t0:.0f} s in all)")
@@ -188,8 +187,9 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
         raise ExportError(f"INT8 re-measured at {q['psnr_db']:.2f} dB, under --min-psnr "
                           f"{min_psnr}; nothing was recorded")
     q.update(method=method, min_psnr=min_psnr, kept_float_units=kept)
+    quality = Int8QualityRecord.from_json(q, "quality.int8")
 
-    def commit(m):
-        m["components"]["unet"]["variants"]["int8"] = variant
-        m.setdefault("quality", {})["int8"] = q
-    return update_manifest(bundle, commit)
+    def commit(m: BundleManifest):
+        m.components["unet"].variants["int8"] = variant
+        m.quality["int8"] = quality
+    return edit_manifest(bundle, commit)

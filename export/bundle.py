@@ -18,8 +18,9 @@ import ldm_edge
 from ldm_edge.bundletools.files import file_record
 from ldm_edge.bundletools.staging import staged_dir
 from ldm_edge.runtime.errors import ExportError
-from ldm_edge.runtime.fsutil import atomic_write_bytes, atomic_write_json
-from ldm_edge.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME
+from ldm_edge.runtime.fsutil import atomic_write_bytes
+from ldm_edge.runtime.schema import (FORMAT_VERSION, BundleManifest, ComponentRecord, ModelRecord, TokenizerRecord, VariantRecord,
+                                     write_manifest_json)
 from ldm_edge.runtime.spec import ModelDims, describe
 
 from .load import LoadedModel
@@ -60,7 +61,7 @@ def check_sizes(model: LoadedModel, opts: ExportOptions) -> None:
 
 
 def export_bundle(model: LoadedModel, out: str | Path, opts: ExportOptions,
-                  progress: Callable[[str], None] = lambda msg: None) -> dict:
+                  progress: Callable[[str], None] = lambda msg: None) -> BundleManifest:
     """Export, check and write the bundle; return the manifest written."""
     check_sizes(model, opts)
     dims = ModelDims(latent_channels=model.latent_channels,
@@ -86,50 +87,46 @@ def export_bundle(model: LoadedModel, out: str | Path, opts: ExportOptions,
             if not all(results):
                 raise ExportError(f"{name} does not match PyTorch: {worst(results)}; "
                                   f"nothing was written")
-            components[name] = {
-                "spec": specs[name].to_json(),
-                "variants": {"fp32": {
-                    "file": files[0].name,
-                    "files": [file_record(p, stage) for p in files],
-                    "opset": opts.opset,
-                    "parity": summarise(results),
-                }},
-            }
+            components[name] = ComponentRecord(name, spec=specs[name], variants={
+                "fp32": VariantRecord(file=files[0].name,
+                                      files=[file_record(p, stage) for p in files],
+                                      opset=opts.opset, parity=summarise(results))})
             progress(f"{name}: ok ({worst(results)})")
         tok_path = stage / "tokenizer.json"
         atomic_write_bytes(tok_path, model.tokenizer_json.encode())
         manifest = build_manifest(model, dims, components, tok_path, stage)
-        atomic_write_json(stage / MANIFEST_NAME, manifest)
+        write_manifest_json(stage, manifest)
     return manifest
 
 
 def build_manifest(model: LoadedModel, dims: ModelDims, components: dict, tok_path: Path,
-                   root: Path) -> dict:
+                   root: Path) -> BundleManifest:
     import diffusers
     import torch
 
     tok = file_record(tok_path, root)
-    tok.update({"file": tok.pop("path"), "max_length": model.tokenizer_max_length,
-                "pad_id": model.pad_token_id, "pad_token": model.pad_token,
-                "use_attention_mask": model.use_attention_mask, "truncation": "longest_first"})
-    return {
-        "format_version": FORMAT_VERSION,
-        "producer": {"name": "ldm-edge", "version": ldm_edge.__version__,
-                     "torch": torch.__version__, "diffusers": diffusers.__version__},
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"source": model.source, "sha256": model.source_sha256, "family": model.family},
-        "prediction_type": model.prediction_type,
-        "latent_channels": model.latent_channels,
-        "vae_scale_factor": model.vae_scale_factor,
-        "scaling_factor": float(model.vae.config.scaling_factor),
-        "shift_factor": model.vae.config.get("shift_factor"),
-        "size_multiple": max(8, model.vae_scale_factor),
-        "dims": dims.asdict(),
-        "defaults": model.defaults,
-        "tokenizer": tok,
-        "scheduler": _jsonable(model.scheduler_config),
-        "components": components,
-    }
+    return BundleManifest(
+        format_version=FORMAT_VERSION,
+        producer={"name": "ldm-edge", "version": ldm_edge.__version__,
+                  "torch": torch.__version__, "diffusers": diffusers.__version__},
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        model=ModelRecord(source=model.source, sha256=model.source_sha256, family=model.family),
+        prediction_type=model.prediction_type,
+        latent_channels=model.latent_channels,
+        vae_scale_factor=model.vae_scale_factor,
+        scaling_factor=float(model.vae.config.scaling_factor),
+        shift_factor=model.vae.config.get("shift_factor"),
+        size_multiple=max(8, model.vae_scale_factor),
+        dims=dims.asdict(),
+        defaults=model.defaults,
+        tokenizer=TokenizerRecord(size=tok.size, sha256=tok.sha256, file=tok.path,
+                                  max_length=model.tokenizer_max_length,
+                                  pad_id=model.pad_token_id, pad_token=model.pad_token,
+                                  use_attention_mask=model.use_attention_mask,
+                                  truncation="longest_first"),
+        scheduler=_jsonable(model.scheduler_config),
+        components=components,
+    )
 
 
 def _jsonable(cfg: dict) -> dict:

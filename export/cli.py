@@ -94,18 +94,19 @@ def fp16_cmd(bundle, prompts_file, num_prompts, steps):
     m = make_fp16(bundle, prompts, steps=steps,
                   progress=lambda msg: click.echo(f"  [{time.perf_counter() - t0:6.1f}s] {msg}", err=True))
     click.echo(summary_table(m))
-    q = m["quality"]["fp16"]
-    click.echo(f"fp16 end to end: PSNR {q['psnr_db']:.1f} dB vs fp32 "
-               f"({len(q['prompts'])} prompts, {q['steps']} steps)")
+    q = m.quality["fp16"]
+    click.echo(f"fp16 end to end: PSNR {q.psnr_db:.1f} dB vs fp32 "
+               f"({len(q.prompts)} prompts, {q.steps} steps)")
 
 
-def summary_table(manifest: dict) -> str:
+def summary_table(manifest) -> str:
+    """One row per component variant of a BundleManifest: file, size, parity at export."""
     rows = [("component", "file", "MB", "max-abs", "max-rel", "cosine", "check")]
-    for name, rec in manifest["components"].items():
-        for prec, v in rec["variants"].items():
-            par = v.get("parity", {})
-            mb = sum(f["size"] for f in v["files"]) / 1e6
-            rows.append((f"{name} ({prec})", v["file"], f"{mb:.1f}",
+    for name, rec in manifest.components.items():
+        for prec, v in rec.variants.items():
+            par = v.parity or {}
+            mb = sum(f.size for f in v.files) / 1e6
+            rows.append((f"{name} ({prec})", v.file, f"{mb:.1f}",
                          f"{par.get('max_abs', float('nan')):.2e}",
                          f"{par.get('max_rel', float('nan')):.2e}",
                          f"{par.get('cosine', float('nan')):.6f}",
@@ -130,10 +131,10 @@ def import_optimum_cmd(folder, out, force):
     t0 = time.perf_counter()
     manifest = import_optimum(folder, out, force=force,
                               progress=lambda m: click.echo(f"  [{time.perf_counter() - t0:6.1f}s] {m}", err=True))
-    for name, rec in manifest["components"].items():
-        v = rec["variants"]["fp32"]
-        io = ", ".join(f"{k}={g}" for k, g in rec["io_map"].items() if k != g)
-        click.echo(f"{name:<13} {v['file']:<22} {sum(f['size'] for f in v['files']) / 1e6:8.1f} MB"
+    for name, rec in manifest.components.items():
+        v = rec.variants["fp32"]
+        io = ", ".join(f"{k}={g}" for k, g in rec.io_map.items() if k != g)
+        click.echo(f"{name:<13} {v.file:<22} {sum(f.size for f in v.files) / 1e6:8.1f} MB"
                    f"  {io}")
     click.echo(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
 

@@ -22,14 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ldm_edge.bundletools.files import update_manifest
 from ldm_edge.runtime.errors import LdmEdgeError, UsageError
 from ldm_edge.runtime.fsutil import sha256_file
-from ldm_edge.runtime.manifest import MANIFEST_NAME, Manifest
+from ldm_edge.runtime.manifest import Manifest
+from ldm_edge.runtime.schema import (MANIFEST_NAME, BundleManifest, ComponentRecord, EngineRecord,
+                                     edit_manifest)
 from ldm_edge.runtime.spec import ComponentSpec
-from ldm_edge.runtime.trt_engines import (ENGINE_BACKEND, TensorRTUnavailable, device_facts,
-                                          engine_path, import_tensorrt, variant_sha256,
-                                          version_major)
+from ldm_edge.runtime.trt_engines import (ENGINE_BACKEND, device_facts,
+                                          engine_path, import_tensorrt)
 
 # Components that see the negative and the positive prompt in one call under classifier-free
 # guidance, so their batch is twice the number of images.
@@ -54,14 +54,13 @@ class ProfileOptions:
 
 
 # -- shape profiles (pure) --------------------------------------------------------------------
-def shape_profile(manifest: dict, component: str, opts: ProfileOptions) -> dict:
+def shape_profile(manifest: BundleManifest, component: str, opts: ProfileOptions) -> dict:
     """One optimisation profile: graph input name -> {"min", "opt", "max"} shapes."""
     if opts.static and (opts.min_size or opts.max_size):
         raise UsageError("--static builds one shape: give --opt-size and --max-batch, "
                          "not --min-size/--max-size")
-    rec = manifest["components"][component]
-    spec = ComponentSpec.from_json(component, rec["spec"])
-    io_map = rec.get("io_map") or {}
+    rec = manifest.components[component]
+    spec = rec.spec
     dims = {d: _dim_range(d, spec, manifest, component, opts)
             for t in spec.inputs for d in t.shape if isinstance(d, str)}
     profile = {}
@@ -70,11 +69,11 @@ def shape_profile(manifest: dict, component: str, opts: ProfileOptions) -> dict:
             continue  # fixed shape: nothing to profile
         shapes = [[dims[d][k] if isinstance(d, str) else int(d) for d in t.shape]
                   for k in range(3)]
-        profile[io_map.get(t.name, t.name)] = dict(zip(("min", "opt", "max"), shapes))
+        profile[rec.graph_name(t.name)] = dict(zip(("min", "opt", "max"), shapes))
     return profile
 
 
-def _dim_range(dim: str, spec: ComponentSpec, manifest: dict, component: str,
+def _dim_range(dim: str, spec: ComponentSpec, manifest: BundleManifest, component: str,
                opts: ProfileOptions) -> tuple[int, int, int]:
     lo, hi = spec.ranges.get(dim, (1, None))
     if dim == "batch":
@@ -88,9 +87,9 @@ def _dim_range(dim: str, spec: ComponentSpec, manifest: dict, component: str,
         if hi is None:
             raise UsageError(f"{component}: no range recorded for dimension {dim!r}; re-export")
         return (lo, lo, hi)
-    scale = int(manifest["vae_scale_factor"]) if dim.startswith("latent") else 1
-    mult = int(manifest.get("size_multiple", 8))
-    default_opt = int(manifest.get("defaults", {}).get(SIZE_DIMS[dim], lo * scale))
+    scale = manifest.vae_scale_factor if dim.startswith("latent") else 1
+    mult = manifest.multiple
+    default_opt = int(manifest.defaults.get(SIZE_DIMS[dim], lo * scale))
     px = [opts.min_size or lo * scale, opts.opt_size or default_opt, opts.max_size or hi * scale]
     if opts.static:
         px = [px[1]] * 3
@@ -143,7 +142,7 @@ def plan_builds(manifest: Manifest, precision: str, opts: ProfileOptions,
             raise UsageError(f"{name} (int8): its Q/DQ nodes have non-zero zero points "
                              f"(asymmetric activations); TensorRT quantises symmetrically only "
                              f"— build fp16 engines, or rerun `ldm-export int8 BUNDLE --symmetric`")
-        plans.append((name, prec, variant, shape_profile(manifest.data, name, opts)))
+        plans.append((name, prec, variant, shape_profile(manifest.schema, name, opts)))
     return plans
 
 
@@ -191,16 +190,16 @@ def build_engines(bundle, *, precision: str = "fp16", options: ProfileOptions = 
         out = root / rel
         _build_one(poly, name, variant.path, profile, out, workspace_mb=workspace_mb,
                    timing_cache=timing_cache, optimization_level=optimization_level, debug=debug)
-        rec = {"backend": ENGINE_BACKEND, "precision": prec, "trt_version": facts.trt_version,
-               "device_name": facts.device_name, "compute_capability": facts.compute_capability,
-               "profile": profile,
-               "onnx_sha256": variant_sha256(variant.record) or sha256_file(variant.path),
-               "file": rel, "size": out.stat().st_size, "sha256": sha256_file(out),
-               "build_seconds": round(time.perf_counter() - t0, 1), "workspace_mb": workspace_mb,
-               "optimization_level": optimization_level}
-        update_manifest(root, lambda m, n=name, r=rec: _put_record(m, n, r))
-        progress(f"{name} ({prec}): {rec['size'] / 1e6:.1f} MB in {rec['build_seconds']} s")
-        written.append({"component": name, **rec})
+        rec = EngineRecord(
+            backend=ENGINE_BACKEND, precision=prec, trt_version=facts.trt_version,
+            device_name=facts.device_name, compute_capability=facts.compute_capability,
+            profile=profile, onnx_sha256=variant.record.sha256 or sha256_file(variant.path),
+            file=rel, size=out.stat().st_size, sha256=sha256_file(out),
+            build_seconds=round(time.perf_counter() - t0, 1), workspace_mb=workspace_mb,
+            optimization_level=optimization_level)
+        edit_manifest(root, lambda m, n=name, r=rec: _put_record(m.components[n], r))
+        progress(f"{name} ({prec}): {rec.size / 1e6:.1f} MB in {rec.build_seconds} s")
+        written.append({"component": name, **rec.to_json()})
     return written
 
 
@@ -249,8 +248,6 @@ def _remove_empty(folder: Path) -> None:
             return
 
 
-def _put_record(manifest: dict, component: str, record: dict) -> None:
+def _put_record(comp: ComponentRecord, record: EngineRecord) -> None:
     """Add ``record``, replacing one for the same file (same machine, precision, profile)."""
-    comp = manifest["components"][component]
-    kept = [r for r in comp.get("engines") or [] if r.get("file") != record["file"]]
-    comp["engines"] = kept + [record]
+    comp.engines = [r for r in comp.engines if r.file != record.file] + [record]

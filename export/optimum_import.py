@@ -23,9 +23,10 @@ from typing import Callable
 import ldm_edge
 from ldm_edge.bundletools.files import file_record
 from ldm_edge.bundletools.staging import staged_dir
+from ldm_edge.runtime.bundle import open_bundle
 from ldm_edge.runtime.errors import BundleError, ExportError, first_line
-from ldm_edge.runtime.fsutil import atomic_write_bytes, atomic_write_json
-from ldm_edge.runtime.manifest import MANIFEST_NAME, Manifest
+from ldm_edge.runtime.fsutil import atomic_write_bytes
+from ldm_edge.runtime.schema import BundleManifest, write_manifest_json
 from ldm_edge.runtime.optimum import (GRAPH, OPTIONAL, REQUIRED, check_supported, graph_files,
                                       is_optimum_folder, manifest_from_optimum, read_graph_io)
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 def import_optimum(src: str | Path, out: str | Path, *, force: bool = False,
-                   progress: Callable[[str], None] = lambda msg: None) -> dict:
+                   progress: Callable[[str], None] = lambda msg: None) -> BundleManifest:
     """Write the bundle ``out`` from the Optimum folder ``src``; return its manifest."""
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -57,29 +58,30 @@ def import_optimum(src: str | Path, out: str | Path, *, force: bool = False,
         scratch = _copy_source(src, stage)
         progress("reading the graphs' inputs and outputs, hashing them")
         manifest = manifest_from_optimum(stage, hashes=True, for_import=True)
-        for name, rec in manifest["components"].items():
-            variant = rec["variants"]["fp32"]
-            if rec.pop("timestep_input", None) == "scalar":
+        for name, rec in manifest.components.items():
+            variant = rec.variants["fp32"]
+            if rec.timestep_input == "scalar":
+                rec.timestep_input = None
                 progress(f"{name}: adapting the scalar timestep input to one per batch row")
-                adapt_scalar_timestep(stage / variant["file"], rec["io_map"]["timestep"])
-                variant["files"] = [file_record(stage / f["path"], stage)
-                                    for f in variant["files"]]
+                adapt_scalar_timestep(stage / variant.file, rec.io_map["timestep"])
+                variant.files = [file_record(stage / f.path, stage)
+                                 for f in variant.files]
 
         progress("tokenizer: writing tokenizer.json")
         tok_path = stage / "tokenizer.json"
         atomic_write_bytes(tok_path, tokenizer_json(stage / "tokenizer").encode())
         tok = file_record(tok_path, stage)
-        manifest["tokenizer"] = {**manifest["tokenizer"], "file": tok.pop("path"), **tok}
+        manifest.tokenizer.file, manifest.tokenizer.size = tok.path, tok.size
+        manifest.tokenizer.sha256 = tok.sha256
         for p in scratch:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
-        manifest["model"]["source"] = src.resolve().name
-        manifest["producer"] = {"name": "ldm-edge", "version": ldm_edge.__version__,
-                                "command": "import-optimum",
-                                "from": manifest["producer"].get("from")}
-        manifest["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        atomic_write_json(stage / MANIFEST_NAME, manifest)
-        Manifest.load(stage, verify=False)  # what we wrote reads back as a valid bundle
+        manifest.model.source = src.resolve().name
+        manifest.producer = {"name": "ldm-edge", "version": ldm_edge.__version__,
+                             "command": "import-optimum", "from": manifest.producer.get("from")}
+        manifest.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        write_manifest_json(stage, manifest)
+        open_bundle(stage, verify=False)  # what we wrote reads back as a valid bundle
     return manifest
 
 

@@ -36,7 +36,7 @@ from .manifest import Manifest, safe_member
 from .spec import ComponentSpec
 from .trt_engines import (TensorRTUnavailable, cuda_error, device_facts, import_cudart,
                           import_tensorrt, narrow_spec, profile_violation, rebuild_hint,
-                          select_engine, tensorrt_records, variant_sha256)
+                          select_engine, tensorrt_records)
 
 log = logging.getLogger(__name__)
 
@@ -303,10 +303,10 @@ class TensorRTBackend(Backend):
 # -- choosing and opening -----------------------------------------------------------------
 def engine_for(manifest: Manifest, component: str, precision: str, facts) -> tuple[dict, Path]:
     """The engine record that fits this machine and its file, checked against the manifest."""
-    records = tensorrt_records(manifest["components"][component], precision)
+    records = tensorrt_records(manifest.component(component), precision)
     variant = manifest.variant(component, precision)
     record = select_engine(records, facts, component=component, precision=precision,
-                           onnx_sha256=variant_sha256(variant.record), bundle=str(manifest.root))
+                           onnx_sha256=variant.record.sha256, bundle=str(manifest.root))
     what = f"{component} TensorRT engine"
     path = safe_member(manifest.root, record["file"], what)
     hint = rebuild_hint(str(manifest.root), precision)
@@ -320,10 +320,12 @@ def engine_for(manifest: Manifest, component: str, precision: str, facts) -> tup
 
 
 def open_tensorrt(manifest: Manifest, component: str, precision: str, *, required: bool,
-                  device: str = "auto") -> TensorRTBackend | None:
+                  device: str = "auto", interface=None) -> TensorRTBackend | None:
     """A TensorRT backend for ``component``; with ``required`` False (``--backend auto``) None
-    instead of an error when this bundle has no engine for this machine or TensorRT is absent."""
-    comp = manifest["components"][component]
+    instead of an error when this bundle has no engine for this machine or TensorRT is absent.
+    ``interface``: the (spec, io_map) to open it with (backends.interface; default the
+    manifest's own)."""
+    comp = manifest.component(component)
     if not required:
         if device == "cpu" or not tensorrt_records(comp, precision):
             return None
@@ -338,5 +340,5 @@ def open_tensorrt(manifest: Manifest, component: str, precision: str, *, require
             return None
     else:
         record, path = engine_for(manifest, component, precision, device_facts())
-    return TensorRTBackend(manifest.spec(component), path, record=record,
-                           io_map=comp.get("io_map"), bundle=str(manifest.root))
+    spec, io_map = interface or (comp.spec, comp.io_map)
+    return TensorRTBackend(spec, path, record=record, io_map=io_map, bundle=str(manifest.root))

@@ -7,7 +7,9 @@ import logging
 
 from .backend_base import Backend
 from .errors import UsageError
-from .manifest import PRECISIONS, Manifest
+from .manifest import Manifest
+from .schema import PRECISIONS, ComponentRecord
+from .spec import ComponentSpec, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -15,6 +17,9 @@ BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
 # When a component has no variant of the asked precision, take the next wider one:
 # INT8 bundles usually quantise only the U-Net.
 FALLBACK = {"int8": ("int8", "fp16", "fp32"), "fp16": ("fp16", "fp32"), "fp32": ("fp32",)}
+# What a VAE encoder returns when its graph draws the latent itself (older Optimum exports)
+# instead of returning the posterior's parameters: the pipeline then uses it as it is.
+DRAWN_LATENT = "latent"
 
 
 def resolve_backend(name: str) -> str:
@@ -43,6 +48,19 @@ def pick_precision(manifest: Manifest, component: str, precision: str) -> str:
     manifest.variant(component, precision)  # raises with what to run to make it
 
 
+def interface(comp: ComponentRecord) -> tuple[ComponentSpec, dict]:
+    """The spec and graph-name map a backend is opened with. The manifest's quirks stop here:
+    a VAE encoder whose graph samples the latent (``output_kind`` "sample") names its output
+    ``latent`` rather than ``latent_parameters``, so callers see which of the two they get."""
+    spec, io_map = comp.spec, dict(comp.io_map)
+    if comp.output_kind == "sample":
+        out = spec.outputs[0]
+        io_map[DRAWN_LATENT] = io_map.pop(out.name, out.name)
+        spec = ComponentSpec(spec.name, spec.inputs, (TensorSpec(DRAWN_LATENT, out.dtype, out.shape),),
+                             spec.ranges)
+    return spec, io_map
+
+
 def open_backend(manifest: Manifest, component: str, *, backend: str = "auto",
                  precision: str = "fp32", device: str = "auto", threads: int = 0,
                  ort_cache: bool = False) -> Backend:
@@ -52,22 +70,22 @@ def open_backend(manifest: Manifest, component: str, *, backend: str = "auto",
     (runtime/ort_cache.py)."""
     kind = resolve_backend(backend)
     prec = pick_precision(manifest, component, precision)
-    io_map = manifest["components"][component].get("io_map")
+    spec, io_map = interface(manifest.component(component))
     if kind == "openvino":
         from .backend_openvino import OpenVINOBackend
 
-        b = OpenVINOBackend(manifest.spec(component), manifest.variant(component, prec).path,
+        b = OpenVINOBackend(spec, manifest.variant(component, prec).path,
                             threads=threads, io_map=io_map)
         b.precision = prec
         return b
     if kind != "onnxruntime":
         from .backend_tensorrt import open_tensorrt
 
-        b = open_tensorrt(manifest, component, prec, required=kind == "tensorrt", device=device)
+        b = open_tensorrt(manifest, component, prec, required=kind == "tensorrt", device=device,
+                          interface=(spec, io_map))
         if b is not None:
             return b
     variant = manifest.variant(component, prec)
-    spec = manifest.spec(component)
     from .backend_onnxruntime import OnnxRuntimeBackend
 
     b = OnnxRuntimeBackend(spec, variant.path, device=device, threads=threads, io_map=io_map,

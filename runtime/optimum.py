@@ -36,7 +36,8 @@ import os
 from pathlib import Path
 
 from .errors import BundleError
-from .manifest import FORMAT_VERSION
+from .schema import (FORMAT_VERSION, BundleManifest, ComponentRecord, FileRecord, ModelRecord,
+                     TokenizerRecord, VariantRecord)
 from .onnx_scan import ScanError, graph_io
 from .spec import ComponentSpec, ModelDims, TensorSpec, describe
 
@@ -74,7 +75,8 @@ def is_optimum_folder(path) -> bool:
             and all((p / c / GRAPH).is_file() for c in REQUIRED))
 
 
-def manifest_from_optimum(path, *, hashes: bool = True, for_import: bool = False) -> dict:
+def manifest_from_optimum(path, *, hashes: bool = True,
+                          for_import: bool = False) -> BundleManifest:
     """Our manifest (format 1) for an Optimum folder, its file paths relative to the folder.
 
     ``hashes``: record each graph file's sha256 and the model's (False: sizes only).
@@ -132,40 +134,38 @@ def manifest_from_optimum(path, *, hashes: bool = True, for_import: bool = False
     components = {}
     for c in names:
         spec = _typed_spec(specs[c], graphs[c], io_maps[c])
-        rec = {"io_map": io_maps[c]}
+        rec = ComponentRecord(c, io_map=io_maps[c])
         if c == "unet":
             spec, scalar = _unet_timestep(spec, graphs[c], io_maps[c], for_import, root)
             if scalar:
-                rec["timestep_input"] = "scalar"
+                rec.timestep_input = "scalar"
         if c == "vae_encoder":
-            spec, rec["output_kind"] = _encoder_output(spec, graphs[c], io_maps[c],
-                                                       latent_channels)
-        rec["spec"] = spec.to_json()
-        rec["variants"] = {"fp32": {"file": f"{c}/{GRAPH}", "files": records[c]}}
+            spec, rec.output_kind = _encoder_output(spec, graphs[c], io_maps[c], latent_channels)
+        rec.spec = spec
+        rec.variants = {"fp32": VariantRecord(file=f"{c}/{GRAPH}", files=records[c])}
         components[c] = rec
 
-    return {
-        "format_version": FORMAT_VERSION,
-        "producer": {"name": "ldm-edge optimum reader", "from": index.get("_class_name")},
-        "model": {"source": root.resolve().name, "sha256": model_sha,
-                  "family": "sd2" if prediction == "v_prediction" else "sd1",
-                  "format": "optimum-onnx"},
-        "prediction_type": prediction,
-        "latent_channels": latent_channels,
-        "vae_scale_factor": factor,
-        "scaling_factor": scaling,
-        "shift_factor": shift,
-        "size_multiple": max(8, factor),
-        "dims": dims.asdict(),
-        "defaults": {"height": size, "width": size, "guidance_scale": 7.5,
-                     "num_inference_steps": 50},
-        "tokenizer": {"file": tok["file"], **({"size": tok["size"]} if "size" in tok else {}),
-                      "max_length": tok["max_length"], "pad_id": tok["pad_id"],
-                      "pad_token": tok["pad_token"], "use_attention_mask": use_mask,
-                      "truncation": "longest_first"},
-        "scheduler": sched,
-        "components": components,
-    }
+    return BundleManifest(
+        format_version=FORMAT_VERSION,
+        producer={"name": "ldm-edge optimum reader", "from": index.get("_class_name")},
+        model=ModelRecord(source=root.resolve().name, sha256=model_sha,
+                          family="sd2" if prediction == "v_prediction" else "sd1",
+                          format="optimum-onnx"),
+        prediction_type=prediction,
+        latent_channels=latent_channels,
+        vae_scale_factor=factor,
+        scaling_factor=scaling,
+        shift_factor=shift,
+        size_multiple=max(8, factor),
+        dims=dims.asdict(),
+        defaults={"height": size, "width": size, "guidance_scale": 7.5, "num_inference_steps": 50},
+        tokenizer=TokenizerRecord(file=tok["file"], size=tok.get("size"),
+                                  max_length=tok["max_length"], pad_id=tok["pad_id"],
+                                  pad_token=tok["pad_token"], use_attention_mask=use_mask,
+                                  truncation="longest_first"),
+        scheduler=sched,
+        components=components,
+    )
 
 
 def check_supported(root: Path) -> dict:
@@ -292,7 +292,8 @@ def graph_files(root: Path, component: str) -> list[Path]:
     return out
 
 
-def _file_records(root: Path, files_by_comp: dict, hashes: bool) -> tuple[dict, str | None]:
+def _file_records(root: Path, files_by_comp: dict,
+                  hashes: bool) -> tuple[dict[str, list[FileRecord]], str | None]:
     """Per-component file records (path, size[, sha256]) and one sha256 over all the graphs'
     bytes in path order (the model's fingerprint), reading each file once."""
     model = hashlib.sha256()
@@ -300,17 +301,17 @@ def _file_records(root: Path, files_by_comp: dict, hashes: bool) -> tuple[dict, 
     everything = sorted((p.relative_to(root).as_posix(), c, p)
                         for c, ps in files_by_comp.items() for p in ps)
     for rel, c, p in everything:
-        rec = {"path": rel, "size": p.stat().st_size}
+        rec = FileRecord(rel, p.stat().st_size)
         if hashes:
             h = hashlib.sha256()
             with open(p, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)
                     model.update(block)
-            rec["sha256"] = h.hexdigest()
+            rec.sha256 = h.hexdigest()
         records[c].append(rec)
     for c in records:  # the graph first, then its data files
-        records[c].sort(key=lambda r: (not r["path"].endswith("/" + GRAPH), r["path"]))
+        records[c].sort(key=lambda r: (not r.path.endswith("/" + GRAPH), r.path))
     return records, (model.hexdigest() if hashes else None)
 
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backends import open_backend
+from .backends import DRAWN_LATENT, open_backend
+from .bundle import open_bundle
 from .errors import NumericsError, UsageError
 from .manifest import Manifest
 from .schedulers import make_scheduler, scheduler_names
@@ -50,7 +51,7 @@ class Pipeline:
     def __init__(self, bundle, *, backend: str = "auto", precision: str = "fp32",
                  device: str = "auto", threads: int = 0, verify: bool = True,
                  ort_cache: bool | None = None):
-        self.manifest = bundle if isinstance(bundle, Manifest) else Manifest.load(bundle, verify)
+        self.manifest = bundle if isinstance(bundle, Manifest) else open_bundle(bundle, verify)
         self.tokenizer = PromptTokenizer.from_manifest(self.manifest)
         if ort_cache is None:  # not said: the environment decides (LDM_EDGE_ORT_CACHE=1)
             from .ort_cache import enabled_by_env
@@ -98,10 +99,10 @@ class Pipeline:
         return self._call("text_encoder", feeds), tokens.dropped
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        m = self.manifest
-        z = latents / np.float32(m["scaling_factor"])
-        if m.get("shift_factor"):
-            z = z + np.float32(m["shift_factor"])
+        m = self.manifest.schema
+        z = latents / np.float32(m.scaling_factor)
+        if m.shift_factor:
+            z = z + np.float32(m.shift_factor)
         image = self._call("vae_decoder", {"latent": z.astype(np.float32)})
         # as diffusers' postprocess: [-1, 1] -> [0, 1], clamp, *255, round
         image = np.clip(image / 2 + 0.5, 0.0, 1.0)
@@ -111,8 +112,8 @@ class Pipeline:
         """uint8 [1, H, W, 3] -> scaled latents, sampled from the posterior as diffusers does."""
         x = (image.astype(np.float32) / 255.0) * 2.0 - 1.0
         params = self._call("vae_encoder", {"image": np.ascontiguousarray(x.transpose(0, 3, 1, 2))})
-        m = self.manifest
-        if m["components"]["vae_encoder"].get("output_kind") == "sample":
+        m = self.manifest.schema
+        if self.backend("vae_encoder").spec.output_names[0] == DRAWN_LATENT:
             # older Optimum / diffusers' script: the graph drew the latent itself (its own RNG)
             latents = params
         else:
@@ -120,9 +121,9 @@ class Pipeline:
             mean, logvar = params[:, :c], np.clip(params[:, c:], -30.0, 20.0)
             noise = generator.standard_normal(size=mean.shape, dtype=np.float32)
             latents = mean + np.exp(0.5 * logvar) * noise
-        if m.get("shift_factor"):
-            latents = latents - np.float32(m["shift_factor"])
-        return (np.float32(m["scaling_factor"]) * latents).astype(np.float32)
+        if m.shift_factor:
+            latents = latents - np.float32(m.shift_factor)
+        return (np.float32(m.scaling_factor) * latents).astype(np.float32)
 
     # -- the whole thing ----------------------------------------------------------
     def __call__(self, prompt, negative_prompt=None, *, num_inference_steps: int | None = None,

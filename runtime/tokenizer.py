@@ -38,8 +38,8 @@ class PromptTokenizer:
 
     @classmethod
     def from_manifest(cls, manifest) -> "PromptTokenizer":
-        t = manifest["tokenizer"]
-        return cls(manifest.tokenizer_path, int(t["max_length"]), int(t["pad_id"]), str(t["pad_token"]))
+        t = manifest.schema.tokenizer
+        return cls(manifest.tokenizer_path, t.max_length, t.pad_id, t.pad_token)
 
     def __call__(self, prompts: list[str]) -> Tokens:
         full = self._full.encode_batch(list(prompts))

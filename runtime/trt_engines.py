@@ -217,10 +217,13 @@ def rebuild_hint(bundle: str, precision: str) -> str:
     return f"`ldm-export engines {bundle} --precision {precision}`"
 
 
-def tensorrt_records(component_record: dict, precision: str) -> list[dict]:
-    """This component's TensorRT engine records of ``precision`` (malformed ones refused)."""
+def tensorrt_records(component_record, precision: str) -> list[dict]:
+    """This component's TensorRT engine records of ``precision`` (malformed ones refused), as
+    JSON; ``component_record`` is a schema ComponentRecord (or its JSON)."""
     out = []
-    for rec in component_record.get("engines") or []:
+    engines = component_record.engine_dicts() if hasattr(component_record, "engine_dicts") \
+        else component_record.get("engines") or []
+    for rec in engines:
         if not isinstance(rec, dict) or rec.get("backend") != ENGINE_BACKEND:
             continue
         missing = [k for k in _RECORD_KEYS if k not in rec]

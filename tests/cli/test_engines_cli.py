@@ -3,7 +3,6 @@ write nothing, and the engine-matching rule as a pure function of fake device fa
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pytest
 from helpers import run_cli
 
 from ldm_edge.export.engines import ProfileOptions, _put_record, shape_profile
+from ldm_edge.runtime.schema import ComponentRecord, EngineRecord, read_manifest_json
 from ldm_edge.runtime.errors import BundleError, UsageError
 from ldm_edge.runtime.trt_engines import (DeviceFacts, TensorRTUnavailable, device_facts,
                                           engine_dir_name, engine_path, profile_hash,
@@ -143,15 +143,16 @@ def test_open_backend_refuses_doctored_record_and_auto_falls_back(bundle, fake_t
 
     fake_trt(facts=ORIN)
     m = Manifest.load(bundle)
-    m.data["components"]["unet"]["engines"] = [record(H100, precision="fp32")]
+    unet = m.component("unet")
+    unet.engines = [EngineRecord.from_json(record(H100, precision="fp32"), "unet engine")]
     with pytest.raises(BundleError) as e:
         open_backend(m, "unet", backend="tensorrt")
     assert f"`ldm-export engines {bundle} --precision fp32`" in str(e.value)
     assert "not this Orin (sm87, TensorRT 10.3.0)" in str(e.value)
     assert isinstance(open_backend(m, "unet", backend="auto"), OnnxRuntimeBackend)
     # a record for this machine whose file is gone: refused before TensorRT is asked to load it
-    sha = m["components"]["unet"]["variants"]["fp32"]["files"][0]["sha256"]
-    m.data["components"]["unet"]["engines"] = [record(ORIN, precision="fp32", onnx=sha)]
+    sha = unet.variants["fp32"].files[0].sha256
+    unet.engines = [EngineRecord.from_json(record(ORIN, precision="fp32", onnx=sha), "unet engine")]
     with pytest.raises(BundleError, match="missing from the bundle; rebuild"):
         open_backend(m, "unet", backend="tensorrt")
 
@@ -179,7 +180,7 @@ def test_engine_path_names_machine_precision_and_profile():
 
 
 def test_profile_from_manifest_ranges_doubles_guided_batch(bundle):
-    m = json.loads((bundle / "manifest.json").read_text())
+    m = read_manifest_json(bundle)
     opts = ProfileOptions(min_size=64, max_size=256, max_batch=2)
     unet = shape_profile(m, "unet", opts)
     assert unet["sample"] == {"min": [1, 4, 8, 8], "opt": [2, 4, 16, 16], "max": [4, 4, 32, 32]}
@@ -201,7 +202,7 @@ def test_profile_from_manifest_ranges_doubles_guided_batch(bundle):
     (ProfileOptions(static=True, max_size=512), "--static builds one shape"),
 ])
 def test_bad_profile_options_are_refused(bundle, opts, needle):
-    m = json.loads((bundle / "manifest.json").read_text())
+    m = read_manifest_json(bundle)
     with pytest.raises(UsageError, match=needle):
         shape_profile(m, "unet", opts)
 
@@ -224,9 +225,10 @@ def test_backend_spec_takes_the_engine_ranges(bundle):
 
 
 def test_rebuilding_replaces_the_record_for_the_same_file():
-    m = {"components": {"unet": {"engines": [record(file="a"), record(ORIN, file="b")]}}}
-    _put_record(m, "unet", {**record(file="a"), "sha256": "new"})
-    files = [(r["file"], r["sha256"]) for r in m["components"]["unet"]["engines"]]
+    unet = ComponentRecord("unet", engines=[EngineRecord.from_json(r, "e") for r in
+                                            (record(file="a"), record(ORIN, file="b"))])
+    _put_record(unet, EngineRecord.from_json({**record(file="a"), "sha256": "new"}, "e"))
+    files = [(r.file, r.sha256) for r in unet.engines]
     assert files == [("b", SHA), ("a", "new")]
 
 

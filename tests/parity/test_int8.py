@@ -64,13 +64,13 @@ def _producers(g):
 def test_graph_is_qdq_with_per_channel_int8_weights(int8_bundle):
     m, g = _graph(int8_bundle)
     v = m.variant("unet", "int8").record
-    assert v["format"] == "QDQ" and v["method"] == "percentile"
+    assert v.format == "QDQ" and v.method == "percentile"
     ops = [n.op_type for n in g.graph.node]
     assert ops.count("QuantizeLinear") > 20 and ops.count("DequantizeLinear") > 40
     inits = {t.name: t for t in g.graph.initializer}
     prod, nodes = _producers(g), {n.name: n for n in g.graph.node}
-    assert len(v["quantized_nodes"]) > 50
-    for name in v["quantized_nodes"]:
+    assert len(v.quantized_nodes) > 50
+    for name in v.quantized_nodes:
         node = nodes[name]
         wdq = prod[node.input[1]]
         assert wdq.op_type == "DequantizeLinear"
@@ -86,14 +86,14 @@ def test_graph_is_qdq_with_per_channel_int8_weights(int8_bundle):
     fp32 = onnx.load(str(m.variant("unet", "fp32").path))
     assert [o.name for o in g.graph.output] == [o.name for o in fp32.graph.output]
     assert m.variant("unet", "int8").path.stat().st_size < 0.6 * m.variant("unet", "fp32").path.stat().st_size
-    cal = v["calibration"]
+    cal = v.calibration
     assert cal["prompts"] == PROMPTS and cal["steps"] == CALIB_STEPS
     assert cal["timesteps"][0] > 500 and cal["timesteps"][-1] < 100  # the whole trajectory
 
 
 def test_sensitive_and_excluded_nodes_stay_float(int8_bundle):
     m, g = _graph(int8_bundle)
-    excluded = m.variant("unet", "int8").record["excluded_nodes"]
+    excluded = m.variant("unet", "int8").record.excluded_nodes
     for rule, sub in REQUIRED_RULES.items():
         assert any(sub in n for n in excluded.get(rule, [])), rule
     prod, nodes = _producers(g), {n.name: n for n in g.graph.node}
@@ -122,7 +122,7 @@ def test_runs_in_onnxruntime_with_int8_kernels(int8_bundle, tmp_path):
                          providers=["CPUExecutionProvider"])
     opt = onnx.load(str(tmp_path / "opt.onnx"))
     ops = [n.op_type for n in opt.graph.node]
-    n_q = len(Manifest.load(int8_bundle).variant("unet", "int8").record["quantized_nodes"])
+    n_q = len(Manifest.load(int8_bundle).variant("unet", "int8").record.quantized_nodes)
     assert ops.count("QLinearConv") + ops.count("MatMulIntegerToFloat") == n_q
     assert ops.count("QLinearConv") > 10 and ops.count("MatMulIntegerToFloat") > 10
 
@@ -142,22 +142,22 @@ def test_min_psnr_keeps_the_most_harmful_layers_in_float(budget):
     bundle, plain, target = budget
     m, g = _graph(bundle)
     v, q = m.variant("unet", "int8").record, m["quality"]["int8"]
-    assert v["min_psnr"]["plain_int8_psnr_db"] == pytest.approx(plain, abs=1e-9)
+    assert v.min_psnr["plain_int8_psnr_db"] == pytest.approx(plain, abs=1e-9)
     assert plain < target
-    kept = v["kept_float_units"]
+    kept = v.kept_float_units
     assert kept and q["kept_float_units"] == kept
     assert q["psnr_db"] >= target and q["min_psnr"] == target
-    steps = v["min_psnr"]["greedy"]
+    steps = v.min_psnr["greedy"]
     greedy = [s for s in steps if not s.get("pruning")]
     assert [s["unit"] for s in greedy if s["kept"]] == kept
     assert any(s["psnr_db_after"] == pytest.approx(q["psnr_db"], abs=1e-9) for s in steps)
-    sweep = v["min_psnr"]["sensitivity"]
+    sweep = v.min_psnr["sensitivity"]
     snr = [s["unet_snr_db_only_this_int8"] for s in sweep]
     assert snr == sorted(snr)  # worst first, and tried in that order
     assert [s["unit"] for s in greedy] == [s["unit"] for s in sweep[: len(greedy)]]
     prod, nodes = _producers(g), {n.name: n for n in g.graph.node}
-    kept_nodes = v["excluded_nodes"]["kept by min_psnr"]
-    assert kept_nodes and not set(kept_nodes) & set(v["quantized_nodes"])
+    kept_nodes = v.excluded_nodes["kept by min_psnr"]
+    assert kept_nodes and not set(kept_nodes) & set(v.quantized_nodes)
     for name in kept_nodes:
         assert all(prod.get(i) is None or prod[i].op_type != "DequantizeLinear" for i in nodes[name].input)
 
@@ -185,7 +185,7 @@ def test_cli_writes_the_variant_and_summarises(tiny_bundles, tmp_path):
                                         "--method", "minmax"])
     assert res.exit_code == 0, res.output
     assert "int8 end to end: PSNR" in res.output and "calibration pass" in res.output
-    assert Manifest.load(dst).variant("unet", "int8").record["method"] == "minmax"
+    assert Manifest.load(dst).variant("unet", "int8").record.method == "minmax"
 
 
 def test_range_methods_on_outliers():
@@ -266,11 +266,11 @@ def test_symmetric_activations_for_tensorrt(tiny_bundles, tmp_path):
     b = tmp_path / "b"
     shutil.copytree(tiny_bundles["sd1"], b)
     m = make_int8(b, num_prompts=2, calib_steps=4, symmetric=True, progress=lambda *_: None)
-    path = b / m["components"]["unet"]["variants"]["int8"]["file"]
+    path = b / m.components["unet"].variants["int8"].file
     g = onnx.load(str(path))
     inits = {t.name: numpy_helper.to_array(t) for t in g.graph.initializer}
     zps = [inits[n.input[2]] for n in g.graph.node
            if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits]
     assert zps and all(not np.any(z) for z in zps)
     assert asymmetric_qdq(path) == 0
-    assert m["quality"]["int8"]["psnr_db"] >= 30.0
+    assert m.quality["int8"].psnr_db >= 30.0

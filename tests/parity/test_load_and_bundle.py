@@ -27,8 +27,8 @@ def test_single_file_roundtrip_exports_same_graphs(tiny_models, tmp_path, suffix
     for a, b in zip(model.unet.state_dict().values(), folder_model.unet.state_dict().values()):
         assert np.array_equal(a.numpy(), b.numpy())
     m = export_bundle(model, tmp_path / "b", ONLY_FAST)
-    assert m["model"]["source"] == f"tiny{suffix}"
-    assert all(c["variants"]["fp32"]["parity"]["passed"] for c in m["components"].values())
+    assert m.model.source == f"tiny{suffix}"
+    assert all(c.variants["fp32"].parity["passed"] for c in m.components.values())
 
 
 class _Evil:
@@ -119,7 +119,7 @@ def test_large_components_use_one_external_data_file(tiny_models, tmp_path, monk
     out = tmp_path / "b"
     m = export_bundle(load_model(tiny_models["sd1"]), out, ExportOptions(components=("unet",
                       "text_encoder", "vae_decoder")))
-    files = [f["path"] for f in m["components"]["unet"]["variants"]["fp32"]["files"]]
+    files = [f.path for f in m.components["unet"].variants["fp32"].files]
     assert files == ["unet.onnx", "unet.onnx.data"]
     assert (out / "unet.onnx.data").stat().st_size > 5 * (out / "unet.onnx").stat().st_size
     assert sorted(p.name for p in out.iterdir()) == sorted(

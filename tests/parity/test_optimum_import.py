@@ -166,7 +166,7 @@ def _reference(tiny_models, family, scheduler, latents_file):
 # -- tests ------------------------------------------------------------------------------------
 def test_manifest_records_optimum_conventions(folders):
     assert all(is_optimum_folder(f) for f in folders.values())
-    m1 = manifest_from_optimum(folders["v1"], for_import=True)
+    m1 = manifest_from_optimum(folders["v1"], for_import=True).to_json()
     c = m1["components"]
     assert c["text_encoder"]["spec"]["inputs"][0] == {"name": "input_ids", "dtype": "int32",
                                                       "shape": ["batch", 77]}
@@ -180,7 +180,7 @@ def test_manifest_records_optimum_conventions(folders):
         ("epsilon", "sd1", 128)
     assert len(m1["model"]["sha256"]) == 64 and m1["tokenizer"]["pad_token"] == "<|endoftext|>"
 
-    m2 = manifest_from_optimum(folders["v2"], for_import=True)
+    m2 = manifest_from_optimum(folders["v2"], for_import=True).to_json()
     c = m2["components"]
     assert c["text_encoder"]["spec"]["inputs"][0]["dtype"] == "int64"
     assert c["unet"]["spec"]["inputs"][1] == {"name": "timestep", "dtype": "float32",
@@ -196,7 +196,7 @@ def test_missing_vae_config_falls_back_with_warning(folders, tmp_path, caplog):
     for sub in ("vae_decoder", "vae_encoder"):
         (f / sub / "config.json").unlink()
     with caplog.at_level(logging.WARNING):
-        m = manifest_from_optimum(f, hashes=False, for_import=True)
+        m = manifest_from_optimum(f, hashes=False, for_import=True).to_json()
     assert (m["latent_channels"], m["vae_scale_factor"], m["scaling_factor"]) == (4, 8, 0.18215)
     assert "no VAE config" in caplog.text
 

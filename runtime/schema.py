@@ -1,0 +1,439 @@
+"""The bundle manifest, typed: the one contract between the export half and the runtime half.
+
+Every record is a dataclass whose field names are the JSON keys, with ``from_json`` (which
+checks types and shapes, raising :class:`BundleError` with a message that says what to do)
+and ``to_json``. Keys a record does not know are kept in its ``extra``, and a record read
+from JSON writes back exactly the keys it was read with, in their order: an old manifest
+round-trips unchanged. Records built in code write the fields that are set (not None);
+``NULLABLE`` fields are written even when None, as the exporters always did.
+
+Writers (export, fp16, int8, engines, the Optimum reader) build these objects; readers use
+their attributes; the defaults of absent keys are supplied here, once.
+Pure python: imported by both halves.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import ClassVar
+
+from .errors import BundleError
+from .fsutil import atomic_write_json
+from .spec import COMPONENTS, ComponentSpec
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+PRECISIONS = ("fp32", "fp16", "int8")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+REQUIRED_KEYS = ("format_version", "model", "components", "tokenizer", "scheduler",
+                 "prediction_type", "latent_channels", "vae_scale_factor", "scaling_factor")
+REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+# Read when a manifest does not say (bundles written before the key existed).
+DEFAULT_SIZE_MULTIPLE = 8
+
+
+def need(value, kind, what: str, positive: bool = False):
+    """``value`` if it is a ``kind`` (bools are not numbers here), else a BundleError."""
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if ok and positive:
+        ok = value > 0
+    if not ok:
+        raise BundleError(f"manifest {what} is {value!r}; re-export the bundle")
+    return value
+
+
+def _dump(v):
+    """A JSON value, copied (nothing returned by to_json aliases a record's state)."""
+    if isinstance(v, (Record, ComponentSpec)):
+        return v.to_json()
+    if isinstance(v, dict):
+        return {k: _dump(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_dump(x) for x in v]
+    return v
+
+
+@dataclass
+class Record:
+    """A JSON object: its known keys are the dataclass fields, the rest is kept in ``extra``."""
+
+    NULLABLE: ClassVar[tuple] = ()  # fields written as null when None (records built in code)
+    OMIT_EMPTY: ClassVar[tuple] = ()  # fields left out when {} or [] (unless read that way)
+
+    extra: dict = field(default_factory=dict, kw_only=True, repr=False)
+    # the keys this record was read with, in order; None for one built in code
+    read_keys: tuple | None = field(default=None, kw_only=True, repr=False, compare=False)
+
+    @classmethod
+    def known(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name not in ("extra", "read_keys")]
+
+    @classmethod
+    def _from(cls, d: dict, **parsed):
+        """The record of JSON object ``d``: known keys as fields (``parsed`` gives those
+        already converted), unknown ones in ``extra``; remembers d's keys and their order."""
+        names = set(cls.known())
+        kw = {k: v for k, v in d.items() if k in names}
+        kw.update(parsed)
+        return cls(**kw, extra={k: v for k, v in d.items() if k not in names},
+                   read_keys=tuple(d))
+
+    def _written(self, name: str, value) -> bool:
+        if self.read_keys is not None and name in self.read_keys:
+            return True
+        if value is None:
+            return self.read_keys is None and name in self.NULLABLE
+        return not (name in self.OMIT_EMPTY and value in ({}, []))
+
+    def to_json(self) -> dict:
+        out = {k: _dump(getattr(self, k)) for k in self.known()
+               if self._written(k, getattr(self, k))}
+        out.update((k, _dump(v)) for k, v in self.extra.items() if k not in out)
+        if self.read_keys is not None:  # read keys in their order, then the new ones
+            rank = {k: i for i, k in enumerate(self.read_keys)}
+            out = dict(sorted(out.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+        return out
+
+
+def _object(d, what: str) -> dict:
+    if not isinstance(d, dict):
+        raise BundleError(f"manifest {what} is {d!r}; re-export the bundle")
+    return d
+
+
+# -- files ------------------------------------------------------------------------------------
+@dataclass
+class FileRecord(Record):
+    """One file of the bundle: its path inside the bundle, size and sha256."""
+
+    path: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+
+    @classmethod
+    def from_json(cls, d, what: str = "file") -> "FileRecord":
+        if not isinstance(d, dict):
+            raise BundleError(f"{what}: malformed file record in manifest")
+        return cls._from(d)
+
+
+@dataclass
+class TokenizerRecord(Record):
+    """tokenizer.json (recorded under ``file``, with size and sha256) and how prompts are padded."""
+
+    size: int | None = None
+    sha256: str | None = None
+    file: str | None = None
+    max_length: int | None = None
+    pad_id: int | None = None
+    pad_token: str | None = None
+    use_attention_mask: bool | None = None
+    truncation: str | None = None
+
+    @classmethod
+    def from_json(cls, d) -> "TokenizerRecord":
+        need(d, dict, "tokenizer")
+        need(d.get("max_length"), int, "tokenizer.max_length", positive=True)
+        need(d.get("pad_id"), int, "tokenizer.pad_id")
+        need(d.get("pad_token"), str, "tokenizer.pad_token")
+        return cls._from(d)
+
+    @property
+    def file_record(self) -> FileRecord:
+        return FileRecord(self.file, self.size, self.sha256)
+
+
+@dataclass
+class ModelRecord(Record):
+    """Where the weights came from: the checkpoint's name, content hash, family."""
+
+    NULLABLE: ClassVar[tuple] = ("source", "sha256", "family")
+
+    source: str | None = None
+    sha256: str | None = None
+    family: str | None = None
+    format: str | None = None  # "optimum-onnx" for folders read from Optimum exports
+
+    @classmethod
+    def from_json(cls, d) -> "ModelRecord":
+        return cls._from(_object(d, "model"))
+
+
+# -- components -------------------------------------------------------------------------------
+@dataclass
+class VariantRecord(Record):
+    """One precision of one component: its graph, the files it reads, and how it was made."""
+
+    file: str | None = None
+    files: list[FileRecord] = field(default_factory=list)
+    opset: int | None = None
+    parity: dict | None = None  # measured when it was made (compare().to_json() + context)
+    # fp16: the FP32 islands
+    islands: str | None = None
+    fp32_nodes: list | None = None
+    # int8: the quantisation facts
+    format: str | None = None
+    weights: str | None = None
+    activations: str | None = None
+    method: str | None = None
+    ops: list | None = None
+    quantized_nodes: list | None = None
+    excluded_nodes: dict | None = None
+    kept_float_units: list | None = None
+    calibration: dict | None = None
+    min_psnr: dict | None = None  # the --min-psnr budget's record
+
+    @classmethod
+    def from_json(cls, d, what: str) -> "VariantRecord":
+        d = _object(d, what)
+        files = d.get("files", [])
+        if not isinstance(files, list):
+            raise BundleError(f"manifest {what}.files is {files!r}; re-export the bundle")
+        return cls._from(d, files=[FileRecord.from_json(f, what) for f in files])
+
+    @property
+    def sha256(self) -> str | None:
+        """The recorded sha256 of the main graph file (None when the manifest has none)."""
+        for f in self.files:
+            if f.path == self.file:
+                return f.sha256
+        return None
+
+
+@dataclass
+class EngineRecord(Record):
+    """A TensorRT engine built from one variant, on one kind of device. Its keys are checked
+    when an engine is chosen (trt_engines.tensorrt_records), not on load."""
+
+    NULLABLE: ClassVar[tuple] = ("workspace_mb", "optimization_level")
+
+    backend: str | None = None
+    precision: str | None = None
+    trt_version: str | None = None
+    device_name: str | None = None
+    compute_capability: str | None = None
+    profile: dict | None = None
+    onnx_sha256: str | None = None
+    file: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+    build_seconds: float | None = None
+    workspace_mb: int | None = None
+    optimization_level: int | None = None
+
+    @classmethod
+    def from_json(cls, d, what: str) -> "EngineRecord":
+        return cls._from(_object(d, what))
+
+
+@dataclass
+class ComponentRecord(Record):
+    """One network: its interface (spec), its precision variants and engines, and the
+    names its graph uses where they differ from ours (``io_map``, Optimum folders)."""
+
+    OMIT_EMPTY: ClassVar[tuple] = ("io_map", "engines")
+
+    name: str = field(default="", metadata={"json": False})
+    io_map: dict = field(default_factory=dict)  # our tensor name -> the graph's
+    timestep_input: str | None = None  # "scalar": only while import-optimum adapts the graph
+    # VAE encoder: "parameters" (mean || logvar) or "sample" (older Optimum graphs draw the
+    # latent themselves); the backend layer exposes the latter as an output named "latent"
+    output_kind: str | None = None
+    spec: ComponentSpec | None = None
+    variants: dict[str, VariantRecord] = field(default_factory=dict)
+    engines: list[EngineRecord] = field(default_factory=list)
+
+    @classmethod
+    def known(cls) -> list[str]:
+        return [n for n in super().known() if n != "name"]
+
+    @classmethod
+    def from_json(cls, name: str, d) -> "ComponentRecord":
+        if name not in COMPONENTS:
+            raise BundleError(f"unknown component {name!r} in manifest")
+        d = _object(d, name)
+        try:
+            spec = ComponentSpec.from_json(name, d["spec"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise BundleError(f"{name}: malformed spec in manifest ({e}); re-export the bundle")
+        variants = _object(d.get("variants", {}), f"{name}.variants")
+        for precision in variants:
+            if precision not in PRECISIONS:
+                raise BundleError(f"{name}: unknown precision {precision!r}")
+        engines = d.get("engines") or []
+        if not isinstance(engines, list):
+            raise BundleError(f"manifest {name}.engines is {engines!r}; re-export the bundle")
+        io_map = d.get("io_map") or {}
+        _object(io_map, f"{name}.io_map")
+        rec = cls._from(d, spec=spec, io_map=io_map,
+                        variants={p: VariantRecord.from_json(v, f"{name} ({p})")
+                                  for p, v in variants.items()},
+                        engines=[EngineRecord.from_json(e, f"{name} engine") for e in engines])
+        rec.name = name
+        return rec
+
+    def graph_name(self, ours: str) -> str:
+        """The graph's name for one of our tensor names."""
+        return self.io_map.get(ours, ours)
+
+    def engine_dicts(self) -> list[dict]:
+        """The engine records as JSON, for trt_engines' record checks and selection."""
+        return [e.to_json() for e in self.engines]
+
+
+# -- quality ----------------------------------------------------------------------------------
+@dataclass
+class QualityRecord(Record):
+    """End-to-end quality of a precision variant: FP32 and it on the same prompts and seeds."""
+
+    psnr_db: float | None = None
+    per_prompt_db: list | None = None
+    prompts: list | None = None
+    steps: int | None = None
+    seed: int | None = None
+    reference: str | None = None
+    components_kept_fp32: list | None = None  # fp16
+
+    @classmethod
+    def from_json(cls, d, what: str) -> "QualityRecord":
+        return cls._from(_object(d, what))
+
+
+@dataclass
+class Int8QualityRecord(QualityRecord):
+    NULLABLE: ClassVar[tuple] = ("min_psnr",)
+
+    method: str | None = None
+    min_psnr: float | None = None
+    kept_float_units: list | None = None
+
+
+QUALITY_RECORDS = {"int8": Int8QualityRecord}
+
+
+# -- the manifest -----------------------------------------------------------------------------
+@dataclass
+class BundleManifest(Record):
+    """manifest.json."""
+
+    NULLABLE: ClassVar[tuple] = ("shift_factor",)
+    OMIT_EMPTY: ClassVar[tuple] = ("quality",)
+
+    format_version: int = FORMAT_VERSION
+    producer: dict | None = None
+    created: str | None = None
+    model: ModelRecord = field(default_factory=ModelRecord)
+    prediction_type: str = "epsilon"
+    latent_channels: int = 4
+    vae_scale_factor: int = 8
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    size_multiple: int | None = None
+    dims: dict = field(default_factory=dict)  # ModelDims.asdict(): the exported ranges
+    defaults: dict = field(default_factory=dict)  # height, width, guidance_scale, steps
+    tokenizer: TokenizerRecord = field(default_factory=TokenizerRecord)
+    scheduler: dict = field(default_factory=dict)  # as diffusers writes it
+    components: dict[str, ComponentRecord] = field(default_factory=dict)
+    quality: dict[str, QualityRecord] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, d) -> "BundleManifest":
+        if not isinstance(d, dict):
+            raise BundleError("manifest.json is not a JSON object; re-export the bundle")
+        missing = [k for k in REQUIRED_KEYS if k not in d]
+        if missing:
+            raise BundleError(f"manifest.json lacks {', '.join(missing)}; re-export the bundle")
+        fv = d["format_version"]
+        if not isinstance(fv, int) or isinstance(fv, bool):
+            raise BundleError(f"manifest format_version {fv!r} is not an integer")
+        if fv > FORMAT_VERSION:
+            raise BundleError(f"bundle format {fv} is newer than this ldm-edge reads "
+                              f"({FORMAT_VERSION}); upgrade ldm-edge")
+        if fv < FORMAT_VERSION:
+            raise BundleError(f"bundle format {fv} is no longer read; re-export the bundle")
+        if d["prediction_type"] not in PREDICTION_TYPES:
+            raise BundleError(f"unknown prediction_type {d['prediction_type']!r}")
+        _check_scalars(d)
+        comps = d["components"]
+        if not isinstance(comps, dict):
+            raise BundleError("manifest components is not an object; re-export the bundle")
+        for name in REQUIRED_COMPONENTS:
+            if name not in comps:
+                raise BundleError(f"bundle has no {name}; re-export it")
+        quality = _object(d.get("quality", {}), "quality")
+        return cls._from(
+            d, model=ModelRecord.from_json(d["model"]),
+            tokenizer=TokenizerRecord.from_json(d["tokenizer"]),
+            components={n: ComponentRecord.from_json(n, r) for n, r in comps.items()},
+            quality={p: QUALITY_RECORDS.get(p, QualityRecord).from_json(q, f"quality.{p}")
+                     for p, q in quality.items()})
+
+    # -- what readers ask ---------------------------------------------------------------------
+    @property
+    def multiple(self) -> int:
+        """Image sides must be multiples of this many pixels."""
+        return self.size_multiple or DEFAULT_SIZE_MULTIPLE
+
+    def precisions(self, component: str) -> list[str]:
+        return list(self.components[component].variants)
+
+    def value(self, key: str):
+        """The JSON value of one top-level key (a copy), for readers not yet typed."""
+        if key in self.known():
+            if not self._written(key, getattr(self, key)):
+                raise KeyError(key)
+            return _dump(getattr(self, key))
+        return _dump(self.extra[key])
+
+
+def _check_scalars(d: dict) -> None:
+    """The scalar facts the runtime computes with must have usable types."""
+    need(d["latent_channels"], int, "latent_channels", positive=True)
+    need(d["vae_scale_factor"], int, "vae_scale_factor", positive=True)
+    need(d["scaling_factor"], (int, float), "scaling_factor", positive=True)
+    if d.get("shift_factor") is not None:
+        need(d["shift_factor"], (int, float), "shift_factor")
+    need(d["scheduler"], dict, "scheduler")
+    need(d["tokenizer"], dict, "tokenizer")
+    for section in ("dims", "defaults"):
+        need(d.get(section, {}), dict, section)
+    for key in ("min_size", "max_size", "max_batch"):
+        if key in d.get("dims", {}):
+            need(d["dims"][key], int, f"dims.{key}", positive=True)
+    for key in ("height", "width", "num_inference_steps"):
+        if key in d.get("defaults", {}):
+            need(d["defaults"][key], int, f"defaults.{key}", positive=True)
+    if "guidance_scale" in d.get("defaults", {}):
+        need(d["defaults"]["guidance_scale"], (int, float), "defaults.guidance_scale")
+    if "size_multiple" in d:
+        need(d["size_multiple"], int, "size_multiple", positive=True)
+
+
+# -- reading and writing manifest.json ------------------------------------------------------------
+def read_manifest_json(bundle) -> BundleManifest:
+    """``bundle``/manifest.json, parsed and type-checked (its files are not looked at)."""
+    path = Path(bundle) / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path} is damaged ({e.__class__.__name__}); re-export the bundle")
+    return BundleManifest.from_json(data)
+
+
+def write_manifest_json(bundle, manifest: BundleManifest) -> dict:
+    """Write ``manifest`` atomically as ``bundle``/manifest.json; return the JSON written."""
+    data = manifest.to_json()
+    atomic_write_json(Path(bundle) / MANIFEST_NAME, data)
+    return data
+
+
+def edit_manifest(bundle, change) -> BundleManifest:
+    """Read, change (``change(manifest)`` edits the typed object) and atomically rewrite a
+    bundle's manifest. New files are written first, so until this rename the bundle is the
+    old, whole one. The one way a bundle tool changes a manifest."""
+    manifest = read_manifest_json(bundle)
+    change(manifest)
+    write_manifest_json(bundle, manifest)
+    return manifest
