@@ -18,8 +18,9 @@ from .spec import ComponentSpec
 class Backend(ABC):
     name = "base"
 
-    def __init__(self, spec: ComponentSpec):
+    def __init__(self, spec: ComponentSpec, *, precision: str = "fp32"):
         self.spec = spec
+        self.precision = precision  # of the graph or engine this backend runs
         self._bound: dict[str, np.ndarray] = {}
 
     # -- lifecycle ----------------------------------------------------------------

@@ -37,8 +37,9 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, spec: ComponentSpec, path: str | Path, *, device: str = "auto",
-                 threads: int = 0, io_map: dict | None = None, graph_cache: bool = False):
-        super().__init__(spec)
+                 threads: int = 0, io_map: dict | None = None, graph_cache: bool = False,
+                 precision: str = "fp32"):
+        super().__init__(spec, precision=precision)
         # spec name -> graph name, for graphs whose I/O names differ from ours (Optimum's)
         self.io_map = dict(io_map or {})
         self.threads = threads

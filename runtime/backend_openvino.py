@@ -23,8 +23,9 @@ class OpenVINOBackend(Backend):
     name = "openvino"
 
     def __init__(self, spec: ComponentSpec, path: str | Path, *, threads: int = 0,
-                 io_map: dict | None = None, precision_hint: str = "f32"):
-        super().__init__(spec)
+                 io_map: dict | None = None, precision_hint: str = "f32",
+                 precision: str = "fp32"):
+        super().__init__(spec, precision=precision)
         import openvino as ov
 
         self.io_map = dict(io_map or {})

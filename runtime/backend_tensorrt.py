@@ -161,10 +161,9 @@ class TensorRTBackend(Backend):
     def __init__(self, spec: ComponentSpec, path: str | Path, *, record: dict,
                  io_map: dict | None = None, bundle: str = "BUNDLE"):
         # the engine's own ranges, which callers read to size their calls (see narrow_spec)
-        super().__init__(narrow_spec(spec, record["profile"], io_map))
+        super().__init__(narrow_spec(spec, record["profile"], io_map), precision=record["precision"])
         self.io_map = dict(io_map or {})  # spec name -> graph (engine tensor) name
         self.record = record
-        self.precision = record["precision"]
         self.profile = record["profile"]
         self._hint = rebuild_hint(bundle, self.precision)
         self.context = None

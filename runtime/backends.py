@@ -74,10 +74,8 @@ def open_backend(manifest: Manifest, component: str, *, backend: str = "auto",
     if kind == "openvino":
         from .backend_openvino import OpenVINOBackend
 
-        b = OpenVINOBackend(spec, manifest.variant(component, prec).path,
-                            threads=threads, io_map=io_map)
-        b.precision = prec
-        return b
+        return OpenVINOBackend(spec, manifest.variant(component, prec).path,
+                               threads=threads, io_map=io_map, precision=prec)
     if kind != "onnxruntime":
         from .backend_tensorrt import open_tensorrt
 
@@ -88,7 +86,5 @@ def open_backend(manifest: Manifest, component: str, *, backend: str = "auto",
     variant = manifest.variant(component, prec)
     from .backend_onnxruntime import OnnxRuntimeBackend
 
-    b = OnnxRuntimeBackend(spec, variant.path, device=device, threads=threads, io_map=io_map,
-                           graph_cache=ort_cache)
-    b.precision = prec
-    return b
+    return OnnxRuntimeBackend(spec, variant.path, device=device, threads=threads, io_map=io_map,
+                              graph_cache=ort_cache, precision=prec)

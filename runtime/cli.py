@@ -20,10 +20,14 @@ class _Command(click.Command):
                                 debug=lambda: bool(ctx.params.get("debug")))
 
 
-def _scheduler_help() -> str:
+def _list_schedulers(ctx, _param, value):
+    """--list-schedulers: the names --scheduler takes, one a line; needs no bundle."""
+    if not value or ctx.resilient_parsing:
+        return
     from .schedulers import scheduler_names
 
-    return "Sampler: " + ", ".join(scheduler_names()) + " (default: the model's own)."
+    click.echo("\n".join(scheduler_names()))
+    ctx.exit(0)
 
 
 @click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,13 +39,17 @@ def _scheduler_help() -> str:
 @click.option("-g", "--guidance-scale", type=float, default=None,
               help="Classifier-free guidance; <= 1 turns it off (default: the model's).")
 @click.option("--scheduler", default=None, help="Sampler, e.g. ddim, euler, dpm++2m (see --list-schedulers).")
-@click.option("--seed", type=int, default=None, help="Seed of the numpy noise generator.")
+@click.option("--list-schedulers", is_flag=True, is_eager=True, expose_value=False,
+              callback=_list_schedulers, help="Print the scheduler names and exit.")
+@click.option("--seed", type=int, default=None,
+              help="Seed of the numpy noise generator, 0 to 2**64-1 "
+                   "(default: drawn, and recorded in the PNG).")
 @click.option("--height", type=int, default=None, help="Image height in pixels (multiple of 8).")
 @click.option("--width", type=int, default=None, help="Image width in pixels (multiple of 8).")
 @click.option("--num-images", type=int, default=1, show_default=True, help="Images per prompt.")
 @click.option("--init-image", type=click.Path(), default=None, help="Start from this image (img2img).")
-@click.option("--strength", type=float, default=0.8, show_default=True,
-              help="img2img: how much of the schedule to run (0..1].")
+@click.option("--strength", type=float, default=None,
+              help="With --init-image: how much of the schedule to run (0..1], default 0.8.")
 @click.option("--latents", "latents_path", type=click.Path(), default=None,
               help="float32 .npy [num_images, C, H/f, W/f] of initial noise (as diffusers' latents=).")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]),
@@ -68,7 +76,7 @@ def main(bundle, prompts, negative_prompt, steps, guidance_scale, scheduler, see
     """Generate images from BUNDLE (a folder written by `ldm-export onnx`)."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="ldm-run: %(levelname)s: %(message)s")
-    from .image import load_init_image, output_paths, save_png
+    from .image import output_paths, save_png
     from .pipeline import Pipeline
 
     t_proc = time.perf_counter()
@@ -76,25 +84,19 @@ def main(bundle, prompts, negative_prompt, steps, guidance_scale, scheduler, see
     latents = _load_latents(latents_path) if latents_path else None
     pipe = Pipeline(bundle, backend=backend, precision=precision, device=device, threads=threads,
                     verify=not no_verify, ort_cache=ort_cache)
-    defaults = pipe.manifest.get("defaults", {})
-    init = None
-    if init_image:
-        init = load_init_image(init_image, int(width or defaults.get("width", 512)),
-                               int(height or defaults.get("height", 512)))
-    bar = _progress_bar(quiet)
+    # resolved once, init image loaded at the resolved size: every argument error is raised here
+    request = pipe.request(prompt=list(prompts), negative_prompt=negative_prompt,
+                           num_inference_steps=steps, guidance_scale=guidance_scale,
+                           scheduler=scheduler, height=height, width=width,
+                           num_images_per_prompt=num_images, seed=seed, latents=latents,
+                           init_image=init_image, strength=strength)
+    bar = _ProgressBar(quiet)
     try:
-        result = pipe(list(prompts), negative_prompt, num_inference_steps=steps,
-                      guidance_scale=guidance_scale, scheduler=scheduler, height=height,
-                      width=width, num_images_per_prompt=num_images, seed=seed, latents=latents,
-                      init_image=init, strength=strength,
-                      progress=(lambda i, n: _advance(bar, i, n)) if bar is not None else None)
+        result = pipe(request=request, progress=bar.advance)
     finally:
-        if bar is not None:
-            bar.close()
-    meta = _metadata(result.params, pipe, init_image)
-    for i, (img, path) in enumerate(zip(result.images, paths)):
-        save_png(img, path, {**meta, "prompt": result.params["prompts"][i // num_images],
-                             "index": i})
+        bar.close()
+    for i, path in enumerate(paths):
+        save_png(result.images[i], path, result.metadata(i))
     if not quiet:
         click.echo(timing_table(result.timings), err=True)
     for path in paths:
@@ -103,18 +105,27 @@ def main(bundle, prompts, negative_prompt, steps, guidance_scale, scheduler, see
         click.echo(f"done in {time.perf_counter() - t_proc:.2f} s", err=True)
 
 
-def _progress_bar(quiet: bool):
-    if quiet:
-        return None
-    from tqdm import tqdm
+class _ProgressBar:
+    """tqdm on stderr, opened by the first step report (the run has started), not before."""
 
-    return tqdm(desc="denoising", unit="step", file=sys.stderr, leave=False)
+    def __init__(self, quiet: bool):
+        self.quiet, self.bar = quiet, None
 
+    def advance(self, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
 
-def _advance(bar, done: int, total: int) -> None:
-    if bar.total != total:
-        bar.total = total
-    bar.update(done - bar.n)
+            self.bar = tqdm(desc="denoising", unit="step", total=total, file=sys.stderr,
+                            leave=False)
+        if self.bar.total != total:
+            self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _load_latents(path: str):
@@ -129,18 +140,6 @@ def _load_latents(path: str):
     if arr.dtype != np.float32:
         raise UsageError(f"--latents must be float32, got {arr.dtype}")
     return arr
-
-
-def _metadata(params: dict, pipe, init_image) -> dict:
-    m = pipe.manifest
-    keep = ("negative_prompts", "num_inference_steps", "guidance_scale", "scheduler", "height",
-            "width", "seed", "strength")
-    meta = {k: params[k] for k in keep}
-    meta["negative_prompt"] = meta.pop("negative_prompts")[0]
-    meta.update({"init_image": str(init_image) if init_image else None,
-                 "precision": pipe.options["precision"], "backend": pipe.options["backend"],
-                 "model": m["model"].get("source"), "model_sha256": m["model"].get("sha256")})
-    return meta
 
 
 def timing_table(t: dict) -> str:

@@ -21,14 +21,11 @@ def save_png(image: np.ndarray, path: str | Path, params: dict) -> None:
     """Write one uint8 HxWx3 image atomically, with ``params`` as a tEXt chunk."""
     from PIL import Image, PngImagePlugin
 
-    path = Path(path)
+    path = _writable(Path(path))
     info = PngImagePlugin.PngInfo()
     info.add_text(PARAMS_KEY, json.dumps(params, ensure_ascii=False, default=str))
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise UsageError(f"cannot write {path}: folder {parent} does not exist")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise UsageError(f"cannot write {path}: {e.strerror}")
     os.chmod(tmp, default_mode())
@@ -41,11 +38,19 @@ def save_png(image: np.ndarray, path: str | Path, params: dict) -> None:
         raise UsageError(f"cannot write {path}: {e.strerror or e}")
 
 
+def _writable(path: Path) -> Path:
+    if not path.parent.is_dir():  # Path("x.png").parent is Path("."): the working folder
+        raise UsageError(f"cannot write {path}: folder {path.parent} does not exist")
+    return path
+
+
 def output_paths(out: str | Path, n: int) -> list[Path]:
-    """``out.png`` for one image, ``out-0.png``, ``out-1.png``, ... for several."""
+    """``out.png`` for one image, ``out-0.png``, ``out-1.png``, ... for several; checked
+    before the run, so a wrong folder costs no generation."""
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise UsageError(f"output {out} must end in .png")
+    _writable(out)
     if n == 1:
         return [out]
     return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]

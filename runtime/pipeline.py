@@ -19,32 +19,27 @@ from .backends import DRAWN_LATENT, open_backend
 from .bundle import open_bundle
 from .errors import NumericsError, UsageError
 from .manifest import Manifest
-from .schedulers import make_scheduler, scheduler_names
+from .request import BundleDefaults, GenerationRequest, Provenance, resolve_request
+from .schedulers import make_scheduler
 from .tokenizer import PromptTokenizer
 
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class Result:
     images: np.ndarray  # uint8 [n, H, W, 3]
-    params: dict
+    request: GenerationRequest  # what was asked, resolved
+    provenance: Provenance  # what ran it
     timings: dict = field(default_factory=dict)  # seconds per stage, and per-step list
     dropped_tokens: list = field(default_factory=list)
 
-
-def default_scheduler_name(config: dict) -> str:
-    """The runtime name of the scheduler the model was saved with (falls back to ddim)."""
-    from .schedulers import SCHEDULERS
-
-    cls = config.get("_class_name")
-    for name, sched in SCHEDULERS.items():
-        if sched.diffusers_class == cls:
-            if name.startswith("dpm++2m"):
-                return "dpm++2m-karras" if config.get("use_karras_sigmas") else "dpm++2m"
-            return name
-    return "ddim"
+    def metadata(self, index: int) -> dict:
+        """What the PNG of image ``index`` records: the request as it is, the provenance,
+        and that image's own prompt."""
+        prompt, negative = self.request.prompt_of(index)
+        return {**self.request.to_dict(), **self.provenance.to_dict(), "index": index,
+                "prompt": prompt, "negative_prompt": negative}
 
 
 class Pipeline:
@@ -126,45 +121,59 @@ class Pipeline:
         return (np.float32(m.scaling_factor) * latents).astype(np.float32)
 
     # -- the whole thing ----------------------------------------------------------
-    def __call__(self, prompt, negative_prompt=None, *, num_inference_steps: int | None = None,
-                 guidance_scale: float | None = None, scheduler: str | None = None,
-                 height: int | None = None, width: int | None = None,
-                 num_images_per_prompt: int = 1, seed: int | None = None, generator=None,
-                 latents: np.ndarray | None = None, init_image: np.ndarray | None = None,
-                 strength: float = 0.8, progress=None) -> Result:
+    def request(self, **keywords) -> GenerationRequest:
+        """Resolve ``resolve_request``'s keywords against this bundle's defaults and limits."""
+        return resolve_request(BundleDefaults.from_manifest(self.manifest), **keywords)
+
+    def __call__(self, prompt=None, negative_prompt=None, *,
+                 request: GenerationRequest | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 scheduler: str | None = None, height: int | None = None,
+                 width: int | None = None, num_images_per_prompt: int = 1,
+                 seed: int | None = None, generator=None, latents: np.ndarray | None = None,
+                 init_image: np.ndarray | str | None = None, strength: float | None = None,
+                 progress=None) -> Result:
+        """Run ``request``, or the one the keywords resolve to. ``generator``: the caller's
+        noise source (then no seed); ``progress(done, total)``: called from step 0 on."""
+        if request is None:
+            request = self.request(
+                prompt=prompt, negative_prompt=negative_prompt,
+                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                scheduler=scheduler, height=height, width=width,
+                num_images_per_prompt=num_images_per_prompt, seed=seed,
+                draw_seed=generator is None, latents=latents, init_image=init_image,
+                strength=strength)
+        if generator is not None and request.seed is not None:
+            raise UsageError("give a seed or a generator, not both")
+        return self._run(request, generator or np.random.default_rng(request.seed), progress)
+
+    def _run(self, req: GenerationRequest, gen, progress) -> Result:
         self.timings = defaultdict(float)
         t_start = time.perf_counter()
-        p = self._resolve(prompt, negative_prompt, num_inference_steps, guidance_scale, scheduler,
-                          height, width, num_images_per_prompt, seed, latents, init_image, strength)
-        gen = generator if generator is not None else np.random.default_rng(seed)
-        sched = make_scheduler(p["scheduler"], self.manifest["scheduler"])
-        embeds, dropped = self._embeddings(p)
-        timesteps = self._timesteps(sched, p)
-        if init_image is not None:
-            lat = self._img2img_latents(sched, init_image, timesteps, p, gen)
+        sched = make_scheduler(req.scheduler, self.manifest["scheduler"])
+        embeds, dropped = self._embeddings(req)
+        timesteps = self._timesteps(sched, req)
+        if req.init_image is not None:
+            lat = self._img2img_latents(sched, req.init_image.pixels, timesteps, req, gen)
         else:
-            lat = self._txt2img_latents(sched, latents, p, gen)
-        lat = self._denoise(sched, lat, embeds, timesteps, p, gen, progress)
+            lat = self._txt2img_latents(sched, req.latents, req, gen)
+        lat = self._denoise(sched, lat, embeds, timesteps, req, gen, progress)
         images = self.decode(lat)
         timings = dict(self.timings)
         timings["total"] = time.perf_counter() - t_start
         timings["steps"] = len(timesteps)
-        return Result(images, p, timings, dropped)
+        return Result(images, req, self._provenance(), timings, dropped)
 
-    def _resolve(self, prompt, negative_prompt, steps, guidance, scheduler, height, width,
-                 num_images, seed, latents, init_image, strength) -> dict:
-        from .validate import resolve_params
+    def _provenance(self) -> Provenance:
+        unet, model = self.backend("unet"), self.manifest["model"]
+        return Provenance(backend=unet.name, precision=unet.precision,
+                          model=model.get("source"), model_sha256=model.get("sha256"))
 
-        return resolve_params(self.manifest, prompt, negative_prompt, steps, guidance, scheduler,
-                              height, width, num_images, seed, latents, init_image, strength,
-                              default_scheduler_name(self.manifest["scheduler"]),
-                              scheduler_names())
-
-    def _embeddings(self, p: dict) -> tuple[np.ndarray, list[int]]:
-        n = p["num_images_per_prompt"]
-        prompts = [q for q in p["prompts"] for _ in range(n)]
-        negs = [q for q in p["negative_prompts"] for _ in range(n)]
-        cfg = p["guidance_scale"] > 1.0
+    def _embeddings(self, req: GenerationRequest) -> tuple[np.ndarray, list[int]]:
+        n = req.num_images_per_prompt
+        prompts = [q for q in req.prompts for _ in range(n)]
+        negs = [q for q in req.negative_prompts for _ in range(n)]
+        cfg = req.guidance_scale > 1.0
         emb, dropped = self.encode_text(negs + prompts if cfg else prompts)
         if cfg:
             self._warn_truncated("negative prompt", dropped[:len(negs):n])
@@ -178,27 +187,27 @@ class Pipeline:
                 log.warning("%s %d is longer than the text encoder's %d tokens: %d token%s dropped",
                             label, i + 1, self.tokenizer.max_length, k, "s" if k > 1 else "")
 
-    def _timesteps(self, sched, p: dict) -> np.ndarray:
-        sched.set_timesteps(p["num_inference_steps"])
-        if p["init_image"] is None:
+    def _timesteps(self, sched, req: GenerationRequest) -> np.ndarray:
+        sched.set_timesteps(req.num_inference_steps)
+        if req.init_image is None:
             return sched.timesteps
-        n = p["num_inference_steps"]
-        init_steps = min(int(n * p["strength"]), n)
+        n = req.num_inference_steps
+        init_steps = min(int(n * req.strength), n)
         start = max(n - init_steps, 0) * sched.order
         if start >= len(sched.timesteps):
-            raise UsageError(f"--strength {p['strength']} with {n} steps leaves no step to run; "
+            raise UsageError(f"--strength {req.strength} with {n} steps leaves no step to run; "
                              f"raise --strength or --steps")
         sched.set_begin_index(start)
         return sched.timesteps[start:]
 
-    def _txt2img_latents(self, sched, latents, p: dict, gen) -> np.ndarray:
-        shape = self._latent_shape(p)
+    def _txt2img_latents(self, sched, latents, req: GenerationRequest, gen) -> np.ndarray:
+        shape = self._latent_shape(req)
         if latents is None:
             latents = gen.standard_normal(size=shape, dtype=np.float32)
         return (latents * np.float32(sched.init_noise_sigma)).astype(np.float32)
 
-    def _img2img_latents(self, sched, image, timesteps, p: dict, gen) -> np.ndarray:
-        shape = self._latent_shape(p)
+    def _img2img_latents(self, sched, image, timesteps, req: GenerationRequest, gen) -> np.ndarray:
+        shape = self._latent_shape(req)
         init = self.encode_image(image, gen)
         if shape[0] % init.shape[0]:
             raise UsageError("the number of images must be a multiple of the init images")
@@ -207,10 +216,10 @@ class Pipeline:
         t0 = np.repeat(np.asarray(timesteps[:1]), shape[0])
         return sched.add_noise(init, noise, t0).astype(np.float32)
 
-    def _latent_shape(self, p: dict) -> tuple:
+    def _latent_shape(self, req: GenerationRequest) -> tuple:
         f = int(self.manifest["vae_scale_factor"])
-        n = len(p["prompts"]) * p["num_images_per_prompt"]
-        return (n, int(self.manifest["latent_channels"]), p["height"] // f, p["width"] // f)
+        return (req.num_images, int(self.manifest["latent_channels"]), req.height // f,
+                req.width // f)
 
     def _unet_max_batch(self) -> int:
         """Largest batch one U-Net call takes: a fixed engine batch, or the exported range."""
@@ -229,9 +238,9 @@ class Pipeline:
                                             "timestep": np.full((xs.shape[0],), t, dtype=t_dtype)}))
         return np.concatenate(outs)
 
-    def _denoise(self, sched, lat, embeds, timesteps, p, gen, progress) -> np.ndarray:
+    def _denoise(self, sched, lat, embeds, timesteps, req, gen, progress) -> np.ndarray:
         unet = self.backend("unet")
-        cfg = p["guidance_scale"] > 1.0
+        cfg = req.guidance_scale > 1.0
         t_dtype = np.dtype(unet.spec.input("timestep").dtype)
         embeds = embeds.astype(np.float32)
         chunk = self._unet_max_batch()
@@ -239,6 +248,8 @@ class Pipeline:
             unet.bind({"encoder_hidden_states": embeds})
         per_step = []
         t_loop = time.perf_counter()
+        if progress is not None:
+            progress(0, len(timesteps))  # the run has started: nothing left to refuse
         try:
             for i, t in enumerate(timesteps):
                 x = np.concatenate([lat, lat]) if cfg else lat
@@ -248,7 +259,7 @@ class Pipeline:
                 per_step.append(time.perf_counter() - t0)
                 if cfg:
                     uncond, text = np.split(out, 2)
-                    out = uncond + np.float32(p["guidance_scale"]) * (text - uncond)
+                    out = uncond + np.float32(req.guidance_scale) * (text - uncond)
                 lat = sched.step(out, t, lat, generator=gen).astype(np.float32)
                 if progress is not None:
                     progress(i + 1, len(timesteps))

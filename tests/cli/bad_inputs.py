@@ -3,7 +3,8 @@
 Print the README table with:  python tests/cli/bad_inputs.py
 Each case: (what, how to break things, ldm-run arguments, exit code, message fragment).
 Placeholders in arguments: BUNDLE (a fresh copy of a tiny bundle, broken by `breaker`),
-TMP (a scratch folder).
+TMP (a scratch folder). The error cases run without -q: stderr must be the error line alone,
+with no progress bar before it.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def _files(b, tmp):
     Image.new("RGB", (128, 128), (200, 30, 30)).save(tmp / "init.png")
 
 
-P = ["-p", "a red cat", "--steps", "2", "-q"]
+P = ["-p", "a red cat", "--steps", "2"]
 CASES = [
     ("bundle folder missing", None, ["TMP/nope"] + P, 3, "not found"),
     ("folder without manifest.json", lambda b, t: (b / "manifest.json").unlink(), ["BUNDLE"] + P, 3, "no manifest.json"),
@@ -79,10 +80,12 @@ CASES = [
     ("corrupt tokenizer.json", lambda b, t: (b / "tokenizer.json").write_text("{}" + " " * ((b / "tokenizer.json").stat().st_size - 2)), ["BUNDLE"] + P, 3, "tokenizer: tokenizer.json does not match its sha256"),
     ("height not a multiple of 8", None, ["BUNDLE", "--height", "100"] + P, 2, "--height 100 must be a positive multiple of 8"),
     ("width beyond the exported range", None, ["BUNDLE", "--width", "4096"] + P, 2, "outside the bundle's exported range"),
-    ("zero steps", None, ["BUNDLE", "-p", "x", "--steps", "0", "-q"], 2, "--steps 0 must be between 1 and 1000"),
+    ("zero steps", None, ["BUNDLE", "-p", "x", "--steps", "0"], 2, "--steps 0 must be between 1 and 1000"),
     ("guidance scale NaN", None, ["BUNDLE", "--guidance-scale", "nan"] + P, 2, "--guidance-scale nan must be between"),
     ("guidance scale negative", None, ["BUNDLE", "--guidance-scale", "-3"] + P, 2, "--guidance-scale -3.0 must be between"),
     ("strength out of range", _files, ["BUNDLE", "--init-image", "TMP/init.png", "--strength", "1.5"] + P, 2, "--strength 1.5 must be in (0, 1]"),
+    ("strength without an init image", None, ["BUNDLE", "--strength", "0.5"] + P, 2, "--strength 0.5 needs --init-image"),
+    ("negative seed", None, ["BUNDLE", "--seed", "-5"] + P, 2, "--seed -5 must be an integer from 0 to 18446744073709551615"),
     ("unknown scheduler", None, ["BUNDLE", "--scheduler", "dpm++3m"] + P, 2, "unknown scheduler 'dpm++3m'"),
     ("too many images for the exported batch", None, ["BUNDLE", "--num-images", "5"] + P, 2, "exported for at most 4"),
     ("latents of the wrong shape", _files, ["BUNDLE", "--latents", "TMP/lat_wrong.npy"] + P, 2, "--latents has shape [1, 4, 8, 8], expected [1, 4, 16, 16]"),

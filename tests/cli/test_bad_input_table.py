@@ -27,8 +27,8 @@ def test_case(what, breaker, args, code, needle, tiny_bundles, tmp_path):
     assert r.returncode == code, r.stderr[-1500:]
     assert "Traceback" not in r.stderr
     if code:
-        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-        assert len(lines) == 1, r.stderr
+        lines = r.stderr.splitlines()  # strict: no progress bar, no blank line, no \r redraw
+        assert len(lines) == 1 and r.stderr == lines[0] + "\n", repr(r.stderr)
         assert lines[0].startswith("ldm-run: error: ")
         assert needle.replace("TMP", str(scratch)) in lines[0], lines[0]
         assert not (scratch / "out.png").exists()

@@ -121,3 +121,32 @@ def test_bad_arguments_one_line_no_traceback(args, needle, tiny_bundles, tmp_pat
 def test_missing_bundle(tmp_path):
     r = run_cli(*RUN, str(tmp_path / "nope"), "-p", "a cat")
     assert r.returncode == 3 and "not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_png_records_the_request_as_resolved(tiny_bundles, tmp_path):
+    from ldm_edge.runtime.pipeline import Pipeline
+
+    init, out = _png(tmp_path, size=(100, 90)), tmp_path / "o.png"
+    r = run_cli(*RUN, str(tiny_bundles["sd1"]), "-p", "a cat", "-n", "blur", "--steps", "2",
+                "--seed", "3", "--init-image", str(init), "--strength", "0.5", "-q",
+                "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    meta = json.loads(Image.open(out).text["ldm-edge"])
+    pipe = Pipeline(tiny_bundles["sd1"])
+    want = pipe.request(prompt=["a cat"], negative_prompt="blur", num_inference_steps=2, seed=3,
+                        init_image=str(init), strength=0.5).to_dict()
+    assert {k: meta[k] for k in want} == want
+    assert meta["init_image"]["source"] == "init.png" and meta["strength"] == 0.5
+    model = pipe.manifest["model"]
+    assert (meta["backend"], meta["precision"], meta["model"], meta["model_sha256"]) == \
+        ("onnxruntime", "fp32", model["source"], model["sha256"])
+    assert (meta["index"], meta["prompt"], meta["negative_prompt"]) == (0, "a cat", "blur")
+
+
+def test_list_schedulers_needs_no_bundle():
+    from ldm_edge.runtime.schedulers import scheduler_names
+
+    r = run_cli(*RUN, "--list-schedulers")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == list(scheduler_names()) and r.stderr == ""
+    assert "--list-schedulers" in run_cli(*RUN, "--help").stdout

@@ -71,7 +71,7 @@ def test_odd_prompts_tokenize(minilm_tokenizer, prompt):
 def test_nul_in_prompt_refused_by_the_library():
     # argv cannot carry a NUL byte, so this case only reaches the library API
     from ldm_edge.runtime.errors import UsageError
-    from ldm_edge.runtime.validate import _prompts
+    from ldm_edge.runtime.validate import prompts
 
     with pytest.raises(UsageError, match="NUL"):
-        _prompts(["a\x00b"])
+        prompts(["a\x00b"])
