@@ -48,9 +48,9 @@ def _feeds(manifest, spec) -> dict:
 
 def _open(bundle, component, threads, cache):
     from ldm_edge.runtime.backends import open_backend
-    from ldm_edge.runtime.manifest import Manifest
+    from ldm_edge.runtime.bundle import open_bundle
 
-    m = Manifest.load(bundle, verify=False)
+    m = open_bundle(bundle, verify=False)
     t0 = time.perf_counter()
     b = open_backend(m, component, device="cpu", threads=threads, ort_cache=cache)
     return m, b, time.perf_counter() - t0

@@ -72,9 +72,9 @@ def run(bundle, repeats: int = DEFAULT_REPEATS, threads: int = 2, batch: int = 2
     import onnxruntime as ort
 
     from ldm_edge.runtime.compare import compare
-    from ldm_edge.runtime.manifest import Manifest
+    from ldm_edge.runtime.bundle import open_bundle
 
-    m = Manifest.load(bundle)
+    m = open_bundle(bundle)
     have = [p for p in PRECISIONS if p in m.precisions("unet")]
     feeds = make_feeds(m, batch, height, width)
     sessions = {p: session(m.variant("unet", p).path, threads) for p in have}

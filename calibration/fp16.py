@@ -20,6 +20,7 @@ from ldm_edge.bundletools.quality import end_to_end_psnr
 from ldm_edge.bundletools.save import save_graph
 from ldm_edge.runtime.compare import compare
 from ldm_edge.runtime.errors import ExportError, first_line
+from ldm_edge.runtime.bundle import open_bundle
 from ldm_edge.runtime.manifest import Manifest
 from ldm_edge.runtime.schema import (BundleManifest, QualityRecord, VariantRecord,
                                      edit_manifest)
@@ -145,7 +146,7 @@ def make_fp16(bundle, prompts: list[str] | None = None, steps: int = 10,
     graphs, and the manifest is written once, at the end: a failure leaves it as it was
     (less a previous FP16 variant, whose files were about to be replaced)."""
     bundle = Path(bundle)
-    manifest = Manifest.load(bundle)
+    manifest = open_bundle(bundle)
     prompts = prompts or default_prompts(4)
     progress(f"capturing inputs: FP32 sampling of {len(prompts)} prompts, {steps} steps")
     records = capture(bundle, prompts, steps=steps)
@@ -164,7 +165,7 @@ def make_fp16(bundle, prompts: list[str] | None = None, steps: int = 10,
                 progress(f"{name}: stays FP32 (overflows or loses accuracy in FP16)")
             else:
                 variants[name] = variant
-        pending = Manifest.load(bundle, verify=False).schema
+        pending = open_bundle(bundle, verify=False).schema
         _add_fp16(pending, variants)
         q = end_to_end_psnr(Manifest(bundle, pending), "fp16", prompts[:2], steps=steps)
     except BaseException:

@@ -23,6 +23,7 @@ from ldm_edge.bundletools.files import file_record
 from ldm_edge.bundletools.quality import end_to_end_psnr
 from ldm_edge.bundletools.save import save_graph
 from ldm_edge.runtime.errors import ExportError
+from ldm_edge.runtime.bundle import open_bundle
 from ldm_edge.runtime.manifest import Manifest
 from ldm_edge.runtime.schema import (BundleManifest, Int8QualityRecord, VariantRecord,
                                      edit_manifest, read_manifest_json)
@@ -119,7 +120,7 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
         raise ExportError(f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}")
     bundle = Path(bundle)
     t0 = time.perf_counter()
-    manifest = Manifest.load(bundle)
+    manifest = open_bundle(bundle)
     fp32 = manifest.variant("unet", "fp32").path
     unet = manifest.component("unet")
     prompts = list(prompts or default_prompts(num_prompts))

@@ -20,6 +20,7 @@ import numpy as np
 
 from ldm_edge.bundletools.save import save_graph
 from ldm_edge.runtime.compare import psnr
+from ldm_edge.runtime.bundle import open_bundle
 from ldm_edge.runtime.manifest import Manifest
 from ldm_edge.runtime.pipeline import Pipeline
 from ldm_edge.runtime.sessions import SessionFromOnnx
@@ -98,7 +99,7 @@ class EndToEnd:
         ref.close()
 
     def __call__(self, graph_proto) -> float:
-        m = Manifest.load(self.bundle, verify=False)
+        m = open_bundle(self.bundle, verify=False)
         name = f".unet.int8.candidate-{os.getpid()}.onnx"
         files = save_graph(graph_proto, self.bundle / name)
         try:

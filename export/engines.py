@@ -24,6 +24,7 @@ from typing import Callable
 
 from ldm_edge.runtime.errors import LdmEdgeError, UsageError
 from ldm_edge.runtime.fsutil import sha256_file
+from ldm_edge.runtime.bundle import open_bundle
 from ldm_edge.runtime.manifest import Manifest
 from ldm_edge.runtime.schema import (MANIFEST_NAME, BundleManifest, ComponentRecord, EngineRecord,
                                      edit_manifest)
@@ -176,7 +177,7 @@ def build_engines(bundle, *, precision: str = "fp16", options: ProfileOptions = 
     root = Path(bundle)
     facts = device_facts()  # one line if TensorRT, cuda-python or a GPU is missing
     poly = import_polygraphy()
-    manifest = Manifest.load(root)
+    manifest = open_bundle(root)
     if not (root / MANIFEST_NAME).is_file():
         raise UsageError("engines are recorded in manifest.json; make a bundle of this Optimum "
                          "folder first with `ldm-export import-optimum`")

@@ -53,13 +53,6 @@ class Manifest:
             else BundleManifest.from_json(schema)
 
     # -- loading --------------------------------------------------------------
-    @classmethod
-    def load(cls, bundle: str | os.PathLike, verify: bool = True) -> "Manifest":
-        """Our bundle or an Optimum folder: runtime/bundle.open_bundle, under its old name."""
-        from .bundle import open_bundle  # bundle.py builds on this module
-
-        return open_bundle(bundle, verify)
-
     def validate(self, verify: bool = True) -> None:
         """Every file the manifest names is inside the bundle, present, of its recorded size
         and (``verify``) sha256. Types and shapes were checked when the schema was read."""

@@ -10,6 +10,7 @@ import sys
 import pytest
 from helpers import run_cli
 
+from ldm_edge.runtime.bundle import open_bundle
 from ldm_edge.export.engines import ProfileOptions, _put_record, shape_profile
 from ldm_edge.runtime.schema import ComponentRecord, EngineRecord, read_manifest_json
 from ldm_edge.runtime.errors import BundleError, UsageError
@@ -139,10 +140,9 @@ def test_widest_profile_wins_among_matching_engines():
 def test_open_backend_refuses_doctored_record_and_auto_falls_back(bundle, fake_trt):
     from ldm_edge.runtime.backend_onnxruntime import OnnxRuntimeBackend
     from ldm_edge.runtime.backends import open_backend
-    from ldm_edge.runtime.manifest import Manifest
 
     fake_trt(facts=ORIN)
-    m = Manifest.load(bundle)
+    m = open_bundle(bundle)
     unet = m.component("unet")
     unet.engines = [EngineRecord.from_json(record(H100, precision="fp32"), "unet engine")]
     with pytest.raises(BundleError) as e:
@@ -160,12 +160,11 @@ def test_open_backend_refuses_doctored_record_and_auto_falls_back(bundle, fake_t
 def test_auto_without_engines_never_asks_for_tensorrt(bundle, fake_trt):
     from ldm_edge.runtime.backend_onnxruntime import OnnxRuntimeBackend
     from ldm_edge.runtime.backends import open_backend
-    from ldm_edge.runtime.manifest import Manifest
 
     def boom():
         raise AssertionError("device_facts called")
     fake_trt(facts=boom, tensorrt=boom, cudart=boom)
-    assert isinstance(open_backend(Manifest.load(bundle), "unet"), OnnxRuntimeBackend)
+    assert isinstance(open_backend(open_bundle(bundle), "unet"), OnnxRuntimeBackend)
 
 
 # -- naming and profiles --------------------------------------------------------------------------
@@ -215,10 +214,9 @@ def test_shape_outside_engine_profile_is_named():
 
 
 def test_backend_spec_takes_the_engine_ranges(bundle):
-    from ldm_edge.runtime.manifest import Manifest
     from ldm_edge.runtime.trt_engines import narrow_spec
 
-    spec = Manifest.load(bundle).spec("unet")
+    spec = open_bundle(bundle).spec("unet")
     narrow = narrow_spec(spec, {"sample": PROFILE["sample"]})
     assert narrow.ranges == {"batch": (1, 2), "latent_height": (8, 32), "latent_width": (8, 32)}
     assert spec.ranges["batch"] == (1, 8)

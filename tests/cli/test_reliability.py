@@ -13,7 +13,7 @@ import time
 import pytest
 
 from ldm_edge.runtime.errors import BundleError
-from ldm_edge.runtime.manifest import Manifest
+from ldm_edge.runtime.bundle import open_bundle
 
 # Points (seconds after start) at which the export is killed: during imports, model
 # loading, each component's export and check, and the final rename. The tiny export
@@ -24,7 +24,7 @@ KILL_AFTER_S = (0.5, 2.5, 4.0, 5.0, 6.0, 7.0, 8.5, 11.0)
 def state(out):
     """'none' (nothing loads), or the manifest's creation stamp of a whole bundle."""
     try:
-        return Manifest.load(out)["created"]
+        return open_bundle(out)["created"]
     except BundleError:
         return "none"
 
@@ -50,7 +50,7 @@ def test_kill_9_at_any_point_leaves_old_bundle_or_nothing(tiny_models, tmp_path)
     # a rerun completes and leaves no debris next to the bundle
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    Manifest.load(out)
+    open_bundle(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
@@ -110,4 +110,4 @@ def test_external_data_outside_bundle_refused_before_opening(tiny_bundles, tmp_p
     m["components"]["vae_decoder"]["variants"]["fp32"]["files"] = []
     (b / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="outside the bundle"):
-        Manifest.load(b)
+        open_bundle(b)

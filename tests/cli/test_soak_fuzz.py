@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from ldm_edge.runtime.manifest import Manifest
+from ldm_edge.runtime.bundle import open_bundle
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
 
@@ -110,7 +110,7 @@ def test_fuzz_manifest_reader_only_raises_bundle_errors(tiny_bundles, tmp_path, 
         (bundle / "manifest.json").write_text(json.dumps(m))
         seen.clear()
         try:
-            Manifest.load(bundle, verify=verify)
+            open_bundle(bundle, verify=verify)
             loaded = True
         except BundleError:
             loaded = False

@@ -11,7 +11,7 @@ import pytest
 from ldm_edge.calibration import fp16
 from ldm_edge.runtime.compare import psnr
 from ldm_edge.runtime.errors import ExportError, NumericsError
-from ldm_edge.runtime.manifest import Manifest
+from ldm_edge.runtime.bundle import open_bundle
 from ldm_edge.runtime.pipeline import Pipeline
 from ldm_edge.runtime.sessions import SessionFromOnnx
 
@@ -43,7 +43,7 @@ def test_fp16_end_to_end_psnr(family, fp16_bundles):
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_graphs_are_fp16_with_fp32_io_and_time_embedding(family, fp16_bundles):
-    m = Manifest.load(fp16_bundles[family])
+    m = open_bundle(fp16_bundles[family])
     assert m["quality"]["fp16"]["psnr_db"] >= MIN_PSNR_DB
     g = onnx.load(str(m.variant("unet", "fp16").path))
     dtypes = {t.data_type for t in g.graph.initializer if t.dims and np.prod(t.dims) > 64}
@@ -64,7 +64,7 @@ def test_unet_that_fails_every_level_is_refused(tiny_bundles, tmp_path, monkeypa
     monkeypatch.setattr(fp16, "FP16_MIN_COSINE", 1.5)  # nothing can pass
     with pytest.raises(ExportError, match="does not run in FP16"):
         fp16.make_fp16(dst, PROMPTS[:1], steps=2)
-    assert "fp16" not in Manifest.load(dst).precisions("unet")
+    assert "fp16" not in open_bundle(dst).precisions("unet")
 
 
 def test_a_failure_before_the_commit_leaves_the_manifest_and_no_graphs(tiny_bundles, tmp_path,
@@ -106,7 +106,7 @@ def test_nan_from_a_component_names_it_and_suggests_fp32(fp16_bundles, monkeypat
 @pytest.mark.parametrize("level,ops", fp16.ISLAND_LEVELS)
 @pytest.mark.parametrize("name", ["text_encoder", "unet", "vae_decoder"])
 def test_every_island_level_gives_a_valid_accurate_graph(level, ops, name, tiny_bundles, tmp_path):
-    m = Manifest.load(tiny_bundles["sd2"])
+    m = open_bundle(tiny_bundles["sd2"])
     files = fp16.save_graph(fp16.to_fp16(m.variant(name, "fp32").path, ops), tmp_path / "g.onnx")
     rng = np.random.default_rng(0)
     feeds = {"text_encoder": {"input_ids": rng.integers(0, 500, (2, 77))},

@@ -14,7 +14,7 @@ from ldm_edge.calibration import int8, qdq
 from ldm_edge.calibration.ranges import Histogram
 from ldm_edge.runtime.errors import ExportError
 from ldm_edge.runtime.compare import psnr
-from ldm_edge.runtime.manifest import Manifest
+from ldm_edge.runtime.bundle import open_bundle
 from ldm_edge.runtime.pipeline import Pipeline
 
 PROMPTS = ["a red cat", "a blue square on a white background", "a green dog"]
@@ -44,7 +44,7 @@ def int8_bundle(tiny_bundles, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def budget(int8_bundle, tiny_bundles, tmp_path_factory):
-    plain = Manifest.load(int8_bundle)["quality"]["int8"]["psnr_db"]
+    plain = open_bundle(int8_bundle)["quality"]["int8"]["psnr_db"]
     target = plain + BUDGET_ABOVE_PLAIN_DB
     dst = tmp_path_factory.mktemp("int8budget") / "sd1"
     shutil.copytree(tiny_bundles["sd1"], dst)
@@ -53,7 +53,7 @@ def budget(int8_bundle, tiny_bundles, tmp_path_factory):
 
 
 def _graph(bundle):
-    m = Manifest.load(bundle)
+    m = open_bundle(bundle)
     return m, onnx.load(str(m.variant("unet", "int8").path))
 
 
@@ -118,17 +118,17 @@ def test_runs_in_onnxruntime_with_int8_kernels(int8_bundle, tmp_path):
     # onnxruntime turns every quantised layer into an integer kernel, none left as DQ -> float op
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
-    ort.InferenceSession(str(Manifest.load(int8_bundle).variant("unet", "int8").path), opts,
+    ort.InferenceSession(str(open_bundle(int8_bundle).variant("unet", "int8").path), opts,
                          providers=["CPUExecutionProvider"])
     opt = onnx.load(str(tmp_path / "opt.onnx"))
     ops = [n.op_type for n in opt.graph.node]
-    n_q = len(Manifest.load(int8_bundle).variant("unet", "int8").record.quantized_nodes)
+    n_q = len(open_bundle(int8_bundle).variant("unet", "int8").record.quantized_nodes)
     assert ops.count("QLinearConv") + ops.count("MatMulIntegerToFloat") == n_q
     assert ops.count("QLinearConv") > 10 and ops.count("MatMulIntegerToFloat") > 10
 
 
 def test_recorded_psnr_equals_a_fresh_measurement(int8_bundle):
-    q = Manifest.load(int8_bundle)["quality"]["int8"]
+    q = open_bundle(int8_bundle)["quality"]["int8"]
     assert q["method"] == "percentile" and q["prompts"] == int8.EVAL_PROMPTS
     ref, var = Pipeline(int8_bundle), Pipeline(int8_bundle, precision="int8")
     values = [psnr(var(p, num_inference_steps=q["steps"], seed=q["seed"] + i).images,
@@ -171,7 +171,7 @@ def test_min_psnr_out_of_reach_is_an_error(tiny_bundles, tmp_path, monkeypatch):
     monkeypatch.setattr(sensitivity.EndToEnd, "__call__", lambda self, proto: 20.0)
     with pytest.raises(ExportError, match="out of reach"):
         int8.make_int8(dst, PROMPTS[:1], calib_steps=2, min_psnr=30.0, progress=_quiet)
-    assert "int8" not in Manifest.load(dst).precisions("unet")
+    assert "int8" not in open_bundle(dst).precisions("unet")
 
 
 def test_cli_writes_the_variant_and_summarises(tiny_bundles, tmp_path):
@@ -185,7 +185,7 @@ def test_cli_writes_the_variant_and_summarises(tiny_bundles, tmp_path):
                                         "--method", "minmax"])
     assert res.exit_code == 0, res.output
     assert "int8 end to end: PSNR" in res.output and "calibration pass" in res.output
-    assert Manifest.load(dst).variant("unet", "int8").record.method == "minmax"
+    assert open_bundle(dst).variant("unet", "int8").record.method == "minmax"
 
 
 def test_range_methods_on_outliers():
@@ -216,7 +216,7 @@ def test_calibration_samples_span_the_timesteps():
 def test_calibration_passes_bounded_by_a_budget_give_the_same_histograms(tiny_bundles):
     from ldm_edge.calibration.ranges import collect
 
-    m = Manifest.load(tiny_bundles["sd1"])
+    m = open_bundle(tiny_bundles["sd1"])
     path = m.variant("unet", "fp32").path
     layers, _ = qdq.analyse(onnx.load(str(path), load_external_data=False).graph)
     names = list(dict.fromkeys([ly.act for ly in layers] + [ly.out for ly in layers if ly.out]))

@@ -8,6 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
+from ldm_edge.runtime.bundle import open_bundle
 from ldm_edge.export import onnx_export
 from ldm_edge.export.bundle import ExportOptions, export_bundle
 from ldm_edge.export.load import ModelLoadError, load_model
@@ -112,7 +113,6 @@ def test_bad_sizes_refused_before_export(tiny_models, tmp_path, kw, match):
 
 def test_large_components_use_one_external_data_file(tiny_models, tmp_path, monkeypatch):
     """The >2 GB path, exercised on a tiny model by lowering the threshold."""
-    from ldm_edge.runtime.manifest import Manifest
     from ldm_edge.runtime.sessions import SessionFromOnnx
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
@@ -125,5 +125,5 @@ def test_large_components_use_one_external_data_file(tiny_models, tmp_path, monk
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["manifest.json", "tokenizer.json", "text_encoder.onnx", "text_encoder.onnx.data",
          "unet.onnx", "unet.onnx.data", "vae_decoder.onnx", "vae_decoder.onnx.data"])
-    Manifest.load(out)
+    open_bundle(out)
     SessionFromOnnx(out / "unet.onnx")()

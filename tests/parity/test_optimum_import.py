@@ -28,7 +28,7 @@ from PIL import Image
 
 from ldm_edge.runtime.compare import psnr
 from ldm_edge.runtime.errors import BundleError
-from ldm_edge.runtime.manifest import Manifest
+from ldm_edge.runtime.bundle import open_bundle
 from ldm_edge.runtime.optimum import is_optimum_folder, manifest_from_optimum
 
 MIN_PSNR_DB = 50.0
@@ -204,7 +204,7 @@ def test_missing_vae_config_falls_back_with_warning(folders, tmp_path, caplog):
 @pytest.mark.parametrize("style,scheduler", [("v1", "ddim"), ("v1", "euler"), ("v2", "euler")])
 def test_imported_bundle_matches_diffusers(style, scheduler, bundles, tiny_models, latents_file,
                                            tmp_path):
-    m = Manifest.load(bundles[style])  # hashes of the copies check out
+    m = open_bundle(bundles[style])  # hashes of the copies check out
     assert m["tokenizer"]["file"] == "tokenizer.json"
     img = _ldm_run(bundles[style], scheduler, latents_file, tmp_path / "img.png")
     ref = _reference(tiny_models, STYLES[style], scheduler, latents_file)
@@ -231,7 +231,7 @@ def test_direct_run_needs_tokenizer_json(folders, bundles, tiny_models, latents_
 
 def test_scalar_timestep_needs_import(folders):
     with pytest.raises(BundleError, match="scalar timestep.*ldm-export import-optimum"):
-        Manifest.load(folders["v2"])
+        open_bundle(folders["v2"])
 
 
 def test_linked_folder_runs_only_imported(folders, tiny_models, tmp_path):
@@ -247,10 +247,10 @@ def test_linked_folder_runs_only_imported(folders, tiny_models, tmp_path):
     shutil.move(data, blobs / "0123abcd")
     data.symlink_to(blobs / "0123abcd")
     with pytest.raises(BundleError, match="links outside.*ldm-export import-optimum"):
-        Manifest.load(snap)
+        open_bundle(snap)
     import_optimum(snap, tmp_path / "bundle")
     assert not (tmp_path / "bundle/unet/model.onnx_data").is_symlink()
-    Manifest.load(tmp_path / "bundle")
+    open_bundle(tmp_path / "bundle")
 
 
 def test_img2img_with_sampling_encoder(bundles):

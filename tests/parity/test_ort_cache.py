@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from ldm_edge.runtime.bundle import open_bundle
 from ldm_edge.runtime.ort_cache import DATA, ENTRY, MODEL, STALE_S, GraphCache, graph_key
 from ldm_edge.runtime.pipeline import Pipeline
 
@@ -34,9 +35,8 @@ def _draw(bundle, **kw):
 
 
 def _key(bundle, component):
-    from ldm_edge.runtime.manifest import Manifest
 
-    return graph_key(Manifest.load(bundle).variant(component, "fp32").path)
+    return graph_key(open_bundle(bundle).variant(component, "fp32").path)
 
 
 def _entries(root):

@@ -26,15 +26,6 @@ MAY_IMPORT = {
 }
 CLI_MAY_ALSO_IMPORT = {"ldm_edge.export.cli": {"calibration"}}
 
-# Cycles someone else is removing. Each has its own xfail(strict) case below, which starts
-# to fail (XPASS) once the cycle is gone, so the exception is then deleted from here.
-KNOWN_CYCLES = {
-    frozenset({"ldm_edge.runtime.manifest", "ldm_edge.runtime.optimum"}):
-        "runtime.manifest opens Optimum folders through runtime.optimum, which reads "
-        "FORMAT_VERSION from runtime.manifest (being split in another branch)",
-}
-
-
 def module_files() -> dict[str, Path]:
     """Module name -> source file, for every package pyproject.toml maps."""
     setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
@@ -147,16 +138,8 @@ def test_the_walk_sees_the_tree():
 
 
 def test_no_import_cycles():
-    cycles = [one_cycle(GRAPH, g) for g in strongly_connected(GRAPH)
-              if frozenset(g) not in KNOWN_CYCLES]
+    cycles = [one_cycle(GRAPH, g) for g in strongly_connected(GRAPH)]
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
-
-
-@pytest.mark.parametrize("cycle", [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=why))
-                                   for c, why in KNOWN_CYCLES.items()],
-                         ids=[" <-> ".join(sorted(c)) for c in KNOWN_CYCLES])
-def test_known_cycle_is_gone(cycle):
-    assert cycle not in {frozenset(g) for g in strongly_connected(GRAPH)}
 
 
 @pytest.mark.parametrize("layer", sorted(MAY_IMPORT))

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from ldm_edge.runtime.errors import BundleError
-from ldm_edge.runtime.manifest import Manifest
+from ldm_edge.runtime.bundle import open_bundle
 
 
 @pytest.fixture()
@@ -31,7 +31,7 @@ def unet_file(m):
 
 
 def test_whole_bundle_loads(bundle):
-    m = Manifest.load(bundle)
+    m = open_bundle(bundle)
     assert m.spec("unet").input_names == ["sample", "timestep", "encoder_hidden_states"]
 
 
@@ -51,7 +51,7 @@ def test_whole_bundle_loads(bundle):
 def test_bad_manifest_refused(bundle, mutate, needle):
     edit(bundle, mutate)
     with pytest.raises(BundleError, match=needle):
-        Manifest.load(bundle)
+        open_bundle(bundle)
 
 
 def test_symlink_out_of_bundle_refused(bundle, tmp_path):
@@ -60,33 +60,33 @@ def test_symlink_out_of_bundle_refused(bundle, tmp_path):
     (bundle / "unet.onnx").unlink()
     os.symlink(outside, bundle / "unet.onnx")
     with pytest.raises(BundleError, match="link that leads outside"):
-        Manifest.load(bundle)
+        open_bundle(bundle)
 
 
 def test_damaged_or_missing_files(bundle):
     (bundle / "manifest.json").write_text("{not json")
     with pytest.raises(BundleError, match="damaged"):
-        Manifest.load(bundle)
+        open_bundle(bundle)
     (bundle / "manifest.json").unlink()
     with pytest.raises(BundleError, match="no manifest.json"):
-        Manifest.load(bundle)
+        open_bundle(bundle)
 
 
 def test_truncated_onnx_refused(bundle):
     data = (bundle / "unet.onnx").read_bytes()
     (bundle / "unet.onnx").write_bytes(data[: len(data) // 2])
     with pytest.raises(BundleError, match="truncated"):
-        Manifest.load(bundle)
+        open_bundle(bundle)
 
 
 def test_hashes_are_remembered_but_a_rewritten_file_is_hashed_again(bundle, monkeypatch):
     from ldm_edge.runtime import fsutil
 
-    Manifest.load(bundle)  # fills the cache
+    open_bundle(bundle)  # fills the cache
     calls = []
     real = fsutil.sha256_file
     monkeypatch.setattr(fsutil, "sha256_file", lambda p: calls.append(p) or real(p))
-    Manifest.load(bundle)
+    open_bundle(bundle)
     assert calls == []  # nothing re-read
     p = bundle / "unet.onnx"
     st = p.stat()
@@ -95,5 +95,5 @@ def test_hashes_are_remembered_but_a_rewritten_file_is_hashed_again(bundle, monk
     p.write_bytes(bytes(data))
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # ... and the old mtime put back
     with pytest.raises(BundleError, match="sha256"):
-        Manifest.load(bundle)
+        open_bundle(bundle)
     assert [os.path.basename(c) for c in calls] == ["unet.onnx"]

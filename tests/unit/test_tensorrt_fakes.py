@@ -27,6 +27,7 @@ from ldm_edge.export import engines
 from ldm_edge.export.engines import EngineBuildError, ProfileOptions, build_engines
 from ldm_edge.runtime import backend_tensorrt, trt_engines
 from ldm_edge.runtime.errors import BundleError, UsageError
+from ldm_edge.runtime.bundle import open_bundle
 from ldm_edge.runtime.manifest import Manifest
 from ldm_edge.runtime.trt_engines import DeviceFacts
 # taken at import time, before any fake is installed: the environment must reach these too
@@ -300,7 +301,7 @@ def test_built_engines_run_bind_once_and_share_scratch(fakes):
     from ldm_edge.runtime.backends import open_backend
 
     build(fakes)
-    m = Manifest.load(fakes.bundle)
+    m = open_bundle(fakes.bundle)
     unet = open_backend(m, "unet", backend="tensorrt")
     text = open_backend(m, "text_encoder", backend="auto")
     assert {type(unet).__name__, type(text).__name__} == {"TensorRTBackend"}
