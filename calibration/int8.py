@@ -22,6 +22,7 @@ import numpy as np
 from ldm_edge.bundletools.files import file_record
 from ldm_edge.bundletools.quality import end_to_end_psnr
 from ldm_edge.bundletools.save import save_graph
+from ldm_edge.runtime.cpu import cpu_summary
 from ldm_edge.runtime.errors import ExportError
 from ldm_edge.runtime.bundle import open_bundle
 from ldm_edge.runtime.manifest import Manifest
@@ -187,7 +188,8 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
             p.unlink(missing_ok=True)
         raise ExportError(f"INT8 re-measured at {q['psnr_db']:.2f} dB, under --min-psnr "
                           f"{min_psnr}; nothing was recorded")
-    q.update(method=method, min_psnr=min_psnr, kept_float_units=kept)
+    # onnxruntime's INT8 kernels, and so this figure, differ by CPU kind (runtime/cpu.py)
+    q.update(method=method, min_psnr=min_psnr, kept_float_units=kept, cpu=cpu_summary())
     quality = Int8QualityRecord.from_json(q, "quality.int8")
 
     def commit(m: BundleManifest):

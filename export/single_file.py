@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 
 from ldm_edge.runtime.errors import first_line
@@ -69,7 +70,7 @@ def load_single_file(path: Path, config: str | None = None) -> LoadedModel:
     if cfg is not None:
         return _from_own_layout(path, state, cfg)
     if any(k.startswith("model.diffusion_model.") for k in state):
-        return _from_original_layout(path, config)
+        return _from_original_layout(path, config, state)
     raise ModelLoadError(f"{path.name}: unknown checkpoint layout (neither ldm-edge's prefixed "
                          f"keys with configs nor the original model.diffusion_model.* keys)")
 
@@ -107,7 +108,30 @@ def _from_own_layout(path: Path, state: dict, cfg: dict) -> LoadedModel:
         scheduler_config=sched, defaults=model_defaults(unet, vae, sched))
 
 
-def _from_original_layout(path: Path, config: str | None) -> LoadedModel:
+# the original SD/LDM checkpoint's parts, by key prefix
+ORIGINAL_PARTS = {"U-Net": "model.diffusion_model.", "VAE": "first_stage_model.",
+                  "text encoder": "cond_stage_model."}
+
+
+def _what_is_there(state: dict) -> str:
+    """Which of the original layout's parts ``state`` holds weights for, and which none."""
+    counts = {part: sum(k.startswith(pre) for k in state) for part, pre in ORIGINAL_PARTS.items()}
+    absent = [f"{part} ({ORIGINAL_PARTS[part]}*)" for part, n in counts.items() if not n]
+    held = ", ".join(f"{part} {n}" for part, n in counts.items() if n)
+    if absent:
+        return (f"it has no weights for the {' or the '.join(absent)}: use a complete checkpoint "
+                f"(it holds tensors for: {held})")
+    return (f"it holds tensors for {held}; check that --config is a folder of the same "
+            f"model (same sizes)")
+
+
+def _first_sentence(msg: str) -> str:
+    """diffusers' message without its advice (flags such as low_cpu_mem_usage that a CLI
+    user cannot pass)."""
+    return re.split(r"(?<=[.;!])\s", msg.strip(), maxsplit=1)[0]
+
+
+def _from_original_layout(path: Path, config: str | None, state: dict) -> LoadedModel:
     from diffusers import StableDiffusionPipeline
 
     if not config:
@@ -119,7 +143,8 @@ def _from_original_layout(path: Path, config: str | None) -> LoadedModel:
             str(path), config=str(config), local_files_only=True,
             safety_checker=None, requires_safety_checker=False)
     except Exception as e:
-        raise ModelLoadError(f"{path.name}: diffusers could not convert it ({first_line(e, 300)})")
+        raise ModelLoadError(f"{path.name}: diffusers could not convert it "
+                             f"({_first_sentence(first_line(e, 300))}); {_what_is_there(state)}")
     check_unet(pipe.unet)
     sched = dict(pipe.scheduler.config)
     return LoadedModel(

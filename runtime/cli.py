@@ -63,7 +63,8 @@ def _list_schedulers(ctx, _param, value):
 @click.option("--ort-cache/--no-ort-cache", default=None,
               help="onnxruntime on the CPU: keep the graphs it optimises for this CPU in "
                    "~/.cache/ldm-edge/ort-graphs (a copy of the weights), so later starts skip "
-                   "the optimisation (SD1.5 U-Net: 8.7 s -> 1.3 s). Default: off, or "
+                   "the optimisation (README: --ort-cache has the measured gain and the "
+                   "command). Default: off, or "
                    "$LDM_EDGE_ORT_CACHE=1.")
 @click.option("--no-verify", is_flag=True, help="Skip sha256 verification of the bundle files.")
 @click.option("-o", "--output", "out", default="out.png", show_default=True,

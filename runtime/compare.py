@@ -22,14 +22,17 @@ class Comparison:
     mean_abs: float
     max_rel: float
     cosine: float
-    atol: float | None = None
+    atol: float | None = None  # as given
+    rtol: float = 0.0  # as given
+    # the effective absolute limit max_abs is held to: atol + rtol * max|reference|
+    max_abs_limit: float | None = None
     min_cosine: float | None = None
     finite: bool = True
 
     def __bool__(self) -> bool:
         if not self.finite:
             return False
-        if self.atol is not None and not self.max_abs <= self.atol:
+        if self.max_abs_limit is not None and not self.max_abs <= self.max_abs_limit:
             return False
         if self.min_cosine is not None and not self.cosine >= self.min_cosine:
             return False
@@ -38,8 +41,9 @@ class Comparison:
     def __str__(self) -> str:
         verdict = "ok" if self else "FAIL"
         limits = []
-        if self.atol is not None:
-            limits.append(f"atol {self.atol:.1e}")
+        if self.max_abs_limit is not None:
+            rel = f" + {self.rtol:.0e} x max|ref|" if self.rtol else ""
+            limits.append(f"max-abs <= {self.max_abs_limit:.1e} = atol {self.atol:.1e}{rel}")
         if self.min_cosine is not None:
             limits.append(f"cos>={self.min_cosine}")
         lim = f" ({', '.join(limits)})" if limits else ""
@@ -85,7 +89,9 @@ def compare(actual: np.ndarray, reference: np.ndarray, name: str = "output", *,
         mean_abs=float(diff.mean()) if diff.size and finite else (0.0 if finite else math.inf),
         max_rel=float((diff / (np.abs(r) + REL_EPS)).max(initial=0.0)) if finite else math.inf,
         cosine=cosine(a, r) if finite else 0.0,
-        atol=limit,
+        atol=atol,
+        rtol=rtol,
+        max_abs_limit=limit,
         min_cosine=min_cosine,
         finite=finite,
     )

@@ -21,12 +21,12 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 import time
 import uuid
 from pathlib import Path
 
+from .cpu import cpu_identity
 from .fsutil import atomic_write_json, cache_dir, sha256_cached
 
 log = logging.getLogger(__name__)
@@ -45,24 +45,6 @@ STALE_S = 3600
 
 def enabled_by_env() -> bool:
     return os.environ.get(ENV, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def cpu_identity() -> str:
-    """The CPU model and feature flags: what decides which kernels and layouts onnxruntime
-    picks. Falls back to the platform's processor name where /proc/cpuinfo is missing."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return f"{platform.machine()}|{platform.processor()}"
-    model = flags = ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key in ("model name", "Model", "CPU part") and not model:
-            model = value.strip()
-        elif key in ("flags", "Features") and not flags:
-            flags = " ".join(sorted(value.split()))
-    return f"{platform.machine()}|{model}|{flags}"
 
 
 def entry_key(graph_files: list[Path], ort_version: str, level: str = "all") -> str:

@@ -308,6 +308,9 @@ class Int8QualityRecord(QualityRecord):
     method: str | None = None
     min_psnr: float | None = None
     kept_float_units: list | None = None
+    # the CPU it was measured on (machine, model, int8_kernels): onnxruntime's INT8 kernels,
+    # and so this figure, differ between CPUs with and without VNNI (runtime/cpu.py)
+    cpu: dict | None = None
 
 
 QUALITY_RECORDS = {"int8": Int8QualityRecord}

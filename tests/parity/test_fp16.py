@@ -15,7 +15,11 @@ from ldm_edge.runtime.bundle import open_bundle
 from ldm_edge.runtime.pipeline import Pipeline
 from ldm_edge.runtime.sessions import SessionFromOnnx
 
-# The FP16 issue's bar: end-to-end 8-bit PSNR vs the FP32 bundle, same prompts and seeds.
+# End-to-end 8-bit PSNR vs the FP32 bundle, same prompts and seeds. FP16 keeps 11 bits of
+# mantissa (relative error ~5e-4 per op), and the 10-step loop carries it into the image:
+# tiny SD1 measured 64 dB. 40 dB is an RMS error of 2.6 levels of 255 (the same picture),
+# while an FP16 graph with a broken op (overflow, lost timestep phase) lands near the
+# 10-20 dB of unrelated pictures.
 MIN_PSNR_DB = 40.0
 PROMPTS = ["a red cat", "a blue square on a white background"]
 

@@ -75,6 +75,23 @@ def test_original_layout_checkpoint_needs_config(tmp_path):
         load_model(p)
 
 
+def test_incomplete_original_checkpoint_names_the_missing_parts(tiny_models, tmp_path):
+    """A checkpoint with only U-Net weights: the error names the parts that have none, and
+    passes on none of diffusers' advice (flags a CLI user cannot set)."""
+    from safetensors.numpy import save_file
+
+    p = tmp_path / "unet-only.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": np.zeros((32, 4, 3, 3), np.float32),
+               "model.diffusion_model.input_blocks.0.0.bias": np.zeros((32,), np.float32)}, str(p))
+    with pytest.raises(ModelLoadError) as e:
+        load_model(p, config=str(tiny_models["sd1"]))
+    msg = str(e.value)
+    assert "could not convert" in msg and "\n" not in msg
+    assert "no weights for the VAE (first_stage_model.*) or the text encoder (cond_stage_model.*)" in msg
+    assert "U-Net 2" in msg
+    assert "low_cpu_mem_usage" not in msg and "Please" not in msg
+
+
 def test_failed_check_writes_nothing(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_export, "EXPORT_ATOL", 0.0)
     monkeypatch.setattr(onnx_export, "EXPORT_RTOL", 0.0)
