@@ -101,7 +101,7 @@ def run(bundle, repeats: int = DEFAULT_REPEATS, threads: int = 2, batch: int = 2
             "speedup_vs_fp32": med["fp32"] / med[p] if "fp32" in med else None,
             "cosine_vs_fp32": c.cosine if c else None, "max_abs_vs_fp32": c.max_abs if c else None,
             "file_mb": size / 1e6,
-            "psnr_db_recorded": (m.get("quality") or {}).get(p, {}).get("psnr_db"),
+            "psnr_db_recorded": getattr(m.schema.quality.get(p), "psnr_db", None),
         })
     shape = {k: list(v.shape) for k, v in feeds.items()}
     return {"bundle": str(bundle), "cpu": cpu_name(), "threads": threads, "repeats": repeats,

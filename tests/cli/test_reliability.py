@@ -24,7 +24,7 @@ KILL_AFTER_S = (0.5, 2.5, 4.0, 5.0, 6.0, 7.0, 8.5, 11.0)
 def state(out):
     """'none' (nothing loads), or the manifest's creation stamp of a whole bundle."""
     try:
-        return open_bundle(out)["created"]
+        return open_bundle(out).schema.created
     except BundleError:
         return "none"
 
