@@ -40,7 +40,7 @@ def test_kill_9_at_any_point_leaves_old_bundle_or_nothing(tiny_models, tmp_path)
         time.sleep(delay)
         p.send_signal(signal.SIGKILL)
         p.wait()
-        now = state(out)  # Manifest.load verifies every hash: what loads is whole
+        now = state(out)  # open_bundle verifies every hash: what loads is whole
         if now == "none" and previous != "none":
             # killed between moving the old bundle aside and renaming the new one in:
             # the old one must still be on disk, to be put back by the next export
