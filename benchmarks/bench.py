@@ -39,9 +39,11 @@ def candidates(model: dict) -> list[tuple[str, list[str]]]:
     if importlib.util.find_spec("openvino") is not None:
         c.append(("ldm-edge-openvino-fp32", ["--kind", "ours", "--bundle", str(model["bundle"]),
                                              "--backend", "openvino"]))
-    m = json.loads((model["bundle"] / "manifest.json").read_text())
+    from ldm_edge.runtime.schema import read_manifest_json
+
+    have = read_manifest_json(model["bundle"]).precisions("unet")
     for prec in ("fp16", "int8"):
-        if prec in m["components"]["unet"]["variants"]:
+        if prec in have:
             c.append((f"ldm-edge-ort-{prec}", ["--kind", "ours", "--bundle", str(model["bundle"]),
                                                "--precision", prec]))
     return c

@@ -28,8 +28,8 @@ def _feeds(manifest, spec) -> dict:
     """Batch-2 inputs at the bundle's default size, from the component's spec."""
     import numpy as np
 
-    d = manifest.get("defaults", {})
-    f = int(manifest["vae_scale_factor"])
+    d = manifest.schema.defaults
+    f = int(manifest.schema.vae_scale_factor)
     sizes = {"batch": 2, "latent_height": int(d.get("height", 512)) // f,
              "latent_width": int(d.get("width", 512)) // f,
              "height": int(d.get("height", 512)), "width": int(d.get("width", 512))}

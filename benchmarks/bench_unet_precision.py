@@ -42,21 +42,22 @@ def cpu_name() -> str:
 
 def make_feeds(manifest, batch: int, height: int | None, width: int | None) -> dict:
     spec = manifest.spec("unet")
-    io_map = manifest["components"]["unet"].get("io_map") or {}
-    f = int(manifest["vae_scale_factor"])
-    h = (height or int(manifest["defaults"].get("height", 512))) // f
-    w = (width or int(manifest["defaults"].get("width", 512))) // f
+    m = manifest.schema
+    unet = m.components["unet"]
+    f = int(m.vae_scale_factor)
+    h = (height or int(m.defaults.get("height", 512))) // f
+    w = (width or int(m.defaults.get("width", 512))) // f
     rng = np.random.default_rng(0)
     feeds = {}
     for t in spec.inputs:
         if t.name == "sample":
-            arr = rng.standard_normal((batch, int(manifest["latent_channels"]), h, w))
+            arr = rng.standard_normal((batch, int(m.latent_channels), h, w))
         elif t.name == "timestep":
             arr = np.full((batch,), 500)  # mid-trajectory
         else:  # encoder_hidden_states (and, for some graphs, extra conditioning)
             shape = [batch if d == "batch" else int(d) for d in t.shape]
             arr = rng.standard_normal(shape)
-        feeds[io_map.get(t.name, t.name)] = arr.astype(t.dtype)
+        feeds[unet.graph_name(t.name)] = arr.astype(t.dtype)
     return feeds
 
 
@@ -100,7 +101,7 @@ def run(bundle, repeats: int = DEFAULT_REPEATS, threads: int = 2, batch: int = 2
             "speedup_vs_fp32": med["fp32"] / med[p] if "fp32" in med else None,
             "cosine_vs_fp32": c.cosine if c else None, "max_abs_vs_fp32": c.max_abs if c else None,
             "file_mb": size / 1e6,
-            "psnr_db_recorded": (m.get("quality") or {}).get(p, {}).get("psnr_db"),
+            "psnr_db_recorded": getattr(m.schema.quality.get(p), "psnr_db", None),
         })
     shape = {k: list(v.shape) for k, v in feeds.items()}
     return {"bundle": str(bundle), "cpu": cpu_name(), "threads": threads, "repeats": repeats,

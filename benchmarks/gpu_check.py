@@ -117,13 +117,16 @@ def make_bundles(out: Path, steps: Steps) -> dict[str, dict]:
 
 
 def _has_variant(bundle: Path, component: str, precision: str) -> bool:
-    m = json.loads((bundle / "manifest.json").read_text())
-    return precision in m["components"][component]["variants"]
+    from ldm_edge.runtime.schema import read_manifest_json
+
+    return precision in read_manifest_json(bundle).precisions(component)
 
 
 def _has_engine(bundle: Path, precision: str) -> bool:
-    m = json.loads((bundle / "manifest.json").read_text())
-    return any(e.get("precision") == precision for e in m["components"]["unet"].get("engines", []))
+    from ldm_edge.runtime.schema import read_manifest_json
+
+    engines = read_manifest_json(bundle).components["unet"].engines
+    return any(e.precision == precision for e in engines)
 
 
 def run_pytest(out: Path, steps: Steps) -> dict:

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 from pathlib import Path
@@ -23,6 +22,7 @@ from ldm_edge.runtime.compare import psnr
 from ldm_edge.runtime.bundle import open_bundle
 from ldm_edge.runtime.manifest import Manifest
 from ldm_edge.runtime.pipeline import Pipeline
+from ldm_edge.runtime.schema import VariantRecord
 from ldm_edge.runtime.sessions import SessionFromOnnx
 
 from . import qdq
@@ -99,13 +99,12 @@ class EndToEnd:
         ref.close()
 
     def __call__(self, graph_proto) -> float:
-        m = open_bundle(self.bundle, verify=False)
+        m = open_bundle(self.bundle, verify=False).schema  # a fresh copy, changed below
         name = f".unet.int8.candidate-{os.getpid()}.onnx"
         files = save_graph(graph_proto, self.bundle / name)
         try:
-            data = copy.deepcopy(m.data)
-            data["components"]["unet"]["variants"]["int8"] = {"file": name}
-            pipe = Pipeline(Manifest(self.bundle, data), precision="int8")
+            m.components["unet"].variants["int8"] = VariantRecord(file=name)
+            pipe = Pipeline(Manifest(self.bundle, m), precision="int8")
             values = [psnr(pipe(p, num_inference_steps=self.steps, seed=self.seed + i).images, r)
                       for i, (p, r) in enumerate(zip(self.prompts, self.refs))]
             pipe.close()

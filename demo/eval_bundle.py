@@ -20,11 +20,10 @@ BATCH = 4  # images per call; the demo bundle is exported for --max-batch 4
 DEFAULT_BUNDLE = "out/demo-bundle"
 
 
-def _latents(pipe_manifest, k: int, seed: int) -> np.ndarray:
-    m = pipe_manifest
-    f = int(m["vae_scale_factor"])
-    d = m.get("defaults", {})
-    shape = (k, int(m["latent_channels"]), int(d.get("height", 64)) // f, int(d.get("width", 64)) // f)
+def _latents(m, k: int, seed: int) -> np.ndarray:
+    """Initial latents for ``k`` images at the bundle's default size (``m``: a BundleManifest)."""
+    f, d = int(m.vae_scale_factor), m.defaults
+    shape = (k, int(m.latent_channels), int(d.get("height", 64)) // f, int(d.get("width", 64)) // f)
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
@@ -36,14 +35,14 @@ def evaluate_bundle(bundle, precision: str = "fp32", n: int = 200, steps: int = 
     from ldm_edge.runtime.pipeline import Pipeline
 
     pipe = Pipeline(bundle, precision=precision)
-    g = guidance if guidance is not None else float(pipe.manifest["defaults"].get("guidance_scale", 5.0))
+    g = guidance if guidance is not None else float(pipe.manifest.schema.defaults.get("guidance_scale", 5.0))
     torch_pipe = _diffusers_pipe() if reference == "diffusers" else None
     pairs = heldout_prompts(n, seed)
     prompts = [p for p, _ in pairs]
     images = []
     for i in range(0, n, BATCH):
         chunk = prompts[i:i + BATCH]
-        lat = _latents(pipe.manifest, len(chunk), seed + i)
+        lat = _latents(pipe.manifest.schema, len(chunk), seed + i)
         if torch_pipe is None:
             r = pipe(chunk, num_inference_steps=steps, guidance_scale=g,
                      scheduler=scheduler or "ddim", latents=lat)

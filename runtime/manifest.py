@@ -103,22 +103,6 @@ class Manifest:
                               f"(damaged copy?); copy or re-export it again")
 
     # -- accessors --------------------------------------------------------------
-    # Read-only JSON views of top-level keys, kept for the generation-parameter code
-    # (validate.py, cli.py) being rewritten in parallel; new code reads ``self.schema``.
-    def __getitem__(self, key):
-        return self.schema.value(key)
-
-    def get(self, key, default=None):
-        try:
-            return self.schema.value(key)
-        except KeyError:
-            return default
-
-    @property
-    def data(self) -> dict:
-        """The manifest as JSON (a copy: edits go through ``schema``)."""
-        return self.schema.to_json()
-
     @property
     def component_names(self) -> list[str]:
         return list(self.schema.components)

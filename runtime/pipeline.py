@@ -123,7 +123,7 @@ class Pipeline:
     # -- the whole thing ----------------------------------------------------------
     def request(self, **keywords) -> GenerationRequest:
         """Resolve ``resolve_request``'s keywords against this bundle's defaults and limits."""
-        return resolve_request(BundleDefaults.from_manifest(self.manifest), **keywords)
+        return resolve_request(BundleDefaults.from_manifest(self.manifest.schema), **keywords)
 
     def __call__(self, prompt=None, negative_prompt=None, *,
                  request: GenerationRequest | None = None,
@@ -150,7 +150,7 @@ class Pipeline:
     def _run(self, req: GenerationRequest, gen, progress) -> Result:
         self.timings = defaultdict(float)
         t_start = time.perf_counter()
-        sched = make_scheduler(req.scheduler, self.manifest["scheduler"])
+        sched = make_scheduler(req.scheduler, self.manifest.schema.scheduler)
         embeds, dropped = self._embeddings(req)
         timesteps = self._timesteps(sched, req)
         if req.init_image is not None:
@@ -165,9 +165,9 @@ class Pipeline:
         return Result(images, req, self._provenance(), timings, dropped)
 
     def _provenance(self) -> Provenance:
-        unet, model = self.backend("unet"), self.manifest["model"]
+        unet, model = self.backend("unet"), self.manifest.schema.model
         return Provenance(backend=unet.name, precision=unet.precision,
-                          model=model.get("source"), model_sha256=model.get("sha256"))
+                          model=model.source, model_sha256=model.sha256)
 
     def _embeddings(self, req: GenerationRequest) -> tuple[np.ndarray, list[int]]:
         n = req.num_images_per_prompt
@@ -217,8 +217,9 @@ class Pipeline:
         return sched.add_noise(init, noise, t0).astype(np.float32)
 
     def _latent_shape(self, req: GenerationRequest) -> tuple:
-        f = int(self.manifest["vae_scale_factor"])
-        return (req.num_images, int(self.manifest["latent_channels"]), req.height // f,
+        m = self.manifest.schema
+        f = int(m.vae_scale_factor)
+        return (req.num_images, int(m.latent_channels), req.height // f,
                 req.width // f)
 
     def _unet_max_batch(self) -> int:

@@ -2,7 +2,7 @@
 checked, once (``resolve_request``). The pipeline runs it as it is, and each PNG records it
 as it is, with the provenance of the run (``Provenance``).
 
-    bundle = BundleDefaults.from_manifest(manifest)
+    bundle = BundleDefaults.from_manifest(manifest.schema)   # manifest = open_bundle(path)
     req = resolve_request(bundle, prompt="a red cat", steps=None, seed=3)   # keywords only
     req.num_inference_steps  # the bundle's default, checked
 """
@@ -18,6 +18,7 @@ import numpy as np
 
 from . import validate
 from .errors import UsageError
+from .schema import BundleManifest
 
 # diffusers' StableDiffusionImg2ImgPipeline default: redraw 80 % of the schedule
 DEFAULT_STRENGTH = 0.8
@@ -57,20 +58,20 @@ class BundleDefaults:
     latent_channels: int = 4
 
     @classmethod
-    def from_manifest(cls, manifest) -> "BundleDefaults":
-        """From anything with the manifest's ``get`` / ``[]`` (the one place that reads it)."""
-        d, dims = manifest.get("defaults", {}), manifest.get("dims", {})
-        mult = int(manifest.get("size_multiple", 8))
+    def from_manifest(cls, manifest: BundleManifest) -> "BundleDefaults":
+        """From a bundle's typed manifest (the one place that reads it for a request)."""
+        d, dims = manifest.defaults, manifest.dims
+        mult = manifest.multiple
         return cls(height=int(d.get("height", FALLBACK_SIZE)),
                    width=int(d.get("width", FALLBACK_SIZE)),
                    num_inference_steps=int(d.get("num_inference_steps", FALLBACK_STEPS)),
                    guidance_scale=float(d.get("guidance_scale", FALLBACK_GUIDANCE)),
-                   scheduler=default_scheduler_name(manifest["scheduler"]),
+                   scheduler=default_scheduler_name(manifest.scheduler),
                    size_multiple=mult, min_size=int(dims.get("min_size", mult)),
                    max_size=int(dims.get("max_size", 1 << 16)),
                    max_batch=int(dims.get("max_batch", 1 << 16)),
-                   vae_scale_factor=int(manifest["vae_scale_factor"]),
-                   latent_channels=int(manifest["latent_channels"]))
+                   vae_scale_factor=int(manifest.vae_scale_factor),
+                   latent_channels=int(manifest.latent_channels))
 
 
 def _sha256(array: np.ndarray) -> str:

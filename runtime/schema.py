@@ -382,14 +382,6 @@ class BundleManifest(Record):
     def precisions(self, component: str) -> list[str]:
         return list(self.components[component].variants)
 
-    def value(self, key: str):
-        """The JSON value of one top-level key (a copy), for readers not yet typed."""
-        if key in self.known():
-            if not self._written(key, getattr(self, key)):
-                raise KeyError(key)
-            return _dump(getattr(self, key))
-        return _dump(self.extra[key])
-
 
 def _check_scalars(d: dict) -> None:
     """The scalar facts the runtime computes with must have usable types."""

@@ -139,9 +139,9 @@ def test_png_records_the_request_as_resolved(tiny_bundles, tmp_path):
                         init_image=str(init), strength=0.5).to_dict()
     assert {k: meta[k] for k in want} == want
     assert meta["init_image"]["source"] == "init.png" and meta["strength"] == 0.5
-    model = pipe.manifest["model"]
+    model = pipe.manifest.schema.model
     assert (meta["backend"], meta["precision"], meta["model"], meta["model_sha256"]) == \
-        ("onnxruntime", "fp32", model["source"], model["sha256"])
+        ("onnxruntime", "fp32", model.source, model.sha256)
     assert (meta["index"], meta["prompt"], meta["negative_prompt"]) == (0, "a cat", "blur")
 
 

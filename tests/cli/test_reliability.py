@@ -24,7 +24,7 @@ KILL_AFTER_S = (0.5, 2.5, 4.0, 5.0, 6.0, 7.0, 8.5, 11.0)
 def state(out):
     """'none' (nothing loads), or the manifest's creation stamp of a whole bundle."""
     try:
-        return open_bundle(out)["created"]
+        return open_bundle(out).schema.created
     except BundleError:
         return "none"
 
@@ -40,7 +40,7 @@ def test_kill_9_at_any_point_leaves_old_bundle_or_nothing(tiny_models, tmp_path)
         time.sleep(delay)
         p.send_signal(signal.SIGKILL)
         p.wait()
-        now = state(out)  # Manifest.load verifies every hash: what loads is whole
+        now = state(out)  # open_bundle verifies every hash: what loads is whole
         if now == "none" and previous != "none":
             # killed between moving the old bundle aside and renaming the new one in:
             # the old one must still be on disk, to be put back by the next export

@@ -48,7 +48,7 @@ def test_fp16_end_to_end_psnr(family, fp16_bundles):
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_graphs_are_fp16_with_fp32_io_and_time_embedding(family, fp16_bundles):
     m = open_bundle(fp16_bundles[family])
-    assert m["quality"]["fp16"]["psnr_db"] >= MIN_PSNR_DB
+    assert m.schema.quality["fp16"].psnr_db >= MIN_PSNR_DB
     g = onnx.load(str(m.variant("unet", "fp16").path))
     dtypes = {t.data_type for t in g.graph.initializer if t.dims and np.prod(t.dims) > 64}
     assert dtypes == {onnx.TensorProto.FLOAT16}

@@ -55,7 +55,7 @@ def int8_bundle(tiny_bundles, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def budget(int8_bundle, tiny_bundles, tmp_path_factory):
-    plain = open_bundle(int8_bundle)["quality"]["int8"]["psnr_db"]
+    plain = open_bundle(int8_bundle).schema.quality["int8"].psnr_db
     target = plain + BUDGET_ABOVE_PLAIN_DB
     dst = tmp_path_factory.mktemp("int8budget") / "sd1"
     shutil.copytree(tiny_bundles["sd1"], dst)
@@ -153,16 +153,16 @@ def test_recorded_psnr_equals_a_fresh_measurement(int8_bundle):
 def test_min_psnr_keeps_the_most_harmful_layers_in_float(budget):
     bundle, plain, target = budget
     m, g = _graph(bundle)
-    v, q = m.variant("unet", "int8").record, m["quality"]["int8"]
+    v, q = m.variant("unet", "int8").record, m.schema.quality["int8"]
     assert v.min_psnr["plain_int8_psnr_db"] == pytest.approx(plain, abs=1e-9)
     assert plain < target
     kept = v.kept_float_units
-    assert kept and q["kept_float_units"] == kept
-    assert q["psnr_db"] >= target and q["min_psnr"] == target
+    assert kept and q.kept_float_units == kept
+    assert q.psnr_db >= target and q.min_psnr == target
     steps = v.min_psnr["greedy"]
     greedy = [s for s in steps if not s.get("pruning")]
     assert [s["unit"] for s in greedy if s["kept"]] == kept
-    assert any(s["psnr_db_after"] == pytest.approx(q["psnr_db"], abs=1e-9) for s in steps)
+    assert any(s["psnr_db_after"] == pytest.approx(q.psnr_db, abs=1e-9) for s in steps)
     sweep = v.min_psnr["sensitivity"]
     snr = [s["unet_snr_db_only_this_int8"] for s in sweep]
     assert snr == sorted(snr)  # worst first, and tried in that order

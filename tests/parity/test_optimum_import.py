@@ -205,7 +205,7 @@ def test_missing_vae_config_falls_back_with_warning(folders, tmp_path, caplog):
 def test_imported_bundle_matches_diffusers(style, scheduler, bundles, tiny_models, latents_file,
                                            tmp_path):
     m = open_bundle(bundles[style])  # hashes of the copies check out
-    assert m["tokenizer"]["file"] == "tokenizer.json"
+    assert m.schema.tokenizer.file == "tokenizer.json"
     img = _ldm_run(bundles[style], scheduler, latents_file, tmp_path / "img.png")
     ref = _reference(tiny_models, STYLES[style], scheduler, latents_file)
     assert psnr(img, ref) >= MIN_PSNR_DB, psnr(img, ref)

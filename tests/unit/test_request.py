@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,13 +12,16 @@ import pytest
 from ldm_edge.runtime.errors import UsageError
 from ldm_edge.runtime.request import (DEFAULT_STRENGTH, BundleDefaults, GenerationRequest,
                                       InitImage, resolve_request)
+from ldm_edge.runtime.schema import BundleManifest
 
-# what a manifest's dict holds that a request reads (a Manifest offers the same get / [])
-MANIFEST = {"defaults": {"height": 64, "width": 96, "num_inference_steps": 7,
-                         "guidance_scale": 5.0},
-            "scheduler": {"_class_name": "EulerDiscreteScheduler"},
-            "size_multiple": 8, "dims": {"min_size": 32, "max_size": 256, "max_batch": 4},
-            "vae_scale_factor": 8, "latent_channels": 4}
+DATA = Path(__file__).parent / "data"
+
+# what a request reads of a bundle's manifest
+MANIFEST = BundleManifest(defaults={"height": 64, "width": 96, "num_inference_steps": 7,
+                                    "guidance_scale": 5.0},
+                          scheduler={"_class_name": "EulerDiscreteScheduler"},
+                          size_multiple=8, dims={"min_size": 32, "max_size": 256, "max_batch": 4},
+                          vae_scale_factor=8, latent_channels=4)
 BUNDLE = BundleDefaults.from_manifest(MANIFEST)
 
 
@@ -38,11 +43,19 @@ def test_defaults_come_from_the_manifest():
 
 
 def test_a_manifest_without_defaults_gets_the_fallbacks():
-    b = BundleDefaults.from_manifest({"scheduler": {"_class_name": "Unknown"},
-                                      "vae_scale_factor": 8, "latent_channels": 4})
+    b = BundleDefaults.from_manifest(BundleManifest(scheduler={"_class_name": "Unknown"},
+                                                    vae_scale_factor=8, latent_channels=4))
     assert (b.height, b.width, b.num_inference_steps, b.guidance_scale, b.scheduler) == \
         (512, 512, 25, 7.5, "ddim")
     assert b.min_size == b.size_multiple == 8
+
+
+def test_a_manifest_read_from_json_without_size_multiple_gets_8():
+    d = json.loads((DATA / "manifest_v1_sd1.json").read_text(encoding="utf-8"))
+    del d["size_multiple"], d["defaults"]
+    b = BundleDefaults.from_manifest(BundleManifest.from_json(d))
+    assert (b.size_multiple, b.min_size, b.max_size, b.max_batch) == (8, 32, 1024, 4)
+    assert (b.height, b.scheduler, b.vae_scale_factor, b.latent_channels) == (512, "pndm", 8, 4)
 
 
 def test_given_values_win_over_the_defaults():
