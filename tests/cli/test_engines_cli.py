@@ -3,7 +3,6 @@ write nothing, and the engine-matching rule as a pure function of fake device fa
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 
@@ -39,13 +38,6 @@ def record(facts=H100, precision="fp16", profile=PROFILE, onnx=SHA, file="engine
     return {"backend": "tensorrt", "precision": precision, "trt_version": facts.trt_version,
             "device_name": facts.device_name, "compute_capability": facts.compute_capability,
             "profile": profile, "onnx_sha256": onnx, "file": file, "size": 1, "sha256": SHA}
-
-
-@pytest.fixture
-def bundle(tiny_bundles, tmp_path):
-    b = tmp_path / "bundle"
-    shutil.copytree(tiny_bundles["sd1"], b)
-    return b
 
 
 def snapshot(folder):

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
-import shutil
 
-import pytest
 from helpers import run_cli
 
 HEAVY = ("torch", "diffusers", "transformers")
@@ -22,13 +20,6 @@ def ldm_export_without_torch(*args):
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     return r
-
-
-@pytest.fixture
-def bundle(tiny_bundles, tmp_path):
-    b = tmp_path / "bundle"
-    shutil.copytree(tiny_bundles["sd1"], b)
-    return b
 
 
 def manifest(bundle):
