@@ -71,6 +71,16 @@ def tiny_bundles(tiny_models, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+@pytest.fixture
+def bundle(tiny_bundles, tmp_path):
+    """A private copy of the tiny SD1 bundle, for commands that add to it."""
+    import shutil
+
+    b = tmp_path / "bundle"
+    shutil.copytree(tiny_bundles["sd1"], b)
+    return b
+
+
 class TorchNoise:
     """A numpy-Generator-shaped noise source that draws from torch's CPU generator, so the
     runtime's stochastic schedulers and img2img draw exactly what diffusers draws."""
