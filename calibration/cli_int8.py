@@ -28,8 +28,10 @@ def summary(m) -> str:
              f"{calib['samples']} calibration calls over timesteps "
              f"{calib['timesteps'][0]:.0f}..{calib['timesteps'][-1]:.0f}), "
              f"{n_excl} nodes float by rule",
-             f"int8 end to end: PSNR {q.psnr_db:.2f} dB vs fp32 "
-             f"({len(q.prompts)} prompts, {q.steps} steps, seed {q.seed})"]
+             f"int8 end to end: PSNR {q.psnr_db:.2f} dB vs fp32, worst of "
+             + ", ".join(f"{s} {v['psnr_db']:.2f}" for s, v in (q.per_scheduler or {}).items())
+             + f" dB ({len(q.prompts)} prompts, {q.steps} steps, seed {q.seed}; "
+             f"{(q.cpu or {}).get('int8_kernels', '?')} INT8 kernels)"]
     budget = v.min_psnr
     if budget:
         plain = budget["plain_int8_psnr_db"]
@@ -59,7 +61,11 @@ def summary(m) -> str:
                    "vs fp32 reaches this many dB.")
 @click.option("--symmetric", is_flag=True,
               help="Symmetric activation ranges (zero points 0): what TensorRT engines need.")
-def int8_cmd(bundle, prompts_file, num_prompts, calib_steps, method, min_psnr, symmetric):
+@click.option("--schedulers", default=None,
+              help="Comma-separated samplers the end-to-end check (and --min-psnr) holds for, "
+                   "e.g. pndm,ddim,euler,dpm++2m (default: the model's own).")
+def int8_cmd(bundle, prompts_file, num_prompts, calib_steps, method, min_psnr, symmetric,
+             schedulers):
     """Add an INT8 U-Net (QDQ, calibrated on the bundle's own sampling trajectory) to
     BUNDLE; record it and its end-to-end quality."""
     from ldm_edge.runtime.errors import LdmEdgeError
@@ -72,8 +78,9 @@ def int8_cmd(bundle, prompts_file, num_prompts, calib_steps, method, min_psnr, s
     except LdmEdgeError as e:
         fail("ldm-export", str(e), e.exit_code)
     try:
+        names = [n.strip() for n in schedulers.split(",") if n.strip()] if schedulers else None
         m = make_int8(bundle, prompts, calib_steps=calib_steps, method=method,
-                      min_psnr=min_psnr, symmetric=symmetric,
+                      min_psnr=min_psnr, symmetric=symmetric, schedulers=names,
                       progress=lambda msg: click.echo(f"  [{time.perf_counter() - t0:6.1f}s] {msg}",
                                                       err=True))
     except LdmEdgeError as e:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ldm_edge.bundletools.quality import Reference
 from ldm_edge.bundletools.save import save_graph
-from ldm_edge.runtime.compare import psnr
 from ldm_edge.runtime.bundle import open_bundle
 from ldm_edge.runtime.manifest import Manifest
 from ldm_edge.runtime.pipeline import Pipeline
@@ -89,14 +89,13 @@ def unit_costs(proto, src_dir: Path, layers, ranges: dict, samples: list[dict], 
 
 class EndToEnd:
     """8-bit image PSNR of candidate U-Net graphs vs the FP32 bundle, as
-    ``bundletools.quality.end_to_end_psnr`` measures it (FP32 references computed once)."""
+    ``bundletools.quality.end_to_end_psnr`` measures it: the worst over prompts and
+    schedulers (FP32 references computed once)."""
 
-    def __init__(self, bundle, prompts: list[str], steps: int, seed: int = 0):
-        self.bundle, self.prompts, self.steps, self.seed = Path(bundle), prompts, steps, seed
-        ref = Pipeline(bundle, precision="fp32")
-        self.refs = [ref(p, num_inference_steps=steps, seed=seed + i).images
-                     for i, p in enumerate(prompts)]
-        ref.close()
+    def __init__(self, bundle, prompts: list[str], steps: int, seed: int = 0,
+                 schedulers: list[str] | None = None):
+        self.bundle = Path(bundle)
+        self.reference = Reference(bundle, prompts, steps, seed, schedulers)
 
     def __call__(self, graph_proto) -> float:
         m = open_bundle(self.bundle, verify=False).schema  # a fresh copy, changed below
@@ -105,13 +104,12 @@ class EndToEnd:
         try:
             m.components["unet"].variants["int8"] = VariantRecord(file=name)
             pipe = Pipeline(Manifest(self.bundle, m), precision="int8")
-            values = [psnr(pipe(p, num_inference_steps=self.steps, seed=self.seed + i).images, r)
-                      for i, (p, r) in enumerate(zip(self.prompts, self.refs))]
+            value = self.reference.measure(pipe)["psnr_db"]
             pipe.close()
         finally:
             for f in files:
                 f.unlink(missing_ok=True)
-        return min(values)
+        return value
 
 
 def greedy_keep(costs: list[dict], measure, min_psnr: float, start_psnr: float,

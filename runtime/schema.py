@@ -295,6 +295,9 @@ class QualityRecord(Record):
     seed: int | None = None
     reference: str | None = None
     components_kept_fp32: list | None = None  # fp16
+    # per scheduler {"psnr_db", "per_prompt_db"}; psnr_db above is the worst of them
+    per_scheduler: dict | None = None
+    worst_scheduler: str | None = None
 
     @classmethod
     def from_json(cls, d, what: str) -> "QualityRecord":

@@ -144,12 +144,42 @@ def test_recorded_psnr_equals_a_fresh_measurement(int8_bundle):
     q = open_bundle(int8_bundle).schema.quality["int8"]
     assert q.method == "percentile" and q.prompts == int8.EVAL_PROMPTS
     assert q.cpu == cpu_summary()  # the figure says which CPU (kind of INT8 kernels) it is for
-    ref, var = Pipeline(int8_bundle), Pipeline(int8_bundle, precision="int8")
-    values = [psnr(var(p, num_inference_steps=q.steps, seed=q.seed + i).images,
-                   ref(p, num_inference_steps=q.steps, seed=q.seed + i).images)
-              for i, p in enumerate(q.prompts)]
-    assert min(values) == pytest.approx(q.psnr_db, abs=1e-9)
+    assert list(q.per_scheduler) == ["pndm"]  # the model's own, by default
+    _check_recorded(int8_bundle, q)
     assert q.psnr_db > MIN_SANE_PSNR_DB, f"{q.psnr_db:.2f} dB with {int8_kernels()} INT8 kernels"
+
+
+def _check_recorded(bundle, q):
+    """Each scheduler's recorded figures equal a fresh measurement; the headline is the worst."""
+    ref, var = Pipeline(bundle), Pipeline(bundle, precision="int8")
+    for name, rec in q.per_scheduler.items():
+        values = [psnr(var(p, num_inference_steps=q.steps, seed=q.seed + i, scheduler=name).images,
+                       ref(p, num_inference_steps=q.steps, seed=q.seed + i, scheduler=name).images)
+                  for i, p in enumerate(q.prompts)]
+        assert values == pytest.approx(rec["per_prompt_db"], abs=1e-9), name
+        assert rec["psnr_db"] == min(values)
+    assert q.psnr_db == min(r["psnr_db"] for r in q.per_scheduler.values())
+    assert q.per_scheduler[q.worst_scheduler]["psnr_db"] == q.psnr_db
+    assert q.per_prompt_db == q.per_scheduler[q.worst_scheduler]["per_prompt_db"]
+
+
+def test_quality_per_scheduler(bundle):
+    """--schedulers: a figure per sampler, the worst is the headline --min-psnr holds."""
+    m = int8.make_int8(bundle, PROMPTS[:1], calib_steps=2, schedulers=["ddim", "pndm", "ddim"],
+                       progress=_quiet)
+    q = m.quality["int8"]
+    assert list(q.per_scheduler) == ["ddim", "pndm"]
+    _check_recorded(bundle, q)
+
+
+def test_unknown_scheduler_is_a_usage_error(bundle):
+    from click.testing import CliRunner
+
+    from ldm_edge.calibration.cli_int8 import int8_cmd
+
+    res = CliRunner().invoke(int8_cmd, [str(bundle), "--schedulers", "ddim,dpm++3m"])
+    assert res.exit_code == 2 and "unknown scheduler 'dpm++3m' in --schedulers" in res.output
+    assert "int8" not in open_bundle(bundle).precisions("unet")
 
 
 def test_min_psnr_keeps_the_most_harmful_layers_in_float(budget):
