@@ -32,15 +32,19 @@ log = logging.getLogger(__name__)
 FORM = "ort-mha"
 # The components whose graphs have attention the rewrite is for (the text encoder's is masked).
 ATTENTION_COMPONENTS = ("unet", "vae_decoder", "vae_encoder")
-# Form vs plain graph: the same math in another order, so FP32 (and INT8, whose attention
-# stays float) are held to the export check's tolerances (export/onnx_export.py EXPORT_ATOL,
-# EXPORT_RTOL, EXPORT_MIN_COSINE, copied: bundletools does not import the exporter). FP16:
+# Form vs plain graph: the same math in another order, so FP32 is held to the export check's
+# tolerances (export/onnx_export.py EXPORT_ATOL, EXPORT_RTOL, EXPORT_MIN_COSINE, copied:
+# bundletools does not import the exporter). INT8: attention stays float, but a last-bit
+# difference at its output moves a few values across a rounding boundary of the next
+# QuantizeLinear (one int8 step, ~1 % of that tensor's range), which the rest of the graph
+# carries: tiny SD1 measured max-abs 2.7e-2 and cosine 0.99959 (outputs ~0.65); so only the
+# direction is held, to 0.999 (one head instead of the graph's measured 0.9953). FP16:
 # the plain graph rounds scores and probabilities to FP16 (2^-11 ≈ 5e-4 relative) where the
 # fused kernel does not; tiny SD1 measured 5e-4 (U-Net, outputs ~0.6) and 6e-4 (VAE decoder,
 # ~3.7) max-abs, so 4 FP16 steps relative to the output's size plus 2e-3 absolute.
 TOLERANCE = {
     "fp32": {"atol": 1e-4, "rtol": 1e-5, "min_cosine": 0.99999},
-    "int8": {"atol": 1e-4, "rtol": 1e-5, "min_cosine": 0.99999},
+    "int8": {"atol": None, "rtol": 0.0, "min_cosine": 0.999},
     "fp16": {"atol": 2e-3, "rtol": 2e-3, "min_cosine": 0.99999},
 }
 # Timesteps are sampled over the training schedule's range.
