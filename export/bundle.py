@@ -16,6 +16,7 @@ from typing import Callable
 
 import ldm_edge
 from ldm_edge.bundletools.files import file_record
+from ldm_edge.bundletools.forms import ATTENTION_COMPONENTS, FORM, make_form
 from ldm_edge.bundletools.staging import staged_dir
 from ldm_edge.runtime.errors import ExportError
 from ldm_edge.runtime.fsutil import atomic_write_bytes
@@ -42,6 +43,8 @@ class ExportOptions:
     exporter: str = "auto"
     components: tuple = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
     force: bool = False
+    # add each attention component's onnxruntime form (bundletools/forms.py)
+    fused_forms: bool = True
 
 
 def check_sizes(model: LoadedModel, opts: ExportOptions) -> None:
@@ -87,10 +90,16 @@ def export_bundle(model: LoadedModel, out: str | Path, opts: ExportOptions,
             if not all(results):
                 raise ExportError(f"{name} does not match PyTorch: {worst(results)}; "
                                   f"nothing was written")
-            components[name] = ComponentRecord(name, spec=specs[name], variants={
-                "fp32": VariantRecord(file=files[0].name,
-                                      files=[file_record(p, stage) for p in files],
-                                      opset=opts.opset, parity=summarise(results))})
+            variant = VariantRecord(file=files[0].name, files=[file_record(p, stage) for p in files],
+                                    opset=opts.opset, parity=summarise(results))
+            if opts.fused_forms and name in ATTENTION_COMPONENTS:
+                progress(f"{name}: fusing attention for onnxruntime, checking the form")
+                form = make_form(stage, specs[name], variant, "fp32",
+                                 height=int(model.defaults["height"]),
+                                 width=int(model.defaults["width"]), factor=model.vae_scale_factor)
+                if form is not None:
+                    variant.forms[FORM] = form
+            components[name] = ComponentRecord(name, spec=specs[name], variants={"fp32": variant})
             progress(f"{name}: ok ({worst(results)})")
         tok_path = stage / "tokenizer.json"
         atomic_write_bytes(tok_path, model.tokenizer_json.encode())

@@ -99,6 +99,24 @@ def fp16_cmd(bundle, prompts_file, num_prompts, steps):
                f"({len(q.prompts)} prompts, {q.steps} steps)")
 
 
+@main.command("fuse")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), multiple=True,
+              help="Variants to add the form to (default: every precision the bundle has).")
+def fuse_cmd(bundle, precision):
+    """Add the onnxruntime form (attention fused into MultiHeadAttention) to BUNDLE's U-Net and
+    VAE variants; each form is checked against its plain graph and recorded."""
+    from ldm_edge.bundletools.forms import add_fused_forms
+    from ldm_edge.runtime.schema import read_manifest_json
+
+    have = sorted({p for c in read_manifest_json(bundle).components.values() for p in c.variants})
+    for prec in precision or have:
+        for name, form in add_fused_forms(bundle, prec).items():
+            click.echo(f"{name} ({prec}): " + ("no fusable attention or check failed (see log)"
+                       if form is None else f"{form.file}, {form.fused_attention} attentions, "
+                       f"max-abs {form.check['max_abs']:.2e} vs plain"))
+
+
 def summary_table(manifest) -> str:
     """One row per component variant of a BundleManifest: file, size, parity at export."""
     rows = [("component", "file", "MB", "max-abs", "max-rel", "cosine", "check")]

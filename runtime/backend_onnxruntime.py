@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,20 @@ DEVICE_PROVIDERS = {
     "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
     "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
 }
+
+
+# Providers with a MultiHeadAttention kernel: they open a variant's "ort-mha" form (attention
+# fused, bundletools/forms.py) when it has one. TensorRT's provider reads the plain graph.
+MHA_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+# LDM_EDGE_FUSED_ATTENTION=0: open the plain graph anyway (for comparison)
+FUSED_ATTENTION_ENV = "LDM_EDGE_FUSED_ATTENTION"
+
+
+def fused_attention_wanted(flag: bool | None = None) -> bool:
+    """``flag`` when given, else the environment (on unless LDM_EDGE_FUSED_ATTENTION=0)."""
+    if flag is not None:
+        return flag
+    return os.environ.get(FUSED_ATTENTION_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def choose_providers(device: str = "auto") -> list[str]:
@@ -38,12 +53,19 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, spec: ComponentSpec, path: str | Path, *, device: str = "auto",
                  threads: int = 0, io_map: dict | None = None, graph_cache: bool = False,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", fused_path: str | Path | None = None,
+                 fused_attention: bool | None = None):
         super().__init__(spec, precision=precision)
         # spec name -> graph name, for graphs whose I/O names differ from ours (Optimum's)
         self.io_map = dict(io_map or {})
         self.threads = threads
         self.providers = choose_providers(device)
+        # the graph opened: the fused-attention form where the provider has the kernel
+        self.form = None
+        if (fused_path is not None and self.providers[0] in MHA_PROVIDERS
+                and fused_attention_wanted(fused_attention)):
+            path, self.form = fused_path, "ort-mha"
+        self.path = Path(path)
         loader = SessionFromOnnx(path, threads=threads, providers=self.providers,
                                  cache=graph_cache, label=spec.name)
         try:

@@ -163,8 +163,31 @@ class ModelRecord(Record):
 
 # -- components -------------------------------------------------------------------------------
 @dataclass
+class FormRecord(Record):
+    """Another form of a variant's graph for one backend (``"ort-mha"``: attention fused into
+    onnxruntime's MultiHeadAttention, bundletools/forms.py), checked against the plain graph
+    when it was made; ``check`` is that comparison's record."""
+
+    file: str | None = None
+    files: list[FileRecord] = field(default_factory=list)
+    fused_attention: int | None = None  # attentions rewritten
+    check: dict | None = None
+
+    @classmethod
+    def from_json(cls, d, what: str) -> "FormRecord":
+        d = _object(d, what)
+        need(d.get("file"), str, f"{what}.file")
+        files = d.get("files", [])
+        if not isinstance(files, list):
+            raise BundleError(f"manifest {what}.files is {files!r}; re-export the bundle")
+        return cls._from(d, files=[FileRecord.from_json(f, what) for f in files])
+
+
+@dataclass
 class VariantRecord(Record):
     """One precision of one component: its graph, the files it reads, and how it was made."""
+
+    OMIT_EMPTY: ClassVar[tuple] = ("forms",)
 
     file: str | None = None
     files: list[FileRecord] = field(default_factory=list)
@@ -184,6 +207,8 @@ class VariantRecord(Record):
     kept_float_units: list | None = None
     calibration: dict | None = None
     min_psnr: dict | None = None  # the --min-psnr budget's record
+    # other forms of this graph for particular backends, by form name ("ort-mha")
+    forms: dict[str, FormRecord] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, d, what: str) -> "VariantRecord":
@@ -191,7 +216,10 @@ class VariantRecord(Record):
         files = d.get("files", [])
         if not isinstance(files, list):
             raise BundleError(f"manifest {what}.files is {files!r}; re-export the bundle")
-        return cls._from(d, files=[FileRecord.from_json(f, what) for f in files])
+        forms = _object(d.get("forms", {}), f"{what}.forms")
+        return cls._from(d, files=[FileRecord.from_json(f, what) for f in files],
+                         forms={k: FormRecord.from_json(v, f"{what}.forms.{k}")
+                                for k, v in forms.items()})
 
     @property
     def sha256(self) -> str | None:

@@ -1,0 +1,51 @@
+"""U-Net plain graph vs its ort-mha form (attention fused into MultiHeadAttention), onnxruntime
+CPU, interleaved calls, median of repeats. Needs a bundle with forms (`ldm-export fuse BUNDLE`).
+
+    python benchmarks/bench_fused.py BUNDLE --height 256 --width 256 --threads 2 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+from ldm_edge.runtime.backends import open_backend
+from ldm_edge.runtime.bundle import open_bundle
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("bundle")
+    ap.add_argument("--height", type=int, default=64)
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--precision", default="fp32")
+    a = ap.parse_args()
+    m = open_bundle(a.bundle)
+    spec, f = m.spec("unet"), m.schema.vae_scale_factor
+    rng = np.random.default_rng(0)
+    feeds = {"sample": rng.standard_normal((2, spec.inputs[0].shape[1], a.height // f, a.width // f), np.float32),
+             "timestep": np.array([500.0, 500.0], np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, *spec.inputs[2].shape[1:]), np.float32)}
+    runs = {k: open_backend(m, "unet", backend="onnxruntime", device="cpu", threads=a.threads,
+                            precision=a.precision, fused_attention=k == "fused") for k in ("plain", "fused")}
+    assert runs["fused"].form == "ort-mha", "this bundle has no ort-mha form: ldm-export fuse BUNDLE"
+    times = {k: [] for k in runs}
+    outs = {k: b.run(feeds)["model_output"] for k, b in runs.items()}  # warm-up
+    for _ in range(a.repeats):
+        for k, b in runs.items():
+            t0 = time.perf_counter()
+            b.run(feeds)
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"U-Net batch 2, {a.height}x{a.width}, {a.threads} threads, median of {a.repeats}: "
+          f"plain {med['plain'] * 1e3:.1f} ms, fused {med['fused'] * 1e3:.1f} ms "
+          f"({med['plain'] / med['fused']:.2f}x); max-abs {np.abs(outs['plain'] - outs['fused']).max():.1e}")
+
+
+if __name__ == "__main__":
+    main()
