@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ldm_edge.bundletools.files import file_record
+from ldm_edge.bundletools.forms import add_fused_forms
 from ldm_edge.bundletools.quality import end_to_end_psnr
 from ldm_edge.bundletools.save import save_graph
 from ldm_edge.runtime.compare import compare
@@ -23,7 +24,7 @@ from ldm_edge.runtime.errors import ExportError, first_line
 from ldm_edge.runtime.bundle import open_bundle
 from ldm_edge.runtime.manifest import Manifest
 from ldm_edge.runtime.schema import (BundleManifest, QualityRecord, VariantRecord,
-                                     edit_manifest)
+                                     edit_manifest, read_manifest_json)
 from ldm_edge.runtime.sessions import SessionFromOnnx
 
 from .capture import capture, default_prompts
@@ -176,7 +177,12 @@ def make_fp16(bundle, prompts: list[str] | None = None, steps: int = 10,
     progress(f"end to end: 8-bit PSNR vs FP32 {q['psnr_db']:.1f} dB")
     kept = sorted(set(manifest.component_names) - set(variants))
     record = QualityRecord.from_json({**q, "components_kept_fp32": kept}, "quality.fp16")
-    return edit_manifest(bundle, lambda m: _add_fp16(m, variants, record))
+    edit_manifest(bundle, lambda m: _add_fp16(m, variants, record))
+    # onnxruntime's fused-attention form of each new graph, checked against it (the FP32
+    # variants got theirs at export); the recorded quality holds for it within FP16 rounding
+    forms = add_fused_forms(bundle, "fp16", components=list(variants))
+    progress("fused-attention forms: " + (", ".join(n for n, f in forms.items() if f) or "none"))
+    return read_manifest_json(bundle)
 
 
 def _add_fp16(m: BundleManifest, variants: dict, quality: QualityRecord | None = None) -> None:
