@@ -63,11 +63,12 @@ def interface(comp: ComponentRecord) -> tuple[ComponentSpec, dict]:
 
 def open_backend(manifest: Manifest, component: str, *, backend: str = "auto",
                  precision: str = "fp32", device: str = "auto", threads: int = 0,
-                 ort_cache: bool = False) -> Backend:
+                 ort_cache: bool = False, memory_arena: bool = True) -> Backend:
     """``tensorrt``: the manifest's engine for this machine, or a one-line error saying how to
     build it. ``auto``: that engine when it exists and TensorRT imports, else onnxruntime.
     ``ort_cache``: onnxruntime on the CPU opens its optimised graph from the disk cache
-    (runtime/ort_cache.py)."""
+    (runtime/ort_cache.py). ``memory_arena=False``: onnxruntime without its memory arena
+    (low-memory mode; the other backends ignore it)."""
     kind = resolve_backend(backend)
     prec = pick_precision(manifest, component, precision)
     spec, io_map = interface(manifest.component(component))
@@ -87,4 +88,4 @@ def open_backend(manifest: Manifest, component: str, *, backend: str = "auto",
     from .backend_onnxruntime import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(spec, variant.path, device=device, threads=threads, io_map=io_map,
-                              graph_cache=ort_cache, precision=prec)
+                              graph_cache=ort_cache, precision=prec, memory_arena=memory_arena)
