@@ -111,6 +111,7 @@ class Pipeline:
         """Low-memory mode: close ``name``'s session before the next component's opens."""
         if self.low_memory and name in self._backends:
             self._backends.pop(name).close()
+            log.debug("low memory: released the %s session", name)
 
     def _tiling(self, tile_size, overlap) -> VaeTiling:
         m = self.manifest.schema
