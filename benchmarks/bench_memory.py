@@ -24,15 +24,15 @@ PROMPT = "a red circle in the top left on a white background"
 REPEAT = r"""
 import json, sys, time
 from ldm_edge.runtime.pipeline import Pipeline
-bundle, size, steps, threads, calls, low = sys.argv[1:7]
+bundle, size, steps, threads, calls, low, PROMPT = sys.argv[1:8]
 pipe = Pipeline(bundle, threads=int(threads), low_memory=low == "1")
 times = []
 for _ in range(int(calls)):
     t0 = time.perf_counter()
-    pipe("%s", num_inference_steps=int(steps), height=int(size), width=int(size), seed=0)
+    pipe(PROMPT, num_inference_steps=int(steps), height=int(size), width=int(size), seed=0)
     times.append(time.perf_counter() - t0)
 print(json.dumps(times))
-""" % PROMPT
+"""
 
 
 def peak_rss(cmd: list[str]) -> tuple[float, float]:
@@ -69,12 +69,13 @@ def main(argv=None) -> None:
     if a.calls > 1:
         side = str(a.size or 0)
         if not a.size:
-            m = json.load(open(os.path.join(a.bundle, "manifest.json")))
+            with open(os.path.join(a.bundle, "manifest.json")) as f:
+                m = json.load(f)
             side = str(m.get("defaults", {}).get("height", 512))
         print(f"\n{a.calls} generations in one Pipeline: first / median of the rest, seconds")
         for low in ("0", "1"):
             out = subprocess.run([sys.executable, "-c", REPEAT, a.bundle, side, str(a.steps),
-                                  str(a.threads), str(a.calls), low],
+                                  str(a.threads), str(a.calls), low, PROMPT],
                                  capture_output=True, text=True, check=True)
             t = json.loads(out.stdout.strip().splitlines()[-1])
             rest = sorted(t[1:])[len(t[1:]) // 2]

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backends import DRAWN_LATENT, open_backend
 from . import validate
+from .backends import DRAWN_LATENT, open_backend
 from .bundle import open_bundle
 from .errors import NumericsError, UsageError
 from .manifest import Manifest

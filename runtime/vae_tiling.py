@@ -46,7 +46,7 @@ class VaeTiling:
     def row_limit(self) -> int:  # pixels of each tile kept
         return self.tile_size - self.blend_extent
 
-    def check(self) -> "VaeTiling":
+    def check(self) -> VaeTiling:
         if not 0.0 <= self.overlap < 1.0 or self.stride < 1:
             raise UsageError(f"VAE tile overlap {self.overlap} must be in [0, 1) and leave a "
                              f"step of at least one latent between {self.tile_size}-pixel tiles")
