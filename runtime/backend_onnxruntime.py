@@ -54,7 +54,7 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, spec: ComponentSpec, path: str | Path, *, device: str = "auto",
                  threads: int = 0, io_map: dict | None = None, graph_cache: bool = False,
                  precision: str = "fp32", fused_path: str | Path | None = None,
-                 fused_attention: bool | None = None):
+                 fused_attention: bool | None = None, memory_arena: bool = True):
         super().__init__(spec, precision=precision)
         # spec name -> graph name, for graphs whose I/O names differ from ours (Optimum's)
         self.io_map = dict(io_map or {})
@@ -67,7 +67,7 @@ class OnnxRuntimeBackend(Backend):
             path, self.form = fused_path, "ort-mha"
         self.path = Path(path)
         loader = SessionFromOnnx(path, threads=threads, providers=self.providers,
-                                 cache=graph_cache, label=spec.name)
+                                 cache=graph_cache, label=spec.name, memory_arena=memory_arena)
         try:
             self.session = loader()
         except Exception as e:

@@ -64,12 +64,14 @@ def interface(comp: ComponentRecord) -> tuple[ComponentSpec, dict]:
 
 def open_backend(manifest: Manifest, component: str, *, backend: str = "auto",
                  precision: str = "fp32", device: str = "auto", threads: int = 0,
-                 ort_cache: bool = False, fused_attention: bool | None = None) -> Backend:
+                 ort_cache: bool = False, fused_attention: bool | None = None,
+                 memory_arena: bool = True) -> Backend:
     """``tensorrt``: the manifest's engine for this machine, or a one-line error saying how to
     build it. ``auto``: that engine when it exists and TensorRT imports, else onnxruntime.
     ``ort_cache``: onnxruntime on the CPU opens its optimised graph from the disk cache
     (runtime/ort_cache.py). ``fused_attention``: onnxruntime opens the variant's ``ort-mha``
-    form where it has one (None: unless LDM_EDGE_FUSED_ATTENTION=0)."""
+    form where it has one (None: unless LDM_EDGE_FUSED_ATTENTION=0). ``memory_arena=False``:
+    onnxruntime without its memory arena (low-memory mode; the other backends ignore it)."""
     kind = resolve_backend(backend)
     prec = pick_precision(manifest, component, precision)
     spec, io_map = interface(manifest.component(component))
@@ -89,16 +91,13 @@ def open_backend(manifest: Manifest, component: str, *, backend: str = "auto",
     from .backend_onnxruntime import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(spec, variant.path, device=device, threads=threads, io_map=io_map,
-                              graph_cache=ort_cache, precision=prec,
+                              graph_cache=ort_cache, precision=prec, memory_arena=memory_arena,
                               fused_path=fused_form(manifest, variant), fused_attention=fused_attention)
 
 
 def fused_form(manifest: Manifest, variant) -> Path | None:
-    """The variant's fused-attention form (its files checked like the variant's), or None."""
+    """The variant's fused-attention form (its files were checked with the manifest's), or None."""
     form = variant.record.forms.get("ort-mha")
     if form is None:
         return None
-    what = f"{variant.component} ({variant.precision}) ort-mha form"
-    for f in form.files:
-        manifest._check_file_record(f, what, verify=True)  # size and sha256, as validate() does
-    return safe_member(manifest.root, form.file, what)
+    return safe_member(manifest.root, form.file, f"{variant.component} ({variant.precision}) ort-mha form")

@@ -66,6 +66,17 @@ def _list_schedulers(ctx, _param, value):
                    "the optimisation (README: --ort-cache has the measured gain and the "
                    "command). Default: off, or "
                    "$LDM_EDGE_ORT_CACHE=1.")
+@click.option("--low-memory", is_flag=True,
+              help="One component in memory at a time (each opened when its stage starts and "
+                   "released when it ends), onnxruntime's memory arena off: a lower peak, a "
+                   "slower start. Same picture.")
+@click.option("--vae-tiling", is_flag=True,
+              help="Decode the image in overlapping tiles, blended as diffusers' "
+                   "enable_tiling(): a large decode fits in less memory. Changes the picture "
+                   "slightly (recorded in the PNG).")
+@click.option("--vae-tile-size", type=int, default=None,
+              help="With --vae-tiling: tile side in pixels, a multiple of 8 in the decoder's "
+                   "exported range (default: the bundle's default image size).")
 @click.option("--no-verify", is_flag=True, help="Skip sha256 verification of the bundle files.")
 @click.option("-o", "--output", "out", default="out.png", show_default=True,
               help="PNG to write (several images: out-0.png, out-1.png, ...).")
@@ -73,7 +84,7 @@ def _list_schedulers(ctx, _param, value):
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
 def main(bundle, prompts, negative_prompt, steps, guidance_scale, scheduler, seed, height, width,
          num_images, init_image, strength, latents_path, backend, device, precision, threads,
-         ort_cache, no_verify, out, quiet, debug):
+         ort_cache, low_memory, vae_tiling, vae_tile_size, no_verify, out, quiet, debug):
     """Generate images from BUNDLE (a folder written by `ldm-export onnx`)."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="ldm-run: %(levelname)s: %(message)s")
@@ -84,7 +95,8 @@ def main(bundle, prompts, negative_prompt, steps, guidance_scale, scheduler, see
     paths = output_paths(out, len(prompts) * num_images)
     latents = _load_latents(latents_path) if latents_path else None
     pipe = Pipeline(bundle, backend=backend, precision=precision, device=device, threads=threads,
-                    verify=not no_verify, ort_cache=ort_cache)
+                    verify=not no_verify, ort_cache=ort_cache, low_memory=low_memory,
+                    vae_tiling=vae_tiling, vae_tile_size=vae_tile_size)
     # resolved once, init image loaded at the resolved size: every argument error is raised here
     request = pipe.request(prompt=list(prompts), negative_prompt=negative_prompt,
                            num_inference_steps=steps, guidance_scale=guidance_scale,

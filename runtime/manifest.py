@@ -69,17 +69,26 @@ class Manifest:
         main = safe_member(self.root, rec.file, what)
         if not main.is_file():
             raise BundleError(f"{what}: {main.name} is missing from the bundle; re-export it")
-        self._check_external_data(rec, main, what)
+        listed = {f.path for f in rec.files}
+        self._check_external_data(listed, Path(rec.file).parent, main, what)
+        for kind, form in rec.forms.items():  # e.g. ort-mha: may read the plain graph's weights
+            form_what = f"{what} {kind} form"
+            for f in form.files:
+                self._check_file_record(f, form_what, verify)
+            form_main = safe_member(self.root, form.file, form_what)
+            if not form_main.is_file():
+                raise BundleError(f"{form_what}: {form_main.name} is missing from the bundle; "
+                                  f"re-export it or run `ldm-export fuse`")
+            self._check_external_data(listed | {f.path for f in form.files},
+                                      Path(form.file).parent, form_main, form_what)
 
-    def _check_external_data(self, rec: VariantRecord, main: Path, what: str) -> None:
+    def _check_external_data(self, listed: set, folder: Path, main: Path, what: str) -> None:
         """Every external-data file the graph names must be inside the bundle and listed."""
         try:
             locations = external_locations(main)
         except (ScanError, OSError) as e:
             raise BundleError(f"{what}: {main.name} is not a readable ONNX file ({e}); "
                               f"re-export the bundle")
-        listed = {f.path for f in rec.files}
-        folder = Path(rec.file).parent
         for loc in locations:
             rel = (folder / loc).as_posix() if not Path(loc).is_absolute() else loc
             data = safe_member(self.root, rel, f"{what} external data")

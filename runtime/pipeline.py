@@ -1,7 +1,8 @@
 """Text-to-image (and image-to-image) sampling against a bundle, in numpy.
 
 tokenize -> text encoder -> seeded latents -> loop (classifier-free guidance) ->
-VAE decoder -> 8-bit images. The order of random draws is the one diffusers'
+VAE decoder -> 8-bit images. ``low_memory``: one component's session in memory at a time;
+``vae_tiling``: the decoder runs on overlapping tiles (runtime/vae_tiling.py). The order of random draws is the one diffusers'
 StableDiffusion(Img2Img)Pipeline uses, so with the same initial latents (and, for
 stochastic schedulers, the same noise source) the result is the same picture.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import validate
 from .backends import DRAWN_LATENT, open_backend
 from .bundle import open_bundle
 from .errors import NumericsError, UsageError
@@ -22,6 +24,7 @@ from .manifest import Manifest
 from .request import BundleDefaults, GenerationRequest, Provenance, resolve_request
 from .schedulers import make_scheduler
 from .tokenizer import PromptTokenizer
+from .vae_tiling import DEFAULT_OVERLAP, VaeTiling, fitting_tile_sizes
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +46,25 @@ class Result:
 
 
 class Pipeline:
+    """``low_memory``: each component's session is opened when its stage starts and released
+    when it ends (reopened on every call), with onnxruntime's memory arena and memory pattern
+    off, so the peak is the largest component rather than their sum. ``vae_tiling``: decode
+    in overlapping tiles of ``vae_tile_size`` pixels (default: the bundle's default image
+    size, which is what diffusers' ``enable_tiling()`` takes from the VAE's sample_size for
+    the SD models), blended as diffusers does; ``vae_tile_overlap``: its tile_overlap_factor.
+
+    Both are how this machine computes a request, not part of it (like backend and
+    precision): the same request can run with or without them. Tiling changes the picture
+    slightly, so the provenance (and the PNG) records it; low memory does not."""
+
     def __init__(self, bundle, *, backend: str = "auto", precision: str = "fp32",
                  device: str = "auto", threads: int = 0, verify: bool = True,
-                 ort_cache: bool | None = None):
+                 ort_cache: bool | None = None, low_memory: bool = False,
+                 vae_tiling: bool = False, vae_tile_size: int | None = None,
+                 vae_tile_overlap: float | None = None):
+        if not vae_tiling and (vae_tile_size is not None or vae_tile_overlap is not None):
+            raise UsageError("--vae-tile-size needs --vae-tiling (it is the size of the tiles "
+                             "the VAE decodes); add --vae-tiling or drop --vae-tile-size")
         self.manifest = bundle if isinstance(bundle, Manifest) else open_bundle(bundle, verify)
         self.tokenizer = PromptTokenizer.from_manifest(self.manifest)
         if ort_cache is None:  # not said: the environment decides (LDM_EDGE_ORT_CACHE=1)
@@ -54,6 +73,11 @@ class Pipeline:
             ort_cache = enabled_by_env()
         self.options = dict(backend=backend, precision=precision, device=device, threads=threads,
                             ort_cache=ort_cache)
+        self.low_memory = bool(low_memory)
+        if self.low_memory:  # allocations freed when done, not kept for the next call
+            self.options["memory_arena"] = False
+        self.vae_tiling = (self._tiling(vae_tile_size, vae_tile_overlap) if vae_tiling
+                           else None)
         # other components may fall back to a wider precision; the U-Net must have the one asked
         self.manifest.variant("unet", precision)
         self._backends = {}
@@ -83,6 +107,49 @@ class Pipeline:
             b.close()
         self._backends = {}
 
+    def _release(self, name: str) -> None:
+        """Low-memory mode: close ``name``'s session before the next component's opens."""
+        if self.low_memory and name in self._backends:
+            self._backends.pop(name).close()
+            log.debug("low memory: released the %s session", name)
+
+    def _tiling(self, tile_size, overlap) -> VaeTiling:
+        m = self.manifest.schema
+        f = int(m.vae_scale_factor)
+        lo, hi = self._decoder_latent_range()
+        if tile_size is None:
+            tile_size = min(max(int(m.defaults.get("height", 0)), int(m.defaults.get("width", 0)),
+                                lo * f), hi * f)
+        tile_size = validate.vae_tile_size(tile_size, f, lo * f, hi * f)
+        return VaeTiling(tile_size, DEFAULT_OVERLAP if overlap is None else float(overlap),
+                         f).check()
+
+    def _decoder_latent_range(self) -> tuple[int, int]:
+        """The latent sides the VAE decoder was exported for (both axes must fit)."""
+        r = self.manifest.spec("vae_decoder").ranges
+        big = 1 << 16
+        hs, ws = r.get("latent_height", (1, big)), r.get("latent_width", (1, big))
+        return max(int(hs[0]), int(ws[0])), min(int(hs[1]), int(ws[1]))
+
+    def _check_tiles(self, req: GenerationRequest) -> None:
+        """Every tile of this request's latent must lie in the decoder's exported range: the
+        last tiles of a row can be small (diffusers' arithmetic), too small for the graph."""
+        if self.vae_tiling is None:
+            return
+        t = self.vae_tiling
+        _, _, h, w = self._latent_shape(req)
+        if not t.applies(h, w):
+            return
+        lo, hi = self._decoder_latent_range()
+        small = min(t.tile_sides(h) + t.tile_sides(w))
+        if small < lo:
+            fits = fitting_tile_sizes(h, w, t.overlap, t.scale, lo, hi)
+            near = min(fits, key=lambda s: abs(s - t.tile_size)) if fits else None
+            raise UsageError(f"--vae-tile-size {t.tile_size} leaves a {small * t.scale}-pixel "
+                             f"edge tile at {req.width}x{req.height}, below the VAE decoder's "
+                             f"exported minimum {lo * t.scale}; "
+                             + (f"try --vae-tile-size {near}" if near else "drop --vae-tiling"))
+
     # -- stages -------------------------------------------------------------------
     def encode_text(self, prompts: list[str]) -> tuple[np.ndarray, list[int]]:
         tokens = self.tokenizer(prompts)
@@ -98,7 +165,11 @@ class Pipeline:
         z = latents / np.float32(m.scaling_factor)
         if m.shift_factor:
             z = z + np.float32(m.shift_factor)
-        image = self._call("vae_decoder", {"latent": z.astype(np.float32)})
+        z = z.astype(np.float32)
+        if self.vae_tiling is None:
+            image = self._call("vae_decoder", {"latent": z})
+        else:
+            image = self.vae_tiling.decode(z, lambda t: self._call("vae_decoder", {"latent": t}))
         # as diffusers' postprocess: [-1, 1] -> [0, 1], clamp, *255, round
         image = np.clip(image / 2 + 0.5, 0.0, 1.0)
         return np.round(image.transpose(0, 2, 3, 1) * 255.0).astype(np.uint8)
@@ -123,7 +194,9 @@ class Pipeline:
     # -- the whole thing ----------------------------------------------------------
     def request(self, **keywords) -> GenerationRequest:
         """Resolve ``resolve_request``'s keywords against this bundle's defaults and limits."""
-        return resolve_request(BundleDefaults.from_manifest(self.manifest.schema), **keywords)
+        req = resolve_request(BundleDefaults.from_manifest(self.manifest.schema), **keywords)
+        self._check_tiles(req)
+        return req
 
     def __call__(self, prompt=None, negative_prompt=None, *,
                  request: GenerationRequest | None = None,
@@ -148,26 +221,34 @@ class Pipeline:
         return self._run(request, generator or np.random.default_rng(request.seed), progress)
 
     def _run(self, req: GenerationRequest, gen, progress) -> Result:
+        self._check_tiles(req)
         self.timings = defaultdict(float)
         t_start = time.perf_counter()
         sched = make_scheduler(req.scheduler, self.manifest.schema.scheduler)
+        # low memory: each stage's session is released before the next one's opens
         embeds, dropped = self._embeddings(req)
+        self._release("text_encoder")
         timesteps = self._timesteps(sched, req)
         if req.init_image is not None:
             lat = self._img2img_latents(sched, req.init_image.pixels, timesteps, req, gen)
+            self._release("vae_encoder")
         else:
             lat = self._txt2img_latents(sched, req.latents, req, gen)
         lat = self._denoise(sched, lat, embeds, timesteps, req, gen, progress)
+        provenance = self._provenance(lat.shape)
+        self._release("unet")
         images = self.decode(lat)
+        self._release("vae_decoder")
         timings = dict(self.timings)
         timings["total"] = time.perf_counter() - t_start
         timings["steps"] = len(timesteps)
-        return Result(images, req, self._provenance(), timings, dropped)
+        return Result(images, req, provenance, timings, dropped)
 
-    def _provenance(self) -> Provenance:
+    def _provenance(self, latent_shape: tuple) -> Provenance:
         unet, model = self.backend("unet"), self.manifest.schema.model
+        tiling = self.vae_tiling.to_dict(*latent_shape[2:]) if self.vae_tiling else None
         return Provenance(backend=unet.name, precision=unet.precision,
-                          model=model.source, model_sha256=model.sha256)
+                          model=model.source, model_sha256=model.sha256, vae_tiling=tiling)
 
     def _embeddings(self, req: GenerationRequest) -> tuple[np.ndarray, list[int]]:
         n = req.num_images_per_prompt

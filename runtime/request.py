@@ -149,16 +149,18 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class Provenance:
-    """What ran a request: the U-Net's backend and precision, and the model it came from."""
+    """What ran a request: the U-Net's backend and precision, the model it came from, and
+    the VAE tiling when it was on (tile size, overlap, tiles: it changes the picture)."""
 
     backend: str
     precision: str
     model: str | None
     model_sha256: str | None
+    vae_tiling: dict | None = None
 
     def to_dict(self) -> dict:
         return {"backend": self.backend, "precision": self.precision, "model": self.model,
-                "model_sha256": self.model_sha256}
+                "model_sha256": self.model_sha256, "vae_tiling": self.vae_tiling}
 
 
 def resolve_request(bundle: BundleDefaults, *, prompt, negative_prompt=None,

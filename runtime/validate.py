@@ -109,3 +109,15 @@ def latents(array, want: tuple[int, ...], factor: int) -> None:
                          f"([num_images, channels, height/{factor}, width/{factor}])")
     if not np.isfinite(array).all():
         raise UsageError("--latents contains NaN or Inf")
+
+
+def vae_tile_size(value, multiple: int, lo: int, hi: int) -> int:
+    """A VAE tile side in pixels: a positive multiple of the VAE's scale factor, inside the
+    decoder's exported range (``lo``..``hi`` pixels)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+            or value <= 0 or value % multiple:
+        raise UsageError(f"--vae-tile-size {value} must be a positive multiple of {multiple}")
+    if not lo <= value <= hi:
+        raise UsageError(f"--vae-tile-size {value} is outside the VAE decoder's exported range "
+                         f"{lo}..{hi} pixels; choose a size in it")
+    return int(value)

@@ -31,3 +31,13 @@ def test_the_cache_is_for_cpu_graphs_on_disk_only(tmp_path):
     assert not SessionFromOnnx(tmp_path / "g.onnx", cache=True,
                                providers=["CUDAExecutionProvider", "CPUExecutionProvider"]).cache
     assert SessionFromOnnx(tmp_path / "g.onnx", cache=True).cache
+
+
+def test_memory_arena_off_for_low_memory():
+    """memory_arena=False (ldm-run --low-memory): no CPU arena and no memory pattern."""
+    on, off = SessionFromOnnx(DOUBLE).options(), SessionFromOnnx(DOUBLE, memory_arena=False)
+    assert on.enable_cpu_mem_arena and on.enable_mem_pattern
+    opts = off.options()
+    assert not opts.enable_cpu_mem_arena and not opts.enable_mem_pattern
+    x = np.arange(3, dtype=np.float32)
+    assert np.array_equal(off().run(None, {"x": x})[0], 2 * x)

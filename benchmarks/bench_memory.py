@@ -1,0 +1,86 @@
+"""Peak memory of ldm-run with and without --low-memory / --vae-tiling, and what reopening
+the sessions on every call costs in low-memory mode.
+
+    python benchmarks/bench_memory.py BUNDLE [--size 512] [--steps 2] [--threads 2] \
+        [--tile 256] [--calls 3]
+
+Each mode runs in a fresh process; its peak RSS is the kernel's ru_maxrss for that process
+(os.wait4). The repeated-call figures come from one Pipeline generating ``--calls`` times in
+its own process (first call and the median of the rest)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+RUN = [sys.executable, "-m", "ldm_edge.runtime"]
+PROMPT = "a red circle in the top left on a white background"
+
+REPEAT = r"""
+import json, sys, time
+from ldm_edge.runtime.pipeline import Pipeline
+bundle, size, steps, threads, calls, low, PROMPT = sys.argv[1:8]
+pipe = Pipeline(bundle, threads=int(threads), low_memory=low == "1")
+times = []
+for _ in range(int(calls)):
+    t0 = time.perf_counter()
+    pipe(PROMPT, num_inference_steps=int(steps), height=int(size), width=int(size), seed=0)
+    times.append(time.perf_counter() - t0)
+print(json.dumps(times))
+"""
+
+
+def peak_rss(cmd: list[str]) -> tuple[float, float]:
+    """(peak RSS in MiB, wall seconds) of one process running ``cmd``."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if status:
+        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-400:]}")
+    return usage.ru_maxrss / 1024.0, wall
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bundle")
+    ap.add_argument("--size", type=int, default=None, help="image side (default: the bundle's)")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tile", type=int, default=None, help="--vae-tile-size (default: the bundle's)")
+    ap.add_argument("--calls", type=int, default=3, help="generations in one process, per mode")
+    a = ap.parse_args(argv)
+    size = [] if a.size is None else ["--height", str(a.size), "--width", str(a.size)]
+    tile = ["--vae-tiling"] + ([] if a.tile is None else ["--vae-tile-size", str(a.tile)])
+    modes = {"plain": [], "--low-memory": ["--low-memory"], "--vae-tiling": tile,
+             "--low-memory --vae-tiling": ["--low-memory"] + tile}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = RUN + [a.bundle, "-p", PROMPT, "--steps", str(a.steps), "--seed", "0", "-q",
+                      "--threads", str(a.threads), "-o", os.path.join(tmp, "x.png")] + size
+        print(f"{'mode':<28} {'peak RSS MiB':>12} {'wall s':>8}")
+        for name, extra in modes.items():
+            rss, wall = peak_rss(base + extra)
+            print(f"{name:<28} {rss:12.0f} {wall:8.2f}", flush=True)
+    if a.calls > 1:
+        side = str(a.size or 0)
+        if not a.size:
+            with open(os.path.join(a.bundle, "manifest.json")) as f:
+                m = json.load(f)
+            side = str(m.get("defaults", {}).get("height", 512))
+        print(f"\n{a.calls} generations in one Pipeline: first / median of the rest, seconds")
+        for low in ("0", "1"):
+            out = subprocess.run([sys.executable, "-c", REPEAT, a.bundle, side, str(a.steps),
+                                  str(a.threads), str(a.calls), low, PROMPT],
+                                 capture_output=True, text=True, check=True)
+            t = json.loads(out.stdout.strip().splitlines()[-1])
+            rest = sorted(t[1:])[len(t[1:]) // 2]
+            print(f"{'low memory' if low == '1' else 'plain':<28} {t[0]:8.3f} {rest:8.3f}")
+
+
+if __name__ == "__main__":
+    main()
