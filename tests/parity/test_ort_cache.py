@@ -23,6 +23,9 @@ COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 def cache_root(tmp_path, monkeypatch):
     monkeypatch.setenv("LDM_EDGE_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("LDM_EDGE_ORT_CACHE", raising=False)
+    # the cache's mechanics on the plain graphs these tests change and key by; that the
+    # fused-attention forms go through the cache too is test_fused_attention.py's
+    monkeypatch.setenv("LDM_EDGE_FUSED_ATTENTION", "0")
     return tmp_path / "cache" / "ort-graphs"
 
 
