@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_edge.runtime.compare import Comparison, compare
+from ldm_edge.runtime.compare import Comparison, compare, summarise
 from ldm_edge.runtime.errors import BundleError, first_line
 from ldm_edge.runtime.schema import BundleManifest, FormRecord, VariantRecord, edit_manifest, read_manifest_json
 from ldm_edge.runtime.sessions import SessionFromOnnx
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 FORM = "ort-mha"
 # The components whose graphs have attention the rewrite is for (the text encoder's is masked).
 ATTENTION_COMPONENTS = ("unet", "vae_decoder", "vae_encoder")
+CHECK_REFERENCE = "plain graph, onnxruntime CPU, sampled inputs"
 # Form vs plain graph: the same math in another order, so FP32 is held to the export check's
 # tolerances (export/onnx_export.py EXPORT_ATOL, EXPORT_RTOL, EXPORT_MIN_COSINE, copied:
 # bundletools does not import the exporter). INT8: attention stays float, but a last-bit
@@ -138,21 +139,7 @@ def make_form(root: Path, spec: ComponentSpec, variant: VariantRecord, precision
     return FormRecord(file=dest.relative_to(root).as_posix(),
                       files=[file_record(p, root) for p in written] + data,
                       fused_attention=fused,
-                      check={**summarise(results), "softmax_nodes": softmaxes})
-
-
-def summarise(results: list[Comparison]) -> dict:
-    """Worst case over the checked shapes, for the manifest."""
-    return {
-        "max_abs": max(r.max_abs for r in results),
-        "max_rel": max(r.max_rel for r in results),
-        "cosine": min(r.cosine for r in results),
-        "shapes": [r.name.split(" ", 1)[1] for r in results],
-        "tolerance": {"atol": results[0].atol, "rtol": results[0].rtol,
-                      "min_cosine": results[0].min_cosine},
-        "reference": "plain graph, onnxruntime CPU, sampled inputs",
-        "passed": all(bool(r) for r in results),
-    }
+                      check={**summarise(results, CHECK_REFERENCE), "softmax_nodes": softmaxes})
 
 
 def add_fused_forms(bundle: str | Path, precision: str = "fp32", components=None,

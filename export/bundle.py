@@ -18,6 +18,7 @@ import ldm_edge
 from ldm_edge.bundletools.files import file_record
 from ldm_edge.bundletools.forms import ATTENTION_COMPONENTS, FORM, make_form
 from ldm_edge.bundletools.staging import staged_dir
+from ldm_edge.runtime.compare import summarise
 from ldm_edge.runtime.errors import ExportError
 from ldm_edge.runtime.fsutil import atomic_write_bytes
 from ldm_edge.runtime.schema import (FORMAT_VERSION, BundleManifest, ComponentRecord, ModelRecord, TokenizerRecord, VariantRecord,
@@ -25,7 +26,7 @@ from ldm_edge.runtime.schema import (FORMAT_VERSION, BundleManifest, ComponentRe
 from ldm_edge.runtime.spec import ModelDims, describe
 
 from .load import LoadedModel
-from .onnx_export import DEFAULT_OPSET, check_component, export_component, summarise, worst
+from .onnx_export import DEFAULT_OPSET, check_component, export_component, worst
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def export_bundle(model: LoadedModel, out: str | Path, opts: ExportOptions,
                 raise ExportError(f"{name} does not match PyTorch: {worst(results)}; "
                                   f"nothing was written")
             variant = VariantRecord(file=files[0].name, files=[file_record(p, stage) for p in files],
-                                    opset=opts.opset, parity=summarise(results))
+                                    opset=opts.opset, parity=summarise(results, "pytorch fp32"))
             if opts.fused_forms and name in ATTENTION_COMPONENTS:
                 progress(f"{name}: fusing attention for onnxruntime, checking the form")
                 form = make_form(stage, specs[name], variant, "fp32",

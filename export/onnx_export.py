@@ -141,18 +141,5 @@ def check_component(model: LoadedModel, spec: ComponentSpec, onnx_path: Path,
     return results
 
 
-def summarise(results: list[Comparison]) -> dict:
-    """Worst case over the checked shapes, for the manifest."""
-    return {
-        "max_abs": max(r.max_abs for r in results),
-        "max_rel": max(r.max_rel for r in results),
-        "cosine": min(r.cosine for r in results),
-        "shapes": [r.name.split(" ", 1)[1] for r in results],
-        "tolerance": {"atol": EXPORT_ATOL, "rtol": EXPORT_RTOL, "min_cosine": EXPORT_MIN_COSINE},
-        "reference": "pytorch fp32",
-        "passed": all(bool(r) for r in results),
-    }
-
-
 def worst(results: list[Comparison]) -> Comparison:
     return max(results, key=lambda r: (not bool(r), r.max_abs))

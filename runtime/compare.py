@@ -55,6 +55,21 @@ class Comparison:
                 "max_rel": self.max_rel, "cosine": self.cosine}
 
 
+def summarise(results: list[Comparison], reference: str) -> dict:
+    """The worst case of a check over several shapes, as the manifest records it (each
+    result named "<component> <shape>", all with the same tolerances)."""
+    return {
+        "max_abs": max(r.max_abs for r in results),
+        "max_rel": max(r.max_rel for r in results),
+        "cosine": min(r.cosine for r in results),
+        "shapes": [r.name.split(" ", 1)[1] for r in results],
+        "tolerance": {"atol": results[0].atol, "rtol": results[0].rtol,
+                      "min_cosine": results[0].min_cosine},
+        "reference": reference,
+        "passed": all(bool(r) for r in results),
+    }
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a = a.astype(np.float64).ravel()
     b = b.astype(np.float64).ravel()
