@@ -64,8 +64,11 @@ def summary(m) -> str:
 @click.option("--schedulers", default=None,
               help="Comma-separated samplers the end-to-end check (and --min-psnr) holds for, "
                    "e.g. pndm,ddim,euler,dpm++2m (default: the model's own).")
+@click.option("--weight-bits", type=click.Choice(["8", "7"]), default="8", show_default=True,
+              help="7: weights within -63..63, which onnxruntime's INT8 kernels on CPUs "
+                   "without VNNI (AVX2-only) cannot saturate; see the README's INT8 section.")
 def int8_cmd(bundle, prompts_file, num_prompts, calib_steps, method, min_psnr, symmetric,
-             schedulers):
+             schedulers, weight_bits):
     """Add an INT8 U-Net (QDQ, calibrated on the bundle's own sampling trajectory) to
     BUNDLE; record it and its end-to-end quality."""
     from ldm_edge.runtime.errors import LdmEdgeError
@@ -81,6 +84,7 @@ def int8_cmd(bundle, prompts_file, num_prompts, calib_steps, method, min_psnr, s
         names = [n.strip() for n in schedulers.split(",") if n.strip()] if schedulers else None
         m = make_int8(bundle, prompts, calib_steps=calib_steps, method=method,
                       min_psnr=min_psnr, symmetric=symmetric, schedulers=names,
+                      weight_bits=int(weight_bits),
                       progress=lambda msg: click.echo(f"  [{time.perf_counter() - t0:6.1f}s] {msg}",
                                                       err=True))
     except LdmEdgeError as e:

@@ -81,15 +81,17 @@ def _materialize(proto, base_dir: Path) -> None:
             del t.external_data[:]
 
 
-def build_graph(proto, fp32_dir: Path, layers, ranges, quantize: set[str]):
-    g, _ = qdq.build(proto, layers, ranges, quantize, base_dir=str(fp32_dir))
+def build_graph(proto, fp32_dir: Path, layers, ranges, quantize: set[str], weight_bits: int = 8):
+    g, _ = qdq.build(proto, layers, ranges, quantize, base_dir=str(fp32_dir),
+                     weight_bits=weight_bits)
     _materialize(g, fp32_dir)
     return g
 
 
 def keep_for_budget(bundle: Path, proto, fp32_dir: Path, layers, ranges, samples: list[dict],
                     min_psnr: float, steps: int, threads: int, progress,
-                    schedulers: list[str] | None = None) -> tuple[list[str], dict]:
+                    schedulers: list[str] | None = None,
+                    weight_bits: int = 8) -> tuple[list[str], dict]:
     """Units to keep in float so that the end-to-end PSNR reaches ``min_psnr``, and the
     record of how they were chosen; ExportError when no INT8 variant can reach it."""
     from .sensitivity import EndToEnd, greedy_keep, unit_costs
@@ -98,14 +100,16 @@ def keep_for_budget(bundle: Path, proto, fp32_dir: Path, layers, ranges, samples
     e2e = EndToEnd(bundle, EVAL_PROMPTS, steps, EVAL_SEED, schedulers)
 
     def measure(keep):
-        return e2e(build_graph(proto, fp32_dir, layers, ranges, set(units) - set(keep)))
+        return e2e(build_graph(proto, fp32_dir, layers, ranges, set(units) - set(keep),
+                               weight_bits))
 
     plain = measure([])
     progress(f"all {len(units)} units INT8: end-to-end PSNR {plain:.2f} dB (target {min_psnr:.2f} dB)")
     record = {"target_db": min_psnr, "plain_int8_psnr_db": plain, "sensitivity": None, "greedy": []}
     if plain >= min_psnr:
         return [], record
-    sweep = unit_costs(proto, fp32_dir, layers, ranges, samples, threads=threads, progress=progress)
+    sweep = unit_costs(proto, fp32_dir, layers, ranges, samples, threads=threads,
+                       progress=progress, weight_bits=weight_bits)
     kept, steps_taken, final = greedy_keep(sweep, measure, min_psnr, plain, progress)
     record.update(sensitivity=sweep, greedy=steps_taken)
     if final >= min_psnr and set(kept) != set(units):
@@ -123,15 +127,18 @@ def keep_for_budget(bundle: Path, proto, fp32_dir: Path, layers, ranges, samples
 def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
               calib_steps: int = 10, method: str = "percentile", min_psnr: float | None = None,
               progress=print, threads: int = 0, symmetric: bool = False,
-              schedulers: list[str] | None = None) -> BundleManifest:
+              schedulers: list[str] | None = None, weight_bits: int = 8) -> BundleManifest:
     """Add ``unet.int8.onnx`` to ``bundle``; record it and its end-to-end quality under
     each of ``schedulers`` (default: the model's own), the worst of which ``min_psnr``
     holds. ``symmetric``: activation ranges made symmetric
-    (zero points 0), as TensorRT requires."""
+    (zero points 0), as TensorRT requires. ``weight_bits`` 7: weights within -63..63, so
+    onnxruntime's kernels on CPUs without VNNI cannot saturate (qdq.WEIGHT_BITS)."""
     import onnx
 
     from .capture import capture, default_prompts
 
+    if weight_bits not in qdq.WEIGHT_BITS:
+        raise UsageError(f"--weight-bits {weight_bits}: use 7 or 8")
     if method not in METHODS:
         raise ExportError(f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}")
     bundle = Path(bundle)
@@ -168,7 +175,8 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
     if min_psnr is not None:
         sens = evenly_over_timesteps(records, len(prompts), SENSITIVITY_SAMPLES)
         kept, budget = keep_for_budget(bundle, proto, fp32.parent, layers, ranges, sens,
-                                       min_psnr, calib_steps, threads, progress, schedulers)
+                                       min_psnr, calib_steps, threads, progress, schedulers,
+                                       weight_bits)
 
     dest = bundle / VARIANT_FILE
     if "int8" in manifest.precisions("unet"):
@@ -178,12 +186,14 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
             m.components["unet"].variants.pop("int8", None)
             m.quality.pop("int8", None)
         edit_manifest(bundle, drop)
-    files = save_graph(build_graph(proto, fp32.parent, layers, ranges, set(units) - set(kept)), dest)
+    files = save_graph(build_graph(proto, fp32.parent, layers, ranges, set(units) - set(kept),
+                                   weight_bits), dest)
     quantized = [ly.node for ly in layers if ly.unit not in kept]
     kept_nodes = [ly.node for ly in layers if ly.unit in kept]
     variant = VariantRecord(
         file=dest.name, files=[file_record(p, bundle) for p in files],
-        format="QDQ", weights="int8, per output channel, symmetric",
+        format="QDQ", weights="int8, per output channel, symmetric"
+        + ("" if weight_bits == 8 else f", {weight_bits}-bit range"),
         activations=f"int8, per tensor, {'symmetric' if symmetric else 'asymmetric'}",
         method=method,
         ops=list(qdq.QUANT_OPS), quantized_nodes=quantized,

@@ -40,6 +40,10 @@ _MODULE = re.compile(r"^(resnets|attentions|downsamplers|upsamplers)\.\d+$")
 FLAGS_INPUT = "int8_unit_flags"
 ACT_LEVELS = 255  # int8 steps across an activation's range
 WEIGHT_MAX = 127  # symmetric int8 weights use -127..127
+# 7-bit weights (-63..63) for CPUs without VNNI: onnxruntime's u8 x s8 kernels there sum
+# pairs of products in 16 bits (VPMADDUBSW), and 2 x 255 x 63 = 32130 fits where
+# 2 x 255 x 127 = 64770 saturates (onnxruntime's quantization guide: reduce_range).
+WEIGHT_BITS = (7, 8)
 
 
 @dataclass
@@ -182,19 +186,20 @@ def act_qparams(lo: float, hi: float) -> tuple[np.float32, np.int8]:
     return scale, np.int8(zp)
 
 
-def weight_qparams(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel symmetric int8 weights and their scales."""
+def weight_qparams(w: np.ndarray, axis: int, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel symmetric int8 weights (``bits`` 7: within -63..63) and their scales."""
+    wmax = 2 ** (bits - 1) - 1
     red = tuple(i for i in range(w.ndim) if i != axis)
     amax = np.abs(w).max(axis=red)
-    scale = np.where(amax > 0, amax / WEIGHT_MAX, 1.0).astype(np.float32)
+    scale = np.where(amax > 0, amax / wmax, 1.0).astype(np.float32)
     shape = [1] * w.ndim
     shape[axis] = -1
-    q = np.clip(np.round(w / scale.reshape(shape)), -WEIGHT_MAX, WEIGHT_MAX).astype(np.int8)
+    q = np.clip(np.round(w / scale.reshape(shape)), -wmax, wmax).astype(np.int8)
     return q, scale
 
 
 def build(proto, layers: list[Layer], ranges: dict, quantize: set[str], *,
-          switchable: bool = False, base_dir: str = ""):
+          switchable: bool = False, base_dir: str = "", weight_bits: int = 8):
     """A copy of ``proto`` with the layers whose unit is in ``quantize`` in Q/DQ (all
     layers behind flags when ``switchable``). ``ranges``: tensor -> (lo, hi). ``proto``
     may leave its weights in external data (in ``base_dir``): only the weights being
@@ -261,7 +266,7 @@ def build(proto, layers: list[Layer], ranges: dict, quantize: set[str], *,
             shared[ly.act] = k + 1
             n.input[0] = fake_quant(ly.act, ly.act, f"{ly.act}/int8/{k}", ly.unit, pre, nudge=k)
         w = numpy_helper.to_array(weights[ly.weight], base_dir).astype(np.float32)
-        wq, ws = weight_qparams(w, ly.axis)
+        wq, ws = weight_qparams(w, ly.axis, weight_bits)
         wname = f"{ly.weight}/{ly.node}"
         const(wname + "/int8", wq)
         ws_name = const(wname + "/scale", ws)

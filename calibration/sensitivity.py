@@ -53,9 +53,10 @@ def save_referencing(proto, path: Path) -> None:
 
 
 def unit_costs(proto, src_dir: Path, layers, ranges: dict, samples: list[dict], *,
-               threads: int = 0, progress=lambda msg: None) -> list[dict]:
+               threads: int = 0, progress=lambda msg: None, weight_bits: int = 8) -> list[dict]:
     """Per unit: U-Net output SNR (dB) vs FP32 with only that unit in INT8, worst sample."""
-    g, units = qdq.build(proto, layers, ranges, set(), switchable=True, base_dir=str(src_dir))
+    g, units = qdq.build(proto, layers, ranges, set(), switchable=True, base_dir=str(src_dir),
+                         weight_bits=weight_bits)
     count = {u: sum(ly.unit == u for ly in layers) for u in units}
     with scratch_path(src_dir, "int8-sweep") as path:
         save_referencing(g, path)

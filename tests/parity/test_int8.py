@@ -172,6 +172,28 @@ def test_quality_per_scheduler(bundle):
     _check_recorded(bundle, q)
 
 
+def test_seven_bit_weights_keep_the_integer_kernels(bundle, tmp_path):
+    """--weight-bits 7: every weight within -63..63 (the largest at 63), biases
+    rescaled with them, so onnxruntime still runs every quantised layer as an integer kernel."""
+    import onnxruntime as ort
+
+    m = int8.make_int8(bundle, PROMPTS[:1], calib_steps=2, weight_bits=7, progress=_quiet)
+    v = m.components["unet"].variants["int8"]
+    assert "7-bit" in v.weights
+    m, g = _graph(bundle)
+    inits = {t.name: t for t in g.graph.initializer}
+    prod, nodes = _producers(g), {n.name: n for n in g.graph.node}
+    for name in v.quantized_nodes:
+        w = numpy_helper.to_array(inits[prod[nodes[name].input[1]].input[0]])
+        assert np.abs(w).max() == 63, name
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(m.variant("unet", "int8").path), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert ops.count("QLinearConv") + ops.count("MatMulIntegerToFloat") == len(v.quantized_nodes)
+    assert m.schema.quality["int8"].psnr_db > MIN_SANE_PSNR_DB
+
+
 def test_unknown_scheduler_is_a_usage_error(bundle):
     from click.testing import CliRunner
 
