@@ -74,3 +74,24 @@ def test_eval_demo_reexports_a_default_bundle_made_from_other_weights(demo_bundl
     now = json.loads((stale / "manifest.json").read_text())["model"]["sha256"]
     assert now == hash_files(_weight_files(default_source()))
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("prompt fidelity: ")
+
+
+def test_fused_attention_form_draws_the_plain_picture(demo_bundle, monkeypatch):
+    """The trained model's ort-mha forms: every attention fused, the check recorded, and the
+    pipeline through them draws what the plain graphs draw (FP32 both: only op order differs)."""
+    from ldm_edge.runtime.bundle import open_bundle
+
+    m = open_bundle(demo_bundle)
+    fused = {n: m.variant(n, "fp32").record.forms["ort-mha"] for n in ("unet", "vae_decoder")}
+    assert fused["unet"].fused_attention == 14 and fused["vae_decoder"].fused_attention == 1
+    assert all(f.check["passed"] for f in fused.values())
+    with_form = Pipeline(demo_bundle)
+    assert with_form.backend("unet").form == "ort-mha"
+    monkeypatch.setenv("LDM_EDGE_FUSED_ATTENTION", "0")
+    plain = Pipeline(demo_bundle)
+    assert plain.backend("unet").form is None
+    prompt = "a yellow triangle in the center on a black background"
+    for size in (64, 256):  # 64 tokens and 1024 tokens of self-attention at the top level
+        a = plain(prompt, num_inference_steps=6, seed=1, height=size, width=size).images
+        b = with_form(prompt, num_inference_steps=6, seed=1, height=size, width=size).images
+        assert psnr(b, a) >= MIN_PSNR_DB, (size, psnr(b, a))
