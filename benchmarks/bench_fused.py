@@ -48,17 +48,23 @@ def main():
     runs = {k: open_backend(m, "unet", backend="onnxruntime", device="cpu", threads=a.threads,
                             precision=a.precision, fused_attention=k == "fused") for k in ("plain", "fused")}
     assert runs["fused"].form == "ort-mha", "this bundle has no ort-mha form: ldm-export fuse BUNDLE"
+    outs, med = interleaved(runs, feeds, a.repeats)
+    print(f"U-Net batch 2, {a.height}x{a.width}, {a.threads} threads, median of {a.repeats}: "
+          f"plain {med['plain'] * 1e3:.1f} ms, fused {med['fused'] * 1e3:.1f} ms "
+          f"({med['plain'] / med['fused']:.2f}x); max-abs {np.abs(outs['plain'] - outs['fused']).max():.1e}")
+
+
+def interleaved(runs: dict, feeds: dict, repeats: int) -> tuple[dict, dict]:
+    """One warm-up call of each backend (its U-Net output kept), then ``repeats`` rounds of
+    one call each, in turn; the median seconds per call of each."""
+    outs = {k: b.run(feeds)["model_output"] for k, b in runs.items()}
     times = {k: [] for k in runs}
-    outs = {k: b.run(feeds)["model_output"] for k, b in runs.items()}  # warm-up
-    for _ in range(a.repeats):
+    for _ in range(repeats):
         for k, b in runs.items():
             t0 = time.perf_counter()
             b.run(feeds)
             times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"U-Net batch 2, {a.height}x{a.width}, {a.threads} threads, median of {a.repeats}: "
-          f"plain {med['plain'] * 1e3:.1f} ms, fused {med['fused'] * 1e3:.1f} ms "
-          f"({med['plain'] / med['fused']:.2f}x); max-abs {np.abs(outs['plain'] - outs['fused']).max():.1e}")
+    return outs, {k: statistics.median(v) for k, v in times.items()}
 
 
 def unet_feeds(m, height: int, width: int) -> dict:

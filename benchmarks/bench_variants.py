@@ -8,8 +8,6 @@ difference.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 
@@ -17,7 +15,7 @@ from ldm_edge.runtime.backends import open_backend
 from ldm_edge.runtime.bundle import open_bundle
 from ldm_edge.runtime.cpu import cpu_summary
 
-from bench_fused import unet_feeds
+from bench_fused import interleaved, unet_feeds
 
 
 def main():
@@ -33,14 +31,7 @@ def main():
     feeds = unet_feeds(open_bundle(a.a), a.height, a.width)
     runs = {k: open_backend(open_bundle(k), "unet", backend="onnxruntime", device="cpu",
                             threads=a.threads, precision=a.precision) for k in (a.a, a.b)}
-    outs = {k: b.run(feeds)["model_output"] for k, b in runs.items()}  # warm-up
-    times = {k: [] for k in runs}
-    for _ in range(a.repeats):
-        for k, b in runs.items():
-            t0 = time.perf_counter()
-            b.run(feeds)
-            times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    outs, med = interleaved(runs, feeds, a.repeats)
     x, y = outs[a.a].ravel().astype(np.float64), outs[a.b].ravel().astype(np.float64)
     cos = float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)))
     print(f"U-Net {a.precision}, batch 2, {a.height}x{a.width}, {a.threads} threads, median of "
