@@ -1,67 +1,124 @@
 """End-to-end quality of a precision variant: the same prompts, seeds and scheduler through
 the FP32 and the variant pipelines, compared as 8-bit images, for each scheduler in a list.
 
+Beside the picture's PSNR, two measures that do not depend on what the picture looks like
+(on random-weight models DDIM's pictures are near-white noise, where PSNR punishes any
+perturbation): the cosine of the variant's U-Net output against FP32's at every step of the
+FP32 trajectory (the same inputs for both, so the error of one call, not of the whole run),
+and the final latents' relative error.
+
 A variant's error reaches the picture differently under each sampler (a deterministic
 first-order DDIM step, PNDM's multistep blend, Euler's sigma steps), so a figure measured
 under one does not speak for the others. By default a variant is checked under the model's
-own scheduler; ``ldm-export int8 --schedulers`` adds others (``SUGGESTED_SCHEDULERS``: what
-people deploy). ``bundle`` may be a folder or a ``Manifest`` not yet written to disk, so a
+own scheduler and ``SUGGESTED_SCHEDULERS`` (what people deploy); ``ldm-export int8
+--schedulers`` names another list. ``bundle`` may be a folder or a ``Manifest`` not yet written to disk, so a
 new variant is measured before it is recorded.
 """
 
 from __future__ import annotations
 
+import numpy as np
 from ldm_edge.runtime.compare import psnr
 from ldm_edge.runtime.pipeline import Pipeline
 from ldm_edge.runtime.request import default_scheduler_name
 
-# what most users run besides the model's own (diffusers' SD pipelines and UIs' defaults).
-# Not the default list: on random-weight test models DDIM's pictures are noise-like and PSNR
-# there punishes any perturbation (tiny SD1 INT8: PNDM 46.0 dB, DDIM 26.8 dB, VNNI CPU), so a
-# content-independent measure must come first (the 512² issue).
+# what most users run besides the model's own (diffusers' SD pipelines and UIs' defaults):
+# ``ldm-export int8`` checks all of them unless told otherwise.
 SUGGESTED_SCHEDULERS = ("ddim", "euler", "dpm++2m")
 
 
-def schedulers_to_check(manifest, extra=()) -> list[str]:
+def schedulers_to_check(manifest, extra=SUGGESTED_SCHEDULERS) -> list[str]:
     """The model's own scheduler first, then ``extra``, each once."""
     own = default_scheduler_name(manifest.schema.scheduler)
     return list(dict.fromkeys([own, *extra]))
 
 
+class _UNetRecorder(Pipeline):
+    """The FP32 pipeline, keeping every U-Net call's whole inputs and its output."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls: list[tuple[dict, np.ndarray]] = []
+
+    def _call(self, name, feeds):
+        out = super()._call(name, feeds)
+        if name == "unet":
+            full = {**self.backend(name).bound, **feeds}
+            self.calls.append(({k: np.array(v, copy=True) for k, v in full.items()}, out.copy()))
+        return out
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-300))
+
+
+def relative_error(a: np.ndarray, reference: np.ndarray) -> float:
+    r = np.ravel(reference).astype(np.float64)
+    return float(np.linalg.norm(np.ravel(a).astype(np.float64) - r) / max(np.linalg.norm(r), 1e-300))
+
+
 class Reference:
     """FP32 images for prompts x schedulers, computed once; ``measure(pipe)`` scores a
-    variant's pipeline against them."""
+    variant's pipeline against them. With ``unet_calls`` (default) the FP32 U-Net calls'
+    inputs and outputs are kept too, for the per-step cosine."""
 
     def __init__(self, bundle, prompts: list[str], steps: int = 10, seed: int = 0,
-                 schedulers: list[str] | None = None):
-        ref = Pipeline(bundle, precision="fp32")
+                 schedulers: list[str] | None = None, unet_calls: bool = True):
+        ref = (_UNetRecorder if unet_calls else Pipeline)(bundle, precision="fp32")
         self.prompts, self.steps, self.seed = list(prompts), steps, seed
         self.schedulers = list(schedulers or schedulers_to_check(ref.manifest))
-        self.images = {s: [self._draw(ref, s, i, p) for i, p in enumerate(self.prompts)]
-                       for s in self.schedulers}
+        self.images, self.latents, self.calls = {}, {}, {}
+        for s in self.schedulers:
+            for i, p in enumerate(self.prompts):
+                if unet_calls:
+                    ref.calls = []
+                r = self._draw(ref, s, i, p)
+                self.images.setdefault(s, []).append(r.images)
+                self.latents.setdefault(s, []).append(r.latents)
+                if unet_calls:
+                    self.calls.setdefault(s, []).append(ref.calls)
         ref.close()
 
     def _draw(self, pipe, scheduler, i, prompt):
         return pipe(prompt, num_inference_steps=self.steps, seed=self.seed + i,
-                    scheduler=scheduler).images
+                    scheduler=scheduler)
 
-    def measure(self, pipe) -> dict:
-        """Per scheduler the worst and per-prompt PSNR; ``psnr_db`` the worst of all."""
+    def _cosines(self, pipe, scheduler) -> list[float]:
+        """Per step, the worst over prompts of the variant U-Net's cosine vs FP32's on the
+        FP32 trajectory's inputs."""
+        per_prompt = [[cosine(pipe._call("unet", feeds), out) for feeds, out in calls]
+                      for calls in self.calls[scheduler]]
+        return [min(step) for step in zip(*per_prompt)]
+
+    def measure(self, pipe, cosines: bool = True) -> dict:
+        """Per scheduler the worst and per-prompt PSNR, the final latents' worst relative
+        error and (``cosines`` and the calls kept) the U-Net's cosine per step and its
+        minimum; ``psnr_db`` the worst PSNR of all."""
         per = {}
         for s in self.schedulers:
-            values = [psnr(self._draw(pipe, s, i, p), r)
-                      for i, (p, r) in enumerate(zip(self.prompts, self.images[s]))]
-            per[s] = {"psnr_db": min(values), "per_prompt_db": values}
+            drawn = [self._draw(pipe, s, i, p) for i, p in enumerate(self.prompts)]
+            values = [psnr(d.images, r) for d, r in zip(drawn, self.images[s])]
+            per[s] = {"psnr_db": min(values), "per_prompt_db": values,
+                      "latent_rel_error": max(relative_error(d.latents, r)
+                                              for d, r in zip(drawn, self.latents[s]))}
+            if cosines and self.calls:
+                steps = [round(c, 7) for c in self._cosines(pipe, s)]  # one per U-Net call
+                per[s].update(unet_cosine_min=min(steps), unet_cosine_per_step=steps)
         worst = min(per, key=lambda s: per[s]["psnr_db"])
-        return {"psnr_db": per[worst]["psnr_db"], "per_prompt_db": per[worst]["per_prompt_db"],
-                "worst_scheduler": worst, "per_scheduler": per, "prompts": self.prompts,
-                "steps": self.steps, "seed": self.seed,
-                "reference": "fp32 bundle, same seeds and scheduler"}
+        out = {"psnr_db": per[worst]["psnr_db"], "per_prompt_db": per[worst]["per_prompt_db"],
+               "worst_scheduler": worst, "per_scheduler": per, "prompts": self.prompts,
+               "steps": self.steps, "seed": self.seed,
+               "reference": "fp32 bundle, same seeds and scheduler"}
+        if cosines and self.calls:
+            out["unet_cosine_min"] = min(v["unet_cosine_min"] for v in per.values())
+        return out
 
 
 def end_to_end_psnr(bundle, precision: str, prompts: list[str], steps: int = 10,
                     seed: int = 0, schedulers: list[str] | None = None) -> dict:
-    """``precision`` vs FP32 under each of ``schedulers`` (default: the model's own)."""
+    """``precision`` vs FP32 under each of ``schedulers`` (default: the model's own and
+    ``SUGGESTED_SCHEDULERS``)."""
     reference = Reference(bundle, prompts, steps, seed, schedulers)
     var = Pipeline(bundle, precision=precision)
     try:

@@ -32,6 +32,12 @@ def summary(m) -> str:
              + ", ".join(f"{s} {v['psnr_db']:.2f}" for s, v in (q.per_scheduler or {}).items())
              + f" dB ({len(q.prompts)} prompts, {q.steps} steps, seed {q.seed}; "
              f"{(q.cpu or {}).get('int8_kernels', '?')} INT8 kernels)"]
+    if q.unet_cosine_min is not None:
+        lines.append("int8 U-Net output vs fp32 on the fp32 trajectory: cosine ≥ "
+                     f"{q.unet_cosine_min:.5f} at every step of every scheduler (content-"
+                     "independent; final latents' relative error "
+                     + ", ".join(f"{s} {v['latent_rel_error']:.3f}"
+                                 for s, v in (q.per_scheduler or {}).items()) + ")")
     budget = v.min_psnr
     if budget:
         plain = budget["plain_int8_psnr_db"]
@@ -63,10 +69,11 @@ def summary(m) -> str:
               help="Symmetric activation ranges (zero points 0): what TensorRT engines need.")
 @click.option("--schedulers", default=None,
               help="Comma-separated samplers the end-to-end check (and --min-psnr) holds for, "
-                   "e.g. pndm,ddim,euler,dpm++2m (default: the model's own).")
-@click.option("--weight-bits", type=click.Choice(["8", "7"]), default="8", show_default=True,
+                   "(default: the model's own, then ddim, euler, dpm++2m).")
+@click.option("--weight-bits", type=click.Choice(["7", "8"]), default="7", show_default=True,
               help="7: weights within -63..63, which onnxruntime's INT8 kernels on CPUs "
-                   "without VNNI (AVX2-only) cannot saturate; see the README's INT8 section.")
+                   "without VNNI (AVX2-only) cannot saturate, so one graph serves both kinds; "
+                   "8: full range, for VNNI CPUs and GPUs only. See the README's INT8 section.")
 def int8_cmd(bundle, prompts_file, num_prompts, calib_steps, method, min_psnr, symmetric,
              schedulers, weight_bits):
     """Add an INT8 U-Net (QDQ, calibrated on the bundle's own sampling trajectory) to

@@ -36,6 +36,7 @@ class Result:
     provenance: Provenance  # what ran it
     timings: dict = field(default_factory=dict)  # seconds per stage, and per-step list
     dropped_tokens: list = field(default_factory=list)
+    latents: np.ndarray | None = None  # the final latents, before the VAE decoder
 
     def metadata(self, index: int) -> dict:
         """What the PNG of image ``index`` records: the request as it is, the provenance,
@@ -242,7 +243,7 @@ class Pipeline:
         timings = dict(self.timings)
         timings["total"] = time.perf_counter() - t_start
         timings["steps"] = len(timesteps)
-        return Result(images, req, provenance, timings, dropped)
+        return Result(images, req, provenance, timings, dropped, lat)
 
     def _provenance(self, latent_shape: tuple) -> Provenance:
         unet, model = self.backend("unet"), self.manifest.schema.model

@@ -323,9 +323,13 @@ class QualityRecord(Record):
     seed: int | None = None
     reference: str | None = None
     components_kept_fp32: list | None = None  # fp16
-    # per scheduler {"psnr_db", "per_prompt_db"}; psnr_db above is the worst of them
+    # per scheduler {"psnr_db", "per_prompt_db", "latent_rel_error", "unet_cosine_min",
+    # "unet_cosine_per_step"}; psnr_db above is the worst PSNR of them
     per_scheduler: dict | None = None
     worst_scheduler: str | None = None
+    # the lowest cosine of the variant's U-Net output vs FP32's at any step of any scheduler's
+    # FP32 trajectory: a measure that does not depend on what the picture looks like
+    unet_cosine_min: float | None = None
 
     @classmethod
     def from_json(cls, d, what: str) -> "QualityRecord":
