@@ -30,16 +30,20 @@ class SessionFromOnnx:
     (ignored unless the providers are CPU only and ``model`` is a path); ``label``: what
     log messages call the graph (default: its file name); ``memory_arena``: False turns off
     onnxruntime's CPU memory arena and memory pattern, so memory is returned when a run ends
-    (a lower peak for a little speed; the low-memory mode).
+    (a lower peak for a little speed; the low-memory mode). ``fixed_dims``: symbolic
+    dimensions pinned to values ({"latent_height": 64, ...}; onnxruntime's free-dimension
+    overrides), so the session is planned for one size only.
     """
 
     def __init__(self, model: str | Path | bytes, *, threads: int = 0, inter_threads: int = 0,
                  optimise: bool = True, providers=CPU, cache: bool = False,
-                 label: str | None = None, memory_arena: bool = True):
+                 label: str | None = None, memory_arena: bool = True,
+                 fixed_dims: dict[str, int] | None = None):
         self.model = model if isinstance(model, bytes) else Path(model)
         self.threads, self.inter_threads, self.optimise = threads, inter_threads, optimise
         self.providers = list(providers)
         self.memory_arena = memory_arena
+        self.fixed_dims = dict(fixed_dims or {})
         self.cache = cache and self.providers == list(CPU) and not isinstance(model, bytes)
         self.label = label or (self.model.name if isinstance(self.model, Path) else "graph")
         # after a call: "off", "hit" (opened the cached optimised graph) or "miss" (stored it)
@@ -60,6 +64,8 @@ class SessionFromOnnx:
         if not self.memory_arena:
             opts.enable_cpu_mem_arena = False
             opts.enable_mem_pattern = False
+        for name, value in self.fixed_dims.items():
+            opts.add_free_dimension_override_by_name(name, int(value))
         return opts
 
     def __call__(self):

@@ -41,3 +41,16 @@ def test_memory_arena_off_for_low_memory():
     assert not opts.enable_cpu_mem_arena and not opts.enable_mem_pattern
     x = np.arange(3, dtype=np.float32)
     assert np.array_equal(off().run(None, {"x": x})[0], 2 * x)
+
+
+def test_fixed_dims_pin_a_symbolic_dimension():
+    """fixed_dims (benchmarks/bench_fixed_dims.py): the session takes the pinned size only."""
+    import pytest
+
+    s = SessionFromOnnx(DOUBLE, fixed_dims={"n": 3})()
+    x = np.arange(3, dtype=np.float32)
+    assert np.array_equal(s.run(None, {"x": x})[0], 2 * x)
+    with pytest.raises(Exception, match="(?i)dimension|shape"):
+        s.run(None, {"x": np.arange(4, dtype=np.float32)})
+    # without it any size runs
+    assert SessionFromOnnx(DOUBLE)().run(None, {"x": np.arange(4, dtype=np.float32)})[0].shape == (4,)
