@@ -64,9 +64,11 @@ class Reference:
     inputs and outputs are kept too, for the per-step cosine."""
 
     def __init__(self, bundle, prompts: list[str], steps: int = 10, seed: int = 0,
-                 schedulers: list[str] | None = None, unet_calls: bool = True):
+                 schedulers: list[str] | None = None, unet_calls: bool = True,
+                 size: tuple[int, int] | None = None):
         ref = (_UNetRecorder if unet_calls else Pipeline)(bundle, precision="fp32")
         self.prompts, self.steps, self.seed = list(prompts), steps, seed
+        self.height, self.width = size or (None, None)  # None: the bundle's default size
         self.schedulers = list(schedulers or schedulers_to_check(ref.manifest))
         self.images, self.latents, self.calls = {}, {}, {}
         for s in self.schedulers:
@@ -82,7 +84,7 @@ class Reference:
 
     def _draw(self, pipe, scheduler, i, prompt):
         return pipe(prompt, num_inference_steps=self.steps, seed=self.seed + i,
-                    scheduler=scheduler)
+                    scheduler=scheduler, height=self.height, width=self.width)
 
     def _cosines(self, pipe, scheduler) -> list[float]:
         """Per step, the worst over prompts of the variant U-Net's cosine vs FP32's on the
@@ -110,16 +112,19 @@ class Reference:
                "worst_scheduler": worst, "per_scheduler": per, "prompts": self.prompts,
                "steps": self.steps, "seed": self.seed,
                "reference": "fp32 bundle, same seeds and scheduler"}
+        if self.height:
+            out["size"] = [self.height, self.width]
         if cosines and self.calls:
             out["unet_cosine_min"] = min(v["unet_cosine_min"] for v in per.values())
         return out
 
 
 def end_to_end_psnr(bundle, precision: str, prompts: list[str], steps: int = 10,
-                    seed: int = 0, schedulers: list[str] | None = None) -> dict:
+                    seed: int = 0, schedulers: list[str] | None = None,
+                    size: tuple[int, int] | None = None) -> dict:
     """``precision`` vs FP32 under each of ``schedulers`` (default: the model's own and
     ``SUGGESTED_SCHEDULERS``)."""
-    reference = Reference(bundle, prompts, steps, seed, schedulers)
+    reference = Reference(bundle, prompts, steps, seed, schedulers, size=size)
     var = Pipeline(bundle, precision=precision)
     try:
         return reference.measure(var)

@@ -74,8 +74,11 @@ def summary(m) -> str:
               help="7: weights within -63..63, which onnxruntime's INT8 kernels on CPUs "
                    "without VNNI (AVX2-only) cannot saturate, so one graph serves both kinds; "
                    "8: full range, for VNNI CPUs and GPUs only. See the README's INT8 section.")
+@click.option("--size", type=click.IntRange(8, 8192), default=None,
+              help="Square image side (pixels) to calibrate and check at: the size you deploy "
+                   "(default: the model's own size).")
 def int8_cmd(bundle, prompts_file, num_prompts, calib_steps, method, min_psnr, symmetric,
-             schedulers, weight_bits):
+             schedulers, weight_bits, size):
     """Add an INT8 U-Net (QDQ, calibrated on the bundle's own sampling trajectory) to
     BUNDLE; record it and its end-to-end quality."""
     from ldm_edge.runtime.errors import LdmEdgeError
@@ -91,7 +94,7 @@ def int8_cmd(bundle, prompts_file, num_prompts, calib_steps, method, min_psnr, s
         names = [n.strip() for n in schedulers.split(",") if n.strip()] if schedulers else None
         m = make_int8(bundle, prompts, calib_steps=calib_steps, method=method,
                       min_psnr=min_psnr, symmetric=symmetric, schedulers=names,
-                      weight_bits=int(weight_bits),
+                      weight_bits=int(weight_bits), size=size,
                       progress=lambda msg: click.echo(f"  [{time.perf_counter() - t0:6.1f}s] {msg}",
                                                       err=True))
     except LdmEdgeError as e:

@@ -25,7 +25,9 @@ from ldm_edge.bundletools.save import save_graph
 from ldm_edge.runtime.cpu import cpu_summary
 from ldm_edge.runtime.errors import ExportError, UsageError
 from ldm_edge.runtime.bundle import open_bundle
+from ldm_edge.runtime import validate
 from ldm_edge.runtime.manifest import Manifest
+from ldm_edge.runtime.request import BundleDefaults
 from ldm_edge.runtime.schema import (BundleManifest, Int8QualityRecord, VariantRecord,
                                      edit_manifest, read_manifest_json)
 
@@ -90,14 +92,14 @@ def build_graph(proto, fp32_dir: Path, layers, ranges, quantize: set[str], weigh
 
 def keep_for_budget(bundle: Path, proto, fp32_dir: Path, layers, ranges, samples: list[dict],
                     min_psnr: float, steps: int, threads: int, progress,
-                    schedulers: list[str] | None = None,
-                    weight_bits: int = 8) -> tuple[list[str], dict]:
+                    schedulers: list[str] | None = None, weight_bits: int = 8,
+                    size: tuple[int, int] | None = None) -> tuple[list[str], dict]:
     """Units to keep in float so that the end-to-end PSNR reaches ``min_psnr``, and the
     record of how they were chosen; ExportError when no INT8 variant can reach it."""
     from .sensitivity import EndToEnd, greedy_keep, unit_costs
 
     units = sorted({ly.unit for ly in layers})
-    e2e = EndToEnd(bundle, EVAL_PROMPTS, steps, EVAL_SEED, schedulers)
+    e2e = EndToEnd(bundle, EVAL_PROMPTS, steps, EVAL_SEED, schedulers, size=size)
 
     def measure(keep):
         return e2e(build_graph(proto, fp32_dir, layers, ranges, set(units) - set(keep),
@@ -127,13 +129,15 @@ def keep_for_budget(bundle: Path, proto, fp32_dir: Path, layers, ranges, samples
 def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
               calib_steps: int = 10, method: str = "percentile", min_psnr: float | None = None,
               progress=print, threads: int = 0, symmetric: bool = False,
-              schedulers: list[str] | None = None, weight_bits: int = 7) -> BundleManifest:
+              schedulers: list[str] | None = None, weight_bits: int = 7,
+              size: int | None = None) -> BundleManifest:
     """Add ``unet.int8.onnx`` to ``bundle``; record it and its end-to-end quality under
     each of ``schedulers`` (default: the model's own, ddim, euler, dpm++2m), the worst of
     which ``min_psnr`` holds. ``symmetric``: activation ranges made symmetric
     (zero points 0), as TensorRT requires. ``weight_bits`` 7 (default): weights within
     -63..63, so onnxruntime's kernels on CPUs without VNNI cannot saturate (qdq.WEIGHT_BITS);
-    8: the full range, for CPUs with VNNI and GPUs only."""
+    8: the full range, for CPUs with VNNI and GPUs only. ``size``: the square image side
+    calibration and the check run at (default: the model's own size), recorded."""
     import onnx
 
     from .capture import capture, default_prompts
@@ -149,8 +153,14 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
     fp32 = manifest.variant("unet", "fp32").path
     unet = manifest.component("unet")
     prompts = list(prompts or default_prompts(num_prompts))
-    progress(f"capturing U-Net inputs: FP32 sampling of {len(prompts)} prompts x {calib_steps} steps")
-    records = capture(bundle, prompts, steps=calib_steps, threads=threads)["unet"]
+    d = BundleDefaults.from_manifest(manifest.schema)
+    if size is not None:
+        validate.size("size", size, d.size_multiple, d.min_size, d.max_size)
+    hw = (size, size) if size else (d.height, d.width)
+    progress(f"capturing U-Net inputs: FP32 sampling of {len(prompts)} prompts x {calib_steps} "
+             f"steps at {hw[0]}x{hw[1]}")
+    records = capture(bundle, prompts, steps=calib_steps, threads=threads, height=hw[0],
+                      width=hw[1])["unet"]
     records = [{unet.graph_name(k): v for k, v in r.items()} for r in records]
     calib = evenly_over_timesteps(records, len(prompts), MAX_CALIB_SAMPLES)
     t_name = unet.graph_name("timestep")
@@ -177,7 +187,7 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
         sens = evenly_over_timesteps(records, len(prompts), SENSITIVITY_SAMPLES)
         kept, budget = keep_for_budget(bundle, proto, fp32.parent, layers, ranges, sens,
                                        min_psnr, calib_steps, threads, progress, schedulers,
-                                       weight_bits)
+                                       weight_bits, hw if size else None)
 
     dest = bundle / VARIANT_FILE
     if "int8" in manifest.precisions("unet"):
@@ -200,14 +210,15 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
         ops=list(qdq.QUANT_OPS), quantized_nodes=quantized,
         excluded_nodes={**excluded, **({"kept by min_psnr": kept_nodes} if kept_nodes else {})},
         kept_float_units=kept,
-        calibration={"prompts": prompts, "steps": calib_steps, "samples": len(calib),
+        calibration={"prompts": prompts, "steps": calib_steps, "size": list(hw),
+                     "samples": len(calib),
                      "timesteps": timesteps},
         min_psnr=budget)
     # Measure through a manifest that names the new graph, then commit both at once.
     trial = read_manifest_json(bundle)
     trial.components["unet"].variants["int8"] = variant
     q = end_to_end_psnr(Manifest(bundle, trial), "int8", EVAL_PROMPTS, steps=calib_steps,
-                        seed=EVAL_SEED, schedulers=schedulers)
+                        seed=EVAL_SEED, schedulers=schedulers, size=hw if size else None)
     by = ", ".join(f"{s} {v['psnr_db']:.2f} dB (cosine ≥ {v['unet_cosine_min']:.4f})"
                    for s, v in q["per_scheduler"].items())
     progress(f"end to end vs FP32: {by}; U-Net output cosine per step on the FP32 trajectory "

@@ -94,9 +94,10 @@ class EndToEnd:
     schedulers (FP32 references computed once)."""
 
     def __init__(self, bundle, prompts: list[str], steps: int, seed: int = 0,
-                 schedulers: list[str] | None = None):
+                 schedulers: list[str] | None = None, size: tuple[int, int] | None = None):
         self.bundle = Path(bundle)
-        self.reference = Reference(bundle, prompts, steps, seed, schedulers, unet_calls=False)
+        self.reference = Reference(bundle, prompts, steps, seed, schedulers, unet_calls=False,
+                                   size=size)
 
     def __call__(self, graph_proto) -> float:
         m = open_bundle(self.bundle, verify=False).schema  # a fresh copy, changed below

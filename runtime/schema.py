@@ -330,6 +330,7 @@ class QualityRecord(Record):
     # the lowest cosine of the variant's U-Net output vs FP32's at any step of any scheduler's
     # FP32 trajectory: a measure that does not depend on what the picture looks like
     unet_cosine_min: float | None = None
+    size: list | None = None  # [height, width] measured at, when not the model's own
 
     @classmethod
     def from_json(cls, d, what: str) -> "QualityRecord":

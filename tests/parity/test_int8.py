@@ -186,12 +186,13 @@ def test_unet_cosine_holds_at_every_step_of_every_scheduler(int8_bundle):
     assert min(fresh) == pytest.approx(q.per_scheduler["ddim"]["unet_cosine_per_step"][0], abs=1e-6)
 
 
-def _check_recorded(bundle, q):
+def _check_recorded(bundle, q, size=(None, None)):
     """Each scheduler's recorded figures equal a fresh measurement; the headline is the worst."""
     ref, var = Pipeline(bundle), Pipeline(bundle, precision="int8")
+    kw = dict(num_inference_steps=q.steps, height=size[0], width=size[1])
     for name, rec in q.per_scheduler.items():
-        values = [psnr(var(p, num_inference_steps=q.steps, seed=q.seed + i, scheduler=name).images,
-                       ref(p, num_inference_steps=q.steps, seed=q.seed + i, scheduler=name).images)
+        values = [psnr(var(p, seed=q.seed + i, scheduler=name, **kw).images,
+                       ref(p, seed=q.seed + i, scheduler=name, **kw).images)
                   for i, p in enumerate(q.prompts)]
         assert values == pytest.approx(rec["per_prompt_db"], abs=1e-9), name
         assert rec["psnr_db"] == min(values)
@@ -207,6 +208,30 @@ def test_quality_per_scheduler(bundle):
     q = m.quality["int8"]
     assert list(q.per_scheduler) == ["ddim", "pndm"]
     _check_recorded(bundle, q)
+
+
+def test_calibrated_and_checked_at_the_size_asked_for(bundle):
+    """--size: capture and check at the deployed size, recorded; the default, the model's own."""
+    from ldm_edge.calibration import capture as capture_mod
+
+    seen = []
+    real = capture_mod.capture
+
+    def spy(*args, **kw):
+        seen.append((kw.get("height"), kw.get("width")))
+        return real(*args, **kw)
+
+    import unittest.mock as mock
+
+    with mock.patch.object(capture_mod, "capture", spy):  # imported by make_int8 when called
+        m = int8.make_int8(bundle, PROMPTS[:1], calib_steps=2, schedulers=[OWN], size=48,
+                           progress=_quiet)
+    v, q = m.components["unet"].variants["int8"], m.quality["int8"]
+    assert seen == [(48, 48)] and v.calibration["size"] == [48, 48] and q.size == [48, 48]
+    _check_recorded(bundle, q, size=(48, 48))
+    native = open_bundle(bundle).schema.defaults
+    assert int8.make_int8(bundle, PROMPTS[:1], calib_steps=2, schedulers=[OWN], progress=_quiet) \
+        .components["unet"].variants["int8"].calibration["size"] == [native["height"], native["width"]]
 
 
 def test_seven_bit_weights_keep_the_integer_kernels(int8_bundle, tmp_path):
@@ -252,6 +277,18 @@ def test_unknown_scheduler_is_a_usage_error(bundle):
 
     res = CliRunner().invoke(int8_cmd, [str(bundle), "--schedulers", "ddim,dpm++3m"])
     assert res.exit_code == 2 and "unknown scheduler 'dpm++3m' in --schedulers" in res.output
+    assert "int8" not in open_bundle(bundle).precisions("unet")
+
+
+@pytest.mark.parametrize("size,message", [("50", "--size 50 must be a positive multiple of 8"),
+                                          ("4096", "--size 4096 is outside the bundle's exported range")])
+def test_bad_size_is_a_usage_error(bundle, size, message):
+    from click.testing import CliRunner
+
+    from ldm_edge.calibration.cli_int8 import int8_cmd
+
+    res = CliRunner().invoke(int8_cmd, [str(bundle), "--size", size])
+    assert res.exit_code == 2 and message in res.output
     assert "int8" not in open_bundle(bundle).precisions("unet")
 
 
