@@ -77,8 +77,11 @@ def summary(m) -> str:
 @click.option("--size", type=click.IntRange(8, 8192), default=None,
               help="Square image side (pixels) to calibrate and check at: the size you deploy "
                    "(default: the model's own size).")
+@click.option("--fused-form/--no-fused-form", default=True, show_default=True,
+              help="Also write onnxruntime's fused-attention form of the INT8 U-Net (checked "
+                   "against it; what ldm-run then runs, so the quality is measured on it).")
 def int8_cmd(bundle, prompts_file, num_prompts, calib_steps, method, min_psnr, symmetric,
-             schedulers, weight_bits, size):
+             schedulers, weight_bits, size, fused_form):
     """Add an INT8 U-Net (QDQ, calibrated on the bundle's own sampling trajectory) to
     BUNDLE; record it and its end-to-end quality."""
     from ldm_edge.runtime.errors import LdmEdgeError
@@ -94,7 +97,7 @@ def int8_cmd(bundle, prompts_file, num_prompts, calib_steps, method, min_psnr, s
         names = [n.strip() for n in schedulers.split(",") if n.strip()] if schedulers else None
         m = make_int8(bundle, prompts, calib_steps=calib_steps, method=method,
                       min_psnr=min_psnr, symmetric=symmetric, schedulers=names,
-                      weight_bits=int(weight_bits), size=size,
+                      weight_bits=int(weight_bits), size=size, fused_form=fused_form,
                       progress=lambda msg: click.echo(f"  [{time.perf_counter() - t0:6.1f}s] {msg}",
                                                       err=True))
     except LdmEdgeError as e:
