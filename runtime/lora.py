@@ -223,7 +223,7 @@ class LoraSet:
                 out.append((p.component, param, p))
         if unmatched:
             total = len(f.pairs) + len(f.unknown)
-            raise LoraError(f"--lora {f.name}: {len(unmatched)} of its {total} keys match nothing "
+            raise LoraError(f"--lora {f.name}: {len(unmatched)} of its {total} modules match nothing "
                             f"in this bundle (first: {', '.join(sorted(unmatched)[:SHOW_KEYS])}); "
                             f"is it a LoRA for another model?")
         if shared:
