@@ -213,3 +213,24 @@ def test_openvino_lora_matches_diffusers(tiny_models, tiny_bundles, loras):
     ref = diffusers_reference(tiny_models["sd1"], [(lora, 0.8)], "sd1")
     got = ours(tiny_bundles["sd1"], [(lora, 0.8)], backend="openvino")
     assert psnr(got, ref) >= MIN_PSNR_DB
+
+
+def test_ort_cache_keeps_lora_sets_apart(tiny_bundles, loras, monkeypatch, tmp_path):
+    """--ort-cache: the optimised graph of base + LoRA is its own entry (stored, then reopened)
+    and draws the uncached LoRA picture; the base entry still draws the base picture."""
+    monkeypatch.setenv("LDM_EDGE_CACHE", str(tmp_path / "cache"))
+    b, lora = tiny_bundles["sd1"], [(loras["sd1"]["a"], 0.8)]
+    want = ours(b, lora)
+    stored = Pipeline(b, loras=lora, ort_cache=True)
+    first = stored(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                   scheduler=SCHEDULER, latents=_latents(None)).images
+    assert stored.backend("unet").cache_state == "miss"
+    reopened = Pipeline(b, loras=lora, ort_cache=True)
+    again = reopened(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                     scheduler=SCHEDULER, latents=_latents(None)).images
+    assert reopened.backend("unet").cache_state == "hit"
+    assert psnr(first, want) >= MIN_PSNR_DB and psnr(again, want) >= MIN_PSNR_DB
+    base = Pipeline(b, ort_cache=True)
+    assert psnr(base(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                     scheduler=SCHEDULER, latents=_latents(None)).images, ours(b)) >= MIN_PSNR_DB
+    assert base.backend("unet").cache_state == "miss"  # not the LoRA's entry
