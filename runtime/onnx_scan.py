@@ -242,32 +242,31 @@ def _initializer_info(buf, a: int, b: int) -> dict:
 
 def read_initializers(path: str | Path, names) -> dict:
     """{name: numpy array} for the main-graph initializers of the model at ``path`` named in
-    ``names`` (float32 or float16; inline or in external-data files beside the model), plus
-    ``"__external__"``: the set of those stored as external data. Raises ScanError for a
-    name the graph lacks or a layout this reader does not know."""
-    wanted, found = set(names), {}
-    f, mm = _open_model(path)
-    with f, mm:
-        for field, s, e in _fields(mm, 0, len(mm)):
-            if field != _MODEL_GRAPH or s is None:
-                continue
-            for gf, gs, ge in _fields(mm, s, e):
-                if gf == _GRAPH_INITIALIZER and gs is not None:
-                    info = _initializer_info(mm, gs, ge)
-                    if info["name"] in wanted:
-                        found[info["name"]] = (info, None if info["data"] is None or
-                                               info["data"][0] == "external"
-                                               else bytes(mm[info["data"][1]:info["data"][2]]))
-    missing = wanted - set(found)
+    ``names`` (float32 or float16; inline or in external-data files beside the model).
+    Raises ScanError for a name the graph lacks or a layout this reader does not know."""
+    wanted = set(names)
+    out = dict(iter_initializers(path, lambda info: info["name"] in wanted))
+    missing = wanted - set(out)
     if missing:
         raise ScanError(f"the graph has no initializer {sorted(missing)[0]!r}")
-    out, external = {}, set()
-    for name, (info, blob) in found.items():
-        out[name] = _array(path, info, blob)
-        if info["data"][0] == "external":
-            external.add(name)
-    out["__external__"] = external
     return out
+
+
+def iter_initializers(path: str | Path, keep):
+    """(name, numpy array) of each main-graph initializer for which ``keep(info)`` is true
+    (``info``: name, dtype, dims), one at a time: a multi-GB graph is never held whole."""
+    f, mm = _open_model(path)
+    with f, mm:
+        infos = []
+        for field, s, e in _fields(mm, 0, len(mm)):
+            if field == _MODEL_GRAPH and s is not None:
+                infos += [i for gf, gs, ge in _fields(mm, s, e)
+                          if gf == _GRAPH_INITIALIZER and gs is not None
+                          for i in [_initializer_info(mm, gs, ge)] if keep(i)]
+        for info in infos:
+            d = info["data"]
+            blob = None if d is None or d[0] == "external" else bytes(mm[d[1]:d[2]])
+            yield info["name"], _array(path, info, blob)
 
 
 def _array(path, info: dict, blob):
