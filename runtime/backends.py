@@ -85,11 +85,11 @@ def open_backend(manifest: Manifest, component: str, *, backend: str = "auto",
 
         return OpenVINOBackend(spec, manifest.variant(component, prec).path,
                                threads=threads, io_map=io_map, precision=prec, lora=lora)
-    if kind != "onnxruntime" and lora is None:  # auto + LoRA: TensorRT is not refitted yet
+    if kind != "onnxruntime":
         from .backend_tensorrt import open_tensorrt
 
         b = open_tensorrt(manifest, component, prec, required=kind == "tensorrt", device=device,
-                          interface=(spec, io_map))
+                          interface=(spec, io_map), lora=lora)
         if b is not None:
             return b
     variant = manifest.variant(component, prec)

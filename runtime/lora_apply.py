@@ -112,12 +112,9 @@ class LoraWeights:
 
 
 def check_lora_precision(component: str, precision: str, backend: str) -> None:
-    """INT8 graphs hold quantised weights (re-quantising the merged ones is not done yet) and
-    TensorRT engines are not refitted yet: both refuse a LoRA in one line."""
+    """INT8 graphs hold quantised weights (re-quantising the merged ones is not done yet): a
+    LoRA on one is refused in one line, on every backend."""
     if precision == "int8":
         raise LoraError(f"--lora with --precision int8 is not supported yet ({component} holds "
                         f"quantised weights that would need re-quantising); use --precision "
                         f"fp32 or fp16")
-    if backend == "tensorrt":
-        raise LoraError("--lora on the tensorrt backend is not supported yet (engines are not "
-                        "refitted); use --backend onnxruntime or openvino")

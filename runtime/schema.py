@@ -250,6 +250,8 @@ class EngineRecord(Record):
     build_seconds: float | None = None
     workspace_mb: int | None = None
     optimization_level: int | None = None
+    # "lora-weights": built --refittable, the weights map's weights can be refitted (LoRA)
+    refittable: str | None = None
 
     @classmethod
     def from_json(cls, d, what: str) -> "EngineRecord":
