@@ -10,7 +10,6 @@ through ``add_initializer``), and a key for the onnxruntime graph cache.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,32 +35,35 @@ class GraphWeights:
     wmap: WeightsMap
     merged32: dict = field(repr=False)  # initializer -> float32 merged value (graph layout)
     key: str  # identifies the LoRA set's effect (graph cache)
+    fp32_graph: Path | None = None  # the FP32 graph (INT8 re-quantisation reads its biases)
 
     def for_graph(self, path: str | Path) -> tuple[dict, set]:
-        """({initializer: array in the graph's dtype}, {names stored as external data})."""
+        """({initializer: array in the graph's dtype}, {names stored as external data}); an
+        INT8 graph gets its quantised weights re-quantised (runtime/lora_int8.py)."""
         try:
             table = initializer_dtypes(path)
         except (OSError, ScanError) as e:
             raise LoraError(f"{self.component}: cannot read {Path(path).name} to apply the "
                             f"LoRA ({e})")
+        values = self.merged32
+        if any(n not in table for n in values) and any(k.endswith("/int8") for k in table):
+            from .lora_int8 import requantise
+
+            values = requantise(path, self.fp32_graph, values, self.component)
         out, external = {}, set()
-        for name, value in self.merged32.items():
+        for name, value in values.items():
             if name not in table:
                 raise LoraError(f"{self.component}: {Path(path).name} has no weight "
                                 f"{name!r} (the graph was rewritten after export); re-export "
                                 f"the bundle")
             dtype, ext = table[name]
-            if dtype not in _NP:
+            if dtype not in _NP and np.asarray(value).dtype != np.dtype(dtype):
                 raise LoraError(f"{self.component}: weight {name!r} is {dtype} in "
                                 f"{Path(path).name}; LoRA needs float32 or float16 weights")
-            out[name] = np.ascontiguousarray(value.astype(_NP[dtype], copy=False))
+            out[name] = np.ascontiguousarray(value.astype(_NP.get(dtype, value.dtype), copy=False))
             if ext:
                 external.add(name)
         return out, external
-
-    @property
-    def digest(self) -> str:
-        return hashlib.sha256(self.key.encode()).hexdigest()[:16]
 
 
 class LoraWeights:
@@ -93,7 +95,8 @@ class LoraWeights:
         for param, d in deltas.items():
             mp = wmap.params[param]
             merged[mp.initializer] = base[mp.initializer] + mp.to_graph(d)
-        return GraphWeights(component, wmap, merged, lora_set.key(component))
+        return GraphWeights(component, wmap, merged, lora_set.key(component),
+                            self.manifest.variant(component, "fp32").path)
 
     def _bases(self, component: str, wmap: WeightsMap, deltas: dict) -> dict:
         """Base values (float32, graph layout) of the initializers ``deltas`` touch."""
@@ -112,9 +115,29 @@ class LoraWeights:
 
 
 def check_lora_precision(component: str, precision: str, backend: str) -> None:
-    """INT8 graphs hold quantised weights (re-quantising the merged ones is not done yet): a
-    LoRA on one is refused in one line, on every backend."""
-    if precision == "int8":
-        raise LoraError(f"--lora with --precision int8 is not supported yet ({component} holds "
-                        f"quantised weights that would need re-quantising); use --precision "
-                        f"fp32 or fp16")
+    """onnxruntime and OpenVINO re-quantise an INT8 graph's merged weights; TensorRT engines
+    cannot be refitted with quantised weights: refused in one line."""
+    if precision == "int8" and backend == "tensorrt":
+        raise LoraError(f"--lora with --precision int8 is not supported on the tensorrt backend "
+                        f"({component}'s engine holds quantised weights that are not refitted); "
+                        f"use --backend onnxruntime, or fp32/fp16 engines")
+
+
+def int8_lora_check(pipe, request, images) -> str | None:
+    """For an INT8 U-Net with LoRAs: draw ``request`` again with the FP32 graphs and the same
+    LoRAs and say how far apart the pictures are (8-bit PSNR); None when it does not apply."""
+    from .compare import psnr
+    from .pipeline import Pipeline
+
+    lora_set = pipe._loras
+    if lora_set is None or "unet" not in lora_set.components():
+        return None
+    opts = {k: v for k, v in pipe.options.items() if k != "precision"}
+    ref = Pipeline(pipe.manifest, **opts, precision="fp32",
+                   loras=[(e.file.path, e.scale) for e in lora_set.entries])
+    try:
+        want = ref(request=request).images
+    finally:
+        ref.close()
+    return (f"LoRA on the INT8 U-Net (re-quantised, base activation ranges): 8-bit PSNR "
+            f"{psnr(images, want):.1f} dB vs FP32 with the same LoRA, this request")

@@ -272,9 +272,11 @@ def iter_initializers(path: str | Path, keep):
 def _array(path, info: dict, blob):
     import numpy as np
 
-    dtype = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}.get(info["dtype"])
+    dtype = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int8": np.dtype("i1"),
+             "uint8": np.dtype("u1"), "int32": np.dtype("<i4")}.get(info["dtype"])
     if dtype is None or info["data"] is None:
-        raise ScanError(f"initializer {info['name']!r} is {info['dtype']}, not float32/float16")
+        raise ScanError(f"initializer {info['name']!r} is {info['dtype']}, which this reader "
+                        f"does not read")
     kind = info["data"][0]
     if kind == "external":
         _, loc, offset, length = info["data"]
@@ -287,8 +289,11 @@ def _array(path, info: dict, blob):
         arr = np.frombuffer(blob, dtype=dtype)
     elif kind == "float":
         arr = np.frombuffer(blob, dtype="<f4").astype(dtype)
-    else:  # float16 stored as int32 values, one per element (varints, packed)
+    elif dtype == np.dtype("<f2"):  # float16 stored as int32 values, one per element (varints)
         arr = np.array(_packed_varints(blob, 0, len(blob)), dtype=np.uint16).view(dtype)
+    else:  # int8/uint8/int32 as int32 values (varints, packed; negatives as 64-bit)
+        vals = [v - (1 << 64) if v >= 1 << 63 else v for v in _packed_varints(blob, 0, len(blob))]
+        arr = np.array(vals, dtype=np.int64).astype(dtype)
     return arr.reshape(info["dims"]).copy()
 
 
@@ -334,3 +339,45 @@ def patched_model(path: str | Path, weights: dict) -> bytes:
             raise ScanError(f"initializer {name!r} has {b - a} bytes, the new value {len(blob)}")
         data[a:b] = blob
     return bytes(data)
+
+
+# -- nodes (LoRA on INT8: which DequantizeLinear feeds which layer) -------------------------------
+_NODE_INPUT, _NODE_OUTPUT, _NODE_NAME, _NODE_OP = 1, 2, 3, 4
+_ATTR_NAME, _ATTR_I = 1, 3
+
+
+def graph_nodes(path: str | Path) -> list[dict]:
+    """The main graph's nodes: {"name", "op", "inputs", "outputs", "ints": {attribute: int}}
+    (integer attributes only), without reading any weights."""
+    f, mm = _open_model(path)
+    with f, mm:
+        out = []
+        for field, s, e in _fields(mm, 0, len(mm)):
+            if field != _MODEL_GRAPH or s is None:
+                continue
+            for gf, gs, ge in _fields(mm, s, e):
+                if gf != _GRAPH_NODE or gs is None:
+                    continue
+                node = {"name": "", "op": "", "inputs": [], "outputs": [], "ints": {}}
+                for nf, ns, ne in _fields(mm, gs, ge):
+                    if ns is None:
+                        continue
+                    if nf == _NODE_INPUT:
+                        node["inputs"].append(_text(mm, ns, ne))
+                    elif nf == _NODE_OUTPUT:
+                        node["outputs"].append(_text(mm, ns, ne))
+                    elif nf == _NODE_NAME:
+                        node["name"] = _text(mm, ns, ne)
+                    elif nf == _NODE_OP:
+                        node["op"] = _text(mm, ns, ne)
+                    elif nf == _NODE_ATTRIBUTE:
+                        name, value = "", None
+                        for af, as_, ae in _fields(mm, ns, ne, values=True):
+                            if af == _ATTR_NAME and as_ is not None:
+                                name = _text(mm, as_, ae)
+                            elif af == _ATTR_I and as_ is None:
+                                value = ae - (1 << 64) if ae >= 1 << 63 else ae
+                        if value is not None:
+                            node["ints"][name] = value
+                out.append(node)
+        return out

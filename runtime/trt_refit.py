@@ -55,7 +55,6 @@ def refit_engine(trt, engine, logger, weights: dict, base_graph, component: str,
     if not refitter.refit_cuda_engine():
         raise RefitError(f"{component}: TensorRT could not refit the engine with the LoRA "
                          f"weights (rerun with --debug for TensorRT's log)")
-    del keep
 
 
 def mark_refittable(names):
