@@ -105,7 +105,11 @@ class SessionFromOnnx:
         if inline and isinstance(model, Path) and model == self.model:
             from .onnx_scan import patched_model
 
+            folder = str(Path(model).parent)
             model = patched_model(model, inline)  # the merged weights, in memory
+            # its external data (if any) is still read from beside the file
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                          folder)
         source = model if isinstance(model, bytes) else str(model)
         return ort.InferenceSession(source, opts, providers=self.providers)
 
