@@ -7,8 +7,8 @@ signatures) and add only the calls LoRA makes, each present in TensorRT 10.3 and
 ``INetworkDefinition.mark_weights_refittable``, ``BuilderFlag.REFIT_INDIVIDUAL``,
 ``Refitter(engine, logger)``, ``set_named_weights``, ``get_missing_weights``,
 ``refit_cuda_engine``, ``Weights``; and Polygraphy's ``PostprocessNetwork`` /
-``PostprocessConfig``. A real engine is refitted in tests/gpu/test_tensorrt.py's terms only
-where a GPU is present (not written yet: see the README).
+``PostprocessConfig``. Real engines are refitted by tests/gpu/test_tensorrt_lora_gpu.py,
+where a GPU with TensorRT is present (it has not run yet: see the README).
 """
 
 from __future__ import annotations
