@@ -119,7 +119,7 @@ def main(bundle, prompts, negative_prompt, steps, guidance_scale, scheduler, see
     if not quiet:
         click.echo(timing_table(result.timings), err=True)
     if lora_list and result.provenance.precision == "int8" and not quiet:
-        from .lora_apply import int8_lora_check  # the merged weights were re-quantised
+        from .lora_check import int8_lora_check  # the merged weights were re-quantised
 
         check = int8_lora_check(pipe, request, result.images)
         if check:
