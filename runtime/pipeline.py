@@ -55,7 +55,10 @@ class Pipeline:
 
     Both are how this machine computes a request, not part of it (like backend and
     precision): the same request can run with or without them. Tiling changes the picture
-    slightly, so the provenance (and the PNG) records it; low memory does not."""
+    slightly, so the provenance (and the PNG) records it; low memory does not.
+
+    ``loras``: [(file, scale), ...] merged into the U-Net's and text encoder's weights when
+    their sessions open (runtime/lora_apply.py); ``set_loras`` switches them."""
 
     def __init__(self, bundle, *, backend: str = "auto", precision: str = "fp32",
                  device: str = "auto", threads: int = 0, verify: bool = True,
