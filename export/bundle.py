@@ -27,6 +27,7 @@ from ldm_edge.runtime.spec import ModelDims, describe
 
 from .load import LoadedModel
 from .onnx_export import DEFAULT_OPSET, check_component, export_component, worst
+from .weights_map import MAPPED, write_weights_map
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,10 @@ def export_bundle(model: LoadedModel, out: str | Path, opts: ExportOptions,
                 if form is not None:
                     variant.forms[FORM] = form
             components[name] = ComponentRecord(name, spec=specs[name], variants={"fp32": variant})
+            if name in MAPPED:  # which initializer holds which parameter, for LoRA
+                forms = [stage / f.file for f in variant.forms.values()]
+                wmap = write_weights_map(model, name, files[0], forms)
+                components[name].weights_map = file_record(wmap, stage)
             progress(f"{name}: ok ({worst(results)})")
         tok_path = stage / "tokenizer.json"
         atomic_write_bytes(tok_path, model.tokenizer_json.encode())

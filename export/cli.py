@@ -181,9 +181,12 @@ def import_optimum_cmd(folder, out, force):
               help="TensorRT builder optimisation level 0-5 (default: TensorRT's, 3).")
 @click.option("--components", default=None,
               help="Comma-separated components to build (default: all in the bundle).")
+@click.option("--refittable", is_flag=True,
+              help="Keep the U-Net's and text encoder's LoRA-targetable weights refittable "
+                   "(only those), so `ldm-run --lora` works on the engines.")
 @click.pass_context
 def engines_cmd(ctx, bundle, precision, static, min_size, opt_size, max_size, max_batch,
-                workspace_mb, timing_cache, optimization_level, components):
+                workspace_mb, timing_cache, optimization_level, components, refittable):
     """Build TensorRT engines for BUNDLE on this GPU and record them in its manifest.
     Needs TensorRT (10.3+: JetPack 6, or 11.x), Polygraphy, cuda-python and a CUDA GPU."""
     from .engines import ProfileOptions, build_engines
@@ -195,7 +198,7 @@ def engines_cmd(ctx, bundle, precision, static, min_size, opt_size, max_size, ma
     records = build_engines(
         bundle, precision=precision, options=opts, components=names, workspace_mb=workspace_mb,
         timing_cache=timing_cache, optimization_level=optimization_level,
-        debug=bool(ctx.obj and ctx.obj.get("debug")),
+        debug=bool(ctx.obj and ctx.obj.get("debug")), refittable=refittable,
         progress=lambda m: click.echo(f"  [{time.perf_counter() - t0:6.1f}s] {m}", err=True))
     for r in records:
         shapes = ", ".join(f"{k} {p['min']}..{p['max']}" for k, p in r["profile"].items())

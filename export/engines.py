@@ -29,6 +29,7 @@ from ldm_edge.runtime.manifest import Manifest
 from ldm_edge.runtime.schema import (MANIFEST_NAME, BundleManifest, ComponentRecord, EngineRecord,
                                      edit_manifest)
 from ldm_edge.runtime.spec import ComponentSpec
+from ldm_edge.runtime.trt_refit import REFIT_KIND, mark_refittable, refit_individual
 from ldm_edge.runtime.trt_engines import (ENGINE_BACKEND, device_facts,
                                           engine_path, import_tensorrt)
 
@@ -171,9 +172,11 @@ def asymmetric_qdq(onnx_path: Path) -> int:
 def build_engines(bundle, *, precision: str = "fp16", options: ProfileOptions = ProfileOptions(),
                   components: tuple[str, ...] | None = None, workspace_mb: int | None = None,
                   timing_cache: str | None = None, optimization_level: int | None = None,
-                  debug: bool = False, progress: Callable[[str], None] = lambda m: None
-                  ) -> list[dict]:
-    """Build and record one engine per component; return the records written."""
+                  debug: bool = False, progress: Callable[[str], None] = lambda m: None,
+                  refittable: bool = False) -> list[dict]:
+    """Build and record one engine per component; return the records written.
+    ``refittable``: the weights of each component's weights map stay refittable, for LoRA
+    (runtime/trt_refit.py); components without a map are built as usual."""
     root = Path(bundle)
     facts = device_facts()  # one line if TensorRT, cuda-python or a GPU is missing
     poly = import_polygraphy()
@@ -182,6 +185,8 @@ def build_engines(bundle, *, precision: str = "fp16", options: ProfileOptions = 
         raise UsageError("engines are recorded in manifest.json; make a bundle of this Optimum "
                          "folder first with `ldm-export import-optimum`")
     plans = plan_builds(manifest, precision, options, components)
+    refit = {name: refit_names(manifest, name, prec, variant.path) for name, prec, variant, _ in plans
+             if refittable and manifest.component(name).weights_map is not None}
     progress(f"building on {facts}")
     written = []
     for name, prec, variant, profile in plans:
@@ -190,14 +195,16 @@ def build_engines(bundle, *, precision: str = "fp16", options: ProfileOptions = 
         progress(f"{name} ({prec}): building {rel}")
         out = root / rel
         _build_one(poly, name, variant.path, profile, out, workspace_mb=workspace_mb,
-                   timing_cache=timing_cache, optimization_level=optimization_level, debug=debug)
+                   timing_cache=timing_cache, optimization_level=optimization_level, debug=debug,
+                   refit=refit.get(name))
         rec = EngineRecord(
             backend=ENGINE_BACKEND, precision=prec, trt_version=facts.trt_version,
             device_name=facts.device_name, compute_capability=facts.compute_capability,
             profile=profile, onnx_sha256=variant.record.sha256 or sha256_file(variant.path),
             file=rel, size=out.stat().st_size, sha256=sha256_file(out),
             build_seconds=round(time.perf_counter() - t0, 1), workspace_mb=workspace_mb,
-            optimization_level=optimization_level)
+            optimization_level=optimization_level,
+            refittable=REFIT_KIND if name in refit else None)
         edit_manifest(root, lambda m, n=name, r=rec: _put_record(m.components[n], r))
         progress(f"{name} ({prec}): {rec.size / 1e6:.1f} MB in {rec.build_seconds} s")
         written.append({"component": name, **rec.to_json()})
@@ -205,8 +212,10 @@ def build_engines(bundle, *, precision: str = "fp16", options: ProfileOptions = 
 
 
 def _build_one(poly, component: str, onnx_path: Path, profile: dict, out: Path, *,
-               workspace_mb, timing_cache, optimization_level, debug: bool) -> None:
-    """Polygraphy: parse strongly typed, configure one profile, build, save (atomically)."""
+               workspace_mb, timing_cache, optimization_level, debug: bool,
+               refit: list[str] | None = None) -> None:
+    """Polygraphy: parse strongly typed, configure one profile, build, save (atomically).
+    ``refit``: weight names to keep refittable (REFIT_INDIVIDUAL), or None."""
     trt = import_tensorrt()
     poly_trt, G_LOGGER = poly
     prof = poly_trt.Profile()
@@ -220,9 +229,13 @@ def _build_one(poly, component: str, onnx_path: Path, profile: dict, out: Path, 
     if optimization_level is not None:
         config["builder_optimization_level"] = int(optimization_level)
     network = poly_trt.NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
+    create = poly_trt.CreateConfig(**config)
+    if refit:
+        network = poly_trt.PostprocessNetwork(network, func=mark_refittable(refit),
+                                              name="mark the LoRA weights refittable")
+        create = poly_trt.PostprocessConfig(create, func=refit_individual(trt))
     cache = str(timing_cache) if timing_cache else None
-    engine = poly_trt.EngineFromNetwork(network, config=poly_trt.CreateConfig(**config),
-                                        save_timing_cache=cache)
+    engine = poly_trt.EngineFromNetwork(network, config=create, save_timing_cache=cache)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
@@ -239,6 +252,23 @@ def _build_one(poly, component: str, onnx_path: Path, profile: dict, out: Path, 
     finally:
         tmp.unlink(missing_ok=True)
         _remove_empty(out.parent)
+
+
+def refit_names(manifest: Manifest, component: str, precision: str, graph: Path) -> list[str]:
+    """The initializers of ``component``'s weights map, all present (as float) in ``graph``."""
+    from ldm_edge.runtime.onnx_scan import initializer_dtypes
+    from ldm_edge.runtime.weights_map import read_weights_map
+
+    if precision == "int8":
+        raise UsageError(f"--refittable: the {component} INT8 graph holds quantised weights a "
+                         f"LoRA cannot be refitted into; build fp32 or fp16 engines")
+    names = sorted({p.initializer for p in read_weights_map(manifest, component).params.values()})
+    table = initializer_dtypes(graph)
+    lost = [n for n in names if table.get(n, ("", False))[0] not in ("float32", "float16")]
+    if lost:
+        raise UsageError(f"--refittable: {graph.name} has no float weight {lost[0]!r} of the "
+                         f"{component} weights map; re-export the bundle")
+    return names
 
 
 def _remove_empty(folder: Path) -> None:

@@ -54,7 +54,8 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, spec: ComponentSpec, path: str | Path, *, device: str = "auto",
                  threads: int = 0, io_map: dict | None = None, graph_cache: bool = False,
                  precision: str = "fp32", fused_path: str | Path | None = None,
-                 fused_attention: bool | None = None, memory_arena: bool = True):
+                 fused_attention: bool | None = None, memory_arena: bool = True,
+                 lora=None):
         super().__init__(spec, precision=precision)
         # spec name -> graph name, for graphs whose I/O names differ from ours (Optimum's)
         self.io_map = dict(io_map or {})
@@ -66,8 +67,12 @@ class OnnxRuntimeBackend(Backend):
                 and fused_attention_wanted(fused_attention)):
             path, self.form = fused_path, "ort-mha"
         self.path = Path(path)
+        # lora: runtime/lora_apply.GraphWeights, the merged weights this graph opens with
+        weights, external = lora.for_graph(path) if lora is not None else ({}, set())
         loader = SessionFromOnnx(path, threads=threads, providers=self.providers,
-                                 cache=graph_cache, label=spec.name, memory_arena=memory_arena)
+                                 cache=graph_cache, label=spec.name, memory_arena=memory_arena,
+                                 weights=weights, external=external,
+                                 weights_key=lora.key if lora is not None else "")
         try:
             self.session = loader()
         except Exception as e:
@@ -76,6 +81,8 @@ class OnnxRuntimeBackend(Backend):
                               f"re-export the bundle")
         # "off", "hit" (opened the cached optimised graph) or "miss" (optimised and stored it)
         self.cache_state = loader.cache_state
+        # onnxruntime reads added initializers from our memory for the session's life
+        self._weights_owner = loader if weights else None
         names = [i.name for i in self.session.get_inputs()]
         if sorted(names) != sorted(self._g(n) for n in spec.input_names):
             raise BundleError(f"{spec.name}: graph inputs {names} do not match the manifest's "
@@ -118,3 +125,4 @@ class OnnxRuntimeBackend(Backend):
         super().close()
         self._device_values = {}
         self.session = None
+        self._weights_owner = None

@@ -17,6 +17,7 @@ import numpy as np
 
 from .backend_base import Backend
 from .errors import BundleError, first_line
+from .lora import LoraError
 from .spec import ComponentSpec
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ class OpenVINOBackend(Backend):
     name = "openvino"
 
     def __init__(self, spec: ComponentSpec, path: str | Path, *, threads: int = 0,
-                 io_map: dict | None = None, precision: str = "fp32"):
+                 io_map: dict | None = None, precision: str = "fp32", lora=None):
         super().__init__(spec, precision=precision)
         import openvino as ov
 
@@ -36,7 +37,12 @@ class OpenVINOBackend(Backend):
             config["INFERENCE_NUM_THREADS"] = int(threads)
         try:
             core = ov.Core()
-            self.compiled = core.compile_model(str(path), "CPU", config)
+            model = core.read_model(str(path))
+            if lora is not None:  # LoRA: the merged weights replace the graph's constants
+                _replace_constants(model, lora.for_graph(path)[0], spec.name)
+            self.compiled = core.compile_model(model, "CPU", config)
+        except LoraError:
+            raise
         except Exception as e:
             msg = first_line(e)
             raise BundleError(f"{spec.name}: OpenVINO cannot load {Path(path).name} ({msg})")
@@ -53,3 +59,27 @@ class OpenVINOBackend(Backend):
         super().close()
         self.request = None
         self.compiled = None
+
+
+def _replace_constants(model, weights: dict, label: str) -> None:
+    """Swap each Constant whose tensor name is an initializer in ``weights`` for a new
+    Constant holding the merged value (OpenVINO's ONNX reader names constants after them)."""
+    from openvino import op
+
+    done = set()
+    for node in model.get_ops():
+        if node.get_type_name() != "Constant":
+            continue
+        names = node.output(0).get_names()
+        hit = next((n for n in names if n in weights), None)
+        if hit is None:
+            continue
+        done.add(hit)
+        new = op.Constant(np.ascontiguousarray(weights[hit]))
+        new.output(0).set_names(set(names))
+        for target in list(node.output(0).get_target_inputs()):
+            target.replace_source_output(new.output(0))
+    missing = sorted(set(weights) - done)
+    if missing:
+        raise LoraError(f"{label}: OpenVINO's reading of the graph has no constant "
+                        f"{missing[0]!r} to put the LoRA weights in")

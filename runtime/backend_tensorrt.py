@@ -159,7 +159,8 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, spec: ComponentSpec, path: str | Path, *, record: dict,
-                 io_map: dict | None = None, bundle: str = "BUNDLE"):
+                 io_map: dict | None = None, bundle: str = "BUNDLE", lora=None,
+                 onnx_path: Path | None = None):
         # the engine's own ranges, which callers read to size their calls (see narrow_spec)
         super().__init__(narrow_spec(spec, record["profile"], io_map), precision=record["precision"])
         self.io_map = dict(io_map or {})  # spec name -> graph (engine tensor) name
@@ -171,6 +172,8 @@ class TensorRTBackend(Backend):
         self.cuda = Cuda()
         self.runtime = trt.Runtime(_trt_logger(trt))
         self.engine = self._deserialize(Path(path))
+        if lora is not None:  # merged LoRA weights: refit the engine fresh from its plan
+            self._refit(trt, lora, onnx_path)
         self.dtypes = self._io_dtypes(trt)
         context = self.engine.create_execution_context(
             trt.ExecutionContextAllocationStrategy.USER_MANAGED)
@@ -198,6 +201,17 @@ class TensorRTBackend(Backend):
             raise BundleError(f"{self.spec.name}: TensorRT cannot load {path.name} (damaged, or "
                               f"built by another TensorRT); rebuild it with {self._hint}")
         return engine
+
+    def _refit(self, trt, lora, onnx_path: Path) -> None:
+        from .lora import LoraError
+        from .trt_refit import REFIT_KIND, refit_engine
+
+        if self.record.get("refittable") != REFIT_KIND:
+            raise LoraError(f"{self.spec.name}: this TensorRT engine was not built refittable; "
+                            f"rebuild it with {self._hint} --refittable to use --lora on it")
+        weights, _ = lora.for_graph(onnx_path)
+        refit_engine(trt, self.engine, _trt_logger(trt), weights, onnx_path, self.spec.name,
+                     self._hint)
 
     def _io_dtypes(self, trt) -> dict[str, np.dtype]:
         e = self.engine
@@ -319,11 +333,12 @@ def engine_for(manifest: Manifest, component: str, precision: str, facts) -> tup
 
 
 def open_tensorrt(manifest: Manifest, component: str, precision: str, *, required: bool,
-                  device: str = "auto", interface=None) -> TensorRTBackend | None:
+                  device: str = "auto", interface=None, lora=None) -> TensorRTBackend | None:
     """A TensorRT backend for ``component``; with ``required`` False (``--backend auto``) None
     instead of an error when this bundle has no engine for this machine or TensorRT is absent.
     ``interface``: the (spec, io_map) to open it with (backends.interface; default the
-    manifest's own)."""
+    manifest's own). ``lora``: merged LoRA weights to refit the engine with (an engine not
+    built refittable: onnxruntime instead under auto, an error when required)."""
     comp = manifest.component(component)
     if not required:
         if device == "cpu" or not tensorrt_records(comp, precision):
@@ -337,7 +352,12 @@ def open_tensorrt(manifest: Manifest, component: str, precision: str, *, require
         except BundleError as e:
             log.warning("%s; using onnxruntime", e)
             return None
+        if lora is not None and record.get("refittable") is None:
+            log.info("%s: the TensorRT engine is not refittable; onnxruntime applies the LoRA",
+                     component)
+            return None
     else:
         record, path = engine_for(manifest, component, precision, device_facts())
     spec, io_map = interface or (comp.spec, comp.io_map)
-    return TensorRTBackend(spec, path, record=record, io_map=io_map, bundle=str(manifest.root))
+    return TensorRTBackend(spec, path, record=record, io_map=io_map, bundle=str(manifest.root),
+                           lora=lora, onnx_path=manifest.variant(component, precision).path)

@@ -65,26 +65,31 @@ def interface(comp: ComponentRecord) -> tuple[ComponentSpec, dict]:
 def open_backend(manifest: Manifest, component: str, *, backend: str = "auto",
                  precision: str = "fp32", device: str = "auto", threads: int = 0,
                  ort_cache: bool = False, fused_attention: bool | None = None,
-                 memory_arena: bool = True) -> Backend:
+                 memory_arena: bool = True, lora=None) -> Backend:
     """``tensorrt``: the manifest's engine for this machine, or a one-line error saying how to
     build it. ``auto``: that engine when it exists and TensorRT imports, else onnxruntime.
     ``ort_cache``: onnxruntime on the CPU opens its optimised graph from the disk cache
     (runtime/ort_cache.py). ``fused_attention``: onnxruntime opens the variant's ``ort-mha``
     form where it has one (None: unless LDM_EDGE_FUSED_ATTENTION=0). ``memory_arena=False``:
-    onnxruntime without its memory arena (low-memory mode; the other backends ignore it)."""
+    onnxruntime without its memory arena (low-memory mode; the other backends ignore it).
+    ``lora``: the component's merged LoRA weights (runtime/lora_apply.GraphWeights) or None."""
     kind = resolve_backend(backend)
     prec = pick_precision(manifest, component, precision)
+    if lora is not None:
+        from .lora_apply import check_lora_precision
+
+        check_lora_precision(component, prec, kind)
     spec, io_map = interface(manifest.component(component))
     if kind == "openvino":
         from .backend_openvino import OpenVINOBackend
 
         return OpenVINOBackend(spec, manifest.variant(component, prec).path,
-                               threads=threads, io_map=io_map, precision=prec)
+                               threads=threads, io_map=io_map, precision=prec, lora=lora)
     if kind != "onnxruntime":
         from .backend_tensorrt import open_tensorrt
 
         b = open_tensorrt(manifest, component, prec, required=kind == "tensorrt", device=device,
-                          interface=(spec, io_map))
+                          interface=(spec, io_map), lora=lora)
         if b is not None:
             return b
     variant = manifest.variant(component, prec)
@@ -92,7 +97,8 @@ def open_backend(manifest: Manifest, component: str, *, backend: str = "auto",
 
     return OnnxRuntimeBackend(spec, variant.path, device=device, threads=threads, io_map=io_map,
                               graph_cache=ort_cache, precision=prec, memory_arena=memory_arena,
-                              fused_path=fused_form(manifest, variant), fused_attention=fused_attention)
+                              fused_path=fused_form(manifest, variant), fused_attention=fused_attention,
+                              lora=lora)
 
 
 def fused_form(manifest: Manifest, variant) -> Path | None:

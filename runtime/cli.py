@@ -77,6 +77,9 @@ def _list_schedulers(ctx, _param, value):
 @click.option("--vae-tile-size", type=int, default=None,
               help="With --vae-tiling: tile side in pixels, a multiple of 8 in the decoder's "
                    "exported range (default: the bundle's default image size).")
+@click.option("--lora", "loras", multiple=True, metavar="FILE:SCALE",
+              help="Apply a LoRA (diffusers/PEFT or kohya safetensors) at this scale "
+                   "(default 1); repeat to blend several. The bundle is not changed.")
 @click.option("--no-verify", is_flag=True, help="Skip sha256 verification of the bundle files.")
 @click.option("-o", "--output", "out", default="out.png", show_default=True,
               help="PNG to write (several images: out-0.png, out-1.png, ...).")
@@ -84,7 +87,7 @@ def _list_schedulers(ctx, _param, value):
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
 def main(bundle, prompts, negative_prompt, steps, guidance_scale, scheduler, seed, height, width,
          num_images, init_image, strength, latents_path, backend, device, precision, threads,
-         ort_cache, low_memory, vae_tiling, vae_tile_size, no_verify, out, quiet, debug):
+         ort_cache, low_memory, vae_tiling, vae_tile_size, loras, no_verify, out, quiet, debug):
     """Generate images from BUNDLE (a folder written by `ldm-export onnx`)."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="ldm-run: %(levelname)s: %(message)s")
@@ -94,9 +97,12 @@ def main(bundle, prompts, negative_prompt, steps, guidance_scale, scheduler, see
     t_proc = time.perf_counter()
     paths = output_paths(out, len(prompts) * num_images)
     latents = _load_latents(latents_path) if latents_path else None
+    from .lora import parse_lora_arg
+
+    lora_list = [parse_lora_arg(x) for x in loras]
     pipe = Pipeline(bundle, backend=backend, precision=precision, device=device, threads=threads,
                     verify=not no_verify, ort_cache=ort_cache, low_memory=low_memory,
-                    vae_tiling=vae_tiling, vae_tile_size=vae_tile_size)
+                    vae_tiling=vae_tiling, vae_tile_size=vae_tile_size, loras=lora_list)
     # resolved once, init image loaded at the resolved size: every argument error is raised here
     request = pipe.request(prompt=list(prompts), negative_prompt=negative_prompt,
                            num_inference_steps=steps, guidance_scale=guidance_scale,
@@ -112,6 +118,12 @@ def main(bundle, prompts, negative_prompt, steps, guidance_scale, scheduler, see
         save_png(result.images[i], path, result.metadata(i))
     if not quiet:
         click.echo(timing_table(result.timings), err=True)
+    if lora_list and result.provenance.precision == "int8" and not quiet:
+        from .lora_check import int8_lora_check  # the merged weights were re-quantised
+
+        check = int8_lora_check(pipe, request, result.images)
+        if check:
+            click.echo(check, err=True)
     for path in paths:
         click.echo(str(path))
     if not quiet:
@@ -158,7 +170,8 @@ def _load_latents(path: str):
 def timing_table(t: dict) -> str:
     steps = t.get("unet_per_step") or []
     per = sorted(steps)[len(steps) // 2] if steps else float("nan")
-    rows = [("text encoder", t.get("text_encoder", 0.0)),
+    rows = [("lora merge (numpy)", t.get("lora")),
+            ("text encoder", t.get("text_encoder", 0.0)),
             ("vae encoder", t.get("vae_encoder")),
             (f"unet ({len(steps)} steps)", t.get("unet", 0.0)),
             ("unet per step (median)", per),

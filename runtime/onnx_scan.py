@@ -199,3 +199,185 @@ def graph_io(path: str | Path) -> tuple[dict, dict]:
                 initializers.update(_text(mm, fs, fe) for f, fs, fe in _fields(mm, s, e)
                                     if f == _TENSOR_NAME and fs is not None)
         return {k: v for k, v in inputs.items() if k not in initializers}, outputs
+
+
+# -- initializers (LoRA: the base weights the deltas are added to) -------------------------------
+_TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_FLOAT_DATA, _TENSOR_INT32_DATA = 1, 2, 4, 5
+_TENSOR_RAW_DATA, _TENSOR_DATA_LOCATION = 9, 14
+_EXT_KEYS = ("location", "offset", "length")
+
+
+def _packed_varints(buf, s: int, e: int) -> list[int]:
+    out, pos = [], s
+    while pos < e:
+        v, pos = _varint(buf, pos)
+        out.append(v)
+    return out
+
+
+def _initializer_info(buf, a: int, b: int) -> dict:
+    """name, dtype, dims and where the data is: ("raw", start, end), ("float", start, end),
+    ("int32", start, end) inline, or ("external", location, offset, length)."""
+    info = {"name": "", "dtype": "unknown", "dims": [], "data": None}
+    ext = {}
+    for field, s, e in _fields(buf, a, b, values=True):
+        if field == _TENSOR_NAME and s is not None:
+            info["name"] = _text(buf, s, e)
+        elif field == _TENSOR_DATA_TYPE and s is None:
+            info["dtype"] = _ELEM_TYPES.get(e, f"elem_type {e}")
+        elif field == _TENSOR_DIMS:
+            info["dims"] += _packed_varints(buf, s, e) if s is not None else [e]
+        elif field == _TENSOR_RAW_DATA and s is not None:
+            info["data"] = ("raw", s, e)
+        elif field in (_TENSOR_FLOAT_DATA, _TENSOR_INT32_DATA) and s is not None:
+            info["data"] = ("float" if field == _TENSOR_FLOAT_DATA else "int32", s, e)
+        elif field == _TENSOR_EXTERNAL_DATA and s is not None:
+            entry = {f: _text(buf, fs, fe) for f, fs, fe in _fields(buf, s, e) if fs is not None}
+            ext[entry.get(_ENTRY_KEY, "")] = entry.get(_ENTRY_VALUE, "")
+    if ext:
+        info["data"] = ("external", ext.get("location", ""), int(ext.get("offset", 0) or 0),
+                        int(ext["length"]) if ext.get("length") else None)
+    return info
+
+
+def read_initializers(path: str | Path, names) -> dict:
+    """{name: numpy array} for the main-graph initializers of the model at ``path`` named in
+    ``names`` (float32 or float16; inline or in external-data files beside the model).
+    Raises ScanError for a name the graph lacks or a layout this reader does not know."""
+    wanted = set(names)
+    out = dict(iter_initializers(path, lambda info: info["name"] in wanted))
+    missing = wanted - set(out)
+    if missing:
+        raise ScanError(f"the graph has no initializer {sorted(missing)[0]!r}")
+    return out
+
+
+def iter_initializers(path: str | Path, keep):
+    """(name, numpy array) of each main-graph initializer for which ``keep(info)`` is true
+    (``info``: name, dtype, dims), one at a time: a multi-GB graph is never held whole."""
+    f, mm = _open_model(path)
+    with f, mm:
+        infos = []
+        for field, s, e in _fields(mm, 0, len(mm)):
+            if field == _MODEL_GRAPH and s is not None:
+                infos += [i for gf, gs, ge in _fields(mm, s, e)
+                          if gf == _GRAPH_INITIALIZER and gs is not None
+                          for i in [_initializer_info(mm, gs, ge)] if keep(i)]
+        for info in infos:
+            d = info["data"]
+            blob = None if d is None or d[0] == "external" else bytes(mm[d[1]:d[2]])
+            yield info["name"], _array(path, info, blob)
+
+
+def _array(path, info: dict, blob):
+    import numpy as np
+
+    dtype = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int8": np.dtype("i1"),
+             "uint8": np.dtype("u1"), "int32": np.dtype("<i4")}.get(info["dtype"])
+    if dtype is None or info["data"] is None:
+        raise ScanError(f"initializer {info['name']!r} is {info['dtype']}, which this reader "
+                        f"does not read")
+    kind = info["data"][0]
+    if kind == "external":
+        _, loc, offset, length = info["data"]
+        count = int(np.prod(info["dims"], dtype=np.int64))
+        with open(Path(path).parent / loc, "rb") as fh:
+            fh.seek(offset)
+            blob = fh.read(length if length is not None else count * dtype.itemsize)
+        kind = "raw"
+    if kind == "raw":
+        arr = np.frombuffer(blob, dtype=dtype)
+    elif kind == "float":
+        arr = np.frombuffer(blob, dtype="<f4").astype(dtype)
+    elif dtype == np.dtype("<f2"):  # float16 stored as int32 values, one per element (varints)
+        arr = np.array(_packed_varints(blob, 0, len(blob)), dtype=np.uint16).view(dtype)
+    else:  # int8/uint8/int32 as int32 values (varints, packed; negatives as 64-bit)
+        vals = [v - (1 << 64) if v >= 1 << 63 else v for v in _packed_varints(blob, 0, len(blob))]
+        arr = np.array(vals, dtype=np.int64).astype(dtype)
+    return arr.reshape(info["dims"]).copy()
+
+
+def initializer_dtypes(path: str | Path) -> dict[str, tuple[str, bool]]:
+    """{name: (dtype, stored as external data)} of every main-graph initializer (no data read)."""
+    out = {}
+    f, mm = _open_model(path)
+    with f, mm:
+        for field, s, e in _fields(mm, 0, len(mm)):
+            if field == _MODEL_GRAPH and s is not None:
+                for gf, gs, ge in _fields(mm, s, e):
+                    if gf == _GRAPH_INITIALIZER and gs is not None:
+                        info = _initializer_info(mm, gs, ge)
+                        external = info["data"] is not None and info["data"][0] == "external"
+                        out[info["name"]] = (info["dtype"], external)
+    return out
+
+
+def patched_model(path: str | Path, weights: dict) -> bytes:
+    """The bytes of the model at ``path`` with the inline data of each initializer named in
+    ``weights`` overwritten by that array (same dtype and size: LoRA's merged weights), for
+    onnxruntime to open from memory; the file is not changed. (onnxruntime's
+    ``add_initializer`` is not enough: its NCHWc layout pass still packs a Conv's original
+    weight.) Raises ScanError for a name the graph lacks or stores other than as raw data."""
+    import numpy as np
+
+    data = bytearray(Path(path).read_bytes())
+    places = {}
+    for field, s, e in _fields(data, 0, len(data)):
+        if field == _MODEL_GRAPH and s is not None:
+            for gf, gs, ge in _fields(data, s, e):
+                if gf == _GRAPH_INITIALIZER and gs is not None:
+                    info = _initializer_info(data, gs, ge)
+                    if info["name"] in weights:
+                        places[info["name"]] = info
+    for name, value in weights.items():
+        info = places.get(name)
+        if info is None or info["data"] is None or info["data"][0] != "raw":
+            raise ScanError(f"initializer {name!r} is not stored inline as raw data")
+        _, a, b = info["data"]
+        blob = np.ascontiguousarray(value).astype(np.asarray(value).dtype.newbyteorder("<")).tobytes()
+        if len(blob) != b - a:
+            raise ScanError(f"initializer {name!r} has {b - a} bytes, the new value {len(blob)}")
+        data[a:b] = blob
+    return bytes(data)
+
+
+# -- nodes (LoRA on INT8: which DequantizeLinear feeds which layer) -------------------------------
+_NODE_INPUT, _NODE_OUTPUT, _NODE_NAME, _NODE_OP = 1, 2, 3, 4
+_ATTR_NAME, _ATTR_I = 1, 3
+
+
+def graph_nodes(path: str | Path) -> list[dict]:
+    """The main graph's nodes: {"name", "op", "inputs", "outputs", "ints": {attribute: int}}
+    (integer attributes only), without reading any weights."""
+    f, mm = _open_model(path)
+    with f, mm:
+        out = []
+        for field, s, e in _fields(mm, 0, len(mm)):
+            if field != _MODEL_GRAPH or s is None:
+                continue
+            for gf, gs, ge in _fields(mm, s, e):
+                if gf != _GRAPH_NODE or gs is None:
+                    continue
+                node = {"name": "", "op": "", "inputs": [], "outputs": [], "ints": {}}
+                for nf, ns, ne in _fields(mm, gs, ge):
+                    if ns is None:
+                        continue
+                    if nf == _NODE_INPUT:
+                        node["inputs"].append(_text(mm, ns, ne))
+                    elif nf == _NODE_OUTPUT:
+                        node["outputs"].append(_text(mm, ns, ne))
+                    elif nf == _NODE_NAME:
+                        node["name"] = _text(mm, ns, ne)
+                    elif nf == _NODE_OP:
+                        node["op"] = _text(mm, ns, ne)
+                    elif nf == _NODE_ATTRIBUTE:
+                        name, value = "", None
+                        for af, as_, ae in _fields(mm, ns, ne, values=True):
+                            if af == _ATTR_NAME and as_ is not None:
+                                name = _text(mm, as_, ae)
+                            elif af == _ATTR_I and as_ is None:
+                                value = ae - (1 << 64) if ae >= 1 << 63 else ae
+                        if value is not None:
+                            node["ints"][name] = value
+                out.append(node)
+        return out

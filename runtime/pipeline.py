@@ -56,13 +56,16 @@ class Pipeline:
 
     Both are how this machine computes a request, not part of it (like backend and
     precision): the same request can run with or without them. Tiling changes the picture
-    slightly, so the provenance (and the PNG) records it; low memory does not."""
+    slightly, so the provenance (and the PNG) records it; low memory does not.
+
+    ``loras``: [(file, scale), ...] merged into the U-Net's and text encoder's weights when
+    their sessions open (runtime/lora_apply.py); ``set_loras`` switches them."""
 
     def __init__(self, bundle, *, backend: str = "auto", precision: str = "fp32",
                  device: str = "auto", threads: int = 0, verify: bool = True,
                  ort_cache: bool | None = None, low_memory: bool = False,
                  vae_tiling: bool = False, vae_tile_size: int | None = None,
-                 vae_tile_overlap: float | None = None):
+                 vae_tile_overlap: float | None = None, loras=None):
         if not vae_tiling and (vae_tile_size is not None or vae_tile_overlap is not None):
             raise UsageError("--vae-tile-size needs --vae-tiling (it is the size of the tiles "
                              "the VAE decodes); add --vae-tiling or drop --vae-tile-size")
@@ -83,6 +86,28 @@ class Pipeline:
         self.manifest.variant("unet", precision)
         self._backends = {}
         self.timings = defaultdict(float)
+        self._lora_weights, self._loras = None, None
+        if loras:
+            self.set_loras(loras)
+
+    # -- LoRA ---------------------------------------------------------------------
+    def set_loras(self, loras) -> None:
+        """Apply ``loras`` [(file, scale), ...] (replacing the previous set; [] for none).
+        Checked before anything changes; the components whose weights change are reopened
+        with base + the new set's merged weights on their next call; the bundle is not
+        opened or checked again (runtime/lora_apply.py)."""
+        from .lora_apply import LoraWeights
+
+        if self._lora_weights is None:
+            if not loras:
+                return
+            self._lora_weights = LoraWeights(self.manifest)
+        new = self._lora_weights.load(loras)
+        old = self._loras
+        self._loras = new
+        for name in list(self._backends):
+            if name in ("unet", "text_encoder") and _lora_key(old, name) != _lora_key(new, name):
+                self._backends.pop(name).close()
 
     # -- components ---------------------------------------------------------------
     def backend(self, name: str):
@@ -90,8 +115,18 @@ class Pipeline:
             if not self.manifest.has(name):
                 raise UsageError(f"this bundle has no {name}; re-export it"
                                  + (" without --skip-vae-encoder" if name == "vae_encoder" else ""))
-            self._backends[name] = open_backend(self.manifest, name, **self.options)
+            self._backends[name] = open_backend(self.manifest, name, **self.options,
+                                                lora=self._merged(name))
         return self._backends[name]
+
+    def _merged(self, name: str):
+        """The component's merged LoRA weights (timed as "lora"), or None."""
+        if self._loras is None:
+            return None
+        t0 = time.perf_counter()
+        merged = self._lora_weights.graph_weights(self._loras, name)
+        self.timings["lora"] += time.perf_counter() - t0
+        return merged
 
     def _call(self, name: str, feeds: dict) -> np.ndarray:
         b = self.backend(name)
@@ -248,8 +283,10 @@ class Pipeline:
     def _provenance(self, latent_shape: tuple) -> Provenance:
         unet, model = self.backend("unet"), self.manifest.schema.model
         tiling = self.vae_tiling.to_dict(*latent_shape[2:]) if self.vae_tiling else None
+        loras = tuple(self._loras.provenance()) if self._loras is not None else None
         return Provenance(backend=unet.name, precision=unet.precision,
-                          model=model.source, model_sha256=model.sha256, vae_tiling=tiling)
+                          model=model.source, model_sha256=model.sha256, vae_tiling=tiling,
+                          loras=loras)
 
     def _embeddings(self, req: GenerationRequest) -> tuple[np.ndarray, list[int]]:
         n = req.num_images_per_prompt
@@ -351,3 +388,7 @@ class Pipeline:
         self.timings["unet_per_step"] = per_step
         self.timings["denoise_loop"] = time.perf_counter() - t_loop
         return lat
+
+
+def _lora_key(lora_set, component: str) -> str:
+    return "" if lora_set is None else lora_set.key(component)

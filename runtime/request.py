@@ -150,17 +150,22 @@ class GenerationRequest:
 @dataclass(frozen=True)
 class Provenance:
     """What ran a request: the U-Net's backend and precision, the model it came from, and
-    the VAE tiling when it was on (tile size, overlap, tiles: it changes the picture)."""
+    the VAE tiling when it was on (tile size, overlap, tiles: it changes the picture), and
+    the LoRAs applied (name, sha256, scale of each; recorded only when there are some)."""
 
     backend: str
     precision: str
     model: str | None
     model_sha256: str | None
     vae_tiling: dict | None = None
+    loras: tuple | None = None  # ({"name", "sha256", "scale"}, ...)
 
     def to_dict(self) -> dict:
-        return {"backend": self.backend, "precision": self.precision, "model": self.model,
-                "model_sha256": self.model_sha256, "vae_tiling": self.vae_tiling}
+        out = {"backend": self.backend, "precision": self.precision, "model": self.model,
+               "model_sha256": self.model_sha256, "vae_tiling": self.vae_tiling}
+        if self.loras:
+            out["loras"] = [dict(x) for x in self.loras]
+        return out
 
 
 def resolve_request(bundle: BundleDefaults, *, prompt, negative_prompt=None,

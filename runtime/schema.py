@@ -250,6 +250,8 @@ class EngineRecord(Record):
     build_seconds: float | None = None
     workspace_mb: int | None = None
     optimization_level: int | None = None
+    # "lora-weights": built --refittable, the weights map's weights can be refitted (LoRA)
+    refittable: str | None = None
 
     @classmethod
     def from_json(cls, d, what: str) -> "EngineRecord":
@@ -272,6 +274,9 @@ class ComponentRecord(Record):
     spec: ComponentSpec | None = None
     variants: dict[str, VariantRecord] = field(default_factory=dict)
     engines: list[EngineRecord] = field(default_factory=list)
+    # which initializer of the graphs holds which PyTorch parameter (runtime/weights_map.py),
+    # a JSON side file written and verified at export; what LoRA needs. None: exported before
+    weights_map: FileRecord | None = None
 
     @classmethod
     def known(cls) -> list[str]:
@@ -295,7 +300,10 @@ class ComponentRecord(Record):
             raise BundleError(f"manifest {name}.engines is {engines!r}; re-export the bundle")
         io_map = d.get("io_map") or {}
         _object(io_map, f"{name}.io_map")
-        rec = cls._from(d, spec=spec, io_map=io_map,
+        wmap = d.get("weights_map")
+        if wmap is not None:
+            wmap = FileRecord.from_json(_object(wmap, f"{name}.weights_map"), f"{name} weights map")
+        rec = cls._from(d, spec=spec, io_map=io_map, weights_map=wmap,
                         variants={p: VariantRecord.from_json(v, f"{name} ({p})")
                                   for p, v in variants.items()},
                         engines=[EngineRecord.from_json(e, f"{name} engine") for e in engines])

@@ -9,8 +9,11 @@ graph onnxruntime optimises is kept on disk and reopened without optimising agai
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
+
+import numpy as np
 
 from .errors import first_line
 
@@ -30,19 +33,27 @@ class SessionFromOnnx:
     (ignored unless the providers are CPU only and ``model`` is a path); ``label``: what
     log messages call the graph (default: its file name); ``memory_arena``: False turns off
     onnxruntime's CPU memory arena and memory pattern, so memory is returned when a run ends
-    (a lower peak for a little speed; the low-memory mode). ``fixed_dims``: symbolic
-    dimensions pinned to values ({"latent_height": 64, ...}; onnxruntime's free-dimension
-    overrides), so the session is planned for one size only.
+    (a lower peak for a little speed; the low-memory mode). ``weights``: {initializer name:
+    array} that replace the graph's own (merged LoRA weights, runtime/lora_apply.py), in
+    memory, the file untouched: those in ``external`` (stored as external data) through
+    ``add_external_initializers``, the rest written over the inline data of an in-memory
+    copy of the graph (onnx_scan.patched_model; onnxruntime's ``add_initializer`` is not
+    used: its NCHWc pass packs a Conv's original weight); ``weights_key`` says what they
+    are, so the graph cache keeps their optimised graph apart from the base one.
+    ``fixed_dims``: symbolic dimensions pinned to values ({"latent_height": 64, ...};
+    onnxruntime's free-dimension overrides), so the session is planned for one size only.
     """
 
     def __init__(self, model: str | Path | bytes, *, threads: int = 0, inter_threads: int = 0,
                  optimise: bool = True, providers=CPU, cache: bool = False,
                  label: str | None = None, memory_arena: bool = True,
+                 weights: dict | None = None, external=(), weights_key: str = "",
                  fixed_dims: dict[str, int] | None = None):
         self.model = model if isinstance(model, bytes) else Path(model)
         self.threads, self.inter_threads, self.optimise = threads, inter_threads, optimise
         self.providers = list(providers)
         self.memory_arena = memory_arena
+        self.weights, self.external, self.weights_key = dict(weights or {}), set(external), weights_key
         self.fixed_dims = dict(fixed_dims or {})
         self.cache = cache and self.providers == list(CPU) and not isinstance(model, bytes)
         self.label = label or (self.model.name if isinstance(self.model, Path) else "graph")
@@ -64,9 +75,18 @@ class SessionFromOnnx:
         if not self.memory_arena:
             opts.enable_cpu_mem_arena = False
             opts.enable_mem_pattern = False
+        if self.weights:
+            self._add_weights(opts, ort)
         for name, value in self.fixed_dims.items():
             opts.add_free_dimension_override_by_name(name, int(value))
         return opts
+
+    def _add_weights(self, opts, ort) -> None:
+        # the OrtValues must outlive the session: kept on self
+        self._values = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
+                        for k, v in self.weights.items() if k in self.external}
+        if self._values:
+            opts.add_external_initializers(list(self._values), list(self._values.values()))
 
     def __call__(self):
         """The session; onnxruntime's own exception when the graph does not load."""
@@ -75,9 +95,27 @@ class SessionFromOnnx:
             return self._open_cached()
         return self._open(self.model, self.options())
 
+    def _plain_options(self):
+        """Options for a cached optimised graph: no optimising, no weights to add (the
+        entry already holds them)."""
+        weights, self.weights = self.weights, {}
+        try:
+            return self.options(optimise=False)
+        finally:
+            self.weights = weights
+
     def _open(self, model, opts):
         import onnxruntime as ort
 
+        inline = {k: v for k, v in self.weights.items() if k not in self.external}
+        if inline and isinstance(model, Path) and model == self.model:
+            from .onnx_scan import patched_model
+
+            folder = str(Path(model).parent)
+            model = patched_model(model, inline)  # the merged weights, in memory
+            # its external data (if any) is still read from beside the file
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                          folder)
         source = model if isinstance(model, bytes) else str(model)
         return ort.InferenceSession(source, opts, providers=self.providers)
 
@@ -92,10 +130,14 @@ class SessionFromOnnx:
             key = graph_key(path)
         except (OSError, ScanError):  # the plain open names the problem
             return self._open(path, self.options())
+        if self.weights_key:  # the merged weights are in the optimised graph: their own entry
+            key = hashlib.sha256(f"{key}|{self.weights_key}".encode()).hexdigest()[:40]
+        if self.fixed_dims:  # a graph planned for one size: its own entry
+            key = hashlib.sha256(f"{key}|{sorted(self.fixed_dims.items())}".encode()).hexdigest()[:40]
         hit = cache.lookup(key)
         if hit is not None:
             try:
-                session = self._open(hit, self.options(optimise=False))
+                session = self._open(hit, self._plain_options())
                 self.cache_state = "hit"
                 return session
             except Exception as e:

@@ -64,6 +64,24 @@ def _files(b, tmp):
     Image.new("RGB", (128, 128), (200, 30, 30)).save(tmp / "init.png")
 
 
+def _loras(b, tmp):
+    """LoRA files for the tiny SD1 bundle (its to_q layers are 32x32), good and bad."""
+    from ldm_edge.runtime.safetensors_read import write_safetensors
+
+    rng = np.random.default_rng(0)
+    q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    good = {f"{q}.lora_down.weight": rng.standard_normal((4, 32), dtype=np.float32),
+            f"{q}.lora_up.weight": rng.standard_normal((32, 4), dtype=np.float32),
+            f"{q}.alpha": np.array(4.0, np.float32)}
+    write_safetensors(tmp / "good.safetensors", good)
+    write_safetensors(tmp / "nolora.safetensors", {"weight": np.zeros((2, 2), np.float32)})
+    write_safetensors(tmp / "other.safetensors", {
+        k.replace("down_blocks_0_attentions_0", "input_blocks_1_1"): v for k, v in good.items()})
+    write_safetensors(tmp / "rank.safetensors", {**good, f"{q}.lora_up.weight": good[f"{q}.lora_up.weight"][:, :3]})
+    write_safetensors(tmp / "big.safetensors", {**good, f"{q}.lora_down.weight": np.zeros((4, 64), np.float32)})
+    (tmp / "text.safetensors").write_text("not a safetensors file")
+
+
 P = ["-p", "a red cat", "--steps", "2"]
 CASES = [
     ("bundle folder missing", None, ["TMP/nope"] + P, 3, "not found"),
@@ -103,6 +121,16 @@ CASES = [
     ("VAE tile size below the decoder's exported range", None, ["BUNDLE", "--vae-tiling", "--vae-tile-size", "16"] + P, 2, "--vae-tile-size 16 is outside the VAE decoder's exported range 32..1024 pixels"),
     ("VAE tile size whose edge tiles the decoder cannot take", None, ["BUNDLE", "--vae-tiling", "--vae-tile-size", "40"] + P, 2, "--vae-tile-size 40 leaves a 8-pixel edge tile at 128x128, below the VAE decoder's exported minimum 32; try --vae-tile-size 48"),
     ("--vae-tile-size without --vae-tiling", None, ["BUNDLE", "--vae-tile-size", "64"] + P, 2, "--vae-tile-size needs --vae-tiling"),
+    ("--lora file missing", None, ["BUNDLE", "--lora", "TMP/none.safetensors:0.8"] + P, 2, "--lora TMP/none.safetensors not found"),
+    ("--lora file not safetensors", _loras, ["BUNDLE", "--lora", "TMP/text.safetensors:0.8"] + P, 2, "is not a LoRA: it is not a safetensors file"),
+    ("--lora safetensors without LoRA weights", _loras, ["BUNDLE", "--lora", "TMP/nolora.safetensors"] + P, 2, "is not a LoRA: none of its 1 tensors"),
+    ("--lora for another model's layers", _loras, ["BUNDLE", "--lora", "TMP/other.safetensors:1"] + P, 2, "--lora other.safetensors: 1 of its 1 modules match nothing in this bundle (first: lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"),
+    ("--lora rank mismatch", _loras, ["BUNDLE", "--lora", "TMP/rank.safetensors:1"] + P, 2, "rank mismatch"),
+    ("--lora for a larger model", _loras, ["BUNDLE", "--lora", "TMP/big.safetensors:1"] + P, 2, "B @ A is [32, 64], the weight it adapts is [32, 32]"),
+    ("--lora scale NaN", _loras, ["BUNDLE", "--lora", "TMP/good.safetensors:nan"] + P, 2, "the scale nan must be a finite number"),
+    ("--lora scale not a number", _loras, ["BUNDLE", "--lora", "TMP/good.safetensors:strong"] + P, 2, "'strong' is not a number; give FILE:SCALE"),
+    ("--lora on a bundle exported before LoRA support", _m(lambda m, b, t: (m["components"]["unet"].pop("weights_map"), _loras(b, t))), ["BUNDLE", "--lora", "TMP/good.safetensors:1"] + P, 2, "re-export it once with `ldm-export onnx` to use --lora"),
+    ("--lora kohya file at 0.8 (accepted)", _loras, ["BUNDLE", "-p", "x", "--steps", "1", "--lora", "TMP/good.safetensors:0.8", "-q"], 0, ""),
     ("--low-memory --vae-tiling (accepted)", None, ["BUNDLE", "-p", "x", "--steps", "1", "--low-memory", "--vae-tiling", "--vae-tile-size", "64", "-q"], 0, ""),
     ("empty prompt (accepted)", None, ["BUNDLE", "-p", "", "--steps", "1", "-q"], 0, ""),
     ("emoji prompt (accepted)", None, ["BUNDLE", "-p", "a 🐱 on a 🚲", "--steps", "1", "-q"], 0, ""),

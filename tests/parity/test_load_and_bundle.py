@@ -143,7 +143,9 @@ def test_large_components_use_one_external_data_file(tiny_models, tmp_path, monk
         ["manifest.json", "tokenizer.json", "text_encoder.onnx", "text_encoder.onnx.data",
          "unet.onnx", "unet.onnx.data", "vae_decoder.onnx", "vae_decoder.onnx.data",
          # the fused-attention forms read the plain graphs' weights: no second data file
-         "unet.ort-mha.onnx", "vae_decoder.ort-mha.onnx"])
+         "unet.ort-mha.onnx", "vae_decoder.ort-mha.onnx",
+         # which initializer holds which parameter (LoRA)
+         "unet.weights-map.json", "text_encoder.weights-map.json"])
     open_bundle(out)
     SessionFromOnnx(out / "unet.onnx")()
     SessionFromOnnx(out / "unet.ort-mha.onnx")()

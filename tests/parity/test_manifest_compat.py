@@ -12,8 +12,9 @@ OLD = Path(__file__).parent.parent / "unit" / "data" / "manifest_v1_sd1.json"
 # what differs between two exports of the same model: hashes, sizes, times, versions, parity
 VOLATILE = {"sha256", "size", "created", "producer", "parity", "source"}
 # keys added since the fixture was written, each by a later change (the only differences
-# allowed): the onnxruntime forms of a variant's graph (fused attention)
-ADDED = {"forms"}
+# allowed): the onnxruntime forms of a variant's graph (fused attention), and the weights
+# map of the U-Net and text encoder (LoRA)
+ADDED = {"forms", "weights_map"}
 
 
 def shape(v, key=None):
@@ -34,5 +35,6 @@ def test_export_writes_the_old_manifest_and_it_opens(tiny_bundles):
     assert shape(written) == shape(json.loads(OLD.read_text()))
     assert m.schema.to_json() == written
     assert "ort-mha" in written["components"]["unet"]["variants"]["fp32"]["forms"]
+    assert written["components"]["unet"]["weights_map"]["path"] == "unet.weights-map.json"
     assert m.variant("unet", "fp32").record.sha256 == written["components"]["unet"]["variants"][
         "fp32"]["files"][0]["sha256"]

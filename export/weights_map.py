@@ -1,0 +1,100 @@
+"""Make and verify a component's weights map (runtime/weights_map.py) at export.
+
+Every Linear and Conv2d weight of the diffusers / transformers module is looked up among the
+exported graph's float initializers by its bytes, as it is or transposed (the TorchScript
+exporter stores a MatMul's weight as W.T under an ``onnx::MatMul_N`` name). A parameter whose
+bytes are in no initializer, or whose initializer also holds another parameter, is listed as
+``shared``: no LoRA may change it. The map is then checked with the runtime's own reader: each
+mapped initializer, read from the graph file torch-free, equals its parameter bit for bit —
+else the export fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ldm_edge.runtime.errors import ExportError
+from ldm_edge.runtime.fsutil import atomic_write_bytes
+from ldm_edge.runtime.onnx_scan import initializer_dtypes, iter_initializers, read_initializers
+from ldm_edge.runtime.weights_map import MappedParam, WeightsMap, map_file_name
+
+from .load import LoadedModel
+
+# the components a LoRA may change, and the model attribute that holds each
+MAPPED = {"unet": "unet", "text_encoder": "text_encoder"}
+
+
+def _digest(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes() + str(a.shape).encode()).hexdigest()
+
+
+def _graph_digests(onnx_path: Path) -> dict[str, list[str]]:
+    """{digest of the bytes and shape: [initializer names]} of the graph's 2-D and 4-D float32
+    initializers, read one at a time by the runtime's reader (SD1.5's U-Net is 3.4 GB)."""
+    by_digest: dict[str, list[str]] = {}
+    keep = lambda info: info["dtype"] == "float32" and len(info["dims"]) in (2, 4)  # noqa: E731
+    for name, a in iter_initializers(onnx_path, keep):
+        by_digest.setdefault(_digest(a), []).append(name)
+    return by_digest
+
+
+def _weights(module: torch.nn.Module):
+    for name, m in module.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.weight is not None:
+            yield f"{name}.weight", m.weight.detach().float().cpu().numpy()
+
+
+def build_weights_map(module: torch.nn.Module, component: str, onnx_path: Path) -> WeightsMap:
+    by_digest = _graph_digests(onnx_path)
+    wmap = WeightsMap(component, onnx_path.name)
+    holders: dict[str, list[str]] = {}
+    for param, w in _weights(module):
+        found = [(n, False) for n in by_digest.get(_digest(w), [])]
+        if w.ndim == 2:
+            found += [(n, True) for n in by_digest.get(_digest(w.T), [])]
+        if len(found) != 1:  # folded away, or several copies: cannot be changed alone
+            wmap.shared.add(param)
+            continue
+        name, transpose = found[0]
+        wmap.params[param] = MappedParam(name, transpose, tuple(w.shape))
+        holders.setdefault(name, []).append(param)
+    for params in holders.values():
+        if len(params) > 1:  # equal tensors stored once
+            for p in params:
+                wmap.shared.add(p)
+                del wmap.params[p]
+    return wmap
+
+
+def verify_weights_map(wmap: WeightsMap, module: torch.nn.Module, onnx_path: Path,
+                       forms: list[Path] = ()) -> None:
+    """Each mapped initializer, read by the runtime's reader, equals its parameter; every
+    form of the graph keeps the mapped names. ExportError otherwise."""
+    weights = dict(_weights(module))
+    got = read_initializers(onnx_path, [p.initializer for p in wmap.params.values()])
+    for param, mp in wmap.params.items():
+        if not np.array_equal(got[mp.initializer], mp.to_graph(weights[param])):
+            raise ExportError(f"{wmap.component}: weights map check failed: {mp.initializer} "
+                              f"is not {param}; nothing was written")
+    for form in forms:
+        names = initializer_dtypes(form)
+        lost = [p.initializer for p in wmap.params.values() if p.initializer not in names]
+        if lost:
+            raise ExportError(f"{wmap.component}: {form.name} lost weight {lost[0]!r} of the "
+                              f"weights map; nothing was written")
+
+
+def write_weights_map(model: LoadedModel, component: str, onnx_path: Path,
+                      forms: list[Path] = ()) -> Path:
+    """Build, verify and write ``<component>.weights-map.json`` beside the graph."""
+    module = getattr(model, MAPPED[component])
+    wmap = build_weights_map(module, component, onnx_path)
+    verify_weights_map(wmap, module, onnx_path, forms)
+    out = onnx_path.parent / map_file_name(component)
+    atomic_write_bytes(out, json.dumps(wmap.to_json(), indent=1).encode())
+    return out
