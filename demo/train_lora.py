@@ -132,8 +132,10 @@ def save(unet, config, out: Path, note: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     file = out / f"{LORA_NAME}.safetensors"
     with tempfile.TemporaryDirectory(dir=out) as tmp:
+        meta = config.to_dict()  # target_modules is a set: sorted, so the same run writes the same bytes
+        meta["target_modules"] = sorted(meta["target_modules"])
         StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, weight_name=file.name,
-                                                  unet_lora_adapter_metadata=config.to_dict())
+                                                  unet_lora_adapter_metadata=meta)
         size = (Path(tmp) / file.name).stat().st_size
         if size > MAX_FILE_BYTES:
             sys.exit(f"train-lora: error: the LoRA file would be {size} bytes, over the "
@@ -176,7 +178,7 @@ def main(argv=None) -> None:
 
     args = [x for x in (argv if argv is not None else sys.argv[1:])]
     note = {"what": f"demo LoRA: teaches the demo U-Net the position {L.NEW_POSITION!r}",
-            "command": "python -m ldm_edge.demo.train_lora " + " ".join(shlex.quote(x) for x in args),
+            "command": " ".join(["python -m ldm_edge.demo.train_lora"] + [shlex.quote(x) for x in args]),
             "steps": done, "steps_asked": a.steps, "stopped_by_minutes": done < a.steps,
             "wall_s": round(wall, 1), "threads": a.threads, "seed": a.seed, "rank": a.rank,
             "lora_alpha": config.lora_alpha, "target_modules": list(TARGET_MODULES), "lr": LR,
