@@ -77,19 +77,24 @@ class BundleDrawer:
     def __init__(self, bundle: Path, lora):
         from ldm_edge.runtime.pipeline import Pipeline
 
-        if lora is None:
-            self.pipe = Pipeline(bundle)
-        else:
-            if "loras" not in inspect.signature(Pipeline).parameters:
-                raise SystemExit("eval-lora: error: this ldm-edge's runtime Pipeline takes no loras= yet "
-                                 "(issue #12, `ldm-run --lora`); use --reference diffusers")
-            self.pipe = Pipeline(bundle, loras=[(str(lora[0]), float(lora[1]))])
+        check_runtime_lora()
+        self.pipe = Pipeline(bundle) if lora is None else Pipeline(
+            bundle, loras=[(str(lora[0]), float(lora[1]))])
         self.guidance = float(self.pipe.manifest.schema.defaults.get("guidance_scale", 5.0))
 
     def __call__(self, prompts: list[str], lat: np.ndarray, steps: int) -> list[np.ndarray]:
         r = self.pipe(prompts, num_inference_steps=steps, guidance_scale=self.guidance,
                       scheduler="ddim", latents=lat)
         return list(r.images)
+
+
+def check_runtime_lora() -> None:
+    """Stop with one line where the runtime's Pipeline cannot take a LoRA yet."""
+    from ldm_edge.runtime.pipeline import Pipeline
+
+    if "loras" not in inspect.signature(Pipeline).parameters:
+        raise SystemExit("eval-lora: error: this ldm-edge's runtime Pipeline takes no loras= yet "
+                         "(issue #12, `ldm-run --lora`); use --reference diffusers")
 
 
 def drawer(args, lora):
@@ -193,6 +198,8 @@ def main(argv=None) -> None:
     if args.bundle is not None and not (args.bundle / "manifest.json").is_file():
         sys.exit(f"eval-lora: error: {args.bundle} is not a bundle (no manifest.json); "
                  f"`ldm-export onnx -o {args.bundle}` makes the demo's")
+    if args.bundle is not None:
+        check_runtime_lora()  # before drawing anything
     import torch
 
     torch.set_num_threads(args.threads)
