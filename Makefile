@@ -11,7 +11,7 @@ N        ?= 200
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test test-fast demo train-demo eval-demo eval-demo-torch bench gpu-check clean
+.PHONY: install test test-fast demo demo-lora train-demo eval-demo eval-demo-torch bench gpu-check clean
 
 install: $(STAMP)
 
@@ -33,6 +33,12 @@ test-fast: install
 demo: install
 	@mkdir -p $(OUT)
 	$(BIN)/python -m ldm_edge.demo.make_demo --out $(OUT)
+
+# the demo LoRA (demo/weights/lora): one prompt without | with it -> out/demo-lora.png, drawn
+# with diffusers (load_lora_weights + fuse_lora) until the runtime's --lora is merged
+demo-lora: install
+	@mkdir -p $(OUT)
+	$(BIN)/python -m ldm_edge.demo.eval_lora --draw --out $(OUT)
 
 train-demo: install
 	$(BIN)/python -m ldm_edge.demo.train --stage all --minutes $(MINUTES)

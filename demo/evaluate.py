@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 
-from .dataset import BACKGROUNDS, COLOURS, POSITIONS, SHAPES
+from .dataset import BACKGROUNDS, COLOURS, LORA_POSITIONS, POSITIONS, SHAPES
 
 SHAPE_DIST = 60.0  # RGB distance from the background above which a pixel belongs to the shape
 MIN_SHAPE_PIXELS = 12  # fewer candidate pixels than this: no shape found
@@ -31,14 +31,17 @@ _BG_RGB = np.array([BACKGROUNDS[b] for b in _BG_NAMES], dtype=np.float64)
 _POS_NAMES = list(POSITIONS)
 _POS_XY = np.array([POSITIONS[p] for p in _POS_NAMES], dtype=np.float64)
 _SYNONYMS = {"grey": "gray", "centre": "center", "middle": "center"}
+# The base positions plus the demo LoRA's (demo/lora_data.py): pass as ``positions=`` to read those too.
+WITH_LORA_POSITIONS = {**POSITIONS, **LORA_POSITIONS}
 
 
 def _nearest(table: np.ndarray, names: list[str], value: np.ndarray) -> str:
     return names[int(np.argmin(((table - value) ** 2).sum(axis=1)))]
 
 
-def detect(image: np.ndarray) -> dict:
-    """Attributes read from one (H, W, 3) uint8 image (64x64 expected; other sizes are scaled)."""
+def detect(image: np.ndarray, positions: dict | None = None) -> dict:
+    """Attributes read from one (H, W, 3) uint8 image (64x64 expected; other sizes are scaled).
+    ``positions``: name -> anchor table to read the position against (default: POSITIONS)."""
     img = np.asarray(image, dtype=np.float64)[..., :3]
     h, w = img.shape[:2]
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
@@ -57,7 +60,10 @@ def detect(image: np.ndarray) -> dict:
     ys, xs = np.mgrid[0:h, 0:w]
     cx = (cover * (xs + 0.5)).sum() / area * (64.0 / w)
     cy = (cover * (ys + 0.5)).sum() / area * (64.0 / h)
-    out["position"] = _nearest(_POS_XY, _POS_NAMES, np.array([cx, cy]))
+    pos_names, pos_xy = (_POS_NAMES, _POS_XY) if positions is None else (
+        list(positions), np.array(list(positions.values()), dtype=np.float64))
+    out["position"] = _nearest(pos_xy, pos_names, np.array([cx, cy]))
+    out["centroid"] = (float(cx), float(cy))
     mask = cover > COVER_MASK
     if mask.sum() < MIN_SHAPE_PIXELS:
         return out
@@ -75,8 +81,8 @@ def detect(image: np.ndarray) -> dict:
     return out
 
 
-def parse_prompt(text: str) -> dict:
-    """Attributes named in a prompt; missing ones are None."""
+def parse_prompt(text: str, positions: dict | None = None) -> dict:
+    """Attributes named in a prompt; missing ones are None (``positions`` as in detect)."""
     words = re.findall(r"[a-z]+", text.lower())
     words = [_SYNONYMS.get(w, w) for w in words]
     joined = " ".join(words)
@@ -88,22 +94,23 @@ def parse_prompt(text: str) -> dict:
             attrs["background"] = w
         elif w in SHAPES and attrs["shape"] is None:
             attrs["shape"] = w
-    for p in sorted(POSITIONS, key=len, reverse=True):
+    for p in sorted(POSITIONS if positions is None else positions, key=len, reverse=True):
         if re.search(r"\b" + p + r"\b", joined):
             attrs["position"] = p
             break
     return attrs
 
 
-def score(images, prompts) -> dict:
-    """Per-attribute accuracy and 'all three right' (colour, shape, position) hit rate."""
+def score(images, prompts, positions: dict | None = None) -> dict:
+    """Per-attribute accuracy and 'all three right' (colour, shape, position) hit rate
+    (``positions`` as in detect)."""
     keys = ("colour", "shape", "position", "background")
     hits = {k: 0 for k in keys}
     all_three = 0
     n = 0
     for image, prompt in zip(images, prompts):
-        want = parse_prompt(prompt) if isinstance(prompt, str) else prompt
-        got = detect(np.asarray(image))
+        want = parse_prompt(prompt, positions) if isinstance(prompt, str) else prompt
+        got = detect(np.asarray(image), positions)
         ok = {k: want.get(k) is not None and got.get(k) == want.get(k) for k in keys}
         for k in keys:
             hits[k] += ok[k]
