@@ -34,11 +34,10 @@ demo: install
 	@mkdir -p $(OUT)
 	$(BIN)/python -m ldm_edge.demo.make_demo --out $(OUT)
 
-# the demo LoRA (demo/weights/lora): one prompt without | with it -> out/demo-lora.png, drawn
-# with diffusers (load_lora_weights + fuse_lora) until the runtime's --lora is merged
-demo-lora: install
-	@mkdir -p $(OUT)
-	$(BIN)/python -m ldm_edge.demo.eval_lora --draw --out $(OUT)
+# the demo LoRA (demo/weights/lora): one prompt without | with it, drawn by the lean runtime
+# from the demo bundle (ldm-run --lora) -> out/demo-lora.png
+demo-lora: demo
+	$(BIN)/python -m ldm_edge.demo.eval_lora --draw --bundle $(OUT)/demo-bundle --out $(OUT)
 
 train-demo: install
 	$(BIN)/python -m ldm_edge.demo.train --stage all --minutes $(MINUTES)

@@ -41,7 +41,9 @@ def ensure_bundle(source: Path | None, bundle: Path) -> None:
     manifest = bundle / "manifest.json"
     if source is not None and manifest.is_file():
         want = hash_files(_weight_files(source))
-        if json.loads(manifest.read_text())["model"]["sha256"] == want:
+        m = json.loads(manifest.read_text())
+        # a bundle made before LoRA support has no weights map (ldm-run --lora needs one)
+        if m["model"]["sha256"] == want and m["components"]["unet"].get("weights_map"):
             print(f"{bundle} is up to date")
             return
     args = [bin_of("ldm-export"), "onnx"] + ([str(source)] if source else []) + ["-o", str(bundle), "--force"]

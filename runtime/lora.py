@@ -4,7 +4,8 @@ Two file layouts are read (safetensors, ``safetensors_read.py``):
 
 * diffusers / PEFT, as ``pipe.save_lora_weights`` writes it:
   ``unet.<module>.lora_A.weight`` (A, [r, in, ...]) and ``lora_B.weight`` (B, [out, r, ...]),
-  ``text_encoder.<module>...``; alpha from the header's ``lora_adapter_metadata``
+  ``text_encoder.<module>...`` (or ``<module>.lora.down.weight`` / ``lora.up.weight``, the
+  names diffusers' training scripts save after ``convert_state_dict_to_diffusers``); alpha from the header's ``lora_adapter_metadata``
   (``unet.lora_alpha``, ``alpha_pattern``, ``use_rslora``) or a ``<module>.alpha`` key, else
   alpha = r (what diffusers assumes);
 * kohya / A1111: ``lora_unet_<module with _>.lora_down.weight`` (A), ``lora_up.weight`` (B),
@@ -37,11 +38,12 @@ from .safetensors_read import SafetensorsError, read_safetensors
 COMPONENTS = ("unet", "text_encoder")
 # how many unmatched keys an error names
 SHOW_KEYS = 3
-_DIFFUSERS = re.compile(r"^(unet|text_encoder)\.(.+)\.(lora_A|lora_B)\.weight$")
+_DIFFUSERS = re.compile(r"^(unet|text_encoder)\.(.+)\.(lora_A|lora_B|lora\.down|lora\.up)\.weight$")
 _DIFFUSERS_ALPHA = re.compile(r"^(unet|text_encoder)\.(.+)\.alpha$")
 _KOHYA = re.compile(r"^lora_(unet|te)_(.+)\.(lora_down|lora_up)\.weight$")
 _KOHYA_ALPHA = re.compile(r"^lora_(unet|te)_(.+)\.alpha$")
-_PART = {"lora_A": "down", "lora_down": "down", "lora_B": "up", "lora_up": "up"}
+_PART = {"lora_A": "down", "lora_down": "down", "lora.down": "down",
+         "lora_B": "up", "lora_up": "up", "lora.up": "up"}
 _COMPONENT = {"unet": "unet", "text_encoder": "text_encoder", "te": "text_encoder"}
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' header entry for the adapters' configs
 
