@@ -62,8 +62,7 @@ serve-venv: $(SERVE_STAMP)
 $(SERVE_STAMP): pyproject.toml
 	$(PY) -m venv $(SERVE_VENV)
 	$(SERVE_VENV)/bin/pip install -q --upgrade pip
-	$(SERVE_VENV)/bin/pip install -q "numpy<2" nvidia-pytriton==0.7.0 "tritonclient[http,grpc]"
-	$(SERVE_VENV)/bin/pip install -q -e .
+	$(SERVE_VENV)/bin/pip install -q -e ".[serve]"
 	touch $(SERVE_STAMP)
 
 # serves the demo bundle (made by `make demo`) on loopback until Ctrl-C

@@ -63,7 +63,8 @@ def parameters(params: dict) -> str:
 
 def component_config(name: str, spec: ComponentSpec, *, kind: str, graph_names: dict,
                      filename: str | None, instances: int, dynamic_batching: bool,
-                     params: dict | None = None) -> str:
+                     params: dict | None = None,
+                     queue_delay_us: int = UNET_QUEUE_DELAY_US) -> str:
     """``kind``: onnxruntime, tensorrt or python; ``graph_names``: our tensor name -> the
     name the model exposes (the graph's own for onnxruntime and tensorrt)."""
     batch = batched(spec)
@@ -84,15 +85,16 @@ def component_config(name: str, spec: ComponentSpec, *, kind: str, graph_names: 
     device = "KIND_CPU" if kind == "python" else "KIND_GPU"
     text += f"instance_group [ {{ count: {instances} kind: {device} }} ]\n"
     if dynamic_batching and batch:
-        text += f"dynamic_batching {{ max_queue_delay_microseconds: {UNET_QUEUE_DELAY_US} }}\n"
+        text += f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}\n"
     return text + parameters(params or {})
 
 
 def pipeline_config(name: str, inputs: dict, outputs: dict, *, instances: int,
                     params: dict) -> str:
-    """The ``ldm_pipeline`` Python model: every input but the prompt optional."""
+    """The ``ldm_pipeline`` Python model. Every input is optional to Triton, the prompt too:
+    the model refuses a request without one in ldm-run's words, not Triton's."""
     text = f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
-    text += _block("input", [_tensor("input", n, KSERVE_TYPES[k], dims, optional=n != "prompt")
+    text += _block("input", [_tensor("input", n, KSERVE_TYPES[k], dims, optional=True)
                              for n, (k, dims) in inputs.items()])
     text += _block("output", [_tensor("output", n, KSERVE_TYPES[k], dims)
                               for n, (k, dims) in outputs.items()])

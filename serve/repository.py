@@ -25,7 +25,7 @@ from ldm_edge.runtime.manifest import Manifest
 from ldm_edge.runtime.remote import PIPELINE_INPUTS, PIPELINE_MODEL, PIPELINE_OUTPUTS
 
 from .limits import ServeLimits
-from .pbtxt import component_config, pipeline_config
+from .pbtxt import UNET_QUEUE_DELAY_US, component_config, pipeline_config
 
 COMPONENT_KINDS = ("python", "onnxruntime", "tensorrt")
 BUNDLE_DIR = f"{PIPELINE_MODEL}/1/bundle"  # the bundle inside the repository
@@ -40,10 +40,11 @@ from {module} import TritonPythonModel  # noqa: F401
 
 def write_repository(bundle, out, *, components: str = "python", precision: str = "fp32",
                      instances: int = 1, limits: ServeLimits = ServeLimits(),
-                     force: bool = False) -> Path:
+                     batch_delay_us: int = UNET_QUEUE_DELAY_US, force: bool = False) -> Path:
     """Write the repository for ``bundle`` at ``out``; nothing is left at ``out`` on failure.
     ``instances``: copies of ``ldm_pipeline`` (requests served at once); each component has
-    one instance, the U-Net's batching the calls of concurrent requests together."""
+    one instance, the U-Net's batching the calls of concurrent requests together, waiting up
+    to ``batch_delay_us`` for them."""
     if components not in COMPONENT_KINDS:
         raise UsageError(f"--components {components!r}: use one of {', '.join(COMPONENT_KINDS)}")
     if instances < 1:
@@ -56,7 +57,7 @@ def write_repository(bundle, out, *, components: str = "python", precision: str 
     with staged_dir(out, force) as stage:
         link_tree(manifest.root, stage / BUNDLE_DIR)
         for name in manifest.component_names:
-            _component(stage, manifest, name, components, precision)
+            _component(stage, manifest, name, components, precision, batch_delay_us)
         model = stage / PIPELINE_MODEL
         (model / VERSION / "model.py").write_text(SHIM.format(
             module="ldm_edge.serve.pipeline_model"))
@@ -85,7 +86,8 @@ def link_or_copy(src: Path, dest: Path) -> None:
         shutil.copy2(src, dest)
 
 
-def _component(stage: Path, manifest: Manifest, name: str, kind: str, precision: str) -> None:
+def _component(stage: Path, manifest: Manifest, name: str, kind: str, precision: str,
+               batch_delay_us: int) -> None:
     spec, io_map = interface(manifest.component(name))
     prec = pick_precision(manifest, name, precision)
     folder = stage / name / VERSION
@@ -101,7 +103,7 @@ def _component(stage: Path, manifest: Manifest, name: str, kind: str, precision:
     params = {"bundle": BUNDLE_DIR, "precision": prec} if kind == "python" else {}
     (stage / name / "config.pbtxt").write_text(component_config(
         name, spec, kind=kind, graph_names=io_map, filename=filename, instances=1,
-        dynamic_batching=name in DYNAMIC_BATCHING, params=params))
+        dynamic_batching=name in DYNAMIC_BATCHING, params=params, queue_delay_us=batch_delay_us))
 
 
 def _link_graph(manifest: Manifest, name: str, precision: str, folder: Path) -> str:
