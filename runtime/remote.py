@@ -11,7 +11,6 @@ repository writer (serve/repository.py) builds the model's config.pbtxt from it.
 from __future__ import annotations
 
 import json
-import socket
 import struct
 import urllib.error
 import urllib.parse
@@ -142,7 +141,7 @@ def generate(server: str, inputs: dict, timeout: float = DEFAULT_TIMEOUT_S) -> R
             length = resp.headers.get("Inference-Header-Content-Length")
     except urllib.error.HTTPError as e:
         raise UsageError(_server_error(e)) from None
-    except (urllib.error.URLError, ConnectionError, socket.timeout) as e:
+    except (TimeoutError, urllib.error.URLError, ConnectionError) as e:
         reason = getattr(e, "reason", e)
         raise UsageError(f"cannot reach the server at {server} ({reason}); is `ldm-serve` "
                          f"running there?") from None

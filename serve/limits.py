@@ -35,7 +35,7 @@ class ServeLimits:
         return {f"limit_{k}": v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_params(cls, params: dict) -> "ServeLimits":
+    def from_params(cls, params: dict) -> ServeLimits:
         """From the model config's ``parameters`` (string values)."""
         return cls(**{f.name: int(params[f"limit_{f.name}"]) for f in fields(cls)
                       if f"limit_{f.name}" in params})

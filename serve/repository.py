@@ -39,7 +39,7 @@ from {module} import TritonPythonModel  # noqa: F401
 
 
 def write_repository(bundle, out, *, components: str = "python", precision: str = "fp32",
-                     instances: int = 1, limits: ServeLimits = ServeLimits(),
+                     instances: int = 1, limits: ServeLimits | None = None,
                      batch_delay_us: int = UNET_QUEUE_DELAY_US, force: bool = False) -> Path:
     """Write the repository for ``bundle`` at ``out``; nothing is left at ``out`` on failure.
     ``instances``: copies of ``ldm_pipeline`` (requests served at once); each component has
@@ -62,7 +62,7 @@ def write_repository(bundle, out, *, components: str = "python", precision: str 
         (model / VERSION / "model.py").write_text(SHIM.format(
             module="ldm_edge.serve.pipeline_model"))
         params = {"bundle": BUNDLE_DIR, "components": components, "precision": precision,
-                  **limits.to_params()}
+                  **(limits or ServeLimits()).to_params()}
         (model / "config.pbtxt").write_text(pipeline_config(
             PIPELINE_MODEL, PIPELINE_INPUTS, PIPELINE_OUTPUTS, instances=instances,
             params=params))

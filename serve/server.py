@@ -133,7 +133,7 @@ class TritonServer:
         shutil.copy2(env["_STUB"], python / "triton_python_backend_stub")
         (Path(self._scratch) / "cache").mkdir()
 
-    def start(self, timeout: float = DEFAULT_READY_TIMEOUT_S) -> "TritonServer":
+    def start(self, timeout: float = DEFAULT_READY_TIMEOUT_S) -> TritonServer:
         self._backend_dir()
         env = {**os.environ, **{k: v for k, v in self.install.env.items()
                                 if not k.startswith("_")}}

@@ -5,7 +5,6 @@ made do these tests skip, with the reason printed (-ra)."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +14,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 # making the venv downloads ~60 MB of wheels and installs them
 MAKE_VENV_TIMEOUT_S = 900
-
-
-def _venv_python(venv: Path) -> Path:
-    return venv / "bin" / "python"
 
 
 @pytest.fixture(scope="session")
@@ -37,21 +32,3 @@ def serve_venv() -> Path:
     return venv
 
 
-def venv_run(venv: Path, code: str, *args, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run ``code`` with the serving venv's Python (it has tritonclient and protobuf)."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([str(_venv_python(venv)), "-c", code, *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports (bound and released at once)."""
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports

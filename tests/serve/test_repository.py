@@ -9,8 +9,8 @@ import os
 import shutil
 
 import pytest
-from conftest import venv_run
 from helpers import run_cli
+from serve_helpers import venv_run
 
 from ldm_edge.runtime.fsutil import sha256_file
 from ldm_edge.runtime.schema import read_manifest_json

@@ -13,20 +13,24 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_ports, venv_run
 from helpers import run_cli
 from PIL import Image
+from serve_helpers import free_ports, venv_run
+from served_bad_inputs import SERVED_CASES, markdown
 
 from ldm_edge.runtime.remote import generate, request_inputs
 
 RUN = ("-m", "ldm_edge.runtime")
+README = Path(__file__).parents[2] / "README.md"
 MAX_STEPS = 500  # the server's --max-steps here: long enough to cancel a request mid-way
+MAX_PIXELS = 256 * 256  # its --max-pixels: 512x512 is refused
 # Here the U-Net's batcher waits 20 ms for other calls: two pipelines stepping together
 # always meet inside it (tiny-model steps take a few ms), so batching is certain, not luck.
 BATCH_DELAY_US = 20000
@@ -71,6 +75,7 @@ def served(serve_venv, tiny_bundles, tmp_path_factory):
     cmd = [sys.executable, "-m", "ldm_edge.serve.cli", str(tiny_bundles["sd1"]),
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
            "--components", "python", "--instances", "2", "--max-steps", str(MAX_STEPS),
+           "--max-pixels", str(MAX_PIXELS),
            "--batch-delay-us", str(BATCH_DELAY_US), "--repository", str(tmp / "repo"),
            "--serve-venv", str(serve_venv), "--log", str(tmp / "tritonserver.log")]
     with open(out, "w") as o, open(err, "w") as e:
@@ -194,60 +199,43 @@ def test_unet_batches_calls_of_concurrent_requests(served):
         assert np.array_equal(together[s].images, alone[s].images)
 
 
-BAD = {  # ldm-run arguments; the served answer must be ldm-run's own line
-    "steps-0": ["--steps", "0"],
-    "height-not-multiple-of-8": ["--height", "65"],
-    "unknown-scheduler": ["--scheduler", "nope"],
-    "guidance-negative": ["--guidance-scale", "-1"],
-    "strength-without-init": ["--strength", "0.5"],
-    "init-not-an-image": ["--init-image", "NOTIMAGE"],
-    "too-many-images": ["--num-images", "9"],
-    "seed-negative": ["--seed", "-1"],
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_request_gets_ldm_runs_line_and_server_goes_on(case, served, tiny_bundles, tmp_path):
-    (tmp_path / "notimage.png").write_text("hello")
-    args = ["-p", "a cat", *[str(tmp_path / "notimage.png") if a == "NOTIMAGE" else a
-                             for a in BAD[case]]]
-    local = run_cli(*RUN, str(tiny_bundles["sd1"]), *args, "-o", str(tmp_path / "l.png"))
-    remote = run_cli(*RUN, "--server", served.http, *args, "-o", str(tmp_path / "r.png"))
-    assert local.returncode == remote.returncode == 2
-    assert remote.stderr == local.stderr and remote.stderr.count("\n") == 1
+@pytest.mark.parametrize("what,how,args,code,needle,local", SERVED_CASES,
+                         ids=[c[0] for c in SERVED_CASES])
+def test_bad_request_then_server_goes_on(what, how, args, code, needle, local, served,
+                                         tiny_bundles, tmp_path):
+    if how == "http":
+        req = urllib.request.Request(f"{served.http}/v2/models/ldm_pipeline/infer",
+                                     data=json.dumps({"inputs": args}).encode())
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=60)
+        assert e.value.code == code
+        assert needle in json.loads(e.value.read())["error"]
+    else:
+        (tmp_path / "notimage.png").write_text("hello")
+        sub = [str(tmp_path / "notimage.png") if a == "NOTIMAGE" else
+               str(tiny_bundles["sd1"]) if a == "BUNDLE" else
+               f"127.0.0.1:{free_ports(1)[0]}" if a == "SERVER" else a for a in args]
+        if "--server" not in sub:
+            sub = ["--server", served.http, *sub]
+        r = run_cli(*RUN, *sub, "-o", str(tmp_path / "r.png"))
+        assert r.returncode == code
+        lines = r.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("ldm-run: error: ") and needle in lines[0]
+        if local:  # the very line ldm-run prints when it runs the bundle itself
+            sub = sub[2:] if sub[0] == "--server" else sub
+            mine = run_cli(*RUN, str(tiny_bundles["sd1"]), *sub, "-o", str(tmp_path / "l.png"))
+            assert (mine.returncode, mine.stderr) == (code, r.stderr)
+        assert not (tmp_path / "r.png").exists()
     assert served.ready()
 
 
-LIMITS = {
-    "over-max-steps": (["--steps", str(MAX_STEPS + 1)],
-                       f"--steps {MAX_STEPS + 1} is over this server's limit of {MAX_STEPS}"),
-    "prompt-too-long": (["-p", "x" * 2001], "prompt of 2001 characters is over this server's "
-                                            "limit of 2000"),
-}
+def test_readme_has_the_served_table():
+    assert markdown() in README.read_text(), "regenerate: python tests/serve/served_bad_inputs.py"
 
 
-@pytest.mark.parametrize("case", sorted(LIMITS))
-def test_request_over_a_limit_is_refused(case, served, tmp_path):
-    args, line = LIMITS[case]
-    r = run_cli(*RUN, "--server", served.http, "-p", "a cat", *args, "-o", str(tmp_path / "r.png"))
-    assert r.returncode == 2 and r.stderr == f"ldm-run: error: {line}\n"
-
-
-def test_raw_bad_requests_get_400_and_server_goes_on(served):
-    def post(inputs) -> tuple[int, str]:
-        req = urllib.request.Request(f"{served.http}/v2/models/ldm_pipeline/infer",
-                                     data=json.dumps({"inputs": inputs}).encode())
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                return r.status, ""
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())["error"]
-
-    assert post([]) == (400, "give at least one prompt")
-    prompt = {"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["a cat"]}
-    code, msg = post([prompt, {"name": "steps", "shape": [1], "datatype": "FP32", "data": [2.5]}])
-    assert code == 400 and "steps" in msg  # a wrong type: Triton's own check, before ours
-    assert post([prompt, {"name": "steps", "shape": [1], "datatype": "INT32", "data": [2]}])[0] == 200
+def test_good_request_after_the_bad_ones(served):
+    r = generate(served.http, request_inputs(prompts=["a cat"], seed=1, steps=2))
+    assert r.images.shape[0] == 1
 
 
 CANCEL = """
