@@ -238,6 +238,16 @@ def test_good_request_after_the_bad_ones(served):
     assert r.images.shape[0] == 1
 
 
+def test_readme_client_example(served, serve_venv, tmp_path):
+    text = README.read_text().split("<!-- client-example -->")[1]
+    code = text.split("```python\n")[1].split("```")[0]
+    code = code.replace("127.0.0.1:8000", served.http.split("//")[1])
+    r = venv_run(serve_venv, f"import os; os.chdir({str(tmp_path)!r})\n{code}")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "client.png").size == (128, 128)  # the tiny bundle's default
+    assert "'seed': 3" in r.stdout
+
+
 CANCEL = """
 import sys, time, json, urllib.request, numpy as np, tritonclient.grpc as g
 http, grpc, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
