@@ -65,10 +65,11 @@ $(SERVE_STAMP): pyproject.toml
 	$(SERVE_VENV)/bin/pip install -q -e ".[serve]"
 	touch $(SERVE_STAMP)
 
-# serves the demo bundle (made by `make demo`) on loopback until Ctrl-C
+# serves the demo bundle (made by `make demo`) on loopback until Ctrl-C: the tritonserver on
+# PATH (NVIDIA's container), else the one in .venv-serve
 serve: install serve-venv
 	@test -f $(OUT)/demo-bundle/manifest.json || $(MAKE) demo
-	$(BIN)/ldm-serve $(OUT)/demo-bundle --serve-venv $(SERVE_VENV)
+	$(BIN)/ldm-serve $(OUT)/demo-bundle
 
 clean:
 	rm -rf $(OUT) .pytest_cache

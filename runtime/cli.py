@@ -101,7 +101,7 @@ def main(bundle, prompts, negative_prompt, steps, guidance_scale, scheduler, see
 
         return run_served(server, bundle, paths, locals(), quiet, t_proc)
     if bundle is None:
-        raise UsageError("give BUNDLE (the folder `ldm-export onnx` wrote), or --server URL")
+        raise UsageError("give BUNDLE (a folder written by ldm-export onnx), or --server URL")
     latents = _load_latents(latents_path) if latents_path else None
     pipe = Pipeline(bundle, backend=backend, precision=precision, device=device, threads=threads,
                     verify=not no_verify, ort_cache=ort_cache, low_memory=low_memory,
