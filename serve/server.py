@@ -47,7 +47,8 @@ class TritonInstall:
 
 
 def find_triton(serve_venv: str | os.PathLike | None = None) -> TritonInstall:
-    """The ``tritonserver`` on PATH, else the pytriton wheel's in ``serve_venv``."""
+    """``serve_venv`` given: the pytriton wheel's in it. Otherwise the ``tritonserver`` on PATH,
+    else the wheel's in $LDM_EDGE_SERVE_VENV or ./.venv-serve."""
     on_path = shutil.which("tritonserver")
     if on_path and serve_venv is None:
         root = Path(on_path).resolve().parent.parent / "backends"
