@@ -95,8 +95,9 @@ class _Command(click.Command):
 @click.option("--repository", type=click.Path(), default=None,
               help="Write the model repository here and keep it (default: a temporary one).")
 @click.option("--serve-venv", type=click.Path(), default=None,
-              help="Venv with nvidia-pytriton and numpy<2 (`make serve-venv`), used when no "
-                   "tritonserver is on PATH (default: $LDM_EDGE_SERVE_VENV or .venv-serve).")
+              help="Run the tritonserver of this venv (nvidia-pytriton, numpy<2: `make "
+                   "serve-venv`). Default: the tritonserver on PATH, else the one in "
+                   "$LDM_EDGE_SERVE_VENV or .venv-serve.")
 @click.option("--log", "log_path", type=click.Path(), default=None,
               help="tritonserver's log file (default: in the temporary folder).")
 @click.option("--debug", is_flag=True, help="Tracebacks, and tritonserver's verbose log.")
