@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_edge.runtime.errors import LdmEdgeError, UsageError
+from ldm_edge.runtime.errors import UsageError, first_line
 from ldm_edge.runtime.remote import PIPELINE_INPUTS
 
 from .bls import RequestCancelled, ServedPipeline
@@ -79,10 +79,10 @@ class TritonPythonModel:
             except UsageError as e:
                 err = pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=err))
-            except (LdmEdgeError, Exception) as e:  # noqa: BLE001 - one line, server goes on
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            except Exception as e:  # noqa: BLE001 - a 500 with one line; the model goes on
+                log.warning("ldm_pipeline: %s: %s", type(e).__name__, first_line(e))
                 responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[], error=pb_utils.TritonError(msg)))
+                    output_tensors=[], error=pb_utils.TritonError(first_line(e))))
         return responses
 
     def _generate(self, request, pb_utils):
