@@ -11,7 +11,7 @@ N        ?= 200
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test test-fast demo demo-lora train-demo eval-demo eval-demo-torch bench gpu-check clean
+.PHONY: install test test-fast demo demo-lora train-demo eval-demo eval-demo-torch bench gpu-check clean serve serve-venv
 
 install: $(STAMP)
 
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[export,demo,test,openvino]"
 	touch $(STAMP)
 
-test: install
+test: install serve-venv
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: install
@@ -56,6 +56,25 @@ bench: install
 # a CUDA machine with TensorRT: FP16/INT8 engines, pytest -m gpu, short benchmark -> out/gpu-check/
 gpu-check: install
 	$(BIN)/python benchmarks/gpu_check.py --out $(OUT)/gpu-check
+
+# Triton serving: a separate venv for the server's Python models (numpy<2: the Python-backend
+# stub of the nvidia-pytriton wheel fails every request with numpy 2; README "Serving")
+SERVE_VENV  := .venv-serve
+SERVE_STAMP := $(SERVE_VENV)/.installed
+
+serve-venv: $(SERVE_STAMP)
+
+$(SERVE_STAMP): pyproject.toml
+	$(PY) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install -q --upgrade pip
+	$(SERVE_VENV)/bin/pip install -q -e ".[serve]"
+	touch $(SERVE_STAMP)
+
+# serves the demo bundle (made by `make demo`) on loopback until Ctrl-C: the tritonserver on
+# PATH (NVIDIA's container), else the one in .venv-serve
+serve: install serve-venv
+	@test -f $(OUT)/demo-bundle/manifest.json || $(MAKE) demo
+	$(BIN)/ldm-serve $(OUT)/demo-bundle
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -9,6 +9,7 @@ import click
 
 from ldm_edge.calibration.cli_int8 import int8_cmd
 from ldm_edge.runtime import cli_errors
+from ldm_edge.serve.cli import triton_cmd
 
 
 def fail(msg: str, code: int = 1):
@@ -208,6 +209,7 @@ def engines_cmd(ctx, bundle, precision, static, min_size, opt_size, max_size, ma
 
 
 main.add_command(int8_cmd, "int8")  # lives in calibration/, where INT8 is made
+main.add_command(triton_cmd, "triton")  # lives in serve/, with the server it is for
 
 if __name__ == "__main__":
     main()

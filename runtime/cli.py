@@ -31,7 +31,7 @@ def _list_schedulers(ctx, _param, value):
 
 
 @click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("bundle", type=click.Path())
+@click.argument("bundle", type=click.Path(), required=False)
 @click.option("-p", "--prompt", "prompts", multiple=True, required=True,
               help="Text prompt; repeat for several prompts in one batch.")
 @click.option("-n", "--negative-prompt", default=None, help="What the image should not show.")
@@ -84,11 +84,15 @@ def _list_schedulers(ctx, _param, value):
 @click.option("-o", "--output", "out", default="out.png", show_default=True,
               help="PNG to write (several images: out-0.png, out-1.png, ...).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or timing table.")
+@click.option("--server", default=None, metavar="URL",
+              help="Send the request to a served pipeline (`ldm-serve`, KServe v2 HTTP, e.g. "
+                   "http://127.0.0.1:8000) instead of running BUNDLE here; same PNG.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
 def main(bundle, prompts, negative_prompt, steps, guidance_scale, scheduler, seed, height, width,
          num_images, init_image, strength, latents_path, backend, device, precision, threads,
-         ort_cache, low_memory, vae_tiling, vae_tile_size, loras, no_verify, out, quiet, debug):
-    """Generate images from BUNDLE (a folder written by `ldm-export onnx`)."""
+         ort_cache, low_memory, vae_tiling, vae_tile_size, loras, no_verify, out, quiet, debug,
+         server):
+    """Generate images from BUNDLE (a folder written by `ldm-export onnx`), or on --server."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="ldm-run: %(levelname)s: %(message)s")
     from .image import output_paths, save_png
@@ -96,6 +100,12 @@ def main(bundle, prompts, negative_prompt, steps, guidance_scale, scheduler, see
 
     t_proc = time.perf_counter()
     paths = output_paths(out, len(prompts) * num_images)
+    if server is not None:
+        from .remote_cli import run_served
+
+        return run_served(server, bundle, paths, locals(), quiet, t_proc)
+    if bundle is None:
+        raise UsageError("give BUNDLE (a folder written by ldm-export onnx), or --server URL")
     latents = _load_latents(latents_path) if latents_path else None
     from .lora import parse_lora_arg
 

@@ -136,6 +136,7 @@ CASES = [
     ("emoji prompt (accepted)", None, ["BUNDLE", "-p", "a 🐱 on a 🚲", "--steps", "1", "-q"], 0, ""),
     ("right-to-left prompt (accepted)", None, ["BUNDLE", "-p", "قطة حمراء على دراجة", "--steps", "1", "-q"], 0, ""),
     ("very long prompt (accepted, truncated with a warning)", None, ["BUNDLE", "-p", "cat " * 200, "--steps", "1", "-q"], 0, "prompt 1 is longer than the text encoder's 77 tokens: 125 tokens dropped"),
+    ("no BUNDLE (and no --server)", None, P, 2, "give BUNDLE (a folder written by ldm-export onnx), or --server URL"),
 ]
 
 

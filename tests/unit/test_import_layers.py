@@ -1,7 +1,7 @@
 """The layers of ldm_edge, read from the source (every import, at module level or inside a
 function): no import cycle between modules, and each layer imports only those below it.
 
-    runtime (torch-free) <- bundletools (torch-free) <- calibration, export (torch)
+    runtime (torch-free) <- bundletools (torch-free) <- calibration, export (torch), serve
 
 Only export/cli.py (the ``ldm-export`` command) may import calibration/, to register the
 ``fp16`` and ``int8`` subcommands.
@@ -23,8 +23,9 @@ MAY_IMPORT = {
     "bundletools": {"runtime"},
     "calibration": {"runtime", "bundletools"},
     "export": {"runtime", "bundletools", "demo"},
+    "serve": {"runtime", "bundletools"},
 }
-CLI_MAY_ALSO_IMPORT = {"ldm_edge.export.cli": {"calibration"}}
+CLI_MAY_ALSO_IMPORT = {"ldm_edge.export.cli": {"calibration", "serve"}}
 
 def module_files() -> dict[str, Path]:
     """Module name -> source file, for every package pyproject.toml maps."""

@@ -1,0 +1,34 @@
+"""The serving tier: a real tritonserver from the serving venv (``make serve-venv``: numpy<2,
+nvidia-pytriton, tritonclient). The venv is made here when missing; only where it cannot be
+made do these tests skip, with the reason printed (-ra)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+# making the venv downloads ~60 MB of wheels and installs them
+MAKE_VENV_TIMEOUT_S = 900
+
+
+@pytest.fixture(scope="session")
+def serve_venv() -> Path:
+    venv = Path(os.environ.get("LDM_EDGE_SERVE_VENV") or ROOT / ".venv-serve")
+    if not (venv / ".installed").exists():
+        try:
+            r = subprocess.run(["make", "-C", str(ROOT), "serve-venv", f"PY={sys.executable}"]
+                               if not venv.exists() else ["make", "-C", str(ROOT), "serve-venv"],
+                               capture_output=True, text=True, timeout=MAKE_VENV_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            pytest.skip(f"cannot make the serving venv ({e}); run `make serve-venv`")
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or ["?"])[-1]
+            pytest.skip(f"cannot make the serving venv with `make serve-venv`: {last}")
+    return venv
+
+
