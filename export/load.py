@@ -40,6 +40,10 @@ def load_model(source: str | os.PathLike, config: str | None = None) -> LoadedMo
     if p.is_dir():
         if (p / DEMO_MARKER).is_file():
             return _load_demo(p)
+        from .ldm_load import ldm_layout, load_ldm_folder
+
+        if layout := ldm_layout(p):  # the LDM paper's own layouts (issue 14)
+            return load_ldm_folder(p, layout)
         return _load_folder(p)
     if p.suffix.lower() in SINGLE_FILE_SUFFIXES:
         from .single_file import load_single_file

@@ -34,6 +34,8 @@ class LoadedModel:
     use_attention_mask: bool
     scheduler_config: dict
     defaults: dict = field(default_factory=dict)
+    # what the model does (runtime/tasks.py); None: text-to-image, as SD1/SD2 always were
+    task: str | None = None
 
     @property
     def prediction_type(self) -> str:
@@ -44,11 +46,18 @@ class LoadedModel:
         return int(self.vae.config.latent_channels)
 
     @property
+    def unet_in_channels(self) -> int:
+        """The U-Net's input channels: the latent's, plus any concatenated conditioning."""
+        return int(self.unet.config.in_channels)
+
+    @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
     def text_hidden_size(self) -> int:
+        if self.text_encoder is None:  # unconditional: no text encoder
+            return 0
         return int(self.text_encoder.config.hidden_size)
 
 

@@ -10,6 +10,7 @@ import click
 
 from .cli_errors import invoke_reporting
 from .errors import UsageError
+from .tasks import TASKS
 
 
 class _Command(click.Command):
@@ -32,8 +33,12 @@ def _list_schedulers(ctx, _param, value):
 
 @click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("bundle", type=click.Path())
-@click.option("-p", "--prompt", "prompts", multiple=True, required=True,
-              help="Text prompt; repeat for several prompts in one batch.")
+@click.option("-p", "--prompt", "prompts", multiple=True,
+              help="Text prompt; repeat for several prompts in one batch. Required unless the "
+                   "bundle's model is unconditional.")
+@click.option("--task", type=click.Choice(TASKS), default=None,
+              help="What to run (default: what the bundle's model does, see the README's task "
+                   "table); a text-to-image model also samples unconditionally.")
 @click.option("-n", "--negative-prompt", default=None, help="What the image should not show.")
 @click.option("--steps", type=int, default=None, help="Denoising steps (default: the model's).")
 @click.option("-g", "--guidance-scale", type=float, default=None,
@@ -82,7 +87,7 @@ def _list_schedulers(ctx, _param, value):
               help="PNG to write (several images: out-0.png, out-1.png, ...).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or timing table.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
-def main(bundle, prompts, negative_prompt, steps, guidance_scale, scheduler, seed, height, width,
+def main(bundle, prompts, task, negative_prompt, steps, guidance_scale, scheduler, seed, height, width,
          num_images, init_image, strength, latents_path, backend, device, precision, threads,
          ort_cache, low_memory, vae_tiling, vae_tile_size, no_verify, out, quiet, debug):
     """Generate images from BUNDLE (a folder written by `ldm-export onnx`)."""
@@ -92,13 +97,14 @@ def main(bundle, prompts, negative_prompt, steps, guidance_scale, scheduler, see
     from .pipeline import Pipeline
 
     t_proc = time.perf_counter()
-    paths = output_paths(out, len(prompts) * num_images)
+    paths = output_paths(out, max(1, len(prompts)) * num_images)
     latents = _load_latents(latents_path) if latents_path else None
     pipe = Pipeline(bundle, backend=backend, precision=precision, device=device, threads=threads,
                     verify=not no_verify, ort_cache=ort_cache, low_memory=low_memory,
                     vae_tiling=vae_tiling, vae_tile_size=vae_tile_size)
     # resolved once, init image loaded at the resolved size: every argument error is raised here
-    request = pipe.request(prompt=list(prompts), negative_prompt=negative_prompt,
+    request = pipe.request(prompt=list(prompts) or None, task=task,
+                           negative_prompt=negative_prompt,
                            num_inference_steps=steps, guidance_scale=guidance_scale,
                            scheduler=scheduler, height=height, width=width,
                            num_images_per_prompt=num_images, seed=seed, latents=latents,

@@ -59,7 +59,8 @@ class Manifest:
         for name, rec in self.schema.components.items():
             for precision in rec.variants:
                 self._check_files(name, precision, verify)
-        self._check_file_record(self.schema.tokenizer.file_record, "tokenizer", verify)
+        if self.schema.tokenizer is not None:  # none for a model that takes no prompt
+            self._check_file_record(self.schema.tokenizer.file_record, "tokenizer", verify)
 
     def _check_files(self, name: str, precision: str, verify: bool) -> None:
         rec = self.schema.components[name].variants[precision]

@@ -66,7 +66,9 @@ class Pipeline:
             raise UsageError("--vae-tile-size needs --vae-tiling (it is the size of the tiles "
                              "the VAE decodes); add --vae-tiling or drop --vae-tile-size")
         self.manifest = bundle if isinstance(bundle, Manifest) else open_bundle(bundle, verify)
-        self.tokenizer = PromptTokenizer.from_manifest(self.manifest)
+        # a model that takes no prompt has no tokenizer (runtime/tasks.py)
+        self.tokenizer = (PromptTokenizer.from_manifest(self.manifest)
+                          if self.manifest.schema.tokenizer is not None else None)
         if ort_cache is None:  # not said: the environment decides (LDM_EDGE_ORT_CACHE=1)
             from .ort_cache import enabled_by_env
 
@@ -205,7 +207,7 @@ class Pipeline:
                  width: int | None = None, num_images_per_prompt: int = 1,
                  seed: int | None = None, generator=None, latents: np.ndarray | None = None,
                  init_image: np.ndarray | str | None = None, strength: float | None = None,
-                 progress=None) -> Result:
+                 task: str | None = None, progress=None) -> Result:
         """Run ``request``, or the one the keywords resolve to. ``generator``: the caller's
         noise source (then no seed); ``progress(done, total)``: called from step 0 on."""
         if request is None:
@@ -215,7 +217,7 @@ class Pipeline:
                 scheduler=scheduler, height=height, width=width,
                 num_images_per_prompt=num_images_per_prompt, seed=seed,
                 draw_seed=generator is None, latents=latents, init_image=init_image,
-                strength=strength)
+                strength=strength, task=task)
         if generator is not None and request.seed is not None:
             raise UsageError("give a seed or a generator, not both")
         return self._run(request, generator or np.random.default_rng(request.seed), progress)
@@ -226,7 +228,8 @@ class Pipeline:
         t_start = time.perf_counter()
         sched = make_scheduler(req.scheduler, self.manifest.schema.scheduler)
         # low memory: each stage's session is released before the next one's opens
-        embeds, dropped = self._embeddings(req)
+        embeds, dropped = (self._embeddings(req) if self.manifest.has("text_encoder")
+                           else (None, [0] * req.num_images))  # unconditional model
         self._release("text_encoder")
         timesteps = self._timesteps(sched, req)
         if req.init_image is not None:
@@ -316,18 +319,21 @@ class Pipeline:
         outs = []
         for s in range(0, x.shape[0], chunk):
             xs = x[s:s + chunk]
-            outs.append(self._call("unet", {"sample": xs, "encoder_hidden_states": embeds[s:s + chunk],
-                                            "timestep": np.full((xs.shape[0],), t, dtype=t_dtype)}))
+            feeds = {"sample": xs, "timestep": np.full((xs.shape[0],), t, dtype=t_dtype)}
+            if embeds is not None:
+                feeds["encoder_hidden_states"] = embeds[s:s + chunk]
+            outs.append(self._call("unet", feeds))
         return np.concatenate(outs)
 
     def _denoise(self, sched, lat, embeds, timesteps, req, gen, progress) -> np.ndarray:
         unet = self.backend("unet")
         cfg = req.guidance_scale > 1.0
         t_dtype = np.dtype(unet.spec.input("timestep").dtype)
-        embeds = embeds.astype(np.float32)
         chunk = self._unet_max_batch()
-        if chunk >= embeds.shape[0]:
-            unet.bind({"encoder_hidden_states": embeds})
+        if embeds is not None:  # None: a U-Net without cross-attention (unconditional)
+            embeds = embeds.astype(np.float32)
+            if chunk >= embeds.shape[0]:
+                unet.bind({"encoder_hidden_states": embeds})
         per_step = []
         t_loop = time.perf_counter()
         if progress is not None:

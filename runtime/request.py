@@ -19,6 +19,7 @@ import numpy as np
 from . import validate
 from .errors import UsageError
 from .schema import BundleManifest
+from .tasks import TEXT_TO_IMAGE, run_task, takes_prompt
 
 # diffusers' StableDiffusionImg2ImgPipeline default: redraw 80 % of the schedule
 DEFAULT_STRENGTH = 0.8
@@ -56,6 +57,7 @@ class BundleDefaults:
     max_batch: int = 1 << 16
     vae_scale_factor: int = 8
     latent_channels: int = 4
+    task: str | None = None  # the bundle's (runtime/tasks.py); None: text-to-image
 
     @classmethod
     def from_manifest(cls, manifest: BundleManifest) -> "BundleDefaults":
@@ -71,7 +73,7 @@ class BundleDefaults:
                    max_size=int(dims.get("max_size", 1 << 16)),
                    max_batch=int(dims.get("max_batch", 1 << 16)),
                    vae_scale_factor=int(manifest.vae_scale_factor),
-                   latent_channels=int(manifest.latent_channels))
+                   latent_channels=int(manifest.latent_channels), task=manifest.task)
 
 
 def _sha256(array: np.ndarray) -> str:
@@ -125,6 +127,7 @@ class GenerationRequest:
     strength: float | None = None  # img2img only
     init_image: InitImage | None = None
     latents: np.ndarray | None = field(default=None, repr=False, compare=False)  # read-only
+    task: str = TEXT_TO_IMAGE  # runtime/tasks.py
 
     @property
     def num_images(self) -> int:
@@ -144,7 +147,8 @@ class GenerationRequest:
                 "num_images_per_prompt": self.num_images_per_prompt, "seed": self.seed,
                 "strength": self.strength,
                 "init_image": self.init_image.to_dict() if self.init_image else None,
-                "latents_sha256": None if self.latents is None else _sha256(self.latents)}
+                "latents_sha256": None if self.latents is None else _sha256(self.latents),
+                **({} if self.task == TEXT_TO_IMAGE else {"task": self.task})}
 
 
 @dataclass(frozen=True)
@@ -169,7 +173,7 @@ def resolve_request(bundle: BundleDefaults, *, prompt, negative_prompt=None,
                     width: int | None = None, num_images_per_prompt: int = 1,
                     seed: int | None = None, draw_seed: bool = True,
                     latents: np.ndarray | None = None, init_image=None,
-                    strength: float | None = None) -> GenerationRequest:
+                    strength: float | None = None, task: str | None = None) -> GenerationRequest:
     """Fill what is not given from ``bundle`` and check everything (one-line UsageErrors).
 
     ``init_image``: a file path (loaded here, at the resolved size) or uint8 [1, H, W, 3].
@@ -177,10 +181,17 @@ def resolve_request(bundle: BundleDefaults, *, prompt, negative_prompt=None,
     ``draw_seed=False`` when the caller brings its own noise generator."""
     from .schedulers import scheduler_names
 
-    prompts = validate.prompts(prompt)
-    negs = validate.negative_prompts(negative_prompt, len(prompts))
+    task = run_task(bundle.task, task)
+    if takes_prompt(task):
+        if prompt is None or (not isinstance(prompt, str) and not list(prompt)):
+            raise UsageError("give a prompt with -p/--prompt: this bundle's model is "
+                             "text-to-image (an empty prompt is allowed)")
+        prompts = validate.prompts(prompt)
+        negs = validate.negative_prompts(negative_prompt, len(prompts))
+        g = validate.guidance(_given(guidance_scale, bundle.guidance_scale))
+    else:
+        prompts, negs, g = _no_prompt(task, bundle.task, prompt, negative_prompt, guidance_scale)
     steps = validate.steps(_given(num_inference_steps, bundle.num_inference_steps))
-    g = validate.guidance(_given(guidance_scale, bundle.guidance_scale))
     name = validate.scheduler(scheduler or bundle.scheduler, scheduler_names())
     n = validate.batch(len(prompts), num_images_per_prompt, bundle.max_batch)
     limits = (bundle.size_multiple, bundle.min_size, bundle.max_size)
@@ -196,7 +207,21 @@ def resolve_request(bundle: BundleDefaults, *, prompt, negative_prompt=None,
         validate.latents(latents, (len(prompts) * n, bundle.latent_channels, h // f, w // f), f)
         latents = _frozen(latents)
     return GenerationRequest(prompts, negs, steps, g, name, h, w, n, seed, strength, init,
-                             latents)
+                             latents, task)
+
+
+def _no_prompt(task: str, bundle_task: str | None, prompt, negative_prompt, guidance_scale):
+    """Unconditional sampling: one empty prompt (for the batch count), no guidance."""
+    given = prompt if isinstance(prompt, str) else (list(prompt) if prompt is not None else [])
+    why = ("this bundle's model is unconditional (it has no text encoder)" if task == bundle_task
+           else f"--task {task} samples without one")
+    if given:
+        raise UsageError(f"--prompt given, but {why}; drop --prompt")
+    if negative_prompt is not None:
+        raise UsageError(f"--negative-prompt given, but {why}; drop it")
+    if guidance_scale is not None and guidance_scale > 1.0:
+        raise UsageError(f"--guidance-scale {guidance_scale} needs a prompt, but {why}; drop it")
+    return ("",), ("",), 1.0
 
 
 def _given(value, default):

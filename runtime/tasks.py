@@ -1,0 +1,56 @@
+"""What a bundle's model does, and the component interfaces each task has (issue 14).
+
+A manifest without ``task`` is text-to-image (every SD1/SD2/demo bundle). The LDM paper's
+unconditional models (``LDMPipeline``) take no prompt: no text encoder, no tokenizer, and a
+U-Net (diffusers' UNet2DModel) without ``encoder_hidden_states``.
+Pure python: imported by both halves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .errors import UsageError
+from .spec import ComponentSpec
+
+TEXT_TO_IMAGE = "text-to-image"
+UNCONDITIONAL = "unconditional"
+TASKS = (TEXT_TO_IMAGE, UNCONDITIONAL)
+# tasks whose model takes no prompt: no text encoder and no tokenizer in the bundle
+PROMPTLESS = (UNCONDITIONAL,)
+# what `--task` may ask of a bundle made for each task: a text-to-image model samples
+# unconditionally from the empty prompt without guidance (its unconditional branch)
+RUNS = {TEXT_TO_IMAGE: (TEXT_TO_IMAGE, UNCONDITIONAL), UNCONDITIONAL: (UNCONDITIONAL,)}
+# the pipeline layout each family comes from, for messages
+LAYOUT_OF = {"ldm-bert": "LDMTextToImagePipeline", "ldm-uncond": "LDMPipeline"}
+
+
+def bundle_task(task: str | None) -> str:
+    """The task a manifest's ``task`` value names (absent: text-to-image)."""
+    return task or TEXT_TO_IMAGE
+
+
+def takes_prompt(task: str | None) -> bool:
+    return bundle_task(task) not in PROMPTLESS
+
+
+def run_task(bundle: str | None, asked: str | None) -> str:
+    """The task to run: ``asked`` (--task) if the bundle can do it, else its own."""
+    have = bundle_task(bundle)
+    if asked is None:
+        return have
+    if asked not in TASKS:
+        raise UsageError(f"unknown --task {asked!r}; one of: {', '.join(TASKS)}")
+    if asked not in RUNS[have]:
+        raise UsageError(f"--task {asked}: this bundle's model does {have} only "
+                         f"(it can run: {', '.join(RUNS[have])})")
+    return asked
+
+
+def task_specs(specs: dict[str, ComponentSpec], task: str | None) -> dict[str, ComponentSpec]:
+    """The components (from spec.describe) a model of ``task`` has, with their interfaces."""
+    if bundle_task(task) != UNCONDITIONAL:
+        return specs
+    unet = specs["unet"]
+    unet = replace(unet, inputs=tuple(t for t in unet.inputs if t.name != "encoder_hidden_states"))
+    return {"unet": unet, "vae_decoder": specs["vae_decoder"]}
