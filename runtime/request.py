@@ -148,7 +148,7 @@ class GenerationRequest:
                 "strength": self.strength,
                 "init_image": self.init_image.to_dict() if self.init_image else None,
                 "latents_sha256": None if self.latents is None else _sha256(self.latents),
-                **({} if self.task == TEXT_TO_IMAGE else {"task": self.task})}
+                "task": self.task}
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ def resolve_request(bundle: BundleDefaults, *, prompt, negative_prompt=None,
 
     task = run_task(bundle.task, task)
     if takes_prompt(task):
-        if prompt is None or (not isinstance(prompt, str) and not list(prompt)):
+        if prompt is None:
             raise UsageError("give a prompt with -p/--prompt: this bundle's model is "
                              "text-to-image (an empty prompt is allowed)")
         prompts = validate.prompts(prompt)

@@ -3,7 +3,7 @@
 Print the README table with:  python tests/cli/bad_inputs.py
 Each case: (what, how to break things, ldm-run arguments, exit code, message fragment).
 Placeholders in arguments: BUNDLE (a fresh copy of a tiny bundle, broken by `breaker`),
-TMP (a scratch folder). The error cases run without -q: stderr must be the error line alone,
+UNCOND (the same, of the tiny unconditional LDM bundle), TMP (a scratch folder). The error cases run without -q: stderr must be the error line alone,
 with no progress bar before it.
 """
 
@@ -104,6 +104,10 @@ CASES = [
     ("VAE tile size whose edge tiles the decoder cannot take", None, ["BUNDLE", "--vae-tiling", "--vae-tile-size", "40"] + P, 2, "--vae-tile-size 40 leaves a 8-pixel edge tile at 128x128, below the VAE decoder's exported minimum 32; try --vae-tile-size 48"),
     ("--vae-tile-size without --vae-tiling", None, ["BUNDLE", "--vae-tile-size", "64"] + P, 2, "--vae-tile-size needs --vae-tiling"),
     ("--low-memory --vae-tiling (accepted)", None, ["BUNDLE", "-p", "x", "--steps", "1", "--low-memory", "--vae-tiling", "--vae-tile-size", "64", "-q"], 0, ""),
+    ("no --prompt for a text-to-image model", None, ["BUNDLE", "--steps", "2"], 2, "give a prompt with -p/--prompt: this bundle's model is text-to-image"),
+    ("prompt given to an unconditional model (LDMPipeline)", None, ["UNCOND"] + P, 2, "--prompt given, but this bundle's model is unconditional (it has no text encoder); drop --prompt"),
+    ("--task the bundle's model cannot do", None, ["UNCOND", "--task", "text-to-image", "--steps", "2"], 2, "--task text-to-image: this bundle's model does unconditional only"),
+    ("unconditional model without a prompt (accepted)", None, ["UNCOND", "--steps", "1", "-q"], 0, ""),
     ("empty prompt (accepted)", None, ["BUNDLE", "-p", "", "--steps", "1", "-q"], 0, ""),
     ("emoji prompt (accepted)", None, ["BUNDLE", "-p", "a 🐱 on a 🚲", "--steps", "1", "-q"], 0, ""),
     ("right-to-left prompt (accepted)", None, ["BUNDLE", "-p", "قطة حمراء على دراجة", "--steps", "1", "-q"], 0, ""),
