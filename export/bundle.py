@@ -75,7 +75,7 @@ def export_bundle(model: LoadedModel, out: str | Path, opts: ExportOptions,
                      text_max_length=model.tokenizer_max_length,
                      use_attention_mask=model.use_attention_mask, min_size=opts.min_size,
                      max_size=opts.max_size, max_batch=opts.max_batch)
-    specs = task_specs(describe(dims), model.task)
+    specs = task_specs(describe(dims), model.task, model.unet_in_channels)
     out = Path(out)
     with staged_dir(out, opts.force) as stage:
         components = {}

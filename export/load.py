@@ -78,12 +78,14 @@ def _load_folder(p: Path) -> LoadedModel:
         raise ModelLoadError(f"{p.name}: cannot load ({first_line(e, 300)})")
     check_unet(unet)
     sched = json.loads((p / "scheduler" / "scheduler_config.json").read_text())
+    # StableDiffusionInpaintPipeline: latents + mask + masked-image latents (issue 14)
+    inpaint = int(unet.config.in_channels) == 2 * int(vae.config.latent_channels) + 1
     return LoadedModel(
         source=p.name, source_sha256=hash_files(_weight_files(p)),
         family=family_of(unet, text_encoder, sched), text_encoder=text_encoder.eval(),
         unet=unet.eval(), vae=vae.eval(), use_attention_mask=uses_attention_mask(text_encoder),
         scheduler_config=sched, defaults=model_defaults(unet, vae, sched),
-        **tokenizer_facts(tokenizer, text_encoder))
+        task="inpaint" if inpaint else None, **tokenizer_facts(tokenizer, text_encoder))
 
 
 def _load_demo(p: Path) -> LoadedModel:

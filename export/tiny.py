@@ -203,3 +203,22 @@ def save_tiny_ldm(path: str | Path, family: str = "ldm-bert", seed: int = 0) -> 
     path = Path(path)
     tiny_ldm_pipeline(family, seed).save_pretrained(path, safe_serialization=True)
     return path
+
+
+def save_tiny_inpaint(path: str | Path, seed: int = 0) -> Path:
+    """A tiny StableDiffusionInpaintPipeline (SD1 parts, U-Net of 4 + 1 + 4 input channels)."""
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    base = tiny_pipeline("sd1", seed)
+    cfg = dict(base.unet.config)
+    cfg["in_channels"] = 9
+    torch.manual_seed(seed + 2)
+    unet = UNet2DConditionModel.from_config(cfg)
+    _perturb_out(unet)
+    pipe = StableDiffusionInpaintPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet,
+        scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    path = Path(path)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path

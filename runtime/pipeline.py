@@ -179,7 +179,11 @@ class Pipeline:
     def encode_image(self, image: np.ndarray, generator) -> np.ndarray:
         """uint8 [1, H, W, 3] -> scaled latents, sampled from the posterior as diffusers does."""
         x = (image.astype(np.float32) / 255.0) * 2.0 - 1.0
-        params = self._call("vae_encoder", {"image": np.ascontiguousarray(x.transpose(0, 3, 1, 2))})
+        return self.encode_pixels(np.ascontiguousarray(x.transpose(0, 3, 1, 2)), generator)
+
+    def encode_pixels(self, x: np.ndarray, generator) -> np.ndarray:
+        """float32 [n, 3, H, W] in [-1, 1] -> scaled latents, sampled from the posterior."""
+        params = self._call("vae_encoder", {"image": np.ascontiguousarray(x, dtype=np.float32)})
         m = self.manifest.schema
         if self.backend("vae_encoder").spec.output_names[0] == DRAWN_LATENT:
             # older Optimum / diffusers' script: the graph drew the latent itself (its own RNG)
@@ -207,7 +211,7 @@ class Pipeline:
                  width: int | None = None, num_images_per_prompt: int = 1,
                  seed: int | None = None, generator=None, latents: np.ndarray | None = None,
                  init_image: np.ndarray | str | None = None, strength: float | None = None,
-                 task: str | None = None, progress=None) -> Result:
+                 task: str | None = None, mask=None, progress=None) -> Result:
         """Run ``request``, or the one the keywords resolve to. ``generator``: the caller's
         noise source (then no seed); ``progress(done, total)``: called from step 0 on."""
         if request is None:
@@ -217,7 +221,7 @@ class Pipeline:
                 scheduler=scheduler, height=height, width=width,
                 num_images_per_prompt=num_images_per_prompt, seed=seed,
                 draw_seed=generator is None, latents=latents, init_image=init_image,
-                strength=strength, task=task)
+                strength=strength, task=task, mask=mask)
         if generator is not None and request.seed is not None:
             raise UsageError("give a seed or a generator, not both")
         return self._run(request, generator or np.random.default_rng(request.seed), progress)
@@ -232,12 +236,16 @@ class Pipeline:
                            else (None, [0] * req.num_images))  # unconditional model
         self._release("text_encoder")
         timesteps = self._timesteps(sched, req)
-        if req.init_image is not None:
+        extra = None  # channels concatenated to the U-Net's input (inpainting)
+        if req.mask is not None:
+            lat, extra = self._inpaint_latents(sched, timesteps, req, gen)
+            self._release("vae_encoder")
+        elif req.init_image is not None:
             lat = self._img2img_latents(sched, req.init_image.pixels, timesteps, req, gen)
             self._release("vae_encoder")
         else:
             lat = self._txt2img_latents(sched, req.latents, req, gen)
-        lat = self._denoise(sched, lat, embeds, timesteps, req, gen, progress)
+        lat = self._denoise(sched, lat, embeds, timesteps, req, gen, progress, extra)
         provenance = self._provenance(lat.shape)
         self._release("unet")
         images = self.decode(lat)
@@ -300,6 +308,21 @@ class Pipeline:
         t0 = np.repeat(np.asarray(timesteps[:1]), shape[0])
         return sched.add_noise(init, noise, t0).astype(np.float32)
 
+    def _inpaint_latents(self, sched, timesteps, req: GenerationRequest, gen):
+        """Initial latents (pure noise at strength 1, else the image's, noised) and the mask
+        and masked-image latents, drawn in diffusers' order (runtime/inpaint.py)."""
+        from .inpaint import condition
+
+        if req.strength >= 1.0:
+            lat = self._txt2img_latents(sched, req.latents, req, gen)
+        else:
+            lat = self._img2img_latents(sched, req.init_image.pixels, timesteps, req, gen)
+        mask, masked = condition(req.init_image.pixels, req.mask.pixels,
+                                 int(self.manifest.schema.vae_scale_factor))
+        masked_lat = self.encode_pixels(masked, gen)
+        extra = np.concatenate([mask, masked_lat], axis=1)
+        return lat, np.repeat(extra, lat.shape[0] // extra.shape[0], axis=0).astype(np.float32)
+
     def _latent_shape(self, req: GenerationRequest) -> tuple:
         m = self.manifest.schema
         f = int(m.vae_scale_factor)
@@ -325,7 +348,8 @@ class Pipeline:
             outs.append(self._call("unet", feeds))
         return np.concatenate(outs)
 
-    def _denoise(self, sched, lat, embeds, timesteps, req, gen, progress) -> np.ndarray:
+    def _denoise(self, sched, lat, embeds, timesteps, req, gen, progress,
+                 extra=None) -> np.ndarray:
         unet = self.backend("unet")
         cfg = req.guidance_scale > 1.0
         t_dtype = np.dtype(unet.spec.input("timestep").dtype)
@@ -342,6 +366,8 @@ class Pipeline:
             for i, t in enumerate(timesteps):
                 x = np.concatenate([lat, lat]) if cfg else lat
                 x = sched.scale_model_input(x, t).astype(np.float32)
+                if extra is not None:  # inpainting: mask and masked-image latents
+                    x = np.concatenate([x, np.concatenate([extra, extra]) if cfg else extra], 1)
                 t0 = time.perf_counter()
                 out = self._unet(x, t, t_dtype, embeds, chunk)
                 per_step.append(time.perf_counter() - t0)

@@ -19,10 +19,12 @@ import numpy as np
 from . import validate
 from .errors import UsageError
 from .schema import BundleManifest
-from .tasks import TEXT_TO_IMAGE, run_task, takes_prompt
+from .tasks import INPAINT, TEXT_TO_IMAGE, run_task, takes_prompt
 
 # diffusers' StableDiffusionImg2ImgPipeline default: redraw 80 % of the schedule
 DEFAULT_STRENGTH = 0.8
+# diffusers' StableDiffusionInpaintPipeline default: the whole schedule, from pure noise
+INPAINT_STRENGTH = 1.0
 # what a manifest without "defaults" gets: the SD 1.x/2.x pipelines' own defaults
 FALLBACK_SIZE, FALLBACK_STEPS, FALLBACK_GUIDANCE = 512, 25, 7.5
 # a drawn seed (none given) fits 32 bits, so it is easy to read off a PNG and type back in
@@ -128,6 +130,7 @@ class GenerationRequest:
     init_image: InitImage | None = None
     latents: np.ndarray | None = field(default=None, repr=False, compare=False)  # read-only
     task: str = TEXT_TO_IMAGE  # runtime/tasks.py
+    mask: object | None = None  # inpaint: runtime/inpaint.Mask
 
     @property
     def num_images(self) -> int:
@@ -148,7 +151,7 @@ class GenerationRequest:
                 "strength": self.strength,
                 "init_image": self.init_image.to_dict() if self.init_image else None,
                 "latents_sha256": None if self.latents is None else _sha256(self.latents),
-                "task": self.task}
+                "task": self.task, "mask": self.mask.to_dict() if self.mask else None}
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,8 @@ def resolve_request(bundle: BundleDefaults, *, prompt, negative_prompt=None,
                     width: int | None = None, num_images_per_prompt: int = 1,
                     seed: int | None = None, draw_seed: bool = True,
                     latents: np.ndarray | None = None, init_image=None,
-                    strength: float | None = None, task: str | None = None) -> GenerationRequest:
+                    strength: float | None = None, task: str | None = None,
+                    mask=None) -> GenerationRequest:
     """Fill what is not given from ``bundle`` and check everything (one-line UsageErrors).
 
     ``init_image``: a file path (loaded here, at the resolved size) or uint8 [1, H, W, 3].
@@ -201,13 +205,37 @@ def resolve_request(bundle: BundleDefaults, *, prompt, negative_prompt=None,
         seed = None if seed is None else validate.seed(seed)
     else:
         seed = secrets.randbits(DRAWN_SEED_BITS)
-    init, strength = _init_image(init_image, strength, latents, h, w)
+    if task == INPAINT:
+        init, strength, mask = _inpaint(init_image, mask, strength, latents, h, w)
+    else:
+        if mask is not None:
+            raise UsageError("--mask needs an inpainting model (a 9-channel U-Net, as "
+                             "StableDiffusionInpaintPipeline has); this bundle's U-Net is not one")
+        init, strength = _init_image(init_image, strength, latents, h, w)
     if latents is not None:
         f = bundle.vae_scale_factor
         validate.latents(latents, (len(prompts) * n, bundle.latent_channels, h // f, w // f), f)
         latents = _frozen(latents)
     return GenerationRequest(prompts, negs, steps, g, name, h, w, n, seed, strength, init,
-                             latents, task)
+                             latents, task, mask)
+
+
+def _inpaint(init_image, mask, strength, latents, h: int, w: int):
+    """(InitImage, strength, Mask) for inpainting; strength defaults to 1 as in diffusers,
+    and initial latents may be given only then (below 1 they come from the image)."""
+    from .inpaint import load_mask
+
+    if init_image is None or mask is None:
+        missing = " and ".join(f for f, v in (("--init-image", init_image), ("--mask", mask))
+                               if v is None)
+        raise UsageError(f"this bundle's model inpaints: give {missing} (white = repaint)")
+    strength = validate.strength(_given(strength, INPAINT_STRENGTH), has_init_image=True)
+    if latents is not None and strength < 1.0:
+        raise UsageError("--latents with --init-image needs --strength 1 (inpainting)")
+    m = load_mask(mask, init_image, w, h)  # size check against the init image first
+    if isinstance(init_image, np.ndarray):
+        return InitImage.from_array(init_image, w, h), strength, m
+    return InitImage.from_file(init_image, w, h), strength, m
 
 
 def _no_prompt(task: str, bundle_task: str | None, prompt, negative_prompt, guidance_scale):

@@ -15,12 +15,14 @@ from .spec import ComponentSpec
 
 TEXT_TO_IMAGE = "text-to-image"
 UNCONDITIONAL = "unconditional"
-TASKS = (TEXT_TO_IMAGE, UNCONDITIONAL)
+INPAINT = "inpaint"
+TASKS = (TEXT_TO_IMAGE, UNCONDITIONAL, INPAINT)
 # tasks whose model takes no prompt: no text encoder and no tokenizer in the bundle
 PROMPTLESS = (UNCONDITIONAL,)
 # what `--task` may ask of a bundle made for each task: a text-to-image model samples
 # unconditionally from the empty prompt without guidance (its unconditional branch)
-RUNS = {TEXT_TO_IMAGE: (TEXT_TO_IMAGE, UNCONDITIONAL), UNCONDITIONAL: (UNCONDITIONAL,)}
+RUNS = {TEXT_TO_IMAGE: (TEXT_TO_IMAGE, UNCONDITIONAL), UNCONDITIONAL: (UNCONDITIONAL,),
+        INPAINT: (INPAINT,)}
 # the pipeline layout each family comes from, for messages
 LAYOUT_OF = {"ldm-bert": "LDMTextToImagePipeline", "ldm-uncond": "LDMPipeline"}
 
@@ -47,8 +49,16 @@ def run_task(bundle: str | None, asked: str | None) -> str:
     return asked
 
 
-def task_specs(specs: dict[str, ComponentSpec], task: str | None) -> dict[str, ComponentSpec]:
-    """The components (from spec.describe) a model of ``task`` has, with their interfaces."""
+def task_specs(specs: dict[str, ComponentSpec], task: str | None,
+               unet_in_channels: int | None = None) -> dict[str, ComponentSpec]:
+    """The components (from spec.describe) a model of ``task`` has, with their interfaces.
+    ``unet_in_channels``: the U-Net's input channels where conditioning is concatenated to
+    the latents (inpainting: 4 + 1 + 4)."""
+    if bundle_task(task) == INPAINT:
+        unet = specs["unet"]
+        sample = unet.inputs[0]
+        wide = replace(sample, shape=(sample.shape[0], unet_in_channels) + tuple(sample.shape[2:]))
+        return {**specs, "unet": replace(unet, inputs=(wide,) + tuple(unet.inputs[1:]))}
     if bundle_task(task) != UNCONDITIONAL:
         return specs
     unet = specs["unet"]
