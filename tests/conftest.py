@@ -73,12 +73,15 @@ def tiny_bundles(tiny_models, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def ldm_models(tmp_path_factory) -> dict[str, Path]:
-    """Tiny random models in the LDM paper's layouts (export/tiny.py LDM_FAMILIES)."""
+    """Tiny random models in the LDM paper's layouts (export/tiny.py LDM_FAMILIES) and an
+    SD inpainting one (key "inpaint")."""
     need_export_extra()
-    from ldm_edge.export.tiny import LDM_FAMILIES, save_tiny_ldm
+    from ldm_edge.export.tiny import LDM_FAMILIES, save_tiny_inpaint, save_tiny_ldm
 
     root = tmp_path_factory.mktemp("ldm_models")
-    return {fam: save_tiny_ldm(root / fam, fam, seed=0) for fam in LDM_FAMILIES}
+    out = {fam: save_tiny_ldm(root / fam, fam, seed=0) for fam in LDM_FAMILIES}
+    out["inpaint"] = save_tiny_inpaint(root / "inpaint", seed=0)
+    return out
 
 
 @pytest.fixture(scope="session")

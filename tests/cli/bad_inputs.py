@@ -3,7 +3,8 @@
 Print the README table with:  python tests/cli/bad_inputs.py
 Each case: (what, how to break things, ldm-run arguments, exit code, message fragment).
 Placeholders in arguments: BUNDLE (a fresh copy of a tiny bundle, broken by `breaker`),
-UNCOND (the same, of the tiny unconditional LDM bundle), TMP (a scratch folder). The error cases run without -q: stderr must be the error line alone,
+UNCOND / INPAINT (the same, of the tiny unconditional LDM / SD inpainting bundle), TMP (a
+scratch folder). The error cases run without -q: stderr must be the error line alone,
 with no progress bar before it.
 """
 
@@ -62,6 +63,8 @@ def _files(b, tmp):
     from PIL import Image
 
     Image.new("RGB", (128, 128), (200, 30, 30)).save(tmp / "init.png")
+    Image.new("L", (128, 128), 255).save(tmp / "mask.png")
+    Image.new("L", (64, 64), 255).save(tmp / "mask64.png")
 
 
 P = ["-p", "a red cat", "--steps", "2"]
@@ -107,6 +110,9 @@ CASES = [
     ("no --prompt for a text-to-image model", None, ["BUNDLE", "--steps", "2"], 2, "give a prompt with -p/--prompt: this bundle's model is text-to-image"),
     ("prompt given to an unconditional model (LDMPipeline)", None, ["UNCOND"] + P, 2, "--prompt given, but this bundle's model is unconditional (it has no text encoder); drop --prompt"),
     ("--task the bundle's model cannot do", None, ["UNCOND", "--task", "text-to-image", "--steps", "2"], 2, "--task text-to-image: this bundle's model does unconditional only"),
+    ("inpainting mask of another size than the init image", _files, ["INPAINT", "--init-image", "TMP/init.png", "--mask", "TMP/mask64.png"] + P, 2, "--mask TMP/mask64.png is 64x64, the init image is 128x128; give a mask of the image's size"),
+    ("inpainting bundle without --mask", _files, ["INPAINT", "--init-image", "TMP/init.png"] + P, 2, "this bundle's model inpaints: give --mask (white = repaint)"),
+    ("--mask with a plain (4-channel) U-Net", _files, ["BUNDLE", "--init-image", "TMP/init.png", "--mask", "TMP/mask.png"] + P, 2, "--mask needs an inpainting model (a 9-channel U-Net, as StableDiffusionInpaintPipeline has); this bundle's U-Net is not one"),
     ("unconditional model without a prompt (accepted)", None, ["UNCOND", "--steps", "1", "-q"], 0, ""),
     ("empty prompt (accepted)", None, ["BUNDLE", "-p", "", "--steps", "1", "-q"], 0, ""),
     ("emoji prompt (accepted)", None, ["BUNDLE", "-p", "a 🐱 on a 🚲", "--steps", "1", "-q"], 0, ""),

@@ -1,6 +1,7 @@
 """The LDM paper's own layouts (issue 14) on tiny random models built here:
-LDMTextToImagePipeline (LDM-BERT, VQ-f8 autoencoder, UNet2DConditionModel) and LDMPipeline
-(unconditional, VQ-f4 autoencoder, UNet2DModel).
+LDMTextToImagePipeline (LDM-BERT, VQ-f8 autoencoder, UNet2DConditionModel), LDMPipeline
+(unconditional, VQ-f4 autoencoder, UNet2DModel) and StableDiffusionInpaintPipeline (a
+9-channel U-Net).
 
 Each component against PyTorch (the export check, run again here), the VQ decoder graph's
 codebook look-up against diffusers' VQModel.decode, and the runtime against diffusers' own
@@ -49,16 +50,19 @@ def runtimes(ldm_bundles):
 @pytest.mark.parametrize("family,task,components", [
     ("ldm-bert", "text-to-image", {"text_encoder", "unet", "vae_decoder"}),
     ("ldm-uncond", "unconditional", {"unet", "vae_decoder"}),
+    ("inpaint", "inpaint", {"text_encoder", "unet", "vae_decoder", "vae_encoder"}),
 ])
 def test_manifest_records_family_task_and_components(family, task, components, ldm_bundles):
     from ldm_edge.runtime.bundle import open_bundle
 
     m = open_bundle(ldm_bundles[family]).schema
-    assert (m.model.family, m.task) == (family, task)
+    assert (m.model.family, m.task) == ({"inpaint": "sd1"}.get(family, family), task)
     assert set(m.components) == components
     if family == "ldm-uncond":
         assert m.tokenizer is None and not (ldm_bundles[family] / "tokenizer.json").exists()
         assert "encoder_hidden_states" not in m.components["unet"].spec.input_names
+    elif family == "inpaint":  # latents 4 + mask 1 + masked-image latents 4
+        assert m.components["unet"].spec.input("sample").shape[1] == 9
     else:  # LDM-BERT is called without a mask by the paper's code and by diffusers
         assert m.components["text_encoder"].spec.input_names == ["input_ids"]
         assert m.tokenizer.max_length == 77 and m.tokenizer.pad_token == "[PAD]"
@@ -66,7 +70,7 @@ def test_manifest_records_family_task_and_components(family, task, components, l
         assert rec.variants["fp32"].parity["passed"] is True, rec.variants["fp32"].parity
 
 
-@pytest.mark.parametrize("family", ["ldm-bert", "ldm-uncond"])
+@pytest.mark.parametrize("family", ["ldm-bert", "ldm-uncond", "inpaint"])
 def test_each_component_matches_pytorch(family, ldm_models, ldm_bundles):
     from ldm_edge.export.load import load_model
     from ldm_edge.export.onnx_export import check_component
@@ -165,3 +169,68 @@ def test_ldm_export_and_ldm_run_without_a_prompt(ldm_models, tmp_path):
             meta = json.loads(im.text["ldm-edge"])
             assert im.size == (64, 64)
         assert (meta["task"], meta["seed"], meta["prompt"]) == ("unconditional", 5, "")
+
+
+def _inpaint_inputs():
+    rng = np.random.default_rng(5)
+    init = rng.uniform(0, 255, (1, 128, 128, 3)).astype(np.uint8)
+    mask = np.zeros((1, 128, 128), np.uint8)
+    mask[:, 32:96, 40:100] = 255
+    return init, mask
+
+
+# inpainting: ddim from given latents (strength 1, diffusers' default) and euler-a below
+# strength 1 (the image's latents noised; its noise from the same torch source)
+INPAINT_CASES = [("ddim", 1.0), ("euler-a", 0.6)]
+
+
+@pytest.mark.parametrize("scheduler,strength", INPAINT_CASES)
+def test_inpaint_matches_diffusers(scheduler, strength, ldm_models, runtimes):
+    from helpers import diffusers_pipeline
+    from PIL import Image
+
+    import diffusers
+
+    init, mask = _inpaint_inputs()
+    pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(
+        ldm_models["inpaint"], safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = diffusers_pipeline(ldm_models["inpaint"], scheduler).scheduler
+    pipe.set_progress_bar_config(disable=True)
+    lat = np.random.default_rng(6).standard_normal((1, 4, 16, 16), dtype=np.float32)
+    given = {"latents": lat} if strength == 1.0 else {}
+    ref = to_uint8(pipe(PROMPT, image=Image.fromarray(init[0]),
+                        mask_image=Image.fromarray(mask[0]), strength=strength,
+                        num_inference_steps=STEPS, guidance_scale=6.0,
+                        generator=torch.Generator().manual_seed(11), output_type="np",
+                        **{k: torch.from_numpy(v) for k, v in given.items()}).images)
+    kw = dict(init_image=init, mask=mask, strength=strength, num_inference_steps=STEPS,
+              guidance_scale=6.0, scheduler=scheduler)
+    ours = runtimes["inpaint"](PROMPT, generator=TorchNoise(11), **kw, **given)
+    assert ours.request.task == "inpaint"
+    assert psnr(ours.images, ref) >= MIN_PSNR_DB, psnr(ours.images, ref)
+    other_mask = np.zeros_like(mask)
+    other_mask[:, :64] = 255
+    other = runtimes["inpaint"](PROMPT, generator=TorchNoise(12),
+                                **{**kw, "mask": other_mask}, **given)
+    assert psnr(other.images, ref) < UNRELATED_MAX_PSNR_DB
+
+
+def test_inpaint_from_files_on_the_command_line(ldm_bundles, tmp_path):
+    """ldm-run BUNDLE -p ... --init-image photo.png --mask mask.png, as a user types it."""
+    from PIL import Image
+
+    init, mask = _inpaint_inputs()
+    Image.fromarray(init[0]).save(tmp_path / "photo.png")
+    Image.fromarray(mask[0]).save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    r = run_cli("-m", "ldm_edge.runtime", str(ldm_bundles["inpaint"]), "-p", PROMPT,
+                "--init-image", str(tmp_path / "photo.png"), "--mask", str(tmp_path / "mask.png"),
+                "--steps", "3", "--seed", "1", "-o", str(out))
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert "vae encoder" in r.stderr  # the timing table has the masked image's encoding
+    with Image.open(out) as im:
+        meta = json.loads(im.text["ldm-edge"])
+    assert meta["task"] == "inpaint" and meta["mask"]["source"] == "mask.png"
+    ours = Pipeline(ldm_bundles["inpaint"])(PROMPT, init_image=init, mask=mask, seed=1,
+                                            num_inference_steps=3)
+    assert psnr(np.asarray(Image.open(out))[None], ours.images) >= MIN_PSNR_DB
