@@ -127,7 +127,7 @@ def build_manifest(model: LoadedModel, dims: ModelDims, components: dict, tok_pa
         prediction_type=model.prediction_type,
         latent_channels=model.latent_channels,
         vae_scale_factor=model.vae_scale_factor,
-        scaling_factor=float(model.vae.config.scaling_factor),
+        scaling_factor=model.latent_scaling_factor,
         shift_factor=model.vae.config.get("shift_factor"),
         size_multiple=max(8, model.vae_scale_factor),
         dims=dims.asdict(),

@@ -5,6 +5,9 @@
   released KL-8 text-to-image model), ``scheduler/``; family ``ldm-bert``.
 * ``LDMPipeline``: ``unet/`` (UNet2DModel, no cross-attention), ``vqvae/``, ``scheduler/``;
   unconditional, family ``ldm-uncond``.
+* ``LDMSuperResolutionPipeline``: the same parts; the U-Net takes the low-resolution image
+  (in [-1, 1]) concatenated to the latents, which the VQ-f4 decoder turns into an image 4x
+  the size; its latents are decoded as they are (scaling factor 1); family ``ldm-sr``.
 
 Both pipelines call their text encoder without an attention mask (LDM-BERT attends to the
 padding, as the paper's code does), so the text encoder is exported without one.
@@ -21,15 +24,17 @@ from .model_facts import LoadedModel, ModelLoadError, check_unet, hash_files, to
 
 LDM_TEXT = "LDMTextToImagePipeline"
 LDM_UNCOND = "LDMPipeline"
+LDM_SR = "LDMSuperResolutionPipeline"
 # what each layout needs, and the family and task it is recorded as
 LAYOUTS = {
     LDM_TEXT: (("bert", "tokenizer", "unet", "vqvae", "scheduler"), "ldm-bert", "text-to-image"),
     LDM_UNCOND: (("unet", "vqvae", "scheduler"), "ldm-uncond", "unconditional"),
+    LDM_SR: (("unet", "vqvae", "scheduler"), "ldm-sr", "super-resolution"),
 }
 # LDMTextToImagePipeline pads and truncates prompts to 77 tokens whatever the tokenizer says
 LDM_TEXT_MAX_LENGTH = 77
-# diffusers' LDM pipelines' own defaults: 50 steps; text-to-image guidance 1.0 (none)
-LDM_STEPS, LDM_GUIDANCE = 50, 1.0
+# diffusers' LDM pipelines' own defaults: 50 steps (super-resolution 100); guidance 1.0 (none)
+LDM_STEPS, LDM_SR_STEPS, LDM_GUIDANCE = 50, 100, 1.0
 
 
 def ldm_layout(p: Path) -> str | None:
@@ -43,7 +48,11 @@ def ldm_layout(p: Path) -> str | None:
         if cls in LAYOUTS:
             return cls
     if (p / "vqvae").is_dir():
-        return LDM_TEXT if (p / "bert").is_dir() else LDM_UNCOND
+        if (p / "bert").is_dir():
+            return LDM_TEXT
+        cfg = p / "unet" / "config.json"
+        sr = cfg.is_file() and json.loads(cfg.read_text()).get("in_channels") == 6
+        return LDM_SR if sr else LDM_UNCOND
     return None
 
 
@@ -74,8 +83,8 @@ def load_ldm_folder(p: Path, layout: str) -> LoadedModel:
     sched = json.loads((p / "scheduler" / "scheduler_config.json").read_text())
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     size = int(unet.config.sample_size) * f
-    defaults = {"height": size, "width": size, "num_inference_steps": LDM_STEPS,
-                "guidance_scale": LDM_GUIDANCE}
+    defaults = {"height": size, "width": size, "guidance_scale": LDM_GUIDANCE,
+                "num_inference_steps": LDM_SR_STEPS if layout == LDM_SR else LDM_STEPS}
     if tokenizer is not None:
         tok = tokenizer_facts(tokenizer, text_encoder)
         tok["tokenizer_max_length"] = LDM_TEXT_MAX_LENGTH
@@ -85,7 +94,7 @@ def load_ldm_folder(p: Path, layout: str) -> LoadedModel:
     return LoadedModel(
         source=p.name, source_sha256=hash_files(files), family=family, text_encoder=text_encoder,
         unet=unet.eval(), vae=vae.eval(), use_attention_mask=False, scheduler_config=sched,
-        defaults=defaults, task=task, **tok)
+        defaults=defaults, task=task, scaling_factor=1.0 if layout == LDM_SR else None, **tok)
 
 
 def _autoencoder(folder: Path):

@@ -36,6 +36,15 @@ class LoadedModel:
     defaults: dict = field(default_factory=dict)
     # what the model does (runtime/tasks.py); None: text-to-image, as SD1/SD2 always were
     task: str | None = None
+    # what latents are divided by before decoding, where the pipeline's differs from the
+    # autoencoder's config (LDMSuperResolutionPipeline decodes them as they are: 1.0)
+    scaling_factor: float | None = None
+
+    @property
+    def latent_scaling_factor(self) -> float:
+        if self.scaling_factor is not None:
+            return float(self.scaling_factor)
+        return float(self.vae.config.scaling_factor)
 
     @property
     def prediction_type(self) -> str:

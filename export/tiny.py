@@ -111,7 +111,7 @@ def save_tiny(path: str | Path, family: str = "sd1", seed: int = 0) -> Path:
 
 
 # -- the LDM paper's own layouts (issue 14): LDM-BERT text-to-image and unconditional ---------
-LDM_FAMILIES = ("ldm-bert", "ldm-uncond")
+LDM_FAMILIES = ("ldm-bert", "ldm-uncond", "ldm-sr")
 _BERT_WORDS = ["a", "red", "blue", "green", "cat", "dog", "painting", "of", "the", "squirrel",
                "eating", "burger", "photo", "on", "##s", "##ing"]
 
@@ -154,22 +154,28 @@ def tiny_vq(seed: int, latent_channels: int = 3, blocks: int = 4, sample_size: i
 def tiny_ldm_pipeline(family: str = "ldm-bert", seed: int = 0, sample_size: int = 16):
     """'ldm-bert': an LDMTextToImagePipeline (LDMBertModel, BERT tokenizer, VQModel f = 8,
     UNet2DConditionModel, DDIM); 'ldm-uncond': an LDMPipeline (VQModel f = 4, UNet2DModel,
-    DDIM), the paper's unconditional layout. ~1 M parameters each."""
+    DDIM), the paper's unconditional layout; 'ldm-sr': an LDMSuperResolutionPipeline (the
+    same, the U-Net taking the low-resolution image on 3 more channels: x4). ~1 M parameters
+    each."""
     from diffusers import DDIMScheduler, LDMPipeline, LDMTextToImagePipeline, UNet2DConditionModel, UNet2DModel
     from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
 
     scheduler = DDIMScheduler(beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False)
-    if family == "ldm-uncond":
+    if family in ("ldm-uncond", "ldm-sr"):
+        from diffusers import LDMSuperResolutionPipeline
+
+        sr = family == "ldm-sr"  # the low-resolution image (3 channels) concatenated
         vqvae = tiny_vq(seed, latent_channels=3, blocks=3, sample_size=sample_size * 4)
         torch.manual_seed(seed + 1)
-        unet = UNet2DModel(sample_size=sample_size, in_channels=3, out_channels=3,
+        unet = UNet2DModel(sample_size=sample_size, in_channels=6 if sr else 3, out_channels=3,
                            layers_per_block=1, block_out_channels=(32, 64, 64),
                            down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
                            up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
                            attention_head_dim=8, norm_num_groups=8)
         _perturb_out(unet)
-        return LDMPipeline(vqvae=vqvae, unet=unet, scheduler=scheduler)
+        cls = LDMSuperResolutionPipeline if sr else LDMPipeline
+        return cls(vqvae=vqvae, unet=unet, scheduler=scheduler)
     if family != "ldm-bert":
         raise ValueError(f"tiny LDM family must be one of {LDM_FAMILIES}, not {family!r}")
     tokenizer = tiny_bert_tokenizer()

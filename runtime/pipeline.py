@@ -23,6 +23,7 @@ from .errors import NumericsError, UsageError
 from .manifest import Manifest
 from .request import BundleDefaults, GenerationRequest, Provenance, resolve_request
 from .schedulers import make_scheduler
+from .tasks import INPAINT, SUPER_RESOLUTION
 from .tokenizer import PromptTokenizer
 from .vae_tiling import DEFAULT_OVERLAP, VaeTiling, fitting_tile_sizes
 
@@ -240,6 +241,11 @@ class Pipeline:
         if req.mask is not None:
             lat, extra = self._inpaint_latents(sched, timesteps, req, gen)
             self._release("vae_encoder")
+        elif req.task == SUPER_RESOLUTION:  # the low-resolution image, concatenated
+            from .superres import condition
+
+            lat = self._txt2img_latents(sched, req.latents, req, gen)
+            extra = np.repeat(condition(req.init_image.pixels), lat.shape[0], axis=0)
         elif req.init_image is not None:
             lat = self._img2img_latents(sched, req.init_image.pixels, timesteps, req, gen)
             self._release("vae_encoder")
@@ -281,7 +287,7 @@ class Pipeline:
 
     def _timesteps(self, sched, req: GenerationRequest) -> np.ndarray:
         sched.set_timesteps(req.num_inference_steps)
-        if req.init_image is None:
+        if req.init_image is None or req.strength is None:  # strength None: super-resolution
             return sched.timesteps
         n = req.num_inference_steps
         init_steps = min(int(n * req.strength), n)
@@ -365,8 +371,10 @@ class Pipeline:
         try:
             for i, t in enumerate(timesteps):
                 x = np.concatenate([lat, lat]) if cfg else lat
+                if extra is not None and req.task == SUPER_RESOLUTION:  # scaled with it
+                    x = np.concatenate([x, extra], 1)
                 x = sched.scale_model_input(x, t).astype(np.float32)
-                if extra is not None:  # inpainting: mask and masked-image latents
+                if extra is not None and req.task == INPAINT:  # mask, masked-image latents
                     x = np.concatenate([x, np.concatenate([extra, extra]) if cfg else extra], 1)
                 t0 = time.perf_counter()
                 out = self._unet(x, t, t_dtype, embeds, chunk)

@@ -19,7 +19,7 @@ import numpy as np
 from . import validate
 from .errors import UsageError
 from .schema import BundleManifest
-from .tasks import INPAINT, TEXT_TO_IMAGE, run_task, takes_prompt
+from .tasks import INPAINT, SUPER_RESOLUTION, TEXT_TO_IMAGE, run_task, takes_prompt
 
 # diffusers' StableDiffusionImg2ImgPipeline default: redraw 80 % of the schedule
 DEFAULT_STRENGTH = 0.8
@@ -199,13 +199,22 @@ def resolve_request(bundle: BundleDefaults, *, prompt, negative_prompt=None,
     name = validate.scheduler(scheduler or bundle.scheduler, scheduler_names())
     n = validate.batch(len(prompts), num_images_per_prompt, bundle.max_batch)
     limits = (bundle.size_multiple, bundle.min_size, bundle.max_size)
-    h = validate.size("height", _given(height, bundle.height), *limits)
-    w = validate.size("width", _given(width, bundle.width), *limits)
+    if task == SUPER_RESOLUTION:  # the size comes from the low-resolution image
+        from .superres import low_res_image
+
+        if mask is not None:
+            raise UsageError("--mask is for inpainting models; this bundle's model upscales")
+        init, h, w = low_res_image(init_image, height, width, strength, bundle)
+    else:
+        h = validate.size("height", _given(height, bundle.height), *limits)
+        w = validate.size("width", _given(width, bundle.width), *limits)
     if seed is not None or not draw_seed:
         seed = None if seed is None else validate.seed(seed)
     else:
         seed = secrets.randbits(DRAWN_SEED_BITS)
-    if task == INPAINT:
+    if task == SUPER_RESOLUTION:
+        strength = None
+    elif task == INPAINT:
         init, strength, mask = _inpaint(init_image, mask, strength, latents, h, w)
     else:
         if mask is not None:

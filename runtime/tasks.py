@@ -16,15 +16,17 @@ from .spec import ComponentSpec
 TEXT_TO_IMAGE = "text-to-image"
 UNCONDITIONAL = "unconditional"
 INPAINT = "inpaint"
-TASKS = (TEXT_TO_IMAGE, UNCONDITIONAL, INPAINT)
+SUPER_RESOLUTION = "super-resolution"
+TASKS = (TEXT_TO_IMAGE, UNCONDITIONAL, INPAINT, SUPER_RESOLUTION)
 # tasks whose model takes no prompt: no text encoder and no tokenizer in the bundle
-PROMPTLESS = (UNCONDITIONAL,)
+PROMPTLESS = (UNCONDITIONAL, SUPER_RESOLUTION)
 # what `--task` may ask of a bundle made for each task: a text-to-image model samples
 # unconditionally from the empty prompt without guidance (its unconditional branch)
 RUNS = {TEXT_TO_IMAGE: (TEXT_TO_IMAGE, UNCONDITIONAL), UNCONDITIONAL: (UNCONDITIONAL,),
-        INPAINT: (INPAINT,)}
+        INPAINT: (INPAINT,), SUPER_RESOLUTION: (SUPER_RESOLUTION,)}
 # the pipeline layout each family comes from, for messages
-LAYOUT_OF = {"ldm-bert": "LDMTextToImagePipeline", "ldm-uncond": "LDMPipeline"}
+LAYOUT_OF = {"ldm-bert": "LDMTextToImagePipeline", "ldm-uncond": "LDMPipeline",
+             "ldm-sr": "LDMSuperResolutionPipeline"}
 
 
 def bundle_task(task: str | None) -> str:
@@ -59,8 +61,12 @@ def task_specs(specs: dict[str, ComponentSpec], task: str | None,
         sample = unet.inputs[0]
         wide = replace(sample, shape=(sample.shape[0], unet_in_channels) + tuple(sample.shape[2:]))
         return {**specs, "unet": replace(unet, inputs=(wide,) + tuple(unet.inputs[1:]))}
-    if bundle_task(task) != UNCONDITIONAL:
+    if bundle_task(task) not in PROMPTLESS:
         return specs
     unet = specs["unet"]
-    unet = replace(unet, inputs=tuple(t for t in unet.inputs if t.name != "encoder_hidden_states"))
+    sample = unet.inputs[0]
+    if bundle_task(task) == SUPER_RESOLUTION:  # the low-resolution image on more channels
+        sample = replace(sample, shape=(sample.shape[0], unet_in_channels) + tuple(sample.shape[2:]))
+    unet = replace(unet, inputs=(sample,) + tuple(t for t in unet.inputs[1:]
+                                                  if t.name != "encoder_hidden_states"))
     return {"unet": unet, "vae_decoder": specs["vae_decoder"]}

@@ -3,8 +3,8 @@
 Print the README table with:  python tests/cli/bad_inputs.py
 Each case: (what, how to break things, ldm-run arguments, exit code, message fragment).
 Placeholders in arguments: BUNDLE (a fresh copy of a tiny bundle, broken by `breaker`),
-UNCOND / INPAINT (the same, of the tiny unconditional LDM / SD inpainting bundle), TMP (a
-scratch folder). The error cases run without -q: stderr must be the error line alone,
+UNCOND / INPAINT / SR (the same, of the tiny unconditional LDM / SD inpainting / LDM
+super-resolution bundle), TMP (a scratch folder). The error cases run without -q: stderr must be the error line alone,
 with no progress bar before it.
 """
 
@@ -65,6 +65,7 @@ def _files(b, tmp):
     Image.new("RGB", (128, 128), (200, 30, 30)).save(tmp / "init.png")
     Image.new("L", (128, 128), 255).save(tmp / "mask.png")
     Image.new("L", (64, 64), 255).save(tmp / "mask64.png")
+    Image.new("RGB", (48, 40), (9, 9, 9)).save(tmp / "low48x40.png")
 
 
 P = ["-p", "a red cat", "--steps", "2"]
@@ -113,6 +114,8 @@ CASES = [
     ("inpainting mask of another size than the init image", _files, ["INPAINT", "--init-image", "TMP/init.png", "--mask", "TMP/mask64.png"] + P, 2, "--mask TMP/mask64.png is 64x64, the init image is 128x128; give a mask of the image's size"),
     ("inpainting bundle without --mask", _files, ["INPAINT", "--init-image", "TMP/init.png"] + P, 2, "this bundle's model inpaints: give --mask (white = repaint)"),
     ("--mask with a plain (4-channel) U-Net", _files, ["BUNDLE", "--init-image", "TMP/init.png", "--mask", "TMP/mask.png"] + P, 2, "--mask needs an inpainting model (a 9-channel U-Net, as StableDiffusionInpaintPipeline has); this bundle's U-Net is not one"),
+    ("init image size the x4 upscaler cannot take", _files, ["SR", "--init-image", "TMP/low48x40.png", "--steps", "2"], 2, "--init-image low48x40.png is 48x40: this upscaler takes sides that are multiples of 32 (diffusers would crop it to 32x32); resize or crop it"),
+    ("upscaler without an init image", None, ["SR", "--steps", "2"], 2, "this bundle's model upscales x4: give --init-image LOW.png"),
     ("unconditional model without a prompt (accepted)", None, ["UNCOND", "--steps", "1", "-q"], 0, ""),
     ("empty prompt (accepted)", None, ["BUNDLE", "-p", "", "--steps", "1", "-q"], 0, ""),
     ("emoji prompt (accepted)", None, ["BUNDLE", "-p", "a 🐱 on a 🚲", "--steps", "1", "-q"], 0, ""),

@@ -1,6 +1,7 @@
 """The LDM paper's own layouts (issue 14) on tiny random models built here:
 LDMTextToImagePipeline (LDM-BERT, VQ-f8 autoencoder, UNet2DConditionModel), LDMPipeline
-(unconditional, VQ-f4 autoencoder, UNet2DModel) and StableDiffusionInpaintPipeline (a
+(unconditional, VQ-f4 autoencoder, UNet2DModel), LDMSuperResolutionPipeline (x4, the
+low-resolution image concatenated to the latents) and StableDiffusionInpaintPipeline (a
 9-channel U-Net).
 
 Each component against PyTorch (the export check, run again here), the VQ decoder graph's
@@ -51,6 +52,7 @@ def runtimes(ldm_bundles):
     ("ldm-bert", "text-to-image", {"text_encoder", "unet", "vae_decoder"}),
     ("ldm-uncond", "unconditional", {"unet", "vae_decoder"}),
     ("inpaint", "inpaint", {"text_encoder", "unet", "vae_decoder", "vae_encoder"}),
+    ("ldm-sr", "super-resolution", {"unet", "vae_decoder"}),
 ])
 def test_manifest_records_family_task_and_components(family, task, components, ldm_bundles):
     from ldm_edge.runtime.bundle import open_bundle
@@ -58,7 +60,10 @@ def test_manifest_records_family_task_and_components(family, task, components, l
     m = open_bundle(ldm_bundles[family]).schema
     assert (m.model.family, m.task) == ({"inpaint": "sd1"}.get(family, family), task)
     assert set(m.components) == components
-    if family == "ldm-uncond":
+    if family == "ldm-sr":  # latents 3 + low-resolution image 3; decoded unscaled
+        assert m.components["unet"].spec.input("sample").shape[1] == 6
+        assert m.scaling_factor == 1.0 and m.tokenizer is None
+    elif family == "ldm-uncond":
         assert m.tokenizer is None and not (ldm_bundles[family] / "tokenizer.json").exists()
         assert "encoder_hidden_states" not in m.components["unet"].spec.input_names
     elif family == "inpaint":  # latents 4 + mask 1 + masked-image latents 4
@@ -70,7 +75,7 @@ def test_manifest_records_family_task_and_components(family, task, components, l
         assert rec.variants["fp32"].parity["passed"] is True, rec.variants["fp32"].parity
 
 
-@pytest.mark.parametrize("family", ["ldm-bert", "ldm-uncond", "inpaint"])
+@pytest.mark.parametrize("family", ["ldm-bert", "ldm-uncond", "inpaint", "ldm-sr"])
 def test_each_component_matches_pytorch(family, ldm_models, ldm_bundles):
     from ldm_edge.export.load import load_model
     from ldm_edge.export.onnx_export import check_component
@@ -234,3 +239,34 @@ def test_inpaint_from_files_on_the_command_line(ldm_bundles, tmp_path):
     ours = Pipeline(ldm_bundles["inpaint"])(PROMPT, init_image=init, mask=mask, seed=1,
                                             num_inference_steps=3)
     assert psnr(np.asarray(Image.open(out))[None], ours.images) >= MIN_PSNR_DB
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_super_resolution_matches_diffusers(scheduler, ldm_models, runtimes):
+    """LDMSuperResolutionPipeline takes no latents: both draw them from torch's generator."""
+    from PIL import Image
+
+    low = np.random.default_rng(5).uniform(0, 255, (1, 32, 32, 3)).astype(np.uint8)
+    pipe = diffusers_ldm(ldm_models["ldm-sr"], scheduler)
+    ref = to_uint8(pipe(Image.fromarray(low[0]), num_inference_steps=STEPS,
+                        generator=torch.Generator().manual_seed(3), output_type="np").images)
+    ours = runtimes["ldm-sr"](init_image=low, num_inference_steps=STEPS, scheduler=scheduler,
+                              generator=TorchNoise(3))
+    assert ours.images.shape == ref.shape == (1, 128, 128, 3)  # x4
+    assert psnr(ours.images, ref) >= MIN_PSNR_DB, psnr(ours.images, ref)
+    other = runtimes["ldm-sr"](init_image=low, num_inference_steps=STEPS, scheduler=scheduler,
+                               generator=TorchNoise(4))
+    assert psnr(other.images, ref) < UNRELATED_MAX_PSNR_DB
+
+
+def test_super_resolution_on_the_command_line(ldm_bundles, tmp_path):
+    from PIL import Image
+
+    low = np.random.default_rng(8).uniform(0, 255, (32, 64, 3)).astype(np.uint8)
+    Image.fromarray(low).save(tmp_path / "low.png")
+    r = run_cli("-m", "ldm_edge.runtime", str(ldm_bundles["ldm-sr"]), "--init-image",
+                str(tmp_path / "low.png"), "--steps", "3", "-o", str(tmp_path / "up.png"))
+    assert r.returncode == 0, r.stderr[-1500:]
+    with Image.open(tmp_path / "up.png") as im:
+        assert im.size == (256, 128)
+        assert json.loads(im.text["ldm-edge"])["task"] == "super-resolution"
