@@ -15,6 +15,8 @@ from ldm_edge.runtime.compare import psnr
 from ldm_edge.runtime.pipeline import Pipeline
 from ldm_edge.runtime.request import default_scheduler_name
 
+from .task_inputs import call_inputs, labels
+
 # what most users run besides the model's own (diffusers' SD pipelines and UIs' defaults).
 # Not the default list: on random-weight test models DDIM's pictures are noise-like and PSNR
 # there punishes any perturbation (tiny SD1 INT8: PNDM 46.0 dB, DDIM 26.8 dB, VNNI CPU), so a
@@ -35,15 +37,17 @@ class Reference:
     def __init__(self, bundle, prompts: list[str], steps: int = 10, seed: int = 0,
                  schedulers: list[str] | None = None):
         ref = Pipeline(bundle, precision="fp32")
-        self.prompts, self.steps, self.seed = list(prompts), steps, seed
+        # a prompt, or what stands for one where the model takes none (task_inputs.py)
+        self.schema = ref.manifest.schema
+        self.prompts, self.steps, self.seed = labels(self.schema, prompts), steps, seed
         self.schedulers = list(schedulers or schedulers_to_check(ref.manifest))
         self.images = {s: [self._draw(ref, s, i, p) for i, p in enumerate(self.prompts)]
                        for s in self.schedulers}
         ref.close()
 
     def _draw(self, pipe, scheduler, i, prompt):
-        return pipe(prompt, num_inference_steps=self.steps, seed=self.seed + i,
-                    scheduler=scheduler).images
+        return pipe(**call_inputs(self.schema, prompt, i), num_inference_steps=self.steps,
+                    seed=self.seed + i, scheduler=scheduler).images
 
     def measure(self, pipe) -> dict:
         """Per scheduler the worst and per-prompt PSNR; ``psnr_db`` the worst of all."""

@@ -135,6 +135,9 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
     onnxruntime's kernels on CPUs without VNNI cannot saturate (qdq.WEIGHT_BITS)."""
     import onnx
 
+    from ldm_edge.bundletools.task_inputs import labels
+    from ldm_edge.runtime.tasks import takes_prompt
+
     from .capture import capture, default_prompts
 
     if weight_bits not in qdq.WEIGHT_BITS:
@@ -147,8 +150,11 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
     schedulers = check_schedulers(schedulers) if schedulers else schedulers_to_check(manifest)
     fp32 = manifest.variant("unet", "fp32").path
     unet = manifest.component("unet")
-    prompts = list(prompts or default_prompts(num_prompts))
-    progress(f"capturing U-Net inputs: FP32 sampling of {len(prompts)} prompts x {calib_steps} steps")
+    # a model that takes no prompt samples without (bundletools/task_inputs.py says with what)
+    prompts = labels(manifest.schema, list(prompts or default_prompts(num_prompts)))
+    progress(f"capturing U-Net inputs: FP32 sampling of {len(prompts)} prompts x {calib_steps} steps"
+             + (f" (the model takes no prompt: {prompts[0]}, ...)"
+                if not takes_prompt(manifest.schema.task) else ""))
     records = capture(bundle, prompts, steps=calib_steps, threads=threads)["unet"]
     records = [{unet.graph_name(k): v for k, v in r.items()} for r in records]
     calib = evenly_over_timesteps(records, len(prompts), MAX_CALIB_SAMPLES)

@@ -51,14 +51,27 @@ class VqDecoder(torch.nn.Module):
     def __init__(self, vae):
         super().__init__()
         self.vae = vae
+        # its own submodule, so its graph nodes are named /vq_lookup/...: FP16 keeps them FP32
+        self.vq_lookup = CodebookLookUp(vae.quantize.embedding)
 
     def forward(self, latent):
-        codes = self.vae.quantize.embedding.weight  # [n, c]
-        z = latent.permute(0, 2, 3, 1)  # [b, h, w, c]
-        dist = (z * z).sum(-1, keepdim=True) - 2.0 * (z @ codes.t()) + (codes * codes).sum(-1)
-        quant = torch.nn.functional.embedding(dist.argmin(-1), codes).permute(0, 3, 1, 2)
+        quant = self.vq_lookup(latent)
         spatial = quant if self.vae.config.get("norm_type") == "spatial" else None
         return self.vae.decoder(self.vae.post_quant_conv(quant), spatial)
+
+
+class CodebookLookUp(torch.nn.Module):
+    """[b, c, h, w] -> the nearest codebook entry of each cell, [b, c, h, w]."""
+
+    def __init__(self, embedding):
+        super().__init__()
+        self.embedding = embedding
+
+    def forward(self, latent):
+        codes = self.embedding.weight  # [n, c]
+        z = latent.permute(0, 2, 3, 1)  # [b, h, w, c]
+        dist = (z * z).sum(-1, keepdim=True) - 2.0 * (z @ codes.t()) + (codes * codes).sum(-1)
+        return torch.nn.functional.embedding(dist.argmin(-1), codes).permute(0, 3, 1, 2)
 
 
 class VqDecodeReference(torch.nn.Module):
