@@ -29,6 +29,7 @@ from ldm_edge.runtime.manifest import Manifest
 from ldm_edge.runtime.schema import (MANIFEST_NAME, BundleManifest, ComponentRecord, EngineRecord,
                                      edit_manifest)
 from ldm_edge.runtime.spec import ComponentSpec
+from ldm_edge.runtime.tasks import takes_prompt
 from ldm_edge.runtime.trt_engines import (ENGINE_BACKEND, device_facts,
                                           engine_path, import_tensorrt)
 
@@ -78,7 +79,8 @@ def _dim_range(dim: str, spec: ComponentSpec, manifest: BundleManifest, componen
                opts: ProfileOptions) -> tuple[int, int, int]:
     lo, hi = spec.ranges.get(dim, (1, None))
     if dim == "batch":
-        per = 2 if component in GUIDED else 1
+        # a model that takes no prompt is never guided (runtime/tasks.py)
+        per = 2 if component in GUIDED and takes_prompt(manifest.task) else 1
         images = opts.max_batch
         mn, opt, mx = 1, per, per * images if images else hi
         if opts.static:
