@@ -200,11 +200,14 @@ def resolve_request(bundle: BundleDefaults, *, prompt, negative_prompt=None,
     n = validate.batch(len(prompts), num_images_per_prompt, bundle.max_batch)
     limits = (bundle.size_multiple, bundle.min_size, bundle.max_size)
     if task == SUPER_RESOLUTION:  # the size comes from the low-resolution image
-        from .superres import low_res_image
+        from .superres import low_res_size
 
         if mask is not None:
             raise UsageError("--mask is for inpainting models; this bundle's model upscales")
-        init, h, w = low_res_image(init_image, height, width, strength, bundle)
+        lw, lh = low_res_size(init_image, height, width, strength, bundle)
+        init = (InitImage.from_array(init_image, lw, lh) if isinstance(init_image, np.ndarray)
+                else InitImage.from_file(init_image, lw, lh))
+        h, w = lh * bundle.vae_scale_factor, lw * bundle.vae_scale_factor
     else:
         h = validate.size("height", _given(height, bundle.height), *limits)
         w = validate.size("width", _given(width, bundle.width), *limits)

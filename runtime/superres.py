@@ -17,10 +17,8 @@ from .errors import UsageError
 SIDE_MULTIPLE = 32
 
 
-def low_res_image(init_image, height, width, strength, bundle):
-    """(InitImage at its own size, output height, output width) for an upscaling request."""
-    from .request import InitImage
-
+def low_res_size(init_image, height, width, strength, bundle) -> tuple[int, int]:
+    """(width, height) of the low-resolution image of an upscaling request, checked."""
     if init_image is None:
         raise UsageError(f"this bundle's model upscales x{bundle.vae_scale_factor}: give "
                          f"--init-image LOW.png (sides multiples of {SIDE_MULTIPLE})")
@@ -49,9 +47,7 @@ def low_res_image(init_image, height, width, strength, bundle):
     if not (lo <= w * f <= hi and lo <= h * f <= hi):
         raise UsageError(f"{name} is {w}x{h}: its x{f} result ({w * f}x{h * f}) lies outside "
                          f"the bundle's exported range {lo}..{hi} pixels")
-    if isinstance(init_image, np.ndarray):
-        return InitImage.from_array(init_image, w, h), h * f, w * f
-    return InitImage.from_file(init_image, w, h), h * f, w * f
+    return w, h
 
 
 def condition(image: np.ndarray) -> np.ndarray:

@@ -34,6 +34,11 @@ PROMPT = "a red cat"
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpm++2m": "DPMSolverMultistepScheduler"}
 
 
+def report(what: str, value: float) -> None:
+    """The measured figure, for the README (`pytest ... -s | grep "PSNR "`)."""
+    print(f"\nPSNR {what}: {value:.1f} dB")
+
+
 def diffusers_ldm(folder, scheduler: str):
     import diffusers
 
@@ -125,6 +130,7 @@ def test_ldm_bert_text_to_image_matches_diffusers(scheduler, ldm_models, runtime
     ours = runtimes["ldm-bert"](PROMPT, guidance_scale=3.0, num_inference_steps=STEPS,
                                 scheduler=scheduler, latents=lat, seed=0)
     assert ours.images.shape == ref.shape == (1, 128, 128, 3)
+    report(f"ldm-bert text-to-image {scheduler} vs LDMTextToImagePipeline", psnr(ours.images, ref))
     assert psnr(ours.images, ref) >= MIN_PSNR_DB, psnr(ours.images, ref)
     other = runtimes["ldm-bert"](PROMPT, guidance_scale=3.0, num_inference_steps=STEPS,
                                  scheduler=scheduler, seed=1)
@@ -140,6 +146,7 @@ def test_unconditional_matches_diffusers(scheduler, ldm_models, runtimes):
     ours = runtimes["ldm-uncond"](num_images_per_prompt=2, num_inference_steps=STEPS,
                                   scheduler=scheduler, generator=TorchNoise(3))
     assert ours.images.shape == ref.shape == (2, 64, 64, 3)
+    report(f"unconditional {scheduler} vs LDMPipeline", psnr(ours.images, ref))
     assert psnr(ours.images, ref) >= MIN_PSNR_DB, psnr(ours.images, ref)
     other = runtimes["ldm-uncond"](num_images_per_prompt=2, num_inference_steps=STEPS,
                                    scheduler=scheduler, generator=TorchNoise(4))
@@ -154,6 +161,8 @@ def test_task_unconditional_on_a_text_model_is_the_empty_prompt_unguided(ldm_mod
                         latents=torch.from_numpy(lat), output_type="np").images)
     ours = runtimes["ldm-bert"](task="unconditional", num_inference_steps=STEPS,
                                 scheduler="ddim", latents=lat, seed=0)
+    report("ldm-bert --task unconditional ddim vs LDMTextToImagePipeline('')",
+           psnr(ours.images, ref))
     assert psnr(ours.images, ref) >= MIN_PSNR_DB
 
 
@@ -212,6 +221,8 @@ def test_inpaint_matches_diffusers(scheduler, strength, ldm_models, runtimes):
               guidance_scale=6.0, scheduler=scheduler)
     ours = runtimes["inpaint"](PROMPT, generator=TorchNoise(11), **kw, **given)
     assert ours.request.task == "inpaint"
+    report(f"inpaint {scheduler} strength {strength} vs StableDiffusionInpaintPipeline",
+           psnr(ours.images, ref))
     assert psnr(ours.images, ref) >= MIN_PSNR_DB, psnr(ours.images, ref)
     other_mask = np.zeros_like(mask)
     other_mask[:, :64] = 255
@@ -253,6 +264,7 @@ def test_super_resolution_matches_diffusers(scheduler, ldm_models, runtimes):
     ours = runtimes["ldm-sr"](init_image=low, num_inference_steps=STEPS, scheduler=scheduler,
                               generator=TorchNoise(3))
     assert ours.images.shape == ref.shape == (1, 128, 128, 3)  # x4
+    report(f"super-resolution {scheduler} vs LDMSuperResolutionPipeline", psnr(ours.images, ref))
     assert psnr(ours.images, ref) >= MIN_PSNR_DB, psnr(ours.images, ref)
     other = runtimes["ldm-sr"](init_image=low, num_inference_steps=STEPS, scheduler=scheduler,
                                generator=TorchNoise(4))

@@ -37,6 +37,7 @@ def test_fp16_variants_and_their_end_to_end_psnr(family, copy_of):
 
     b = copy_of(family)
     m = make_fp16(b, steps=STEPS)
+    print(f"\nPSNR {family} fp16 vs fp32: {m.quality['fp16'].psnr_db:.1f} dB")
     assert m.quality["fp16"].psnr_db >= FP16_MIN_PSNR_DB, m.quality["fp16"].to_json()
     # every component converts; the VQ decoders only because their look-up stays FP32
     assert m.quality["fp16"].components_kept_fp32 == []
@@ -67,6 +68,7 @@ def test_int8_runs_and_records_its_psnr(family, copy_of):
     b = copy_of(family)
     m = make_int8(b, num_prompts=2, calib_steps=STEPS, progress=lambda msg: None)
     q = m.quality["int8"]
+    print(f"\nPSNR {family} int8 vs fp32 ({q.worst_scheduler}): {q.psnr_db:.1f} dB")
     assert np.isfinite(q.psnr_db) and q.psnr_db > 15.0, q.to_json()  # recorded, not noise
     calib = m.components["unet"].variants["int8"].calibration["prompts"]
     if family in ("ldm-uncond", "ldm-sr"):
