@@ -124,6 +124,7 @@ def build_manifest(model: LoadedModel, dims: ModelDims, components: dict, tok_pa
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         model=ModelRecord(source=model.source, sha256=model.source_sha256, family=model.family),
         task=model.task,
+        upscaler=model.upscaler,
         prediction_type=model.prediction_type,
         latent_channels=model.latent_channels,
         vae_scale_factor=model.vae_scale_factor,

@@ -31,6 +31,18 @@ class UNet(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
+class UpscaleUNet(torch.nn.Module):
+    """The SD x4 upscaler's U-Net: class-conditioned on the low-resolution image's noise level."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, noise_level):
+        return self.unet(sample, timestep, encoder_hidden_states, class_labels=noise_level,
+                         return_dict=False)[0]
+
+
 class UncondUNet(torch.nn.Module):
     """diffusers' UNet2DModel (the LDM paper's unconditional models): no cross-attention."""
 
@@ -111,6 +123,8 @@ def wrap(model: LoadedModel, name: str) -> torch.nn.Module:
     if name == "text_encoder":
         return TextEncoder(model.text_encoder, model.use_attention_mask).eval()
     if name == "unet":
+        if model.upscaler is not None:
+            return UpscaleUNet(model.unet).eval()
         return (UNet(model.unet) if model.text_encoder is not None
                 else UncondUNet(model.unet)).eval()
     if name == "vae_decoder":
@@ -153,6 +167,8 @@ def sample_inputs(spec: ComponentSpec, model: LoadedModel, batch: int, height: i
             "sample": rng.standard_normal((batch, model.unet_in_channels, h, w), dtype=np.float32),
             "timestep": rng.uniform(0, 999, size=(batch,)).astype(np.float32),
         }
+        if "noise_level" in spec.input_names:
+            feeds["noise_level"] = rng.integers(0, 351, size=(batch,), dtype=np.int64)
         if "encoder_hidden_states" in spec.input_names:
             feeds["encoder_hidden_states"] = rng.standard_normal(
                 (batch, L, model.text_hidden_size), dtype=np.float32)

@@ -39,6 +39,8 @@ class LoadedModel:
     # what latents are divided by before decoding, where the pipeline's differs from the
     # autoencoder's config (LDMSuperResolutionPipeline decodes them as they are: 1.0)
     scaling_factor: float | None = None
+    # StableDiffusionUpscalePipeline: noise levels and the low-resolution image's scheduler
+    upscaler: dict | None = None
 
     @property
     def latent_scaling_factor(self) -> float:
@@ -79,12 +81,14 @@ def hash_files(paths) -> str:
     return h.hexdigest()
 
 
-def check_unet(unet) -> None:
+def check_unet(unet, noise_level_classes: bool = False) -> None:
+    """``noise_level_classes``: the SD x4 upscaler's U-Net, class-conditioned on the noise
+    level, is taken (issue 14); other class-conditioned U-Nets are not."""
     cfg = unet.config
     if cfg.get("addition_embed_type"):
         raise ModelLoadError(f"U-Net with addition_embed_type={cfg['addition_embed_type']!r} "
                              f"(SDXL-style) is not supported; SD1.x/SD2.x/LDM U-Nets are")
-    if cfg.get("class_embed_type") or cfg.get("num_class_embeds"):
+    if (cfg.get("class_embed_type") or cfg.get("num_class_embeds")) and not noise_level_classes:
         raise ModelLoadError("class-conditioned U-Nets (e.g. upscalers) are not supported")
 
 

@@ -228,3 +228,37 @@ def save_tiny_inpaint(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def save_tiny_upscale(path: str | Path, seed: int = 0) -> Path:
+    """A tiny StableDiffusionUpscalePipeline: SD1 text parts, a VAE f = 4 (scaling factor
+    0.08333), a U-Net of 4 + 3 input channels class-conditioned on the noise level."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler,
+                           StableDiffusionUpscalePipeline, UNet2DConditionModel)
+
+    base = tiny_pipeline("sd1", seed)
+    torch.manual_seed(seed + 3)
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=7, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TINY_TEXT_HIDDEN, norm_num_groups=8, attention_head_dim=8,
+        num_class_embeds=1000)
+    _perturb_out(unet)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        block_out_channels=(16, 32, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        sample_size=128, scaling_factor=0.08333)
+    pipe = StableDiffusionUpscalePipeline(
+        vae=vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet,
+        low_res_scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0001,
+                                        beta_end=0.02, num_train_timesteps=1000),
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                beta_end=0.012, num_train_timesteps=1000, clip_sample=False,
+                                set_alpha_to_one=False, steps_offset=1),
+        max_noise_level=350)
+    path = Path(path)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path

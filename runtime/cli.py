@@ -56,6 +56,9 @@ def _list_schedulers(ctx, _param, value):
 @click.option("--mask", type=click.Path(), default=None,
               help="Inpainting (a bundle of an inpainting model): white = repaint; the init "
                    "image's size.")
+@click.option("--noise-level", type=int, default=None,
+              help="SD x4 upscaler: noise added to the low-resolution --init-image "
+                   "(default: the bundle's, 20).")
 @click.option("--strength", type=float, default=None,
               help="With --init-image: how much of the schedule to run (0..1], default 0.8.")
 @click.option("--latents", "latents_path", type=click.Path(), default=None,
@@ -91,7 +94,7 @@ def _list_schedulers(ctx, _param, value):
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or timing table.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
 def main(bundle, prompts, task, negative_prompt, steps, guidance_scale, scheduler, seed, height, width,
-         num_images, init_image, mask, strength, latents_path, backend, device, precision, threads,
+         num_images, init_image, mask, noise_level, strength, latents_path, backend, device, precision, threads,
          ort_cache, low_memory, vae_tiling, vae_tile_size, no_verify, out, quiet, debug):
     """Generate images from BUNDLE (a folder written by `ldm-export onnx`)."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
@@ -111,7 +114,8 @@ def main(bundle, prompts, task, negative_prompt, steps, guidance_scale, schedule
                            num_inference_steps=steps, guidance_scale=guidance_scale,
                            scheduler=scheduler, height=height, width=width,
                            num_images_per_prompt=num_images, seed=seed, latents=latents,
-                           init_image=init_image, strength=strength, mask=mask)
+                           init_image=init_image, strength=strength, mask=mask,
+                           noise_level=noise_level)
     bar = _ProgressBar(quiet)
     try:
         result = pipe(request=request, progress=bar.advance)

@@ -23,7 +23,7 @@ from .errors import NumericsError, UsageError
 from .manifest import Manifest
 from .request import BundleDefaults, GenerationRequest, Provenance, resolve_request
 from .schedulers import make_scheduler
-from .tasks import INPAINT, SUPER_RESOLUTION
+from .tasks import INPAINT, SUPER_RESOLUTION, UPSCALE
 from .tokenizer import PromptTokenizer
 from .vae_tiling import DEFAULT_OVERLAP, VaeTiling, fitting_tile_sizes
 
@@ -212,7 +212,8 @@ class Pipeline:
                  width: int | None = None, num_images_per_prompt: int = 1,
                  seed: int | None = None, generator=None, latents: np.ndarray | None = None,
                  init_image: np.ndarray | str | None = None, strength: float | None = None,
-                 task: str | None = None, mask=None, progress=None) -> Result:
+                 task: str | None = None, mask=None, noise_level: int | None = None,
+                 progress=None) -> Result:
         """Run ``request``, or the one the keywords resolve to. ``generator``: the caller's
         noise source (then no seed); ``progress(done, total)``: called from step 0 on."""
         if request is None:
@@ -222,7 +223,7 @@ class Pipeline:
                 scheduler=scheduler, height=height, width=width,
                 num_images_per_prompt=num_images_per_prompt, seed=seed,
                 draw_seed=generator is None, latents=latents, init_image=init_image,
-                strength=strength, task=task, mask=mask)
+                strength=strength, task=task, mask=mask, noise_level=noise_level)
         if generator is not None and request.seed is not None:
             raise UsageError("give a seed or a generator, not both")
         return self._run(request, generator or np.random.default_rng(request.seed), progress)
@@ -241,6 +242,8 @@ class Pipeline:
         if req.mask is not None:
             lat, extra = self._inpaint_latents(sched, timesteps, req, gen)
             self._release("vae_encoder")
+        elif req.task == UPSCALE:  # the low-resolution image, noised, concatenated
+            lat, extra = self._upscale_latents(sched, req, gen)
         elif req.task == SUPER_RESOLUTION:  # the low-resolution image, concatenated
             from .superres import condition
 
@@ -329,6 +332,19 @@ class Pipeline:
         extra = np.concatenate([mask, masked_lat], axis=1)
         return lat, np.repeat(extra, lat.shape[0] // extra.shape[0], axis=0).astype(np.float32)
 
+    def _upscale_latents(self, sched, req: GenerationRequest, gen):
+        """The SD x4 upscaler: the low-resolution image noised to ``noise_level`` by its
+        low_res_scheduler (drawn first, as diffusers does), then the initial latents."""
+        from .schedulers import make_scheduler as make
+        from .superres import condition
+
+        low = condition(req.init_image.pixels)
+        noise = gen.standard_normal(size=low.shape, dtype=np.float32)
+        ddpm = make("ddpm", self.manifest.schema.upscaler["low_res_scheduler"])
+        low = ddpm.add_noise(low, noise, np.array([req.noise_level]))
+        lat = self._txt2img_latents(sched, req.latents, req, gen)
+        return lat, np.repeat(low, lat.shape[0], axis=0).astype(np.float32)
+
     def _latent_shape(self, req: GenerationRequest) -> tuple:
         m = self.manifest.schema
         f = int(m.vae_scale_factor)
@@ -341,14 +357,20 @@ class Pipeline:
         dim = spec.input("sample").shape[0]
         return dim if isinstance(dim, int) else int(spec.ranges.get("batch", (1, 1 << 30))[1])
 
-    def _unet(self, x, t, t_dtype, embeds, chunk: int) -> np.ndarray:
-        """One batched call when it fits (embeddings bound once), else several calls."""
+    def _unet(self, x, t, t_dtype, embeds, chunk: int, noise_level=None) -> np.ndarray:
+        """One batched call when it fits (embeddings bound once), else several calls.
+        ``noise_level``: the SD x4 upscaler's class label, one per sample."""
+        def more(n):
+            return {} if noise_level is None else {"noise_level": np.full((n,), noise_level,
+                                                                          dtype=np.int64)}
         if chunk >= x.shape[0]:
-            return self._call("unet", {"sample": x, "timestep": np.full((x.shape[0],), t, dtype=t_dtype)})
+            return self._call("unet", {"sample": x, "timestep": np.full((x.shape[0],), t, dtype=t_dtype),
+                                       **more(x.shape[0])})
         outs = []
         for s in range(0, x.shape[0], chunk):
             xs = x[s:s + chunk]
-            feeds = {"sample": xs, "timestep": np.full((xs.shape[0],), t, dtype=t_dtype)}
+            feeds = {"sample": xs, "timestep": np.full((xs.shape[0],), t, dtype=t_dtype),
+                     **more(xs.shape[0])}
             if embeds is not None:
                 feeds["encoder_hidden_states"] = embeds[s:s + chunk]
             outs.append(self._call("unet", feeds))
@@ -374,10 +396,10 @@ class Pipeline:
                 if extra is not None and req.task == SUPER_RESOLUTION:  # scaled with it
                     x = np.concatenate([x, extra], 1)
                 x = sched.scale_model_input(x, t).astype(np.float32)
-                if extra is not None and req.task == INPAINT:  # mask, masked-image latents
+                if extra is not None and req.task in (INPAINT, UPSCALE):  # after scaling
                     x = np.concatenate([x, np.concatenate([extra, extra]) if cfg else extra], 1)
                 t0 = time.perf_counter()
-                out = self._unet(x, t, t_dtype, embeds, chunk)
+                out = self._unet(x, t, t_dtype, embeds, chunk, req.noise_level)
                 per_step.append(time.perf_counter() - t0)
                 if cfg:
                     uncond, text = np.split(out, 2)

@@ -19,12 +19,14 @@ import numpy as np
 from . import validate
 from .errors import UsageError
 from .schema import BundleManifest
-from .tasks import INPAINT, SUPER_RESOLUTION, TEXT_TO_IMAGE, run_task, takes_prompt
+from .tasks import INPAINT, SUPER_RESOLUTION, TEXT_TO_IMAGE, UPSCALE, run_task, takes_prompt
 
 # diffusers' StableDiffusionImg2ImgPipeline default: redraw 80 % of the schedule
 DEFAULT_STRENGTH = 0.8
 # diffusers' StableDiffusionInpaintPipeline default: the whole schedule, from pure noise
 INPAINT_STRENGTH = 1.0
+# the SD x4 upscaler's low-resolution sides: multiples of 8, so its x4 output is on the grid
+UPSCALE_SIDE_MULTIPLE = 8
 # what a manifest without "defaults" gets: the SD 1.x/2.x pipelines' own defaults
 FALLBACK_SIZE, FALLBACK_STEPS, FALLBACK_GUIDANCE = 512, 25, 7.5
 # a drawn seed (none given) fits 32 bits, so it is easy to read off a PNG and type back in
@@ -60,6 +62,8 @@ class BundleDefaults:
     vae_scale_factor: int = 8
     latent_channels: int = 4
     task: str | None = None  # the bundle's (runtime/tasks.py); None: text-to-image
+    max_noise_level: int | None = None  # the SD x4 upscaler's
+    default_noise_level: int | None = None
 
     @classmethod
     def from_manifest(cls, manifest: BundleManifest) -> "BundleDefaults":
@@ -75,7 +79,15 @@ class BundleDefaults:
                    max_size=int(dims.get("max_size", 1 << 16)),
                    max_batch=int(dims.get("max_batch", 1 << 16)),
                    vae_scale_factor=int(manifest.vae_scale_factor),
-                   latent_channels=int(manifest.latent_channels), task=manifest.task)
+                   latent_channels=int(manifest.latent_channels), task=manifest.task,
+                   **_noise_levels(manifest.upscaler))
+
+
+def _noise_levels(upscaler: dict | None) -> dict:
+    if not upscaler:
+        return {}
+    return {"max_noise_level": int(upscaler.get("max_noise_level", 350)),
+            "default_noise_level": int(upscaler.get("default_noise_level", 20))}
 
 
 def _sha256(array: np.ndarray) -> str:
@@ -131,6 +143,7 @@ class GenerationRequest:
     latents: np.ndarray | None = field(default=None, repr=False, compare=False)  # read-only
     task: str = TEXT_TO_IMAGE  # runtime/tasks.py
     mask: object | None = None  # inpaint: runtime/inpaint.Mask
+    noise_level: int | None = None  # upscale: the low-resolution image's noise level
 
     @property
     def num_images(self) -> int:
@@ -151,7 +164,8 @@ class GenerationRequest:
                 "strength": self.strength,
                 "init_image": self.init_image.to_dict() if self.init_image else None,
                 "latents_sha256": None if self.latents is None else _sha256(self.latents),
-                "task": self.task, "mask": self.mask.to_dict() if self.mask else None}
+                "task": self.task, "mask": self.mask.to_dict() if self.mask else None,
+                "noise_level": self.noise_level}
 
 
 @dataclass(frozen=True)
@@ -177,7 +191,7 @@ def resolve_request(bundle: BundleDefaults, *, prompt, negative_prompt=None,
                     seed: int | None = None, draw_seed: bool = True,
                     latents: np.ndarray | None = None, init_image=None,
                     strength: float | None = None, task: str | None = None,
-                    mask=None) -> GenerationRequest:
+                    mask=None, noise_level: int | None = None) -> GenerationRequest:
     """Fill what is not given from ``bundle`` and check everything (one-line UsageErrors).
 
     ``init_image``: a file path (loaded here, at the resolved size) or uint8 [1, H, W, 3].
@@ -199,12 +213,16 @@ def resolve_request(bundle: BundleDefaults, *, prompt, negative_prompt=None,
     name = validate.scheduler(scheduler or bundle.scheduler, scheduler_names())
     n = validate.batch(len(prompts), num_images_per_prompt, bundle.max_batch)
     limits = (bundle.size_multiple, bundle.min_size, bundle.max_size)
-    if task == SUPER_RESOLUTION:  # the size comes from the low-resolution image
-        from .superres import low_res_size
+    level = _noise_level(noise_level, task, bundle)
+    if task in (SUPER_RESOLUTION, UPSCALE):  # the size comes from the low-resolution image
+        from .superres import SIDE_MULTIPLE, low_res_size
 
         if mask is not None:
             raise UsageError("--mask is for inpainting models; this bundle's model upscales")
-        lw, lh = low_res_size(init_image, height, width, strength, bundle)
+        # SD x4: diffusers rounds to the VAE factor; 8 keeps the x4 result on the 8-pixel grid
+        mult = (SIDE_MULTIPLE, SIDE_MULTIPLE) if task == SUPER_RESOLUTION else \
+            (UPSCALE_SIDE_MULTIPLE, bundle.vae_scale_factor)
+        lw, lh = low_res_size(init_image, height, width, strength, bundle, *mult)
         init = (InitImage.from_array(init_image, lw, lh) if isinstance(init_image, np.ndarray)
                 else InitImage.from_file(init_image, lw, lh))
         h, w = lh * bundle.vae_scale_factor, lw * bundle.vae_scale_factor
@@ -215,7 +233,7 @@ def resolve_request(bundle: BundleDefaults, *, prompt, negative_prompt=None,
         seed = None if seed is None else validate.seed(seed)
     else:
         seed = secrets.randbits(DRAWN_SEED_BITS)
-    if task == SUPER_RESOLUTION:
+    if task in (SUPER_RESOLUTION, UPSCALE):
         strength = None
     elif task == INPAINT:
         init, strength, mask = _inpaint(init_image, mask, strength, latents, h, w)
@@ -229,7 +247,21 @@ def resolve_request(bundle: BundleDefaults, *, prompt, negative_prompt=None,
         validate.latents(latents, (len(prompts) * n, bundle.latent_channels, h // f, w // f), f)
         latents = _frozen(latents)
     return GenerationRequest(prompts, negs, steps, g, name, h, w, n, seed, strength, init,
-                             latents, task, mask)
+                             latents, task, mask, level)
+
+
+def _noise_level(value, task: str, bundle: BundleDefaults) -> int | None:
+    if task != UPSCALE:
+        if value is not None:
+            raise UsageError("--noise-level is for the SD x4 upscaler "
+                             "(StableDiffusionUpscalePipeline); this bundle's model is not one")
+        return None
+    value = bundle.default_noise_level if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+            or not 0 <= value <= bundle.max_noise_level:
+        raise UsageError(f"--noise-level {value} must be an integer from 0 to "
+                         f"{bundle.max_noise_level} (the model's max_noise_level)")
+    return int(value)
 
 
 def _inpaint(init_image, mask, strength, latents, h: int, w: int):

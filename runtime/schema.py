@@ -363,6 +363,9 @@ class BundleManifest(Record):
     # what the model does (runtime/tasks.py); absent: text-to-image. Written only when set,
     # so SD1/SD2 manifests keep their keys
     task: str | None = None
+    # the SD x4 upscaler (task "upscale"): max_noise_level, default_noise_level and the
+    # low_res_scheduler config (as diffusers writes it) that noises the low-resolution image
+    upscaler: dict | None = None
     prediction_type: str = "epsilon"
     latent_channels: int = 4
     vae_scale_factor: int = 8

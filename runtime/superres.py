@@ -17,11 +17,14 @@ from .errors import UsageError
 SIDE_MULTIPLE = 32
 
 
-def low_res_size(init_image, height, width, strength, bundle) -> tuple[int, int]:
-    """(width, height) of the low-resolution image of an upscaling request, checked."""
+def low_res_size(init_image, height, width, strength, bundle,
+                 multiple: int = SIDE_MULTIPLE, diffusers_multiple: int = SIDE_MULTIPLE
+                 ) -> tuple[int, int]:
+    """(width, height) of the low-resolution image of an upscaling request, checked: its sides
+    multiples of ``multiple`` (diffusers' pipeline crops to ``diffusers_multiple``)."""
     if init_image is None:
         raise UsageError(f"this bundle's model upscales x{bundle.vae_scale_factor}: give "
-                         f"--init-image LOW.png (sides multiples of {SIDE_MULTIPLE})")
+                         f"--init-image LOW.png (sides multiples of {multiple})")
     if height is not None or width is not None:
         raise UsageError(f"the upscaled size is x{bundle.vae_scale_factor} the --init-image's; "
                          f"drop --height/--width")
@@ -38,10 +41,11 @@ def low_res_size(init_image, height, width, strength, bundle) -> tuple[int, int]
 
         w, h = image_size(init_image, "--init-image")
         name = f"--init-image {Path(init_image).name}"
-    if w % SIDE_MULTIPLE or h % SIDE_MULTIPLE:
+    if w % multiple or h % multiple:
+        dm = diffusers_multiple
         raise UsageError(f"{name} is {w}x{h}: this upscaler takes sides that are multiples of "
-                         f"{SIDE_MULTIPLE} (diffusers would crop it to "
-                         f"{w - w % SIDE_MULTIPLE}x{h - h % SIDE_MULTIPLE}); resize or crop it")
+                         f"{multiple} (diffusers would crop it to {w - w % dm}x{h - h % dm}); "
+                         f"resize or crop it")
     f = bundle.vae_scale_factor
     lo, hi = bundle.min_size, bundle.max_size
     if not (lo <= w * f <= hi and lo <= h * f <= hi):

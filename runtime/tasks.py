@@ -11,19 +11,23 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .errors import UsageError
-from .spec import ComponentSpec
+from .spec import ComponentSpec, TensorSpec
+
+# the SD x4 upscaler U-Net's class-label input: the low-resolution image's noise level
+NOISE_LEVEL = "noise_level"
 
 TEXT_TO_IMAGE = "text-to-image"
 UNCONDITIONAL = "unconditional"
 INPAINT = "inpaint"
 SUPER_RESOLUTION = "super-resolution"
-TASKS = (TEXT_TO_IMAGE, UNCONDITIONAL, INPAINT, SUPER_RESOLUTION)
+UPSCALE = "upscale"  # SD x4 latent upscaler: text-conditioned, noise level as a class label
+TASKS = (TEXT_TO_IMAGE, UNCONDITIONAL, INPAINT, SUPER_RESOLUTION, UPSCALE)
 # tasks whose model takes no prompt: no text encoder and no tokenizer in the bundle
 PROMPTLESS = (UNCONDITIONAL, SUPER_RESOLUTION)
 # what `--task` may ask of a bundle made for each task: a text-to-image model samples
 # unconditionally from the empty prompt without guidance (its unconditional branch)
 RUNS = {TEXT_TO_IMAGE: (TEXT_TO_IMAGE, UNCONDITIONAL), UNCONDITIONAL: (UNCONDITIONAL,),
-        INPAINT: (INPAINT,), SUPER_RESOLUTION: (SUPER_RESOLUTION,)}
+        INPAINT: (INPAINT,), SUPER_RESOLUTION: (SUPER_RESOLUTION,), UPSCALE: (UPSCALE,)}
 # the pipeline layout each family comes from, for messages
 LAYOUT_OF = {"ldm-bert": "LDMTextToImagePipeline", "ldm-uncond": "LDMPipeline",
              "ldm-sr": "LDMSuperResolutionPipeline"}
@@ -56,11 +60,16 @@ def task_specs(specs: dict[str, ComponentSpec], task: str | None,
     """The components (from spec.describe) a model of ``task`` has, with their interfaces.
     ``unet_in_channels``: the U-Net's input channels where conditioning is concatenated to
     the latents (inpainting: 4 + 1 + 4)."""
-    if bundle_task(task) == INPAINT:
+    if bundle_task(task) in (INPAINT, UPSCALE):
         unet = specs["unet"]
         sample = unet.inputs[0]
         wide = replace(sample, shape=(sample.shape[0], unet_in_channels) + tuple(sample.shape[2:]))
-        return {**specs, "unet": replace(unet, inputs=(wide,) + tuple(unet.inputs[1:]))}
+        more = ((TensorSpec(NOISE_LEVEL, "int64", ("batch",)),) if bundle_task(task) == UPSCALE
+                else ())
+        unet = replace(unet, inputs=(wide,) + tuple(unet.inputs[1:]) + more)
+        if bundle_task(task) == UPSCALE:  # no task here encodes images with its VAE
+            specs = {k: v for k, v in specs.items() if k != "vae_encoder"}
+        return {**specs, "unet": unet}
     if bundle_task(task) not in PROMPTLESS:
         return specs
     unet = specs["unet"]
