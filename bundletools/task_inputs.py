@@ -9,14 +9,16 @@ the labels that the manifest records as the "prompts":
   by its index), of the bundle's default output size divided by the factor, rounded up to
   the upscaler's side multiple;
 * inpainting: the prompts, plus a synthetic image at the default size and a mask of its
-  centre quarter.
+  centre quarter;
+* the SD x4 upscaler: the prompts, plus a synthetic low-resolution image (as above, sides
+  rounded up to multiples of 8), at the bundle's default noise level.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ldm_edge.runtime.tasks import INPAINT, SUPER_RESOLUTION, UNCONDITIONAL, bundle_task
+from ldm_edge.runtime.tasks import INPAINT, SUPER_RESOLUTION, UNCONDITIONAL, UPSCALE, bundle_task
 
 
 def synthetic_image(index: int, height: int, width: int) -> np.ndarray:
@@ -36,10 +38,12 @@ def centre_mask(height: int, width: int) -> np.ndarray:
 
 
 def _low_res_side(schema, key: str) -> int:
+    from ldm_edge.runtime.request import UPSCALE_SIDE_MULTIPLE
     from ldm_edge.runtime.superres import SIDE_MULTIPLE
 
+    mult = UPSCALE_SIDE_MULTIPLE if bundle_task(schema.task) == UPSCALE else SIDE_MULTIPLE
     side = int(schema.defaults.get(key, 256)) // int(schema.vae_scale_factor)
-    return max(SIDE_MULTIPLE, -(-side // SIDE_MULTIPLE) * SIDE_MULTIPLE)
+    return max(mult, -(-side // mult) * mult)
 
 
 def labels(schema, prompts: list[str]) -> list[str]:
@@ -61,6 +65,9 @@ def call_inputs(schema, label: str, index: int) -> dict:
     if task == SUPER_RESOLUTION:
         return {"init_image": synthetic_image(index, _low_res_side(schema, "height"),
                                               _low_res_side(schema, "width"))}
+    if task == UPSCALE:
+        return {"prompt": label, "init_image": synthetic_image(
+            index, _low_res_side(schema, "height"), _low_res_side(schema, "width"))}
     if task == INPAINT:
         h, w = int(schema.defaults["height"]), int(schema.defaults["width"])
         return {"prompt": label, "init_image": synthetic_image(index, h, w),

@@ -14,7 +14,7 @@ import numpy as np
 
 from ldm_edge.bundletools.task_inputs import call_inputs, labels
 from ldm_edge.runtime.pipeline import Pipeline
-from ldm_edge.runtime.tasks import SUPER_RESOLUTION
+from ldm_edge.runtime.tasks import SUPER_RESOLUTION, UPSCALE
 
 DEFAULT_PROMPTS_FILE = Path(__file__).with_name("prompts.txt")
 
@@ -58,7 +58,8 @@ def capture(bundle, prompts: list[str], *, steps: int | None = None, seed: int =
     rec = _Recorder(bundle, precision="fp32", threads=threads)
     schema = rec.manifest.schema
     for i, label in enumerate(labels(schema, prompts)):  # a prompt, or what stands for one
-        size = {} if schema.task == SUPER_RESOLUTION else {"height": height, "width": width}
+        size = ({} if schema.task in (SUPER_RESOLUTION, UPSCALE)
+                else {"height": height, "width": width})
         rec(**call_inputs(schema, label, i), num_inference_steps=steps,
             guidance_scale=guidance_scale, scheduler=scheduler, seed=seed + i, **size)
     rec.close()

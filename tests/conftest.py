@@ -74,13 +74,14 @@ def tiny_bundles(tiny_models, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def ldm_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny random models in the LDM paper's layouts (export/tiny.py LDM_FAMILIES) and an
-    SD inpainting one (key "inpaint")."""
+    SD inpainting one (key "inpaint") and an SD x4 upscaler (key "upscale")."""
     need_export_extra()
-    from ldm_edge.export.tiny import LDM_FAMILIES, save_tiny_inpaint, save_tiny_ldm
+    from ldm_edge.export.tiny import LDM_FAMILIES, save_tiny_inpaint, save_tiny_ldm, save_tiny_upscale
 
     root = tmp_path_factory.mktemp("ldm_models")
     out = {fam: save_tiny_ldm(root / fam, fam, seed=0) for fam in LDM_FAMILIES}
     out["inpaint"] = save_tiny_inpaint(root / "inpaint", seed=0)
+    out["upscale"] = save_tiny_upscale(root / "upscale", seed=0)
     return out
 
 

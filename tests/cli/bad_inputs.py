@@ -3,8 +3,8 @@
 Print the README table with:  python tests/cli/bad_inputs.py
 Each case: (what, how to break things, ldm-run arguments, exit code, message fragment).
 Placeholders in arguments: BUNDLE (a fresh copy of a tiny bundle, broken by `breaker`),
-UNCOND / INPAINT / SR (the same, of the tiny unconditional LDM / SD inpainting / LDM
-super-resolution bundle), TMP (a scratch folder). The error cases run without -q: stderr must be the error line alone,
+UNCOND / INPAINT / SR / UPSCALE (the same, of the tiny unconditional LDM / SD inpainting /
+LDM super-resolution / SD x4 upscaler bundle), TMP (a scratch folder). The error cases run without -q: stderr must be the error line alone,
 with no progress bar before it.
 """
 
@@ -115,6 +115,8 @@ CASES = [
     ("inpainting bundle without --mask", _files, ["INPAINT", "--init-image", "TMP/init.png"] + P, 2, "this bundle's model inpaints: give --mask (white = repaint)"),
     ("--mask with a plain (4-channel) U-Net", _files, ["BUNDLE", "--init-image", "TMP/init.png", "--mask", "TMP/mask.png"] + P, 2, "--mask needs an inpainting model (a 9-channel U-Net, as StableDiffusionInpaintPipeline has); this bundle's U-Net is not one"),
     ("init image size the x4 upscaler cannot take", _files, ["SR", "--init-image", "TMP/low48x40.png", "--steps", "2"], 2, "--init-image low48x40.png is 48x40: this upscaler takes sides that are multiples of 32 (diffusers would crop it to 32x32); resize or crop it"),
+    ("--noise-level above the SD x4 upscaler's max_noise_level", _files, ["UPSCALE", "--init-image", "TMP/init.png", "--noise-level", "400"] + P, 2, "--noise-level 400 must be an integer from 0 to 350 (the model's max_noise_level)"),
+    ("--noise-level for a model that is not the SD x4 upscaler", None, ["BUNDLE", "--noise-level", "20"] + P, 2, "--noise-level is for the SD x4 upscaler (StableDiffusionUpscalePipeline); this bundle's model is not one"),
     ("upscaler without an init image", None, ["SR", "--steps", "2"], 2, "this bundle's model upscales x4: give --init-image LOW.png"),
     ("unconditional model without a prompt (accepted)", None, ["UNCOND", "--steps", "1", "-q"], 0, ""),
     ("empty prompt (accepted)", None, ["BUNDLE", "-p", "", "--steps", "1", "-q"], 0, ""),

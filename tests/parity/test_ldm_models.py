@@ -2,7 +2,7 @@
 LDMTextToImagePipeline (LDM-BERT, VQ-f8 autoencoder, UNet2DConditionModel), LDMPipeline
 (unconditional, VQ-f4 autoencoder, UNet2DModel), LDMSuperResolutionPipeline (x4, the
 low-resolution image concatenated to the latents) and StableDiffusionInpaintPipeline (a
-9-channel U-Net).
+9-channel U-Net) and StableDiffusionUpscalePipeline (the SD x4 upscaler).
 
 Each component against PyTorch (the export check, run again here), the VQ decoder graph's
 codebook look-up against diffusers' VQModel.decode, and the runtime against diffusers' own
@@ -58,14 +58,20 @@ def runtimes(ldm_bundles):
     ("ldm-uncond", "unconditional", {"unet", "vae_decoder"}),
     ("inpaint", "inpaint", {"text_encoder", "unet", "vae_decoder", "vae_encoder"}),
     ("ldm-sr", "super-resolution", {"unet", "vae_decoder"}),
+    ("upscale", "upscale", {"text_encoder", "unet", "vae_decoder"}),
 ])
 def test_manifest_records_family_task_and_components(family, task, components, ldm_bundles):
     from ldm_edge.runtime.bundle import open_bundle
 
     m = open_bundle(ldm_bundles[family]).schema
-    assert (m.model.family, m.task) == ({"inpaint": "sd1"}.get(family, family), task)
+    assert (m.model.family, m.task) == ({"inpaint": "sd1", "upscale": "sd1"}.get(family, family),
+                                        task)
     assert set(m.components) == components
-    if family == "ldm-sr":  # latents 3 + low-resolution image 3; decoded unscaled
+    if family == "upscale":  # latents 4 + noised low-resolution image 3; noise level input
+        assert m.components["unet"].spec.input("sample").shape[1] == 7
+        assert m.components["unet"].spec.input_names[-1] == "noise_level"
+        assert m.upscaler["max_noise_level"] == 350 and m.scaling_factor == 0.08333
+    elif family == "ldm-sr":  # latents 3 + low-resolution image 3; decoded unscaled
         assert m.components["unet"].spec.input("sample").shape[1] == 6
         assert m.scaling_factor == 1.0 and m.tokenizer is None
     elif family == "ldm-uncond":
@@ -80,7 +86,7 @@ def test_manifest_records_family_task_and_components(family, task, components, l
         assert rec.variants["fp32"].parity["passed"] is True, rec.variants["fp32"].parity
 
 
-@pytest.mark.parametrize("family", ["ldm-bert", "ldm-uncond", "inpaint", "ldm-sr"])
+@pytest.mark.parametrize("family", ["ldm-bert", "ldm-uncond", "inpaint", "ldm-sr", "upscale"])
 def test_each_component_matches_pytorch(family, ldm_models, ldm_bundles):
     from ldm_edge.export.load import load_model
     from ldm_edge.export.onnx_export import check_component
@@ -282,3 +288,48 @@ def test_super_resolution_on_the_command_line(ldm_bundles, tmp_path):
     with Image.open(tmp_path / "up.png") as im:
         assert im.size == (256, 128)
         assert json.loads(im.text["ldm-edge"])["task"] == "super-resolution"
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+def test_sd_x4_upscaler_matches_diffusers(scheduler, ldm_models, runtimes):
+    """The same latents; the low-resolution image's noise from the same torch source."""
+    from helpers import diffusers_pipeline
+    from PIL import Image
+
+    import diffusers
+
+    low = np.random.default_rng(5).uniform(0, 255, (1, 32, 32, 3)).astype(np.uint8)
+    pipe = diffusers.StableDiffusionUpscalePipeline.from_pretrained(ldm_models["upscale"])
+    pipe.scheduler = diffusers_pipeline(ldm_models["inpaint"], scheduler).scheduler.__class__\
+        .from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    lat = np.random.default_rng(6).standard_normal((1, 4, 32, 32), dtype=np.float32)
+    ref = to_uint8(pipe(PROMPT, image=Image.fromarray(low[0]), noise_level=40,
+                        num_inference_steps=STEPS, guidance_scale=6.0,
+                        latents=torch.from_numpy(lat), generator=torch.Generator().manual_seed(11),
+                        output_type="np").images)
+    kw = dict(init_image=low, num_inference_steps=STEPS, guidance_scale=6.0, scheduler=scheduler)
+    ours = runtimes["upscale"](PROMPT, noise_level=40, latents=lat, generator=TorchNoise(11), **kw)
+    assert ours.images.shape == ref.shape == (1, 128, 128, 3)  # x4
+    report(f"SD x4 upscaler {scheduler} vs StableDiffusionUpscalePipeline",
+           psnr(ours.images, ref))
+    assert psnr(ours.images, ref) >= MIN_PSNR_DB, psnr(ours.images, ref)
+    other_lat = np.random.default_rng(7).standard_normal((1, 4, 32, 32), dtype=np.float32)
+    other = runtimes["upscale"](PROMPT, noise_level=40, latents=other_lat,
+                                generator=TorchNoise(12), **kw)
+    assert psnr(other.images, ref) < UNRELATED_MAX_PSNR_DB, psnr(other.images, ref)
+
+
+def test_sd_x4_upscaler_on_the_command_line(ldm_bundles, tmp_path):
+    from PIL import Image
+
+    low = np.random.default_rng(8).uniform(0, 255, (32, 48, 3)).astype(np.uint8)
+    Image.fromarray(low).save(tmp_path / "low.png")
+    r = run_cli("-m", "ldm_edge.runtime", str(ldm_bundles["upscale"]), "-p", PROMPT,
+                "--init-image", str(tmp_path / "low.png"), "--noise-level", "30", "--steps", "3",
+                "-o", str(tmp_path / "up.png"))
+    assert r.returncode == 0, r.stderr[-1500:]
+    with Image.open(tmp_path / "up.png") as im:
+        assert im.size == (192, 128)
+        meta = json.loads(im.text["ldm-edge"])
+    assert (meta["task"], meta["noise_level"]) == ("upscale", 30)

@@ -1,6 +1,6 @@
 """FP16 and INT8 (``ldm-export fp16`` / ``int8``) on the bundles of issue 14's layouts:
 LDM-BERT text-to-image, unconditional (LDMPipeline), x4 super-resolution
-(LDMSuperResolutionPipeline) and SD inpainting. Models that take no prompt are calibrated
+(LDMSuperResolutionPipeline) and SD inpainting and the SD x4 upscaler. Models that take no prompt are calibrated
 and measured on what bundletools/task_inputs.py gives them instead, and say so."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ldm_edge.runtime.bundle import open_bundle
 # 39.8 dB at 10 steps seed 1, one flipped cell). Measured here: 8 steps, seeds 0 and 1.
 FP16_MIN_PSNR_DB = 40.0
 STEPS = 8
-FAMILIES = ["ldm-bert", "ldm-uncond", "ldm-sr", "inpaint"]
+FAMILIES = ["ldm-bert", "ldm-uncond", "ldm-sr", "inpaint", "upscale"]
 
 
 @pytest.fixture
@@ -76,6 +76,8 @@ def test_int8_runs_and_records_its_psnr(family, copy_of):
     kw = {"ldm-bert": {"prompt": "a red cat"}, "ldm-uncond": {},
           "ldm-sr": {"init_image": np.full((1, 32, 32, 3), 90, np.uint8)},
           "inpaint": {"prompt": "a red cat", "init_image": np.full((1, 128, 128, 3), 90, np.uint8),
-                      "mask": np.full((1, 128, 128), 255, np.uint8)}}[family]
+                      "mask": np.full((1, 128, 128), 255, np.uint8)},
+          "upscale": {"prompt": "a red cat", "init_image": np.full((1, 32, 32, 3), 90, np.uint8)},
+          }[family]
     r = Pipeline(open_bundle(b), precision="int8")(**kw, num_inference_steps=2, seed=0)
     assert r.provenance.precision == "int8"

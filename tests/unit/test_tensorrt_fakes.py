@@ -431,7 +431,8 @@ def test_one_environment_reaches_every_importer(fakes):
         captured_device_facts()
 
 
-@pytest.mark.parametrize("family,channels", [("ldm-uncond", 3), ("ldm-sr", 6), ("inpaint", 9)])
+@pytest.mark.parametrize("family,channels", [("ldm-uncond", 3), ("ldm-sr", 6), ("inpaint", 9),
+                                             ("upscale", 7)])
 def test_engines_for_the_ldm_layouts(family, channels, ldm_bundles, tmp_path, fake_trt,
                                      monkeypatch):
     """`ldm-export engines` on issue 14's bundles (fake TensorRT): an engine per component,
@@ -447,8 +448,9 @@ def test_engines_for_the_ldm_layouts(family, channels, ldm_bundles, tmp_path, fa
     m = json.loads((b / "manifest.json").read_text())
     assert sorted(r["component"] for r in recs) == sorted(m["components"])
     sample = m["components"]["unet"]["engines"][0]["profile"]["sample"]
-    guided = 2 if family == "inpaint" else 1
+    guided = 2 if family in ("inpaint", "upscale") else 1
     assert sample["max"][:2] == [2 * guided, channels]
     assert all(len(c["engines"]) == 1 for c in m["components"].values())
     assert open_bundle(b).schema.task == {"inpaint": "inpaint", "ldm-sr": "super-resolution",
-                                          "ldm-uncond": "unconditional"}[family]
+                                          "ldm-uncond": "unconditional",
+                                          "upscale": "upscale"}[family]
