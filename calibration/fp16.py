@@ -109,6 +109,7 @@ def keep_chain_fp32(proto, marker: str) -> None:
         return n is not None and n.op_type == "Cast" and any(
             a.name == "to" and a.i == t for a in n.attribute)
 
+    rewired = 0
     for n in nodes:
         up = made_by.get(n.input[0]) if n.input else None
         if not (cast_to(n, TensorProto.FLOAT) and cast_to(up, TensorProto.FLOAT16)):
@@ -117,7 +118,9 @@ def keep_chain_fp32(proto, marker: str) -> None:
         if after and all(marker in u.name for u in after):
             for u in after:
                 u.input[:] = [up.input[0] if i == n.output[0] else i for i in u.input]
-    _drop_unused_casts(proto)
+            rewired += 1
+    if rewired:  # graphs without the marker (every SD graph) are left exactly as they were
+        _drop_unused_casts(proto)
 
 
 def _drop_unused_casts(proto) -> None:
