@@ -151,12 +151,14 @@ def tiny_vq(seed: int, latent_channels: int = 3, blocks: int = 4, sample_size: i
     return vq
 
 
-def tiny_ldm_pipeline(family: str = "ldm-bert", seed: int = 0, sample_size: int = 16):
+def tiny_ldm_pipeline(family: str = "ldm-bert", seed: int = 0, sample_size: int = 16,
+                      autoencoder: str = "vq"):
     """'ldm-bert': an LDMTextToImagePipeline (LDMBertModel, BERT tokenizer, VQModel f = 8,
     UNet2DConditionModel, DDIM); 'ldm-uncond': an LDMPipeline (VQModel f = 4, UNet2DModel,
     DDIM), the paper's unconditional layout; 'ldm-sr': an LDMSuperResolutionPipeline (the
     same, the U-Net taking the low-resolution image on 3 more channels: x4). ~1 M parameters
-    each."""
+    each. ``autoencoder='kl'``: 'ldm-bert' with an AutoencoderKL under ``vqvae/``, as
+    the released LDM-KL-8-G text-to-image model has it."""
     from diffusers import DDIMScheduler, LDMPipeline, LDMTextToImagePipeline, UNet2DConditionModel, UNet2DModel
     from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
 
@@ -184,7 +186,16 @@ def tiny_ldm_pipeline(family: str = "ldm-bert", seed: int = 0, sample_size: int 
         vocab_size=len(tokenizer), max_position_embeddings=TINY_MAX_LENGTH, encoder_layers=2,
         encoder_ffn_dim=64, encoder_attention_heads=4, head_dim=8, d_model=TINY_TEXT_HIDDEN,
         dropout=0.0, pad_token_id=tokenizer.pad_token_id))
-    vqvae = tiny_vq(seed, latent_channels=4, blocks=4, sample_size=sample_size * 8)
+    if autoencoder == "kl":
+        from diffusers import AutoencoderKL
+
+        vqvae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+            block_out_channels=(16, 32, 32, 32), layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, sample_size=sample_size * 8)
+    else:
+        vqvae = tiny_vq(seed, latent_channels=4, blocks=4, sample_size=sample_size * 8)
     torch.manual_seed(seed + 1)
     unet = UNet2DConditionModel(
         sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
@@ -204,10 +215,12 @@ def _perturb_out(unet) -> None:
             p.normal_(0.0, 0.02)
 
 
-def save_tiny_ldm(path: str | Path, family: str = "ldm-bert", seed: int = 0) -> Path:
+def save_tiny_ldm(path: str | Path, family: str = "ldm-bert", seed: int = 0,
+                  autoencoder: str = "vq") -> Path:
     """Write a tiny LDM pipeline (``LDM_FAMILIES``) as a diffusers folder; return its path."""
     path = Path(path)
-    tiny_ldm_pipeline(family, seed).save_pretrained(path, safe_serialization=True)
+    tiny_ldm_pipeline(family, seed, autoencoder=autoencoder).save_pretrained(
+        path, safe_serialization=True)
     return path
 
 

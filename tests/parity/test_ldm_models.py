@@ -333,3 +333,27 @@ def test_sd_x4_upscaler_on_the_command_line(ldm_bundles, tmp_path):
         assert im.size == (192, 128)
         meta = json.loads(im.text["ldm-edge"])
     assert (meta["task"], meta["noise_level"]) == ("upscale", 30)
+
+
+def test_ldm_bert_with_a_kl_autoencoder(tmp_path):
+    """The released LDM-KL-8-G text-to-image model keeps an AutoencoderKL under vqvae/."""
+    from ldm_edge.export.bundle import ExportOptions, export_bundle
+    from ldm_edge.export.load import load_model
+    from ldm_edge.export.tiny import save_tiny_ldm
+    from ldm_edge.runtime.bundle import open_bundle
+
+    folder = save_tiny_ldm(tmp_path / "kl", "ldm-bert", autoencoder="kl")
+    export_bundle(load_model(folder), tmp_path / "b", ExportOptions(components=(
+        "text_encoder", "unet", "vae_decoder")))
+    assert open_bundle(tmp_path / "b").schema.model.family == "ldm-bert"
+    pipe = diffusers_ldm(folder, "ddim")
+    lat = np.random.default_rng(0).standard_normal((1, 4, 16, 16), dtype=np.float32)
+    ref = to_uint8(pipe(PROMPT, guidance_scale=3.0, num_inference_steps=STEPS,
+                        latents=torch.from_numpy(lat), output_type="np").images)
+    ours = Pipeline(tmp_path / "b")(PROMPT, guidance_scale=3.0, num_inference_steps=STEPS,
+                                    scheduler="ddim", latents=lat, seed=0)
+    report("ldm-bert with AutoencoderKL ddim vs LDMTextToImagePipeline", psnr(ours.images, ref))
+    assert psnr(ours.images, ref) >= MIN_PSNR_DB
+    other = Pipeline(tmp_path / "b")(PROMPT, guidance_scale=3.0, num_inference_steps=STEPS,
+                                     scheduler="ddim", seed=1)
+    assert psnr(other.images, ref) < UNRELATED_MAX_PSNR_DB
