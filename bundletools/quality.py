@@ -22,6 +22,8 @@ from ldm_edge.runtime.compare import psnr
 from ldm_edge.runtime.pipeline import Pipeline
 from ldm_edge.runtime.request import default_scheduler_name
 
+from .task_inputs import call_inputs, labels
+
 # what most users run besides the model's own (diffusers' SD pipelines and UIs' defaults):
 # ``ldm-export int8`` checks all of them unless told otherwise.
 SUGGESTED_SCHEDULERS = ("ddim", "euler", "dpm++2m")
@@ -67,7 +69,9 @@ class Reference:
                  schedulers: list[str] | None = None, unet_calls: bool = True,
                  size: tuple[int, int] | None = None):
         ref = (_UNetRecorder if unet_calls else Pipeline)(bundle, precision="fp32")
-        self.prompts, self.steps, self.seed = list(prompts), steps, seed
+        # a prompt, or what stands for one where the model takes none (task_inputs.py)
+        self.schema = ref.manifest.schema
+        self.prompts, self.steps, self.seed = labels(self.schema, prompts), steps, seed
         self.height, self.width = size or (None, None)  # None: the bundle's default size
         self.schedulers = list(schedulers or schedulers_to_check(ref.manifest))
         self.images, self.latents, self.calls = {}, {}, {}
@@ -83,8 +87,9 @@ class Reference:
         ref.close()
 
     def _draw(self, pipe, scheduler, i, prompt):
-        return pipe(prompt, num_inference_steps=self.steps, seed=self.seed + i,
-                    scheduler=scheduler, height=self.height, width=self.width)
+        size = {"height": self.height, "width": self.width} if self.height else {}
+        return pipe(**call_inputs(self.schema, prompt, i), num_inference_steps=self.steps,
+                    seed=self.seed + i, scheduler=scheduler, **size)
 
     def _cosines(self, pipe, scheduler) -> list[float]:
         """Per step, the worst over prompts of the variant U-Net's cosine vs FP32's on the

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ldm_edge.bundletools.task_inputs import call_inputs, labels
 from ldm_edge.runtime.pipeline import Pipeline
+from ldm_edge.runtime.tasks import SUPER_RESOLUTION, UPSCALE
 
 DEFAULT_PROMPTS_FILE = Path(__file__).with_name("prompts.txt")
 
@@ -54,8 +56,11 @@ def capture(bundle, prompts: list[str], *, steps: int | None = None, seed: int =
             threads: int = 0) -> dict[str, list[dict]]:
     """Inputs of every component call while generating one image per prompt (FP32)."""
     rec = _Recorder(bundle, precision="fp32", threads=threads)
-    for i, prompt in enumerate(prompts):
-        rec(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, scheduler=scheduler,
-            height=height, width=width, seed=seed + i)
+    schema = rec.manifest.schema
+    for i, label in enumerate(labels(schema, prompts)):  # a prompt, or what stands for one
+        size = ({} if schema.task in (SUPER_RESOLUTION, UPSCALE)
+                else {"height": height, "width": width})
+        rec(**call_inputs(schema, label, i), num_inference_steps=steps,
+            guidance_scale=guidance_scale, scheduler=scheduler, seed=seed + i, **size)
     rec.close()
     return dict(rec.records)

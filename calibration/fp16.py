@@ -18,6 +18,7 @@ import numpy as np
 from ldm_edge.bundletools.files import file_record
 from ldm_edge.bundletools.forms import add_fused_forms
 from ldm_edge.bundletools.quality import end_to_end_psnr, schedulers_to_check
+from ldm_edge.bundletools.task_inputs import labels
 from ldm_edge.bundletools.save import save_graph
 from ldm_edge.runtime.compare import compare
 from ldm_edge.runtime.errors import ExportError, first_line
@@ -26,6 +27,7 @@ from ldm_edge.runtime.manifest import Manifest
 from ldm_edge.runtime.schema import (BundleManifest, QualityRecord, VariantRecord,
                                      edit_manifest, read_manifest_json)
 from ldm_edge.runtime.sessions import SessionFromOnnx
+from ldm_edge.runtime.tasks import takes_prompt
 
 from .capture import capture, default_prompts
 
@@ -42,7 +44,10 @@ ISLAND_LEVELS = (
                        "ReduceMean", "Pow", "Sqrt", "Softmax")),
 )
 FP16_MIN_COSINE = 0.9995
-ALWAYS_FP32_NODES = ("/time_proj/",)  # substrings of node names
+# substrings of node names. The VQ decoder's nearest-code look-up (export/components.py):
+# in FP16 its distances round enough to pick neighbouring codes, a whole latent cell off
+VQ_LOOKUP = "/vq_lookup/"
+ALWAYS_FP32_NODES = ("/time_proj/", VQ_LOOKUP)
 # Samples per component for the check; the U-Net's are spread over the trajectory.
 MAX_SAMPLES = 6
 
@@ -80,9 +85,54 @@ def to_fp16(fp32_path: Path, block_ops: tuple):
     load_external_data_for_model(proto, str(Path(fp32_path).parent))
     nodes = [n.name for n in proto.graph.node if any(s in n.name for s in ALWAYS_FP32_NODES)]
     # disable_shape_infer: shape inference serialises the model, impossible above 2 GB
-    return convert_float_to_float16(
+    out = convert_float_to_float16(
         proto, keep_io_types=True, disable_shape_infer=True,
         op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(block_ops), node_block_list=nodes)
+    keep_chain_fp32(out, VQ_LOOKUP)
+    return out
+
+
+def keep_chain_fp32(proto, marker: str) -> None:
+    """The converter passes every value between two blocked nodes through FP16 and back (a
+    Cast pair); for the nodes named with ``marker`` feed each such consumer the FP32 value
+    itself. The VQ look-up's squared norms of latents overflow FP16 otherwise."""
+    from onnx import TensorProto
+
+    nodes = list(proto.graph.node)
+    made_by = {o: n for n in nodes for o in n.output}
+    users: dict[str, list] = {}
+    for n in nodes:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+
+    def cast_to(n, t) -> bool:
+        return n is not None and n.op_type == "Cast" and any(
+            a.name == "to" and a.i == t for a in n.attribute)
+
+    rewired = 0
+    for n in nodes:
+        up = made_by.get(n.input[0]) if n.input else None
+        if not (cast_to(n, TensorProto.FLOAT) and cast_to(up, TensorProto.FLOAT16)):
+            continue
+        after = users.get(n.output[0], [])
+        if after and all(marker in u.name for u in after):
+            for u in after:
+                u.input[:] = [up.input[0] if i == n.output[0] else i for i in u.input]
+            rewired += 1
+    if rewired:  # graphs without the marker (every SD graph) are left exactly as they were
+        _drop_unused_casts(proto)
+
+
+def _drop_unused_casts(proto) -> None:
+    outputs = {o.name for o in proto.graph.output}
+    while True:
+        used = {i for n in proto.graph.node for i in n.input} | outputs
+        dead = [n for n in proto.graph.node
+                if n.op_type == "Cast" and not any(o in used for o in n.output)]
+        if not dead:
+            return
+        for n in dead:
+            proto.graph.node.remove(n)
 
 
 def pick_samples(records: list[dict]) -> list[dict]:
@@ -148,8 +198,11 @@ def make_fp16(bundle, prompts: list[str] | None = None, steps: int = 10,
     (less a previous FP16 variant, whose files were about to be replaced)."""
     bundle = Path(bundle)
     manifest = open_bundle(bundle)
-    prompts = prompts or default_prompts(4)
-    progress(f"capturing inputs: FP32 sampling of {len(prompts)} prompts, {steps} steps")
+    # a model that takes no prompt samples without (bundletools/task_inputs.py says with what)
+    prompts = labels(manifest.schema, prompts or default_prompts(4))
+    progress(f"capturing inputs: FP32 sampling of {len(prompts)} prompts, {steps} steps"
+             + (f" (the model takes no prompt: {prompts[0]}, ...)"
+                if not takes_prompt(manifest.schema.task) else ""))
     records = capture(bundle, prompts, steps=steps)
     if manifest.has("vae_encoder"):
         records["vae_encoder"] = encoder_samples(manifest, records)

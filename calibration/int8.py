@@ -143,6 +143,9 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
     it) before the quality check, so the recorded figures are those of what ldm-run runs."""
     import onnx
 
+    from ldm_edge.bundletools.task_inputs import labels
+    from ldm_edge.runtime.tasks import takes_prompt
+
     from .capture import capture, default_prompts
 
     if weight_bits not in qdq.WEIGHT_BITS:
@@ -155,13 +158,16 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
     schedulers = check_schedulers(schedulers) if schedulers else schedulers_to_check(manifest)
     fp32 = manifest.variant("unet", "fp32").path
     unet = manifest.component("unet")
-    prompts = list(prompts or default_prompts(num_prompts))
+    # a model that takes no prompt samples without (bundletools/task_inputs.py says with what)
+    prompts = labels(manifest.schema, list(prompts or default_prompts(num_prompts)))
     d = BundleDefaults.from_manifest(manifest.schema)
     if size is not None:
         validate.size("size", size, d.size_multiple, d.min_size, d.max_size)
     hw = (size, size) if size else (d.height, d.width)
     progress(f"capturing U-Net inputs: FP32 sampling of {len(prompts)} prompts x {calib_steps} "
-             f"steps at {hw[0]}x{hw[1]}")
+             f"steps at {hw[0]}x{hw[1]}"
+             + (f" (the model takes no prompt: {prompts[0]}, ...)"
+                if not takes_prompt(manifest.schema.task) else ""))
     records = capture(bundle, prompts, steps=calib_steps, threads=threads, height=hw[0],
                       width=hw[1])["unet"]
     records = [{unet.graph_name(k): v for k, v in r.items()} for r in records]

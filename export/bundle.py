@@ -24,6 +24,7 @@ from ldm_edge.runtime.fsutil import atomic_write_bytes
 from ldm_edge.runtime.schema import (FORMAT_VERSION, BundleManifest, ComponentRecord, ModelRecord, TokenizerRecord, VariantRecord,
                                      write_manifest_json)
 from ldm_edge.runtime.spec import ModelDims, describe
+from ldm_edge.runtime.tasks import task_specs
 
 from .load import LoadedModel
 from .onnx_export import DEFAULT_OPSET, check_component, export_component, worst
@@ -75,11 +76,11 @@ def export_bundle(model: LoadedModel, out: str | Path, opts: ExportOptions,
                      text_max_length=model.tokenizer_max_length,
                      use_attention_mask=model.use_attention_mask, min_size=opts.min_size,
                      max_size=opts.max_size, max_batch=opts.max_batch)
-    specs = describe(dims)
+    specs = task_specs(describe(dims), model.task, model.unet_in_channels)
     out = Path(out)
     with staged_dir(out, opts.force) as stage:
         components = {}
-        for name in opts.components:
+        for name in exported_components(model, opts, specs):
             progress(f"{name}: exporting")
             files = export_component(model, specs[name], stage, opset=opts.opset,
                                      exporter=opts.exporter,
@@ -107,8 +108,10 @@ def export_bundle(model: LoadedModel, out: str | Path, opts: ExportOptions,
                 wmap = write_weights_map(model, name, files[0], forms)
                 components[name].weights_map = file_record(wmap, stage)
             progress(f"{name}: ok ({worst(results)})")
-        tok_path = stage / "tokenizer.json"
-        atomic_write_bytes(tok_path, model.tokenizer_json.encode())
+        tok_path = None
+        if model.tokenizer_json:  # none for a model that takes no prompt
+            tok_path = stage / "tokenizer.json"
+            atomic_write_bytes(tok_path, model.tokenizer_json.encode())
         manifest = build_manifest(model, dims, components, tok_path, stage)
         write_manifest_json(stage, manifest)
     return manifest
@@ -119,29 +122,45 @@ def build_manifest(model: LoadedModel, dims: ModelDims, components: dict, tok_pa
     import diffusers
     import torch
 
-    tok = file_record(tok_path, root)
     return BundleManifest(
         format_version=FORMAT_VERSION,
         producer={"name": "ldm-edge", "version": ldm_edge.__version__,
                   "torch": torch.__version__, "diffusers": diffusers.__version__},
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         model=ModelRecord(source=model.source, sha256=model.source_sha256, family=model.family),
+        task=model.task,
+        upscaler=model.upscaler,
         prediction_type=model.prediction_type,
         latent_channels=model.latent_channels,
         vae_scale_factor=model.vae_scale_factor,
-        scaling_factor=float(model.vae.config.scaling_factor),
+        scaling_factor=model.latent_scaling_factor,
         shift_factor=model.vae.config.get("shift_factor"),
         size_multiple=max(8, model.vae_scale_factor),
         dims=dims.asdict(),
         defaults=model.defaults,
-        tokenizer=TokenizerRecord(size=tok.size, sha256=tok.sha256, file=tok.path,
-                                  max_length=model.tokenizer_max_length,
-                                  pad_id=model.pad_token_id, pad_token=model.pad_token,
-                                  use_attention_mask=model.use_attention_mask,
-                                  truncation="longest_first"),
+        tokenizer=_tokenizer_record(model, tok_path, root),
         scheduler=_jsonable(model.scheduler_config),
         components=components,
     )
+
+
+def _tokenizer_record(model: LoadedModel, tok_path: Path | None, root: Path):
+    if tok_path is None:
+        return None
+    tok = file_record(tok_path, root)
+    return TokenizerRecord(size=tok.size, sha256=tok.sha256, file=tok.path,
+                           max_length=model.tokenizer_max_length, pad_id=model.pad_token_id,
+                           pad_token=model.pad_token, use_attention_mask=model.use_attention_mask,
+                           truncation="longest_first")
+
+
+def exported_components(model: LoadedModel, opts: ExportOptions, specs: dict) -> list[str]:
+    """The asked components this model has: none of a text encoder for an unconditional
+    model; no VAE encoder for a VQ autoencoder (no task here encodes images with one)."""
+    from .components import _is_vq
+
+    return [n for n in opts.components
+            if n in specs and not (n == "vae_encoder" and _is_vq(model.vae))]
 
 
 def _jsonable(cfg: dict) -> dict:

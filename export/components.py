@@ -31,6 +31,72 @@ class UNet(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
+class UpscaleUNet(torch.nn.Module):
+    """The SD x4 upscaler's U-Net: class-conditioned on the low-resolution image's noise level."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, noise_level):
+        return self.unet(sample, timestep, encoder_hidden_states, class_labels=noise_level,
+                         return_dict=False)[0]
+
+
+class UncondUNet(torch.nn.Module):
+    """diffusers' UNet2DModel (the LDM paper's unconditional models): no cross-attention."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep):
+        return self.unet(sample, timestep, return_dict=False)[0]
+
+
+class VqDecoder(torch.nn.Module):
+    """VQModel: latents already divided by the scaling factor -> nearest codebook entry per
+    latent cell (as ``VQModel.decode`` quantizes by default) -> post-quant conv -> decoder.
+    The distance is written as |z|^2 - 2 z.e + |e|^2 (a MatMul, ArgMin and Gather in the
+    graph) instead of torch.cdist; the export check compares it with ``VQModel.decode``."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        # its own submodule, so its graph nodes are named /vq_lookup/...: FP16 keeps them FP32
+        self.vq_lookup = CodebookLookUp(vae.quantize.embedding)
+
+    def forward(self, latent):
+        quant = self.vq_lookup(latent)
+        spatial = quant if self.vae.config.get("norm_type") == "spatial" else None
+        return self.vae.decoder(self.vae.post_quant_conv(quant), spatial)
+
+
+class CodebookLookUp(torch.nn.Module):
+    """[b, c, h, w] -> the nearest codebook entry of each cell, [b, c, h, w]."""
+
+    def __init__(self, embedding):
+        super().__init__()
+        self.embedding = embedding
+
+    def forward(self, latent):
+        codes = self.embedding.weight  # [n, c]
+        z = latent.permute(0, 2, 3, 1)  # [b, h, w, c]
+        dist = (z * z).sum(-1, keepdim=True) - 2.0 * (z @ codes.t()) + (codes * codes).sum(-1)
+        return torch.nn.functional.embedding(dist.argmin(-1), codes).permute(0, 3, 1, 2)
+
+
+class VqDecodeReference(torch.nn.Module):
+    """What the VQ decoder graph is checked against: diffusers' own ``VQModel.decode``."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent):
+        return self.vae.decode(latent, return_dict=False)[0]
+
+
 class VaeDecoder(torch.nn.Module):
     """latents already divided by the scaling factor -> image in [-1, 1] (unclipped)."""
 
@@ -57,12 +123,27 @@ def wrap(model: LoadedModel, name: str) -> torch.nn.Module:
     if name == "text_encoder":
         return TextEncoder(model.text_encoder, model.use_attention_mask).eval()
     if name == "unet":
-        return UNet(model.unet).eval()
+        if model.upscaler is not None:
+            return UpscaleUNet(model.unet).eval()
+        return (UNet(model.unet) if model.text_encoder is not None
+                else UncondUNet(model.unet)).eval()
     if name == "vae_decoder":
-        return VaeDecoder(model.vae).eval()
+        return (VqDecoder(model.vae) if _is_vq(model.vae) else VaeDecoder(model.vae)).eval()
     if name == "vae_encoder":
         return VaeEncoder(model.vae).eval()
     raise KeyError(name)
+
+
+def reference(model: LoadedModel, name: str) -> torch.nn.Module:
+    """The PyTorch module an exported graph is checked against: the wrapper itself, except
+    for a VQ decoder, which is checked against diffusers' VQModel.decode."""
+    if name == "vae_decoder" and _is_vq(model.vae):
+        return VqDecodeReference(model.vae).eval()
+    return wrap(model, name)
+
+
+def _is_vq(vae) -> bool:
+    return hasattr(vae, "quantize") and hasattr(vae.quantize, "embedding")
 
 
 def sample_inputs(spec: ComponentSpec, model: LoadedModel, batch: int, height: int, width: int,
@@ -82,12 +163,16 @@ def sample_inputs(spec: ComponentSpec, model: LoadedModel, batch: int, height: i
             feeds["attention_mask"] = (np.arange(L)[None, :] < lengths[:, None]).astype(np.int64)
         return feeds
     if spec.name == "unet":
-        return {
-            "sample": rng.standard_normal((batch, c, h, w), dtype=np.float32),
+        feeds = {
+            "sample": rng.standard_normal((batch, model.unet_in_channels, h, w), dtype=np.float32),
             "timestep": rng.uniform(0, 999, size=(batch,)).astype(np.float32),
-            "encoder_hidden_states": rng.standard_normal(
-                (batch, L, model.text_hidden_size), dtype=np.float32),
         }
+        if "noise_level" in spec.input_names:
+            feeds["noise_level"] = rng.integers(0, 351, size=(batch,), dtype=np.int64)
+        if "encoder_hidden_states" in spec.input_names:
+            feeds["encoder_hidden_states"] = rng.standard_normal(
+                (batch, L, model.text_hidden_size), dtype=np.float32)
+        return feeds
     if spec.name == "vae_decoder":
         return {"latent": rng.standard_normal((batch, c, h, w), dtype=np.float32)}
     if spec.name == "vae_encoder":

@@ -30,6 +30,7 @@ from ldm_edge.runtime.schema import (MANIFEST_NAME, BundleManifest, ComponentRec
                                      edit_manifest)
 from ldm_edge.runtime.spec import ComponentSpec
 from ldm_edge.runtime.trt_refit import REFIT_KIND, mark_refittable, refit_individual
+from ldm_edge.runtime.tasks import takes_prompt
 from ldm_edge.runtime.trt_engines import (ENGINE_BACKEND, device_facts,
                                           engine_path, import_tensorrt)
 
@@ -79,7 +80,8 @@ def _dim_range(dim: str, spec: ComponentSpec, manifest: BundleManifest, componen
                opts: ProfileOptions) -> tuple[int, int, int]:
     lo, hi = spec.ranges.get(dim, (1, None))
     if dim == "batch":
-        per = 2 if component in GUIDED else 1
+        # a model that takes no prompt is never guided (runtime/tasks.py)
+        per = 2 if component in GUIDED and takes_prompt(manifest.task) else 1
         images = opts.max_batch
         mn, opt, mx = 1, per, per * images if images else hi
         if opts.static:

@@ -17,6 +17,8 @@ from ldm_edge.runtime.errors import first_line
 from .model_facts import (LoadedModel, ModelLoadError, check_unet, family_of,  # noqa: F401
                           hash_files, model_defaults, tokenizer_facts, uses_attention_mask)
 
+# StableDiffusionUpscalePipeline's default noise_level
+UPSCALE_NOISE_LEVEL = 20
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 DEMO_MARKER = "ldm_edge_demo.json"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -40,6 +42,10 @@ def load_model(source: str | os.PathLike, config: str | None = None) -> LoadedMo
     if p.is_dir():
         if (p / DEMO_MARKER).is_file():
             return _load_demo(p)
+        from .ldm_load import ldm_layout, load_ldm_folder
+
+        if layout := ldm_layout(p):  # the LDM paper's own layouts (issue 14)
+            return load_ldm_folder(p, layout)
         return _load_folder(p)
     if p.suffix.lower() in SINGLE_FILE_SUFFIXES:
         from .single_file import load_single_file
@@ -75,14 +81,29 @@ def _load_folder(p: Path) -> LoadedModel:
         tokenizer = transformers.AutoTokenizer.from_pretrained(p / "tokenizer")
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"{p.name}: cannot load ({first_line(e, 300)})")
-    check_unet(unet)
+    upscale = index.get("_class_name") == "StableDiffusionUpscalePipeline"
+    check_unet(unet, noise_level_classes=upscale)
     sched = json.loads((p / "scheduler" / "scheduler_config.json").read_text())
+    # StableDiffusionInpaintPipeline: latents + mask + masked-image latents (issue 14)
+    inpaint = int(unet.config.in_channels) == 2 * int(vae.config.latent_channels) + 1
     return LoadedModel(
         source=p.name, source_sha256=hash_files(_weight_files(p)),
         family=family_of(unet, text_encoder, sched), text_encoder=text_encoder.eval(),
         unet=unet.eval(), vae=vae.eval(), use_attention_mask=uses_attention_mask(text_encoder),
         scheduler_config=sched, defaults=model_defaults(unet, vae, sched),
-        **tokenizer_facts(tokenizer, text_encoder))
+        task="upscale" if upscale else ("inpaint" if inpaint else None),
+        upscaler=_upscaler(p, index) if upscale else None, **tokenizer_facts(tokenizer, text_encoder))
+
+
+def _upscaler(p: Path, index: dict) -> dict:
+    """StableDiffusionUpscalePipeline's noise levels and its low_res_scheduler's config."""
+    cfg = p / "low_res_scheduler" / "scheduler_config.json"
+    if not cfg.is_file():
+        raise ModelLoadError(f"{p.name}: StableDiffusionUpscalePipeline folder without "
+                             f"low_res_scheduler/scheduler_config.json")
+    return {"max_noise_level": int(index.get("max_noise_level", 350)),
+            "default_noise_level": UPSCALE_NOISE_LEVEL,
+            "low_res_scheduler": json.loads(cfg.read_text())}
 
 
 def _load_demo(p: Path) -> LoadedModel:

@@ -34,6 +34,19 @@ class LoadedModel:
     use_attention_mask: bool
     scheduler_config: dict
     defaults: dict = field(default_factory=dict)
+    # what the model does (runtime/tasks.py); None: text-to-image, as SD1/SD2 always were
+    task: str | None = None
+    # what latents are divided by before decoding, where the pipeline's differs from the
+    # autoencoder's config (LDMSuperResolutionPipeline decodes them as they are: 1.0)
+    scaling_factor: float | None = None
+    # StableDiffusionUpscalePipeline: noise levels and the low-resolution image's scheduler
+    upscaler: dict | None = None
+
+    @property
+    def latent_scaling_factor(self) -> float:
+        if self.scaling_factor is not None:
+            return float(self.scaling_factor)
+        return float(self.vae.config.scaling_factor)
 
     @property
     def prediction_type(self) -> str:
@@ -44,11 +57,18 @@ class LoadedModel:
         return int(self.vae.config.latent_channels)
 
     @property
+    def unet_in_channels(self) -> int:
+        """The U-Net's input channels: the latent's, plus any concatenated conditioning."""
+        return int(self.unet.config.in_channels)
+
+    @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
     def text_hidden_size(self) -> int:
+        if self.text_encoder is None:  # unconditional: no text encoder
+            return 0
         return int(self.text_encoder.config.hidden_size)
 
 
@@ -61,12 +81,14 @@ def hash_files(paths) -> str:
     return h.hexdigest()
 
 
-def check_unet(unet) -> None:
+def check_unet(unet, noise_level_classes: bool = False) -> None:
+    """``noise_level_classes``: the SD x4 upscaler's U-Net, class-conditioned on the noise
+    level, is taken (issue 14); other class-conditioned U-Nets are not."""
     cfg = unet.config
     if cfg.get("addition_embed_type"):
         raise ModelLoadError(f"U-Net with addition_embed_type={cfg['addition_embed_type']!r} "
                              f"(SDXL-style) is not supported; SD1.x/SD2.x/LDM U-Nets are")
-    if cfg.get("class_embed_type") or cfg.get("num_class_embeds"):
+    if (cfg.get("class_embed_type") or cfg.get("num_class_embeds")) and not noise_level_classes:
         raise ModelLoadError("class-conditioned U-Nets (e.g. upscalers) are not supported")
 
 

@@ -26,7 +26,7 @@ from ldm_edge.runtime.errors import ExportError, first_line  # noqa: F401 (re-ex
 from ldm_edge.runtime.sessions import SessionFromOnnx
 from ldm_edge.runtime.spec import ComponentSpec
 
-from .components import run_torch, sample_inputs, wrap
+from .components import reference, run_torch, sample_inputs, wrap
 from .load import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def check_shapes(model: LoadedModel, spec: ComponentSpec) -> list[tuple[int, int
 def check_component(model: LoadedModel, spec: ComponentSpec, onnx_path: Path,
                     shapes=None) -> list[Comparison]:
     """Run the graph in onnxruntime and PyTorch on the same inputs at each shape."""
-    module = wrap(model, spec.name)
+    module = reference(model, spec.name)
     sess = SessionFromOnnx(onnx_path)()
     results = []
     for i, (b, h, w) in enumerate(shapes or check_shapes(model, spec)):

@@ -108,3 +108,170 @@ def save_tiny(path: str | Path, family: str = "sd1", seed: int = 0) -> Path:
     path = Path(path)
     tiny_pipeline(family, seed).save_pretrained(path, safe_serialization=True)
     return path
+
+
+# -- the LDM paper's own layouts (issue 14): LDM-BERT text-to-image and unconditional ---------
+LDM_FAMILIES = ("ldm-bert", "ldm-uncond", "ldm-sr")
+_BERT_WORDS = ["a", "red", "blue", "green", "cat", "dog", "painting", "of", "the", "squirrel",
+               "eating", "burger", "photo", "on", "##s", "##ing"]
+
+
+def tiny_bert_tokenizer():
+    """A BERT WordPiece tokenizer (what LDM-BERT uses) with a small vocabulary: the special
+    tokens, ASCII characters and a few whole words; 77 tokens, as the LDM pipeline pads."""
+    import tempfile
+
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab += [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    vocab += ["##" + chr(c) for c in range(ord("a"), ord("z") + 1)] + _BERT_WORDS
+    vocab = list(dict.fromkeys(vocab))
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "vocab.txt"
+        path.write_text("\n".join(vocab) + "\n")
+        tok = BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
+    tok.model_max_length = TINY_MAX_LENGTH
+    return tok
+
+
+def tiny_vq(seed: int, latent_channels: int = 3, blocks: int = 4, sample_size: int = 64):
+    """A VQModel (VQ-regularised autoencoder) with a codebook spread wide enough that the
+    nearest-code look-up picks different codes across a latent of N(0, 1) values."""
+    from diffusers import VQModel
+
+    torch.manual_seed(seed)
+    vq = VQModel(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                 num_vq_embeddings=32, norm_num_groups=8, layers_per_block=1,
+                 block_out_channels=(16,) + (32,) * (blocks - 1),
+                 down_block_types=("DownEncoderBlock2D",) * blocks,
+                 up_block_types=("UpDecoderBlock2D",) * blocks, sample_size=sample_size)
+    with torch.no_grad():
+        vq.quantize.embedding.weight.normal_(0.0, 1.0)
+    return vq
+
+
+def tiny_ldm_pipeline(family: str = "ldm-bert", seed: int = 0, sample_size: int = 16,
+                      autoencoder: str = "vq"):
+    """'ldm-bert': an LDMTextToImagePipeline (LDMBertModel, BERT tokenizer, VQModel f = 8,
+    UNet2DConditionModel, DDIM); 'ldm-uncond': an LDMPipeline (VQModel f = 4, UNet2DModel,
+    DDIM), the paper's unconditional layout; 'ldm-sr': an LDMSuperResolutionPipeline (the
+    same, the U-Net taking the low-resolution image on 3 more channels: x4). ~1 M parameters
+    each. ``autoencoder='kl'``: 'ldm-bert' with an AutoencoderKL under ``vqvae/``, as
+    the released LDM-KL-8-G text-to-image model has it."""
+    from diffusers import DDIMScheduler, LDMPipeline, LDMTextToImagePipeline, UNet2DConditionModel, UNet2DModel
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
+
+    scheduler = DDIMScheduler(beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False)
+    if family in ("ldm-uncond", "ldm-sr"):
+        from diffusers import LDMSuperResolutionPipeline
+
+        sr = family == "ldm-sr"  # the low-resolution image (3 channels) concatenated
+        vqvae = tiny_vq(seed, latent_channels=3, blocks=3, sample_size=sample_size * 4)
+        torch.manual_seed(seed + 1)
+        unet = UNet2DModel(sample_size=sample_size, in_channels=6 if sr else 3, out_channels=3,
+                           layers_per_block=1, block_out_channels=(32, 64, 64),
+                           down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                           up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                           attention_head_dim=8, norm_num_groups=8)
+        _perturb_out(unet)
+        cls = LDMSuperResolutionPipeline if sr else LDMPipeline
+        return cls(vqvae=vqvae, unet=unet, scheduler=scheduler)
+    if family != "ldm-bert":
+        raise ValueError(f"tiny LDM family must be one of {LDM_FAMILIES}, not {family!r}")
+    tokenizer = tiny_bert_tokenizer()
+    torch.manual_seed(seed)
+    bert = LDMBertModel(LDMBertConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=TINY_MAX_LENGTH, encoder_layers=2,
+        encoder_ffn_dim=64, encoder_attention_heads=4, head_dim=8, d_model=TINY_TEXT_HIDDEN,
+        dropout=0.0, pad_token_id=tokenizer.pad_token_id))
+    if autoencoder == "kl":
+        from diffusers import AutoencoderKL
+
+        vqvae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+            block_out_channels=(16, 32, 32, 32), layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, sample_size=sample_size * 8)
+    else:
+        vqvae = tiny_vq(seed, latent_channels=4, blocks=4, sample_size=sample_size * 8)
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TINY_TEXT_HIDDEN, norm_num_groups=8, attention_head_dim=8)
+    _perturb_out(unet)
+    return LDMTextToImagePipeline(vqvae=vqvae, bert=bert, tokenizer=tokenizer, unet=unet,
+                                  scheduler=scheduler)
+
+
+def _perturb_out(unet) -> None:
+    """Random U-Nets zero-initialise conv_out; give it weights so the output is not zero."""
+    with torch.no_grad():
+        for p in unet.conv_out.parameters():
+            p.normal_(0.0, 0.02)
+
+
+def save_tiny_ldm(path: str | Path, family: str = "ldm-bert", seed: int = 0,
+                  autoencoder: str = "vq") -> Path:
+    """Write a tiny LDM pipeline (``LDM_FAMILIES``) as a diffusers folder; return its path."""
+    path = Path(path)
+    tiny_ldm_pipeline(family, seed, autoencoder=autoencoder).save_pretrained(
+        path, safe_serialization=True)
+    return path
+
+
+def save_tiny_inpaint(path: str | Path, seed: int = 0) -> Path:
+    """A tiny StableDiffusionInpaintPipeline (SD1 parts, U-Net of 4 + 1 + 4 input channels)."""
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    base = tiny_pipeline("sd1", seed)
+    cfg = dict(base.unet.config)
+    cfg["in_channels"] = 9
+    torch.manual_seed(seed + 2)
+    unet = UNet2DConditionModel.from_config(cfg)
+    _perturb_out(unet)
+    pipe = StableDiffusionInpaintPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet,
+        scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    path = Path(path)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def save_tiny_upscale(path: str | Path, seed: int = 0) -> Path:
+    """A tiny StableDiffusionUpscalePipeline: SD1 text parts, a VAE f = 4 (scaling factor
+    0.08333), a U-Net of 4 + 3 input channels class-conditioned on the noise level."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler,
+                           StableDiffusionUpscalePipeline, UNet2DConditionModel)
+
+    base = tiny_pipeline("sd1", seed)
+    torch.manual_seed(seed + 3)
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=7, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TINY_TEXT_HIDDEN, norm_num_groups=8, attention_head_dim=8,
+        num_class_embeds=1000)
+    _perturb_out(unet)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        block_out_channels=(16, 32, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        sample_size=128, scaling_factor=0.08333)
+    pipe = StableDiffusionUpscalePipeline(
+        vae=vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet,
+        low_res_scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0001,
+                                        beta_end=0.02, num_train_timesteps=1000),
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                beta_end=0.012, num_train_timesteps=1000, clip_sample=False,
+                                set_alpha_to_one=False, steps_offset=1),
+        max_noise_level=350)
+    path = Path(path)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path

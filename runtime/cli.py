@@ -10,6 +10,7 @@ import click
 
 from .cli_errors import invoke_reporting
 from .errors import UsageError
+from .tasks import TASKS
 
 
 class _Command(click.Command):
@@ -32,8 +33,12 @@ def _list_schedulers(ctx, _param, value):
 
 @click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("bundle", type=click.Path(), required=False)
-@click.option("-p", "--prompt", "prompts", multiple=True, required=True,
-              help="Text prompt; repeat for several prompts in one batch.")
+@click.option("-p", "--prompt", "prompts", multiple=True,
+              help="Text prompt; repeat for several prompts in one batch. Required unless the "
+                   "bundle's model is unconditional.")
+@click.option("--task", type=click.Choice(TASKS), default=None,
+              help="What to run (default: what the bundle's model does, see the README's task "
+                   "table); a text-to-image model also samples unconditionally.")
 @click.option("-n", "--negative-prompt", default=None, help="What the image should not show.")
 @click.option("--steps", type=int, default=None, help="Denoising steps (default: the model's).")
 @click.option("-g", "--guidance-scale", type=float, default=None,
@@ -48,6 +53,12 @@ def _list_schedulers(ctx, _param, value):
 @click.option("--width", type=int, default=None, help="Image width in pixels (multiple of 8).")
 @click.option("--num-images", type=int, default=1, show_default=True, help="Images per prompt.")
 @click.option("--init-image", type=click.Path(), default=None, help="Start from this image (img2img).")
+@click.option("--mask", type=click.Path(), default=None,
+              help="Inpainting (a bundle of an inpainting model): white = repaint; the init "
+                   "image's size.")
+@click.option("--noise-level", type=int, default=None,
+              help="SD x4 upscaler: noise added to the low-resolution --init-image "
+                   "(default: the bundle's, 20).")
 @click.option("--strength", type=float, default=None,
               help="With --init-image: how much of the schedule to run (0..1], default 0.8.")
 @click.option("--latents", "latents_path", type=click.Path(), default=None,
@@ -88,10 +99,10 @@ def _list_schedulers(ctx, _param, value):
               help="Send the request to a served pipeline (`ldm-serve`, KServe v2 HTTP, e.g. "
                    "http://127.0.0.1:8000) instead of running BUNDLE here; same PNG.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
-def main(bundle, prompts, negative_prompt, steps, guidance_scale, scheduler, seed, height, width,
-         num_images, init_image, strength, latents_path, backend, device, precision, threads,
-         ort_cache, low_memory, vae_tiling, vae_tile_size, loras, no_verify, out, quiet, debug,
-         server):
+def main(bundle, prompts, task, negative_prompt, steps, guidance_scale, scheduler, seed, height,
+         width, num_images, init_image, mask, noise_level, strength, latents_path, backend, device,
+         precision, threads, ort_cache, low_memory, vae_tiling, vae_tile_size, loras, no_verify,
+         out, quiet, debug, server):
     """Generate images from BUNDLE (a folder written by `ldm-export onnx`), or on --server."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="ldm-run: %(levelname)s: %(message)s")
@@ -99,7 +110,7 @@ def main(bundle, prompts, negative_prompt, steps, guidance_scale, scheduler, see
     from .pipeline import Pipeline
 
     t_proc = time.perf_counter()
-    paths = output_paths(out, len(prompts) * num_images)
+    paths = output_paths(out, max(1, len(prompts)) * num_images)
     if server is not None:
         from .remote_cli import run_served
 
@@ -114,11 +125,13 @@ def main(bundle, prompts, negative_prompt, steps, guidance_scale, scheduler, see
                     verify=not no_verify, ort_cache=ort_cache, low_memory=low_memory,
                     vae_tiling=vae_tiling, vae_tile_size=vae_tile_size, loras=lora_list)
     # resolved once, init image loaded at the resolved size: every argument error is raised here
-    request = pipe.request(prompt=list(prompts), negative_prompt=negative_prompt,
+    request = pipe.request(prompt=list(prompts) or None, task=task,
+                           negative_prompt=negative_prompt,
                            num_inference_steps=steps, guidance_scale=guidance_scale,
                            scheduler=scheduler, height=height, width=width,
                            num_images_per_prompt=num_images, seed=seed, latents=latents,
-                           init_image=init_image, strength=strength)
+                           init_image=init_image, strength=strength, mask=mask,
+                           noise_level=noise_level)
     bar = _ProgressBar(quiet)
     try:
         result = pipe(request=request, progress=bar.advance)

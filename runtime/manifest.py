@@ -61,7 +61,8 @@ class Manifest:
                 self._check_files(name, precision, verify)
             if rec.weights_map is not None:  # LoRA's weights map (runtime/weights_map.py)
                 self._check_file_record(rec.weights_map, f"{name} weights map", verify)
-        self._check_file_record(self.schema.tokenizer.file_record, "tokenizer", verify)
+        if self.schema.tokenizer is not None:  # none for a model that takes no prompt
+            self._check_file_record(self.schema.tokenizer.file_record, "tokenizer", verify)
 
     def _check_files(self, name: str, precision: str, verify: bool) -> None:
         rec = self.schema.components[name].variants[precision]

@@ -23,6 +23,7 @@ from .errors import NumericsError, UsageError
 from .manifest import Manifest
 from .request import BundleDefaults, GenerationRequest, Provenance, resolve_request
 from .schedulers import make_scheduler
+from .tasks import INPAINT, SUPER_RESOLUTION, UPSCALE
 from .tokenizer import PromptTokenizer
 from .vae_tiling import DEFAULT_OVERLAP, VaeTiling, fitting_tile_sizes
 
@@ -70,7 +71,9 @@ class Pipeline:
             raise UsageError("--vae-tile-size needs --vae-tiling (it is the size of the tiles "
                              "the VAE decodes); add --vae-tiling or drop --vae-tile-size")
         self.manifest = bundle if isinstance(bundle, Manifest) else open_bundle(bundle, verify)
-        self.tokenizer = PromptTokenizer.from_manifest(self.manifest)
+        # a model that takes no prompt has no tokenizer (runtime/tasks.py)
+        self.tokenizer = (PromptTokenizer.from_manifest(self.manifest)
+                          if self.manifest.schema.tokenizer is not None else None)
         if ort_cache is None:  # not said: the environment decides (LDM_EDGE_ORT_CACHE=1)
             from .ort_cache import enabled_by_env
 
@@ -213,7 +216,11 @@ class Pipeline:
     def encode_image(self, image: np.ndarray, generator) -> np.ndarray:
         """uint8 [1, H, W, 3] -> scaled latents, sampled from the posterior as diffusers does."""
         x = (image.astype(np.float32) / 255.0) * 2.0 - 1.0
-        params = self._call("vae_encoder", {"image": np.ascontiguousarray(x.transpose(0, 3, 1, 2))})
+        return self.encode_pixels(np.ascontiguousarray(x.transpose(0, 3, 1, 2)), generator)
+
+    def encode_pixels(self, x: np.ndarray, generator) -> np.ndarray:
+        """float32 [n, 3, H, W] in [-1, 1] -> scaled latents, sampled from the posterior."""
+        params = self._call("vae_encoder", {"image": np.ascontiguousarray(x, dtype=np.float32)})
         m = self.manifest.schema
         if self.backend("vae_encoder").spec.output_names[0] == DRAWN_LATENT:
             # older Optimum / diffusers' script: the graph drew the latent itself (its own RNG)
@@ -241,6 +248,7 @@ class Pipeline:
                  width: int | None = None, num_images_per_prompt: int = 1,
                  seed: int | None = None, generator=None, latents: np.ndarray | None = None,
                  init_image: np.ndarray | str | None = None, strength: float | None = None,
+                 task: str | None = None, mask=None, noise_level: int | None = None,
                  progress=None) -> Result:
         """Run ``request``, or the one the keywords resolve to. ``generator``: the caller's
         noise source (then no seed); ``progress(done, total)``: called from step 0 on."""
@@ -251,7 +259,7 @@ class Pipeline:
                 scheduler=scheduler, height=height, width=width,
                 num_images_per_prompt=num_images_per_prompt, seed=seed,
                 draw_seed=generator is None, latents=latents, init_image=init_image,
-                strength=strength)
+                strength=strength, task=task, mask=mask, noise_level=noise_level)
         if generator is not None and request.seed is not None:
             raise UsageError("give a seed or a generator, not both")
         return self._run(request, generator or np.random.default_rng(request.seed), progress)
@@ -262,15 +270,27 @@ class Pipeline:
         t_start = time.perf_counter()
         sched = make_scheduler(req.scheduler, self.manifest.schema.scheduler)
         # low memory: each stage's session is released before the next one's opens
-        embeds, dropped = self._embeddings(req)
+        embeds, dropped = (self._embeddings(req) if self.manifest.has("text_encoder")
+                           else (None, [0] * req.num_images))  # unconditional model
         self._release("text_encoder")
         timesteps = self._timesteps(sched, req)
-        if req.init_image is not None:
+        extra = None  # channels concatenated to the U-Net's input (inpainting)
+        if req.mask is not None:
+            lat, extra = self._inpaint_latents(sched, timesteps, req, gen)
+            self._release("vae_encoder")
+        elif req.task == UPSCALE:  # the low-resolution image, noised, concatenated
+            lat, extra = self._upscale_latents(sched, req, gen)
+        elif req.task == SUPER_RESOLUTION:  # the low-resolution image, concatenated
+            from .superres import condition
+
+            lat = self._txt2img_latents(sched, req.latents, req, gen)
+            extra = np.repeat(condition(req.init_image.pixels), lat.shape[0], axis=0)
+        elif req.init_image is not None:
             lat = self._img2img_latents(sched, req.init_image.pixels, timesteps, req, gen)
             self._release("vae_encoder")
         else:
             lat = self._txt2img_latents(sched, req.latents, req, gen)
-        lat = self._denoise(sched, lat, embeds, timesteps, req, gen, progress)
+        lat = self._denoise(sched, lat, embeds, timesteps, req, gen, progress, extra)
         provenance = self._provenance(lat.shape)
         self._release("unet")
         images = self.decode(lat)
@@ -308,7 +328,7 @@ class Pipeline:
 
     def _timesteps(self, sched, req: GenerationRequest) -> np.ndarray:
         sched.set_timesteps(req.num_inference_steps)
-        if req.init_image is None:
+        if req.init_image is None or req.strength is None:  # strength None: super-resolution
             return sched.timesteps
         n = req.num_inference_steps
         init_steps = min(int(n * req.strength), n)
@@ -335,6 +355,34 @@ class Pipeline:
         t0 = np.repeat(np.asarray(timesteps[:1]), shape[0])
         return sched.add_noise(init, noise, t0).astype(np.float32)
 
+    def _inpaint_latents(self, sched, timesteps, req: GenerationRequest, gen):
+        """Initial latents (pure noise at strength 1, else the image's, noised) and the mask
+        and masked-image latents, drawn in diffusers' order (runtime/inpaint.py)."""
+        from .inpaint import condition
+
+        if req.strength >= 1.0:
+            lat = self._txt2img_latents(sched, req.latents, req, gen)
+        else:
+            lat = self._img2img_latents(sched, req.init_image.pixels, timesteps, req, gen)
+        mask, masked = condition(req.init_image.pixels, req.mask.pixels,
+                                 int(self.manifest.schema.vae_scale_factor))
+        masked_lat = self.encode_pixels(masked, gen)
+        extra = np.concatenate([mask, masked_lat], axis=1)
+        return lat, np.repeat(extra, lat.shape[0] // extra.shape[0], axis=0).astype(np.float32)
+
+    def _upscale_latents(self, sched, req: GenerationRequest, gen):
+        """The SD x4 upscaler: the low-resolution image noised to ``noise_level`` by its
+        low_res_scheduler (drawn first, as diffusers does), then the initial latents."""
+        from .schedulers import make_scheduler as make
+        from .superres import condition
+
+        low = condition(req.init_image.pixels)
+        noise = gen.standard_normal(size=low.shape, dtype=np.float32)
+        ddpm = make("ddpm", self.manifest.schema.upscaler["low_res_scheduler"])
+        low = ddpm.add_noise(low, noise, np.array([req.noise_level]))
+        lat = self._txt2img_latents(sched, req.latents, req, gen)
+        return lat, np.repeat(low, lat.shape[0], axis=0).astype(np.float32)
+
     def _latent_shape(self, req: GenerationRequest) -> tuple:
         m = self.manifest.schema
         f = int(m.vae_scale_factor)
@@ -347,25 +395,35 @@ class Pipeline:
         dim = spec.input("sample").shape[0]
         return dim if isinstance(dim, int) else int(spec.ranges.get("batch", (1, 1 << 30))[1])
 
-    def _unet(self, x, t, t_dtype, embeds, chunk: int) -> np.ndarray:
-        """One batched call when it fits (embeddings bound once), else several calls."""
+    def _unet(self, x, t, t_dtype, embeds, chunk: int, noise_level=None) -> np.ndarray:
+        """One batched call when it fits (embeddings bound once), else several calls.
+        ``noise_level``: the SD x4 upscaler's class label, one per sample."""
+        def more(n):
+            return {} if noise_level is None else {"noise_level": np.full((n,), noise_level,
+                                                                          dtype=np.int64)}
         if chunk >= x.shape[0]:
-            return self._call("unet", {"sample": x, "timestep": np.full((x.shape[0],), t, dtype=t_dtype)})
+            return self._call("unet", {"sample": x, "timestep": np.full((x.shape[0],), t, dtype=t_dtype),
+                                       **more(x.shape[0])})
         outs = []
         for s in range(0, x.shape[0], chunk):
             xs = x[s:s + chunk]
-            outs.append(self._call("unet", {"sample": xs, "encoder_hidden_states": embeds[s:s + chunk],
-                                            "timestep": np.full((xs.shape[0],), t, dtype=t_dtype)}))
+            feeds = {"sample": xs, "timestep": np.full((xs.shape[0],), t, dtype=t_dtype),
+                     **more(xs.shape[0])}
+            if embeds is not None:
+                feeds["encoder_hidden_states"] = embeds[s:s + chunk]
+            outs.append(self._call("unet", feeds))
         return np.concatenate(outs)
 
-    def _denoise(self, sched, lat, embeds, timesteps, req, gen, progress) -> np.ndarray:
+    def _denoise(self, sched, lat, embeds, timesteps, req, gen, progress,
+                 extra=None) -> np.ndarray:
         unet = self.backend("unet")
         cfg = req.guidance_scale > 1.0
         t_dtype = np.dtype(unet.spec.input("timestep").dtype)
-        embeds = embeds.astype(np.float32)
         chunk = self._unet_max_batch()
-        if chunk >= embeds.shape[0]:
-            unet.bind({"encoder_hidden_states": embeds})
+        if embeds is not None:  # None: a U-Net without cross-attention (unconditional)
+            embeds = embeds.astype(np.float32)
+            if chunk >= embeds.shape[0]:
+                unet.bind({"encoder_hidden_states": embeds})
         per_step = []
         t_loop = time.perf_counter()
         if progress is not None:
@@ -373,9 +431,13 @@ class Pipeline:
         try:
             for i, t in enumerate(timesteps):
                 x = np.concatenate([lat, lat]) if cfg else lat
+                if extra is not None and req.task == SUPER_RESOLUTION:  # scaled with it
+                    x = np.concatenate([x, extra], 1)
                 x = sched.scale_model_input(x, t).astype(np.float32)
+                if extra is not None and req.task in (INPAINT, UPSCALE):  # after scaling
+                    x = np.concatenate([x, np.concatenate([extra, extra]) if cfg else extra], 1)
                 t0 = time.perf_counter()
-                out = self._unet(x, t, t_dtype, embeds, chunk)
+                out = self._unet(x, t, t_dtype, embeds, chunk, req.noise_level)
                 per_step.append(time.perf_counter() - t0)
                 if cfg:
                     uncond, text = np.split(out, 2)

@@ -19,9 +19,14 @@ import numpy as np
 from . import validate
 from .errors import UsageError
 from .schema import BundleManifest
+from .tasks import INPAINT, SUPER_RESOLUTION, TEXT_TO_IMAGE, UPSCALE, run_task, takes_prompt
 
 # diffusers' StableDiffusionImg2ImgPipeline default: redraw 80 % of the schedule
 DEFAULT_STRENGTH = 0.8
+# diffusers' StableDiffusionInpaintPipeline default: the whole schedule, from pure noise
+INPAINT_STRENGTH = 1.0
+# the SD x4 upscaler's low-resolution sides: multiples of 8, so its x4 output is on the grid
+UPSCALE_SIDE_MULTIPLE = 8
 # what a manifest without "defaults" gets: the SD 1.x/2.x pipelines' own defaults
 FALLBACK_SIZE, FALLBACK_STEPS, FALLBACK_GUIDANCE = 512, 25, 7.5
 # a drawn seed (none given) fits 32 bits, so it is easy to read off a PNG and type back in
@@ -56,6 +61,9 @@ class BundleDefaults:
     max_batch: int = 1 << 16
     vae_scale_factor: int = 8
     latent_channels: int = 4
+    task: str | None = None  # the bundle's (runtime/tasks.py); None: text-to-image
+    max_noise_level: int | None = None  # the SD x4 upscaler's
+    default_noise_level: int | None = None
 
     @classmethod
     def from_manifest(cls, manifest: BundleManifest) -> "BundleDefaults":
@@ -71,7 +79,15 @@ class BundleDefaults:
                    max_size=int(dims.get("max_size", 1 << 16)),
                    max_batch=int(dims.get("max_batch", 1 << 16)),
                    vae_scale_factor=int(manifest.vae_scale_factor),
-                   latent_channels=int(manifest.latent_channels))
+                   latent_channels=int(manifest.latent_channels), task=manifest.task,
+                   **_noise_levels(manifest.upscaler))
+
+
+def _noise_levels(upscaler: dict | None) -> dict:
+    if not upscaler:
+        return {}
+    return {"max_noise_level": int(upscaler.get("max_noise_level", 350)),
+            "default_noise_level": int(upscaler.get("default_noise_level", 20))}
 
 
 def _sha256(array: np.ndarray) -> str:
@@ -125,6 +141,9 @@ class GenerationRequest:
     strength: float | None = None  # img2img only
     init_image: InitImage | None = None
     latents: np.ndarray | None = field(default=None, repr=False, compare=False)  # read-only
+    task: str = TEXT_TO_IMAGE  # runtime/tasks.py
+    mask: object | None = None  # inpaint: runtime/inpaint.Mask
+    noise_level: int | None = None  # upscale: the low-resolution image's noise level
 
     @property
     def num_images(self) -> int:
@@ -144,7 +163,9 @@ class GenerationRequest:
                 "num_images_per_prompt": self.num_images_per_prompt, "seed": self.seed,
                 "strength": self.strength,
                 "init_image": self.init_image.to_dict() if self.init_image else None,
-                "latents_sha256": None if self.latents is None else _sha256(self.latents)}
+                "latents_sha256": None if self.latents is None else _sha256(self.latents),
+                "task": self.task, "mask": self.mask.to_dict() if self.mask else None,
+                "noise_level": self.noise_level}
 
 
 @dataclass(frozen=True)
@@ -174,7 +195,8 @@ def resolve_request(bundle: BundleDefaults, *, prompt, negative_prompt=None,
                     width: int | None = None, num_images_per_prompt: int = 1,
                     seed: int | None = None, draw_seed: bool = True,
                     latents: np.ndarray | None = None, init_image=None,
-                    strength: float | None = None) -> GenerationRequest:
+                    strength: float | None = None, task: str | None = None,
+                    mask=None, noise_level: int | None = None) -> GenerationRequest:
     """Fill what is not given from ``bundle`` and check everything (one-line UsageErrors).
 
     ``init_image``: a file path (loaded here, at the resolved size) or uint8 [1, H, W, 3].
@@ -182,26 +204,101 @@ def resolve_request(bundle: BundleDefaults, *, prompt, negative_prompt=None,
     ``draw_seed=False`` when the caller brings its own noise generator."""
     from .schedulers import scheduler_names
 
-    prompts = validate.prompts(prompt)
-    negs = validate.negative_prompts(negative_prompt, len(prompts))
+    task = run_task(bundle.task, task)
+    if takes_prompt(task):
+        if prompt is None:
+            raise UsageError("give a prompt with -p/--prompt: this bundle's model is "
+                             "text-to-image (an empty prompt is allowed)")
+        prompts = validate.prompts(prompt)
+        negs = validate.negative_prompts(negative_prompt, len(prompts))
+        g = validate.guidance(_given(guidance_scale, bundle.guidance_scale))
+    else:
+        prompts, negs, g = _no_prompt(task, bundle.task, prompt, negative_prompt, guidance_scale)
     steps = validate.steps(_given(num_inference_steps, bundle.num_inference_steps))
-    g = validate.guidance(_given(guidance_scale, bundle.guidance_scale))
     name = validate.scheduler(scheduler or bundle.scheduler, scheduler_names())
     n = validate.batch(len(prompts), num_images_per_prompt, bundle.max_batch)
     limits = (bundle.size_multiple, bundle.min_size, bundle.max_size)
-    h = validate.size("height", _given(height, bundle.height), *limits)
-    w = validate.size("width", _given(width, bundle.width), *limits)
+    level = _noise_level(noise_level, task, bundle)
+    if task in (SUPER_RESOLUTION, UPSCALE):  # the size comes from the low-resolution image
+        from .superres import SIDE_MULTIPLE, low_res_size
+
+        if mask is not None:
+            raise UsageError("--mask is for inpainting models; this bundle's model upscales")
+        # SD x4: diffusers rounds to the VAE factor; 8 keeps the x4 result on the 8-pixel grid
+        mult = (SIDE_MULTIPLE, SIDE_MULTIPLE) if task == SUPER_RESOLUTION else \
+            (UPSCALE_SIDE_MULTIPLE, bundle.vae_scale_factor)
+        lw, lh = low_res_size(init_image, height, width, strength, bundle, *mult)
+        init = (InitImage.from_array(init_image, lw, lh) if isinstance(init_image, np.ndarray)
+                else InitImage.from_file(init_image, lw, lh))
+        h, w = lh * bundle.vae_scale_factor, lw * bundle.vae_scale_factor
+    else:
+        h = validate.size("height", _given(height, bundle.height), *limits)
+        w = validate.size("width", _given(width, bundle.width), *limits)
     if seed is not None or not draw_seed:
         seed = None if seed is None else validate.seed(seed)
     else:
         seed = secrets.randbits(DRAWN_SEED_BITS)
-    init, strength = _init_image(init_image, strength, latents, h, w)
+    if task in (SUPER_RESOLUTION, UPSCALE):
+        strength = None
+    elif task == INPAINT:
+        init, strength, mask = _inpaint(init_image, mask, strength, latents, h, w)
+    else:
+        if mask is not None:
+            raise UsageError("--mask needs an inpainting model (a 9-channel U-Net, as "
+                             "StableDiffusionInpaintPipeline has); this bundle's U-Net is not one")
+        init, strength = _init_image(init_image, strength, latents, h, w)
     if latents is not None:
         f = bundle.vae_scale_factor
         validate.latents(latents, (len(prompts) * n, bundle.latent_channels, h // f, w // f), f)
         latents = _frozen(latents)
     return GenerationRequest(prompts, negs, steps, g, name, h, w, n, seed, strength, init,
-                             latents)
+                             latents, task, mask, level)
+
+
+def _noise_level(value, task: str, bundle: BundleDefaults) -> int | None:
+    if task != UPSCALE:
+        if value is not None:
+            raise UsageError("--noise-level is for the SD x4 upscaler "
+                             "(StableDiffusionUpscalePipeline); this bundle's model is not one")
+        return None
+    value = bundle.default_noise_level if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+            or not 0 <= value <= bundle.max_noise_level:
+        raise UsageError(f"--noise-level {value} must be an integer from 0 to "
+                         f"{bundle.max_noise_level} (the model's max_noise_level)")
+    return int(value)
+
+
+def _inpaint(init_image, mask, strength, latents, h: int, w: int):
+    """(InitImage, strength, Mask) for inpainting; strength defaults to 1 as in diffusers,
+    and initial latents may be given only then (below 1 they come from the image)."""
+    from .inpaint import load_mask
+
+    if init_image is None or mask is None:
+        missing = " and ".join(f for f, v in (("--init-image", init_image), ("--mask", mask))
+                               if v is None)
+        raise UsageError(f"this bundle's model inpaints: give {missing} (white = repaint)")
+    strength = validate.strength(_given(strength, INPAINT_STRENGTH), has_init_image=True)
+    if latents is not None and strength < 1.0:
+        raise UsageError("--latents with --init-image needs --strength 1 (inpainting)")
+    m = load_mask(mask, init_image, w, h)  # size check against the init image first
+    if isinstance(init_image, np.ndarray):
+        return InitImage.from_array(init_image, w, h), strength, m
+    return InitImage.from_file(init_image, w, h), strength, m
+
+
+def _no_prompt(task: str, bundle_task: str | None, prompt, negative_prompt, guidance_scale):
+    """Unconditional sampling: one empty prompt (for the batch count), no guidance."""
+    given = prompt if isinstance(prompt, str) else (list(prompt) if prompt is not None else [])
+    why = ("this bundle's model is unconditional (it has no text encoder)" if task == bundle_task
+           else f"--task {task} samples without one")
+    if given:
+        raise UsageError(f"--prompt given, but {why}; drop --prompt")
+    if negative_prompt is not None:
+        raise UsageError(f"--negative-prompt given, but {why}; drop it")
+    if guidance_scale is not None and guidance_scale > 1.0:
+        raise UsageError(f"--guidance-scale {guidance_scale} needs a prompt, but {why}; drop it")
+    return ("",), ("",), 1.0
 
 
 def _given(value, default):

@@ -22,6 +22,7 @@ from typing import ClassVar
 from .errors import BundleError
 from .fsutil import atomic_write_json
 from .spec import COMPONENTS, ComponentSpec
+from .tasks import TASKS, takes_prompt
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -372,6 +373,12 @@ class BundleManifest(Record):
     producer: dict | None = None
     created: str | None = None
     model: ModelRecord = field(default_factory=ModelRecord)
+    # what the model does (runtime/tasks.py); absent: text-to-image. Written only when set,
+    # so SD1/SD2 manifests keep their keys
+    task: str | None = None
+    # the SD x4 upscaler (task "upscale"): max_noise_level, default_noise_level and the
+    # low_res_scheduler config (as diffusers writes it) that noises the low-resolution image
+    upscaler: dict | None = None
     prediction_type: str = "epsilon"
     latent_channels: int = 4
     vae_scale_factor: int = 8
@@ -380,7 +387,8 @@ class BundleManifest(Record):
     size_multiple: int | None = None
     dims: dict = field(default_factory=dict)  # ModelDims.asdict(): the exported ranges
     defaults: dict = field(default_factory=dict)  # height, width, guidance_scale, steps
-    tokenizer: TokenizerRecord = field(default_factory=TokenizerRecord)
+    # None for a model that takes no prompt (tasks.PROMPTLESS)
+    tokenizer: TokenizerRecord | None = field(default_factory=TokenizerRecord)
     scheduler: dict = field(default_factory=dict)  # as diffusers writes it
     components: dict[str, ComponentRecord] = field(default_factory=dict)
     quality: dict[str, QualityRecord] = field(default_factory=dict)
@@ -389,7 +397,11 @@ class BundleManifest(Record):
     def from_json(cls, d) -> "BundleManifest":
         if not isinstance(d, dict):
             raise BundleError("manifest.json is not a JSON object; re-export the bundle")
-        missing = [k for k in REQUIRED_KEYS if k not in d]
+        task = d.get("task")
+        if task is not None and task not in TASKS:
+            raise BundleError(f"unknown task {task!r} in manifest; upgrade ldm-edge or re-export")
+        prompted = takes_prompt(task)
+        missing = [k for k in REQUIRED_KEYS if k not in d and (prompted or k != "tokenizer")]
         if missing:
             raise BundleError(f"manifest.json lacks {', '.join(missing)}; re-export the bundle")
         fv = d["format_version"]
@@ -407,12 +419,12 @@ class BundleManifest(Record):
         if not isinstance(comps, dict):
             raise BundleError("manifest components is not an object; re-export the bundle")
         for name in REQUIRED_COMPONENTS:
-            if name not in comps:
+            if name not in comps and (prompted or name != "text_encoder"):
                 raise BundleError(f"bundle has no {name}; re-export it")
         quality = _object(d.get("quality", {}), "quality")
         return cls._from(
             d, model=ModelRecord.from_json(d["model"]),
-            tokenizer=TokenizerRecord.from_json(d["tokenizer"]),
+            tokenizer=TokenizerRecord.from_json(d["tokenizer"]) if "tokenizer" in d else None,
             components={n: ComponentRecord.from_json(n, r) for n, r in comps.items()},
             quality={p: QUALITY_RECORDS.get(p, QualityRecord).from_json(q, f"quality.{p}")
                      for p, q in quality.items()})
@@ -435,7 +447,8 @@ def _check_scalars(d: dict) -> None:
     if d.get("shift_factor") is not None:
         need(d["shift_factor"], (int, float), "shift_factor")
     need(d["scheduler"], dict, "scheduler")
-    need(d["tokenizer"], dict, "tokenizer")
+    if "tokenizer" in d:
+        need(d["tokenizer"], dict, "tokenizer")
     for section in ("dims", "defaults"):
         need(d.get(section, {}), dict, section)
     for key in ("min_size", "max_size", "max_batch"):

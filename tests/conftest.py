@@ -72,6 +72,33 @@ def tiny_bundles(tiny_models, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+@pytest.fixture(scope="session")
+def ldm_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random models in the LDM paper's layouts (export/tiny.py LDM_FAMILIES) and an
+    SD inpainting one (key "inpaint") and an SD x4 upscaler (key "upscale")."""
+    need_export_extra()
+    from ldm_edge.export.tiny import LDM_FAMILIES, save_tiny_inpaint, save_tiny_ldm, save_tiny_upscale
+
+    root = tmp_path_factory.mktemp("ldm_models")
+    out = {fam: save_tiny_ldm(root / fam, fam, seed=0) for fam in LDM_FAMILIES}
+    out["inpaint"] = save_tiny_inpaint(root / "inpaint", seed=0)
+    out["upscale"] = save_tiny_upscale(root / "upscale", seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ldm_bundles(ldm_models, tmp_path_factory) -> dict[str, Path]:
+    from ldm_edge.export.bundle import ExportOptions, export_bundle
+    from ldm_edge.export.load import load_model
+
+    root = tmp_path_factory.mktemp("ldm_bundles")
+    out = {}
+    for fam, path in ldm_models.items():
+        out[fam] = root / f"bundle_{fam}"
+        export_bundle(load_model(path), out[fam], ExportOptions())
+    return out
+
+
 @pytest.fixture
 def bundle(tiny_bundles, tmp_path):
     """A private copy of the tiny SD1 bundle, for commands that add to it."""

@@ -3,7 +3,8 @@
 Print the README table with:  python tests/cli/bad_inputs.py
 Each case: (what, how to break things, ldm-run arguments, exit code, message fragment).
 Placeholders in arguments: BUNDLE (a fresh copy of a tiny bundle, broken by `breaker`),
-TMP (a scratch folder). The error cases run without -q: stderr must be the error line alone,
+UNCOND / INPAINT / SR / UPSCALE (the same, of the tiny unconditional LDM / SD inpainting /
+LDM super-resolution / SD x4 upscaler bundle), TMP (a scratch folder). The error cases run without -q: stderr must be the error line alone,
 with no progress bar before it.
 """
 
@@ -62,6 +63,9 @@ def _files(b, tmp):
     from PIL import Image
 
     Image.new("RGB", (128, 128), (200, 30, 30)).save(tmp / "init.png")
+    Image.new("L", (128, 128), 255).save(tmp / "mask.png")
+    Image.new("L", (64, 64), 255).save(tmp / "mask64.png")
+    Image.new("RGB", (48, 40), (9, 9, 9)).save(tmp / "low48x40.png")
 
 
 def _loras(b, tmp):
@@ -132,6 +136,17 @@ CASES = [
     ("--lora on a bundle exported before LoRA support", _m(lambda m, b, t: (m["components"]["unet"].pop("weights_map"), _loras(b, t))), ["BUNDLE", "--lora", "TMP/good.safetensors:1"] + P, 2, "re-export it once with `ldm-export onnx` to use --lora"),
     ("--lora kohya file at 0.8 (accepted)", _loras, ["BUNDLE", "-p", "x", "--steps", "1", "--lora", "TMP/good.safetensors:0.8", "-q"], 0, ""),
     ("--low-memory --vae-tiling (accepted)", None, ["BUNDLE", "-p", "x", "--steps", "1", "--low-memory", "--vae-tiling", "--vae-tile-size", "64", "-q"], 0, ""),
+    ("no --prompt for a text-to-image model", None, ["BUNDLE", "--steps", "2"], 2, "give a prompt with -p/--prompt: this bundle's model is text-to-image"),
+    ("prompt given to an unconditional model (LDMPipeline)", None, ["UNCOND"] + P, 2, "--prompt given, but this bundle's model is unconditional (it has no text encoder); drop --prompt"),
+    ("--task the bundle's model cannot do", None, ["UNCOND", "--task", "text-to-image", "--steps", "2"], 2, "--task text-to-image: this bundle's model does unconditional only"),
+    ("inpainting mask of another size than the init image", _files, ["INPAINT", "--init-image", "TMP/init.png", "--mask", "TMP/mask64.png"] + P, 2, "--mask TMP/mask64.png is 64x64, the init image is 128x128; give a mask of the image's size"),
+    ("inpainting bundle without --mask", _files, ["INPAINT", "--init-image", "TMP/init.png"] + P, 2, "this bundle's model inpaints: give --mask (white = repaint)"),
+    ("--mask with a plain (4-channel) U-Net", _files, ["BUNDLE", "--init-image", "TMP/init.png", "--mask", "TMP/mask.png"] + P, 2, "--mask needs an inpainting model (a 9-channel U-Net, as StableDiffusionInpaintPipeline has); this bundle's U-Net is not one"),
+    ("init image size the x4 upscaler cannot take", _files, ["SR", "--init-image", "TMP/low48x40.png", "--steps", "2"], 2, "--init-image low48x40.png is 48x40: this upscaler takes sides that are multiples of 32 (diffusers would crop it to 32x32); resize or crop it"),
+    ("--noise-level above the SD x4 upscaler's max_noise_level", _files, ["UPSCALE", "--init-image", "TMP/init.png", "--noise-level", "400"] + P, 2, "--noise-level 400 must be an integer from 0 to 350 (the model's max_noise_level)"),
+    ("--noise-level for a model that is not the SD x4 upscaler", None, ["BUNDLE", "--noise-level", "20"] + P, 2, "--noise-level is for the SD x4 upscaler (StableDiffusionUpscalePipeline); this bundle's model is not one"),
+    ("upscaler without an init image", None, ["SR", "--steps", "2"], 2, "this bundle's model upscales x4: give --init-image LOW.png"),
+    ("unconditional model without a prompt (accepted)", None, ["UNCOND", "--steps", "1", "-q"], 0, ""),
     ("empty prompt (accepted)", None, ["BUNDLE", "-p", "", "--steps", "1", "-q"], 0, ""),
     ("emoji prompt (accepted)", None, ["BUNDLE", "-p", "a 🐱 on a 🚲", "--steps", "1", "-q"], 0, ""),
     ("right-to-left prompt (accepted)", None, ["BUNDLE", "-p", "قطة حمراء على دراجة", "--steps", "1", "-q"], 0, ""),

@@ -13,9 +13,15 @@ README = Path(__file__).parents[2] / "README.md"
 
 
 @pytest.mark.parametrize("what,breaker,args,code,needle", CASES, ids=[c[0] for c in CASES])
-def test_case(what, breaker, args, code, needle, tiny_bundles, tmp_path):
+def test_case(what, breaker, args, code, needle, request, tmp_path):
     bundle = tmp_path / "bundle"
-    shutil.copytree(tiny_bundles["sd1"], bundle)
+    other = {"UNCOND": "ldm-uncond", "INPAINT": "inpaint", "SR": "ldm-sr",
+             "UPSCALE": "upscale"}.get(args[0])
+    if other:  # the LDM paper's unconditional layout, SD inpainting (issue 14)
+        shutil.copytree(request.getfixturevalue("ldm_bundles")[other], bundle)
+        args = ["BUNDLE"] + args[1:]
+    else:
+        shutil.copytree(request.getfixturevalue("tiny_bundles")["sd1"], bundle)
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     if breaker:

@@ -429,3 +429,28 @@ def test_one_environment_reaches_every_importer(fakes):
     fakes.env.parts["facts"] = None  # a part a test did not give is missing, never the real one
     with pytest.raises(trt_engines.TensorRTUnavailable, match="fake TensorRT environment"):
         captured_device_facts()
+
+
+@pytest.mark.parametrize("family,channels", [("ldm-uncond", 3), ("ldm-sr", 6), ("inpaint", 9),
+                                             ("upscale", 7)])
+def test_engines_for_the_ldm_layouts(family, channels, ldm_bundles, tmp_path, fake_trt,
+                                     monkeypatch):
+    """`ldm-export engines` on issue 14's bundles (fake TensorRT): an engine per component,
+    the U-Net's profile with its own input channels, its batch doubled only where guidance
+    can run (a model that takes a prompt)."""
+    b = tmp_path / family
+    shutil.copytree(ldm_bundles[family], b)
+    cudart = FakeCudart()
+    fake_trt(facts=FACTS, tensorrt=fake_tensorrt(cudart), cudart=cudart,
+             polygraphy=fake_polygraphy([]))
+    monkeypatch.setattr(backend_tensorrt.SharedScratch, "_instance", None)
+    recs = build_engines(b, precision="fp32", options=OPTS)
+    m = json.loads((b / "manifest.json").read_text())
+    assert sorted(r["component"] for r in recs) == sorted(m["components"])
+    sample = m["components"]["unet"]["engines"][0]["profile"]["sample"]
+    guided = 2 if family in ("inpaint", "upscale") else 1
+    assert sample["max"][:2] == [2 * guided, channels]
+    assert all(len(c["engines"]) == 1 for c in m["components"].values())
+    assert open_bundle(b).schema.task == {"inpaint": "inpaint", "ldm-sr": "super-resolution",
+                                          "ldm-uncond": "unconditional",
+                                          "upscale": "upscale"}[family]
