@@ -187,15 +187,11 @@ def act_qparams(lo: float, hi: float) -> tuple[np.float32, np.int8]:
 
 
 def weight_qparams(w: np.ndarray, axis: int, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel symmetric int8 weights (``bits`` 7: within -63..63) and their scales."""
-    wmax = 2 ** (bits - 1) - 1
-    red = tuple(i for i in range(w.ndim) if i != axis)
-    amax = np.abs(w).max(axis=red)
-    scale = np.where(amax > 0, amax / wmax, 1.0).astype(np.float32)
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    q = np.clip(np.round(w / scale.reshape(shape)), -wmax, wmax).astype(np.int8)
-    return q, scale
+    """Per-channel symmetric int8 weights (``bits`` 7: within -63..63) and their scales; the
+    runtime's LoRA re-quantisation uses the same function (runtime/lora_int8.py)."""
+    from ldm_edge.runtime.lora_int8 import weight_qparams as symmetric
+
+    return symmetric(w, axis, 2 ** (bits - 1) - 1)
 
 
 def build(proto, layers: list[Layer], ranges: dict, quantize: set[str], *,

@@ -29,8 +29,8 @@ SEVEN_BIT_MAX = 63
 
 
 def weight_qparams(w: np.ndarray, axis: int, wmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel symmetric int8 values within ±wmax and their scales (as
-    calibration/qdq.py weight_qparams, which the runtime may not import)."""
+    """Per-channel symmetric int8 values within ±wmax and their scales: the one definition,
+    used by ``ldm-export int8`` (calibration/qdq.py) and the LoRA re-quantisation."""
     red = tuple(i for i in range(w.ndim) if i != axis)
     amax = np.abs(w).max(axis=red)
     scale = np.where(amax > 0, amax / wmax, 1.0).astype(np.float32)
