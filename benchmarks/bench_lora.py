@@ -237,6 +237,13 @@ def markdown(res: dict) -> str:
                  + (f" (step {lora_s / diff_step:.2f}×)" if diff_step else ""))
         lines.append(f"| {label} | {m[k]['first_step_s']:.2f} | {m[f'{k}-lora']['first_step_s']:.2f} "
                      f"| {add:+.2f} | {lora_s:.2f} ({how}) | {ratio if k == 'ours' else '1×'} |")
+    phases = [("imports", "import_s"), ("load (with the LoRA step)", "load_s"),
+              ("text encoder + first U-Net call", "rest"), ("total", "first_step_s")]
+    lines += ["", "| phase, median of each (they need not add up) (s) | " + " | ".join(KINDS) + " |", "|---" * (len(KINDS) + 1) + "|"]
+    for label, key in phases:
+        cells = [m[k]["first_step_s"] - m[k]["import_s"] - m[k]["load_s"] if key == "rest"
+                 else m[k][key] for k in KINDS]
+        lines.append(f"| {label} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
     note = (f"LoRA: rank {RANK} on {'/'.join(TARGETS)} of every attention block, scale 1.0 "
             f"(benchmarks/bench_lora.py). Each figure is a fresh process: start → the first "
             f"U-Net call (batch 2, guidance on) has returned; all models loaded first.")
