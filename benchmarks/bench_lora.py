@@ -251,6 +251,26 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def profile_merge(bundle: Path, lora: Path, top: int = 12) -> None:
+    """Where the numpy merge's time goes: cProfile of reading the LoRA and merging it into
+    the U-Net's weights (``LoraWeights``, runtime/lora_apply.py), no session built."""
+    import cProfile
+    import pstats
+
+    from ldm_edge.runtime.bundle import open_bundle
+    from ldm_edge.runtime.lora_apply import LoraWeights
+
+    weights = LoraWeights(open_bundle(bundle, False))
+    t0 = time.perf_counter()
+    lora_set = weights.load([(str(lora), 1.0)])
+    print(f"reading the LoRA: {time.perf_counter() - t0:.2f} s")
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.runcall(weights.graph_weights, lora_set, "unet")
+    print(f"merging it into the U-Net's weights: {time.perf_counter() - t0:.2f} s")
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(top)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model-dir", type=Path, help="the diffusers folder the bundle was exported from")
@@ -261,6 +281,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=Path("out/bench/lora"),
                     help="where the LoRA, the runs and results.{json,md} go")
     ap.add_argument("--name", default="", help="the model's name in the table")
+    ap.add_argument("--profile-merge", action="store_true",
+                    help="only profile our merge of the (cached) LoRA, in this process")
     ap.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     ap.add_argument("--lora", help=argparse.SUPPRESS)
     ap.add_argument("--latents", help=argparse.SUPPRESS)
@@ -276,6 +298,8 @@ def main(argv=None) -> None:
                     (a.bundle / "manifest.json", "a bundle")):
         if not p.is_file():
             ap.error(f"{p.parent} is not {what} (no {p.name})")
+    if a.profile_merge:
+        return profile_merge(a.bundle, make_lora(a.model_dir, a.out))
     res = measure(a.model_dir, a.bundle, size=a.size, threads=a.threads, repeats=a.repeats,
                   out=a.out, name=a.name)
     md = markdown(res)
