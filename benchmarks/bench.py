@@ -143,6 +143,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-int8", action="store_true",
                     help="do not make an INT8 U-Net for a bundle that has none")
+    ap.add_argument("--no-lora", action="store_true",
+                    help="skip the LoRA cost benchmark (bench_lora.py) on the first SD1.5 model")
     a = ap.parse_args(argv)
     a.models = (a.models or ("demo,sd15-256" if a.quick else "demo,sd15-256,sd15-512")).split(",")
     a.steps = a.steps or (4 if a.quick else 10)
@@ -152,7 +154,7 @@ def main(argv=None) -> None:
 
     t0 = time.time()
     a.peak = matmul_peak_gflops(a.threads)
-    results = []
+    results, lora_done = [], False
     for name in a.models:
         model = prepare(name, OUT)
         if model is None:
@@ -161,6 +163,13 @@ def main(argv=None) -> None:
         if not a.no_int8:
             ensure_int8(model)
         results.append(measure(model, a))
+        if name.startswith("sd15-") and not a.no_lora and not lora_done:
+            from bench_lora import measure as measure_lora
+
+            results[-1]["lora"] = measure_lora(model["dir"], model["bundle"], size=model["size"],
+                                               threads=a.threads, repeats=a.repeats,
+                                               out=OUT / "lora", name=name)
+            lora_done = True
     from bench_report import write_reports
 
     write_reports(results, OUT, command=" ".join(["python benchmarks/bench.py", *(argv or sys.argv[1:])]),

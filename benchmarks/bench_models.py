@@ -114,6 +114,7 @@ def _prepare_sd15(size: int, out: Path) -> dict:
     if not (bundle / "manifest.json").is_file():
         print("exporting it (U-Net ~3.4 GB: a few minutes)", flush=True)
         _export(folder, bundle, 256, 512, 256)
+    add_weights_maps(folder, bundle)  # a bundle exported before LoRA support has none
     if str(size) not in info:
         from diffusers import UNet2DConditionModel
 
@@ -123,6 +124,55 @@ def _prepare_sd15(size: int, out: Path) -> dict:
     return {"name": f"sd15-{size}", "dir": folder, "bundle": bundle, "size": size,
             "latents": _latents(out / f"sd15-latents-{size}.npy", (1, 4, size // 8, size // 8)),
             "unet_gflop": info.get(str(size))}
+
+
+def add_weights_maps(folder: Path, bundle: Path, components=("unet", "text_encoder")) -> None:
+    """Give an existing bundle the weights maps it lacks (made before LoRA support): built
+    from the diffusers folder it was exported from and checked against its graphs and forms
+    as ``ldm-export`` does (export/weights_map.py), recorded with ``edit_manifest``. Minutes
+    instead of the half hour re-exporting SD1.5 takes."""
+    from ldm_edge.runtime.schema import read_manifest_json
+
+    manifest = read_manifest_json(bundle)
+    todo = [c for c in components if c in manifest.components
+            and manifest.components[c].weights_map is None]
+    if not todo:
+        return
+    from ldm_edge.bundletools.files import file_record
+    from ldm_edge.export.weights_map import build_weights_map, verify_weights_map
+    from ldm_edge.runtime.fsutil import atomic_write_bytes
+    from ldm_edge.runtime.schema import edit_manifest
+    from ldm_edge.runtime.weights_map import map_file_name
+
+    records = {}
+    for name in todo:
+        print(f"{bundle}: adding the {name}'s weights map", flush=True)
+        module = _torch_module(folder, name)
+        variant = manifest.components[name].variants["fp32"]
+        graph = bundle / variant.file
+        wmap = build_weights_map(module, name, graph)
+        verify_weights_map(wmap, module, graph, [bundle / f.file for f in variant.forms.values()])
+        path = bundle / map_file_name(name)
+        atomic_write_bytes(path, json.dumps(wmap.to_json(), indent=1).encode())
+        records[name] = file_record(path, bundle)
+        del module
+
+    def change(m):
+        for name, rec in records.items():
+            m.components[name].weights_map = rec
+    edit_manifest(bundle, change)
+
+
+def _torch_module(folder: Path, name: str):
+    if name == "unet":
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    import transformers
+
+    index = json.loads((folder / "model_index.json").read_text())
+    cls = (index.get("text_encoder") or ["transformers", "CLIPTextModel"])[1]
+    return getattr(transformers, cls).from_pretrained(folder / "text_encoder").eval()
 
 
 def _prepare_tiny(out: Path) -> dict:

@@ -89,6 +89,10 @@ def write_reports(results: list, out: Path, command: str, wall_s: float) -> None
                                                   "results": results}, indent=2))
     md = [f"Command: `{command}` (wall {wall_s / 60:.1f} min)", ""]
     md += [table(r) + "\n" for r in results]
+    if any("lora" in r for r in results):
+        from bench_lora import markdown as lora_table
+
+        md += [lora_table(r["lora"]) + "\n" for r in results if "lora" in r]
     (out / "results.md").write_text("\n".join(md))
     chart(results, out / "chart.png")
     print("\n".join(md))
