@@ -21,7 +21,7 @@ from ldm_edge.runtime.compare import psnr
 from ldm_edge.runtime.pipeline import Pipeline
 from ldm_edge.runtime.safetensors_read import read_safetensors, write_safetensors
 
-pytest.importorskip("peft", reason="needs peft (pip install .[test]) to make the LoRAs")
+pytest.importorskip("peft", reason="needs peft (pip install .[demo]) to make the LoRAs")
 
 # Both sides run the same FP32 math (W + s·(α/r)·B·A) in another summation order, as the
 # plain pipeline parity test (tests/parity/test_pipeline_parity.py, same bar and reason).
