@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ldm_edge.runtime.cpu import cpu_summary
+
 from . import lora_data as L
 from . import sample_torch as S
 
@@ -150,16 +152,6 @@ def save(unet, config, out: Path, note: dict) -> Path:
     return file
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", type=Path, default=S.DEFAULT_WEIGHTS, help="the demo model")
@@ -186,7 +178,7 @@ def main(argv=None) -> None:
             "heldout_new_combinations": len(L.heldout_new_combinations()),
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                          "peft": peft.__version__},
-            "cpu": cpu_name(), "cpu_count": os.cpu_count()}
+            "cpu": cpu_summary()["model"] or platform.machine(), "cpu_count": os.cpu_count()}
     file = save(unet, config, a.out, note)
     log(f"wrote {file} ({file.stat().st_size / 1e3:.0f} kB) after {done} steps, {wall / 60:.1f} min")
 

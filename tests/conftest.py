@@ -61,14 +61,18 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_bundles(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    return _export_all(tiny_models, tmp_path_factory.mktemp("bundles"))
+
+
+def _export_all(models: dict[str, Path], root: Path) -> dict[str, Path]:
+    """Each model folder exported (default options) to ``root/bundle_<key>``."""
     from ldm_edge.export.bundle import ExportOptions, export_bundle
     from ldm_edge.export.load import load_model
 
-    root = tmp_path_factory.mktemp("bundles")
     out = {}
-    for fam, path in tiny_models.items():
-        out[fam] = root / f"bundle_{fam}"
-        export_bundle(load_model(path), out[fam], ExportOptions())
+    for key, path in models.items():
+        out[key] = root / f"bundle_{key}"
+        export_bundle(load_model(path), out[key], ExportOptions())
     return out
 
 
@@ -88,15 +92,7 @@ def ldm_models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def ldm_bundles(ldm_models, tmp_path_factory) -> dict[str, Path]:
-    from ldm_edge.export.bundle import ExportOptions, export_bundle
-    from ldm_edge.export.load import load_model
-
-    root = tmp_path_factory.mktemp("ldm_bundles")
-    out = {}
-    for fam, path in ldm_models.items():
-        out[fam] = root / f"bundle_{fam}"
-        export_bundle(load_model(path), out[fam], ExportOptions())
-    return out
+    return _export_all(ldm_models, tmp_path_factory.mktemp("ldm_bundles"))
 
 
 @pytest.fixture
