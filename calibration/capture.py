@@ -38,29 +38,46 @@ def default_prompts(n: int | None = None) -> list[str]:
 
 
 class _Recorder(Pipeline):
-    """The FP32 pipeline, keeping a copy of every component call's inputs."""
+    """The FP32 pipeline, keeping a copy of every component call's inputs, one list per run."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.records: dict[str, list[dict]] = defaultdict(list)
+        self.runs: list[dict[str, list[dict]]] = []
+
+    def __call__(self, *args, **kwargs):
+        self.runs.append(defaultdict(list))
+        return super().__call__(*args, **kwargs)
 
     def _call(self, name, feeds):
         full = {**self.backend(name).bound, **feeds}
-        self.records[name].append({k: np.array(v, copy=True) for k, v in full.items()})
+        self.runs[-1][name].append({k: np.array(v, copy=True) for k, v in full.items()})
         return super()._call(name, feeds)
 
 
-def capture(bundle, prompts: list[str], *, steps: int | None = None, seed: int = 0,
-            guidance_scale: float | None = None, scheduler: str | None = None,
-            height: int | None = None, width: int | None = None,
-            threads: int = 0) -> dict[str, list[dict]]:
-    """Inputs of every component call while generating one image per prompt (FP32)."""
+def capture_runs(bundle, prompts: list[str], *, steps: int | None = None, seed: int = 0,
+                 guidance_scale: float | None = None, scheduler: str | None = None,
+                 schedulers: list[str] | None = None, height: int | None = None,
+                 width: int | None = None, threads: int = 0) -> list[dict[str, list[dict]]]:
+    """Per prompt (one image each, FP32, seed ``seed + i``): the inputs of every component
+    call of its run. ``schedulers``: prompt i samples with ``schedulers[i % len]`` (each
+    scheduler's trajectory visits latents of its own kind); else ``scheduler`` for all."""
     rec = _Recorder(bundle, precision="fp32", threads=threads)
     schema = rec.manifest.schema
     for i, label in enumerate(labels(schema, prompts)):  # a prompt, or what stands for one
         size = ({} if schema.task in (SUPER_RESOLUTION, UPSCALE)
                 else {"height": height, "width": width})
         rec(**call_inputs(schema, label, i), num_inference_steps=steps,
-            guidance_scale=guidance_scale, scheduler=scheduler, seed=seed + i, **size)
+            guidance_scale=guidance_scale, seed=seed + i, **size,
+            scheduler=schedulers[i % len(schedulers)] if schedulers else scheduler)
     rec.close()
-    return dict(rec.records)
+    return [dict(r) for r in rec.runs]
+
+
+def capture(bundle, prompts: list[str], **kwargs) -> dict[str, list[dict]]:
+    """Inputs of every component call while generating one image per prompt (FP32), run
+    after run (``capture_runs``' arguments)."""
+    out: dict[str, list[dict]] = defaultdict(list)
+    for run in capture_runs(bundle, prompts, **kwargs):
+        for name, calls in run.items():
+            out[name].extend(calls)
+    return dict(out)

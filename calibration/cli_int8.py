@@ -68,8 +68,9 @@ def summary(m) -> str:
 @click.option("--symmetric", is_flag=True,
               help="Symmetric activation ranges (zero points 0): what TensorRT engines need.")
 @click.option("--schedulers", default=None,
-              help="Comma-separated samplers the end-to-end check (and --min-psnr) holds for, "
-                   "(default: the model's own, then ddim, euler, dpm++2m).")
+              help="Comma-separated samplers the calibration runs take in turn and the end-to-end "
+                   "check (and --min-psnr) holds for (default: the model's own, then ddim, "
+                   "euler, dpm++2m).")
 @click.option("--weight-bits", type=click.Choice(["7", "8"]), default="7", show_default=True,
               help="7: weights within -63..63, which onnxruntime's INT8 kernels on CPUs "
                    "without VNNI (AVX2-only) cannot saturate, so one graph serves both kinds; "

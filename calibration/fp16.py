@@ -74,7 +74,7 @@ def to_fp16(fp32_path: Path, block_ops: tuple):
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    from onnx.external_data_helper import load_external_data_for_model
+    from ldm_edge.bundletools.external_data import load_all
 
     # Types of every intermediate value are needed to place the casts around islands.
     # Infer them on the graph without its weights (small even for a 3 GB U-Net), then
@@ -82,7 +82,7 @@ def to_fp16(fp32_path: Path, block_ops: tuple):
     proto = onnx.load(str(fp32_path), load_external_data=False)
     constants_to_initializers(proto)
     proto = onnx.shape_inference.infer_shapes(proto)
-    load_external_data_for_model(proto, str(Path(fp32_path).parent))
+    load_all(proto, Path(fp32_path).parent)  # onnx's loader refuses hard-linked data files
     nodes = [n.name for n in proto.graph.node if any(s in n.name for s in ALWAYS_FP32_NODES)]
     # disable_shape_infer: shape inference serialises the model, impossible above 2 GB
     out = convert_float_to_float16(

@@ -1,8 +1,8 @@
 """INT8 U-Net: timestep-aware static Q/DQ calibration, and a quality budget.
 
-The bundle's own FP32 sampling loop is run over the calibration prompts and every U-Net
-call's inputs are captured (``capture``), so the calibration set spans the whole
-trajectory, from pure noise at t~1000 to the nearly clean latents of the last steps;
+The bundle's own FP32 sampling loop is run over the calibration prompts, each with the next
+of the schedulers the quality is checked for, and every U-Net call's inputs are captured
+(``capture``), so the calibration set spans each scheduler's whole trajectory, from pure noise at t~1000 to the nearly clean latents of the last steps;
 samples are taken evenly across timesteps. Activation ranges come from histograms of
 those runs (percentile, entropy or min-max, ``ranges.py``), and ``unet.int8.onnx`` gets
 explicit QuantizeLinear/DequantizeLinear around Conv and weight MatMul/Gemm layers
@@ -50,15 +50,17 @@ EVAL_SEED = 0
 VARIANT_FILE = "unet.int8.onnx"
 
 
-def evenly_over_timesteps(records: list[dict], n_prompts: int, n: int) -> list[dict]:
-    """Up to ``n`` of the captured U-Net calls (prompt-major order), spread evenly over
-    the steps, alternating prompts within a step."""
-    if len(records) <= n:
-        return list(records)
-    steps = max(1, len(records) // max(1, n_prompts))
-    order = sorted(range(len(records)), key=lambda i: (i % steps, i // steps))
-    pick = np.linspace(0, len(order) - 1, n).round().astype(int)
-    return [records[order[i]] for i in sorted(set(pick.tolist()))]
+def evenly_over_timesteps(runs: list[list[dict]], n: int) -> list[dict]:
+    """Up to ``n`` of the captured U-Net calls (``runs``: one list per sampled image, in call
+    order), spread evenly over the trajectory, alternating runs at each point. Runs may be of
+    different lengths (schedulers differ in calls per step), so calls are ordered by how far
+    along their run they are."""
+    calls = [(i / len(run), r, call) for r, run in enumerate(runs) for i, call in enumerate(run)]
+    if len(calls) <= n:
+        return [c for _, _, c in calls]
+    calls.sort(key=lambda c: c[:2])
+    pick = sorted(set(np.linspace(0, len(calls) - 1, n).round().astype(int).tolist()))
+    return [calls[i][2] for i in pick]
 
 
 def check_schedulers(names: list[str]) -> list[str]:
@@ -74,14 +76,9 @@ def check_schedulers(names: list[str]) -> list[str]:
 
 def _materialize(proto, base_dir: Path) -> None:
     """Load the external data of the initializers still in ``proto`` (float ones left)."""
-    import onnx
-    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+    from ldm_edge.bundletools.external_data import load_all
 
-    for t in proto.graph.initializer:
-        if uses_external_data(t):
-            load_external_data_for_tensor(t, str(base_dir))
-            t.data_location = onnx.TensorProto.DEFAULT
-            del t.external_data[:]
+    load_all(proto, base_dir)  # onnx's own loader refuses hard-linked data files
 
 
 def build_graph(proto, fp32_dir: Path, layers, ranges, quantize: set[str], weight_bits: int = 8):
@@ -146,7 +143,7 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
     from ldm_edge.bundletools.task_inputs import labels
     from ldm_edge.runtime.tasks import takes_prompt
 
-    from .capture import capture, default_prompts
+    from .capture import capture_runs, default_prompts
 
     if weight_bits not in qdq.WEIGHT_BITS:
         raise UsageError(f"--weight-bits {weight_bits}: use 7 or 8")
@@ -165,13 +162,16 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
         validate.size("size", size, d.size_multiple, d.min_size, d.max_size)
     hw = (size, size) if size else (d.height, d.width)
     progress(f"capturing U-Net inputs: FP32 sampling of {len(prompts)} prompts x {calib_steps} "
-             f"steps at {hw[0]}x{hw[1]}"
+             f"steps at {hw[0]}x{hw[1]}, schedulers {', '.join(schedulers)} in turn"
              + (f" (the model takes no prompt: {prompts[0]}, ...)"
                 if not takes_prompt(manifest.schema.task) else ""))
-    records = capture(bundle, prompts, steps=calib_steps, threads=threads, height=hw[0],
-                      width=hw[1])["unet"]
-    records = [{unet.graph_name(k): v for k, v in r.items()} for r in records]
-    calib = evenly_over_timesteps(records, len(prompts), MAX_CALIB_SAMPLES)
+    # each prompt samples with the next of the schedulers checked below, so the ranges see the
+    # latents each of their trajectories visits (not the model's own scheduler's alone)
+    runs = [[{unet.graph_name(k): v for k, v in call.items()} for call in run["unet"]]
+            for run in capture_runs(bundle, prompts, steps=calib_steps, threads=threads,
+                                    height=hw[0], width=hw[1], schedulers=schedulers)]
+    records = [call for run in runs for call in run]
+    calib = evenly_over_timesteps(runs, MAX_CALIB_SAMPLES)
     t_name = unet.graph_name("timestep")
     timesteps = sorted({float(np.ravel(r[t_name])[0]) for r in calib}, reverse=True)
     progress(f"{len(records)} U-Net calls captured; calibrating on {len(calib)} of them "
@@ -193,7 +193,7 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
 
     kept, budget = [], None
     if min_psnr is not None:
-        sens = evenly_over_timesteps(records, len(prompts), SENSITIVITY_SAMPLES)
+        sens = evenly_over_timesteps(runs, SENSITIVITY_SAMPLES)
         kept, budget = keep_for_budget(bundle, proto, fp32.parent, layers, ranges, sens,
                                        min_psnr, calib_steps, threads, progress, schedulers,
                                        weight_bits, hw if size else None)
@@ -220,7 +220,7 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
         excluded_nodes={**excluded, **({"kept by min_psnr": kept_nodes} if kept_nodes else {})},
         kept_float_units=kept,
         calibration={"prompts": prompts, "steps": calib_steps, "size": list(hw),
-                     "samples": len(calib),
+                     "samples": len(calib), "schedulers": list(schedulers),
                      "timesteps": timesteps},
         min_psnr=budget)
     trial = read_manifest_json(bundle)
@@ -229,7 +229,7 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
         # onnxruntime's fused-attention form, checked against the new graph; the backend
         # opens it, so the quality below is measured on what ldm-run runs
         form = make_form(bundle, unet.spec, variant, "int8", threads=threads,
-                         **default_size(trial))
+                         **default_size(trial), reference=fp32)
         if form is not None:
             variant.forms[FORM] = form
             form_files = [bundle / form.file]

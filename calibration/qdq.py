@@ -203,6 +203,8 @@ def build(proto, layers: list[Layer], ranges: dict, quantize: set[str], *,
     import onnx
     from onnx import helper, numpy_helper
 
+    from ldm_edge.bundletools import external_data
+
     g = onnx.ModelProto()
     g.CopyFrom(proto)
     graph = g.graph
@@ -261,7 +263,7 @@ def build(proto, layers: list[Layer], ranges: dict, quantize: set[str], *,
             k = shared.get(ly.act, 0)
             shared[ly.act] = k + 1
             n.input[0] = fake_quant(ly.act, ly.act, f"{ly.act}/int8/{k}", ly.unit, pre, nudge=k)
-        w = numpy_helper.to_array(weights[ly.weight], base_dir).astype(np.float32)
+        w = external_data.to_array(weights[ly.weight], base_dir).astype(np.float32)
         wq, ws = weight_qparams(w, ly.axis, weight_bits)
         wname = f"{ly.weight}/{ly.node}"
         const(wname + "/int8", wq)
@@ -272,7 +274,7 @@ def build(proto, layers: list[Layer], ranges: dict, quantize: set[str], *,
         n.input[1] = switch(ly.unit, wname + "/dq", ly.weight, wname + "/sel", pre)
         if ly.bias is not None:
             xs = used_scale.get(n.input[0]) or act_qparams(*ranges[ly.act])[0]
-            b = numpy_helper.to_array(weights[ly.bias], base_dir).astype(np.float64)
+            b = external_data.to_array(weights[ly.bias], base_dir).astype(np.float64)
             bs = (np.float32(xs) * ws).astype(np.float32)
             bq = np.clip(np.round(b / bs), -2**31, 2**31 - 1).astype(np.int32)
             bname = f"{ly.bias}/{ly.node}"

@@ -45,8 +45,12 @@ def _check_forms(bundle, precision, expected):
         assert form.fused_attention == n and form.check["passed"]
         assert form.check["softmax_nodes"] == n  # every Softmax was attention
         assert len(form.check["shapes"]) == 2
-        tol = forms.TOLERANCE[precision]
-        assert form.check["cosine"] >= tol["min_cosine"]
+        if precision == "int8":  # as close to FP32 as the plain INT8 graph, by the ratio
+            limit = 1 - forms.INT8_FORM_ERROR_RATIO * (1 - form.check["plain_cosine"])
+            assert form.check["reference"] == forms.INT8_CHECK_REFERENCE
+            assert limit < form.check["cosine"] < 1
+        else:
+            assert form.check["cosine"] >= forms.TOLERANCE[precision]["min_cosine"]
         ops = _ops(m.root / form.file)
         assert ops["MultiHeadAttention"] == n and ops["Softmax"] == 0
         assert _ops(v.path)["Softmax"] == n  # the plain graph is untouched
@@ -132,6 +136,21 @@ def test_broken_rewrite_fails_its_check(tiny_bundles, tmp_path):
     (dst / v.forms["ort-mha"].file).unlink()
     form = forms.make_form(dst, m.spec("unet"), v, "fp32", num_heads=1, **forms.default_size(m.schema))
     assert form is None and not (dst / "unet.ort-mha.onnx").exists()
+
+
+def test_broken_int8_rewrite_fails_its_check(quantised, tmp_path):
+    """Negative control for the INT8 check (against FP32, by the plain INT8 graph's distance)."""
+    dst = tmp_path / "sd1"
+    shutil.copytree(quantised[0], dst)
+    m = open_bundle(dst)
+    v = m.variant("unet", "int8").record
+    (dst / v.forms["ort-mha"].file).unlink()
+    form = forms.make_form(dst, m.spec("unet"), v, "int8", num_heads=1,
+                           reference=m.variant("unet", "fp32").path, **forms.default_size(m.schema))
+    assert form is None and not (dst / "unet.int8.ort-mha.onnx").exists()
+    good = forms.make_form(dst, m.spec("unet"), v, "int8", reference=m.variant("unet", "fp32").path,
+                           **forms.default_size(m.schema))
+    assert good is not None and good.check["passed"]
 
 
 def test_fuse_cli_adds_forms_to_a_bundle_without(tiny_bundles, tmp_path):

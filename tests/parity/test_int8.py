@@ -66,19 +66,21 @@ def int8_bundle(tiny_bundles, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def budget(int8_bundle, tiny_bundles, tmp_path_factory):
+def budget(tiny_bundles, tmp_path_factory):
     from ldm_edge.bundletools.quality import end_to_end_psnr
     from ldm_edge.runtime.manifest import Manifest
 
-    # the plain INT8 graph's figure (the budget's sweep measures graphs without their form)
-    m = open_bundle(int8_bundle).schema
-    m.components["unet"].variants["int8"].forms.clear()
-    plain = end_to_end_psnr(Manifest(int8_bundle, m), "int8", int8.EVAL_PROMPTS,
-                            steps=CALIB_STEPS, seed=int8.EVAL_SEED, schedulers=[OWN])["psnr_db"]
-    target = plain + BUDGET_ABOVE_PLAIN_DB
+    # one scheduler: the sweep measures many candidate graphs, each under every scheduler;
+    # calibration takes the same list, so the plain graph is made with it first
     dst = tmp_path_factory.mktemp("int8budget") / "sd1"
     shutil.copytree(tiny_bundles["sd1"], dst)
-    # one scheduler: the sweep measures many candidate graphs, each under every scheduler
+    int8.make_int8(dst, PROMPTS, calib_steps=CALIB_STEPS, schedulers=[OWN], progress=_quiet)
+    # the plain INT8 graph's figure (the budget's sweep measures graphs without their form)
+    m = open_bundle(dst).schema
+    m.components["unet"].variants["int8"].forms.clear()
+    plain = end_to_end_psnr(Manifest(dst, m), "int8", int8.EVAL_PROMPTS,
+                            steps=CALIB_STEPS, seed=int8.EVAL_SEED, schedulers=[OWN])["psnr_db"]
+    target = plain + BUDGET_ABOVE_PLAIN_DB
     int8.make_int8(dst, PROMPTS, calib_steps=CALIB_STEPS, min_psnr=target, schedulers=[OWN],
                    progress=_quiet)
     return dst, plain, target
@@ -226,7 +228,7 @@ def test_calibrated_and_checked_at_the_size_asked_for(bundle):
     from ldm_edge.calibration import capture as capture_mod
 
     seen = []
-    real = capture_mod.capture
+    real = capture_mod.capture_runs
 
     def spy(*args, **kw):
         seen.append((kw.get("height"), kw.get("width")))
@@ -234,7 +236,7 @@ def test_calibrated_and_checked_at_the_size_asked_for(bundle):
 
     import unittest.mock as mock
 
-    with mock.patch.object(capture_mod, "capture", spy):  # imported by make_int8 when called
+    with mock.patch.object(capture_mod, "capture_runs", spy):  # imported by make_int8 when called
         m = int8.make_int8(bundle, PROMPTS[:1], calib_steps=2, schedulers=[OWN], size=48,
                            progress=_quiet)
     v, q = m.components["unet"].variants["int8"], m.quality["int8"]
@@ -375,12 +377,23 @@ def test_range_methods_on_outliers():
 
 
 def test_calibration_samples_span_the_timesteps():
-    records = [{"timestep": np.array([1000 - 100 * s], np.float32), "p": p}
-               for p in range(3) for s in range(10)]  # prompt-major, as capture() records
-    picked = int8.evenly_over_timesteps(records, 3, 8)
+    # three runs as capture_runs() records them, one of 11 calls (PNDM's extra first call)
+    runs = [[{"timestep": np.array([1000 - 100 * s], np.float32), "p": p}
+             for s in range(10 + (p == 1))] for p in range(3)]
+    picked = int8.evenly_over_timesteps(runs, 8)
     ts = sorted(float(r["timestep"][0]) for r in picked)
-    assert len(picked) == 8 and ts[0] == 100 and ts[-1] == 1000
+    assert len(picked) == 8 and ts[0] <= 100 and ts[-1] == 1000
     assert len({r["p"] for r in picked}) == 3
+    assert len(int8.evenly_over_timesteps(runs, 100)) == 31  # fewer than n: all of them
+
+
+def test_calibration_runs_take_the_checked_schedulers_in_turn(tiny_bundles):
+    from ldm_edge.calibration.capture import capture_runs
+
+    runs = capture_runs(tiny_bundles["sd1"], ["a", "b", "c"], steps=3,
+                        schedulers=["pndm", "euler"])
+    ts = [[float(np.ravel(c["timestep"])[0]) for c in r["unet"]] for r in runs]
+    assert len(runs) == 3 and ts[0] == ts[2] and ts[0] != ts[1]  # pndm, euler, pndm
 
 
 def test_calibration_passes_bounded_by_a_budget_give_the_same_histograms(tiny_bundles):
