@@ -92,7 +92,12 @@ def main(argv=None) -> None:
             baseline, wall = peak_rss(diffusers_cmd(a, tmp))
             print(f"{'diffusers (baseline)':<28} {baseline:12.0f} {wall:8.2f}", flush=True)
         for name, extra in modes.items():
-            rss, wall = peak_rss(base + extra)
+            try:
+                rss, wall = peak_rss(base + extra)
+            except SystemExit as e:  # one mode refused (a tile size, say): the others still run
+                said = str(e).strip().splitlines()[-1] if str(e).strip() else "failed"
+                print(f"{name + ' ' + a.precision:<28} {'-':>12} {'-':>8} {said}", flush=True)
+                continue
             ratio = f" {rss / baseline:6.2f}x of diffusers" if baseline else ""
             print(f"{name + ' ' + a.precision:<28} {rss:12.0f} {wall:8.2f}{ratio}", flush=True)
     if a.calls > 1:
