@@ -95,9 +95,9 @@ def sample_feeds(session, spec: ComponentSpec, batch: int, height: int, width: i
     return feeds
 
 
-def _outputs(path: Path, feeds: list[dict], threads: int) -> list[np.ndarray]:
-    """One graph's first output for each of ``feeds`` (one session at a time in memory)."""
-    session = SessionFromOnnx(path, threads=threads)()
+def _outputs(graph, feeds: list[dict], threads: int = 0) -> list[np.ndarray]:
+    """The first output of ``graph`` (a path, or an open session) for each of ``feeds``."""
+    session = graph if hasattr(graph, "run") else SessionFromOnnx(graph, threads=threads)()
     name = session.get_outputs()[0].name
     return [session.run([name], f)[0] for f in feeds]
 
@@ -108,12 +108,12 @@ def check_form(plain: Path, form: Path, spec: ComponentSpec, precision: str,
     """The form's output against the plain graph's, in onnxruntime on the CPU, at ``shapes``;
     and what the record adds. INT8 (``reference``: the FP32 graph): the form against FP32,
     held to INT8_FORM_ERROR_RATIO x the plain INT8 graph's distance from it."""
-    first = SessionFromOnnx(plain, threads=threads)()
-    feeds = [sample_feeds(first, spec, n, h, w, factor, seed=20 + i)
+    session = SessionFromOnnx(plain, threads=threads)()  # one session in memory at a time
+    feeds = [sample_feeds(session, spec, n, h, w, factor, seed=20 + i)
              for i, (n, h, w) in enumerate(shapes)]
-    del first
+    plain_out = _outputs(session, feeds)
+    del session
     names = [f"{spec.name} b{n} {h}x{w}" for n, h, w in shapes]
-    plain_out = _outputs(plain, feeds, threads)
     got = _outputs(form, feeds, threads)
     if precision != "int8":
         tol = TOLERANCE.get(precision, TOLERANCE["fp32"])

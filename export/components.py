@@ -86,19 +86,9 @@ class CodebookLookUp(torch.nn.Module):
         return torch.nn.functional.embedding(dist.argmin(-1), codes).permute(0, 3, 1, 2)
 
 
-class VqDecodeReference(torch.nn.Module):
-    """What the VQ decoder graph is checked against: diffusers' own ``VQModel.decode``."""
-
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latent):
-        return self.vae.decode(latent, return_dict=False)[0]
-
-
 class VaeDecoder(torch.nn.Module):
-    """latents already divided by the scaling factor -> image in [-1, 1] (unclipped)."""
+    """latents already divided by the scaling factor -> image in [-1, 1] (unclipped). On a
+    VQModel, ``decode`` quantizes first: what the VQ decoder graph is checked against."""
 
     def __init__(self, vae):
         super().__init__()
@@ -138,7 +128,7 @@ def reference(model: LoadedModel, name: str) -> torch.nn.Module:
     """The PyTorch module an exported graph is checked against: the wrapper itself, except
     for a VQ decoder, which is checked against diffusers' VQModel.decode."""
     if name == "vae_decoder" and _is_vq(model.vae):
-        return VqDecodeReference(model.vae).eval()
+        return VaeDecoder(model.vae).eval()  # diffusers' own VQModel.decode
     return wrap(model, name)
 
 

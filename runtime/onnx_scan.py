@@ -281,9 +281,8 @@ def _array(path, info: dict, blob):
     if kind == "external":
         _, loc, offset, length = info["data"]
         count = int(np.prod(info["dims"], dtype=np.int64))
-        with open(Path(path).parent / loc, "rb") as fh:
-            fh.seek(offset)
-            blob = fh.read(length if length is not None else count * dtype.itemsize)
+        blob = read_external(Path(path).parent, loc, offset,
+                             length if length is not None else count * dtype.itemsize)
         kind = "raw"
     if kind == "raw":
         arr = np.frombuffer(blob, dtype=dtype)
@@ -295,6 +294,29 @@ def _array(path, info: dict, blob):
         vals = [v - (1 << 64) if v >= 1 << 63 else v for v in _packed_varints(blob, 0, len(blob))]
         arr = np.array(vals, dtype=np.int64).astype(dtype)
     return arr.reshape(info["dims"]).copy()
+
+
+def read_external(folder: str | Path, location: str, offset: int, length: int | None) -> bytes:
+    """The bytes of one external-data entry (``length`` None: to the end of the file), read
+    directly: onnx's own loader refuses a data file with several hard links, and bundles
+    link theirs (``ldm-export triton``, ``cp -al``). What its checks guard is held here: the
+    location is a file name inside ``folder``, and offset and length lie within that file."""
+    base = Path(folder).resolve()
+    rel = Path(location)
+    if not location or rel.is_absolute() or ".." in rel.parts:
+        raise ScanError(f"external data location {location!r}: not a file name inside the "
+                        f"graph's folder")
+    path = (base / rel).resolve()
+    if base not in path.parents or not path.is_file():
+        raise ScanError(f"external data {location!r} is not a file inside {folder}")
+    size = path.stat().st_size
+    end = size if length is None else offset + length
+    if offset < 0 or end > size:
+        raise ScanError(f"bytes {offset}..{end} of {location} are past its end ({size} "
+                        f"bytes); the graph and its data file do not belong together")
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        return fh.read(end - offset)
 
 
 def initializer_dtypes(path: str | Path) -> dict[str, tuple[str, bool]]:
