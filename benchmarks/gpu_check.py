@@ -149,7 +149,7 @@ def time_pipeline(bundle: Path, backend: str, precision: str, device: str, steps
     try:
         pipe(PROMPT, num_inference_steps=steps, seed=0)  # warm-up: engines load, kernels tune
         runs = [pipe(PROMPT, num_inference_steps=steps, seed=i).timings for i in range(repeats)]
-        kinds = {n: type(b).__name__ for n, b in pipe._backends.items()}
+        kinds = {n: type(b).__name__ for n, b in pipe.open_components.items()}
     finally:
         pipe.close()
     return {"text_encoder_ms": _med([t["text_encoder"] for t in runs]),

@@ -24,15 +24,15 @@ def main(argv=None) -> None:
     from ldm_edge.runtime.compare import psnr
     from ldm_edge.runtime.pipeline import Pipeline
 
-    class Perturbed(Pipeline):
-        """The FP32 pipeline with noise of relative size ``rel`` added to each U-Net output."""
+    class Perturb:
+        """A call hook adding noise of relative size ``rel`` to each U-Net output."""
         rel = 0.0
 
-        def _call(self, name, feeds):
-            out = super()._call(name, feeds)
-            if name != "unet" or not self.rel:
-                return out
-            t = float(np.ravel(feeds.get("timestep", [0]))[0])
+        def __call__(self, call):
+            out = call.output
+            if call.name != "unet" or not self.rel:
+                return None
+            t = float(np.ravel(call.feeds.get("timestep", [0]))[0])
             noise = np.random.default_rng(int(t) + 7).standard_normal(out.shape).astype(out.dtype)
             return out + noise * (self.rel * np.linalg.norm(out) / np.linalg.norm(noise))
 
@@ -47,14 +47,15 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
 
-    pipe = Perturbed(a.bundle, threads=a.threads)
+    pipe, perturb = Pipeline(a.bundle, threads=a.threads), Perturb()
+    pipe.add_call_hook(perturb)
     run = dict(num_inference_steps=a.steps, seed=a.seed, height=a.size, width=a.size)
     print(f"{'scheduler':<10} {'noise (rel)':>11} {'cosine':>9} {'PSNR':>8} {'final latents off':>18}")
     for sched in a.schedulers.split(","):
-        pipe.rel = 0.0
+        perturb.rel = 0.0
         base = pipe(PROMPT, scheduler=sched, **run)
         for rel in (float(x) for x in a.rel.split(",")):
-            pipe.rel = rel
+            perturb.rel = rel
             r = pipe(PROMPT, scheduler=sched, **run)
             off = np.linalg.norm(r.latents - base.latents) / np.linalg.norm(base.latents)
             print(f"{sched:<10} {rel:11.4f} {1 / np.sqrt(1 + rel * rel):9.6f} "

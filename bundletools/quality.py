@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 from ldm_edge.runtime.compare import psnr
-from ldm_edge.runtime.pipeline import Pipeline
+from ldm_edge.runtime.pipeline import ComponentCall, Pipeline
 from ldm_edge.runtime.request import default_scheduler_name
 
 from .task_inputs import call_inputs, labels
@@ -35,19 +35,16 @@ def schedulers_to_check(manifest, extra=SUGGESTED_SCHEDULERS) -> list[str]:
     return list(dict.fromkeys([own, *extra]))
 
 
-class _UNetRecorder(Pipeline):
-    """The FP32 pipeline, keeping every U-Net call's whole inputs and its output."""
+class _UNetRecorder:
+    """A call hook keeping every U-Net call's whole inputs and its output."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self):
         self.calls: list[tuple[dict, np.ndarray]] = []
 
-    def _call(self, name, feeds):
-        out = super()._call(name, feeds)
-        if name == "unet":
-            full = {**self.backend(name).bound, **feeds}
-            self.calls.append(({k: np.array(v, copy=True) for k, v in full.items()}, out.copy()))
-        return out
+    def __call__(self, call: ComponentCall) -> None:
+        if call.name == "unet":
+            self.calls.append(({k: np.array(v, copy=True) for k, v in call.feeds.items()},
+                               call.output.copy()))
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -68,7 +65,9 @@ class Reference:
     def __init__(self, bundle, prompts: list[str], steps: int = 10, seed: int = 0,
                  schedulers: list[str] | None = None, unet_calls: bool = True,
                  size: tuple[int, int] | None = None):
-        ref = (_UNetRecorder if unet_calls else Pipeline)(bundle, precision="fp32")
+        ref, rec = Pipeline(bundle, precision="fp32"), _UNetRecorder()
+        if unet_calls:
+            ref.add_call_hook(rec)
         # a prompt, or what stands for one where the model takes none (task_inputs.py)
         self.schema = ref.manifest.schema
         self.prompts, self.steps, self.seed = labels(self.schema, prompts), steps, seed
@@ -77,13 +76,12 @@ class Reference:
         self.images, self.latents, self.calls = {}, {}, {}
         for s in self.schedulers:
             for i, p in enumerate(self.prompts):
-                if unet_calls:
-                    ref.calls = []
+                rec.calls = []
                 r = self._draw(ref, s, i, p)
                 self.images.setdefault(s, []).append(r.images)
                 self.latents.setdefault(s, []).append(r.latents)
                 if unet_calls:
-                    self.calls.setdefault(s, []).append(ref.calls)
+                    self.calls.setdefault(s, []).append(rec.calls)
         ref.close()
 
     def _draw(self, pipe, scheduler, i, prompt):
@@ -94,7 +92,7 @@ class Reference:
     def _cosines(self, pipe, scheduler) -> list[float]:
         """Per step, the worst over prompts of the variant U-Net's cosine vs FP32's on the
         FP32 trajectory's inputs."""
-        per_prompt = [[cosine(pipe._call("unet", feeds), out) for feeds, out in calls]
+        per_prompt = [[cosine(pipe.call_component("unet", feeds), out) for feeds, out in calls]
                       for calls in self.calls[scheduler]]
         return [min(step) for step in zip(*per_prompt)]
 

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_edge.bundletools.task_inputs import call_inputs, labels
-from ldm_edge.runtime.pipeline import Pipeline
-from ldm_edge.runtime.tasks import SUPER_RESOLUTION, UPSCALE
+from ldm_edge.bundletools.task_inputs import call_inputs, labels, sized_by_image
+from ldm_edge.runtime.pipeline import ComponentCall, Pipeline
 
 DEFAULT_PROMPTS_FILE = Path(__file__).with_name("prompts.txt")
 
@@ -37,21 +36,17 @@ def default_prompts(n: int | None = None) -> list[str]:
     return read_prompts(None, n)
 
 
-class _Recorder(Pipeline):
-    """The FP32 pipeline, keeping a copy of every component call's inputs, one list per run."""
+class _Recorder:
+    """A call hook keeping a copy of every component call's inputs, one list per run."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self):
         self.runs: list[dict[str, list[dict]]] = []
 
-    def __call__(self, *args, **kwargs):
+    def new_run(self) -> None:
         self.runs.append(defaultdict(list))
-        return super().__call__(*args, **kwargs)
 
-    def _call(self, name, feeds):
-        full = {**self.backend(name).bound, **feeds}
-        self.runs[-1][name].append({k: np.array(v, copy=True) for k, v in full.items()})
-        return super()._call(name, feeds)
+    def __call__(self, call: ComponentCall) -> None:
+        self.runs[-1][call.name].append({k: np.array(v, copy=True) for k, v in call.feeds.items()})
 
 
 def capture_runs(bundle, prompts: list[str], *, steps: int | None = None, seed: int = 0,
@@ -61,15 +56,16 @@ def capture_runs(bundle, prompts: list[str], *, steps: int | None = None, seed: 
     """Per prompt (one image each, FP32, seed ``seed + i``): the inputs of every component
     call of its run. ``schedulers``: prompt i samples with ``schedulers[i % len]`` (each
     scheduler's trajectory visits latents of its own kind); else ``scheduler`` for all."""
-    rec = _Recorder(bundle, precision="fp32", threads=threads)
-    schema = rec.manifest.schema
+    pipe, rec = Pipeline(bundle, precision="fp32", threads=threads), _Recorder()
+    pipe.add_call_hook(rec)
+    schema = pipe.manifest.schema
+    size = {} if sized_by_image(schema) else {"height": height, "width": width}
     for i, label in enumerate(labels(schema, prompts)):  # a prompt, or what stands for one
-        size = ({} if schema.task in (SUPER_RESOLUTION, UPSCALE)
-                else {"height": height, "width": width})
-        rec(**call_inputs(schema, label, i), num_inference_steps=steps,
-            guidance_scale=guidance_scale, seed=seed + i, **size,
-            scheduler=schedulers[i % len(schedulers)] if schedulers else scheduler)
-    rec.close()
+        rec.new_run()
+        pipe(**call_inputs(schema, label, i), num_inference_steps=steps,
+             guidance_scale=guidance_scale, seed=seed + i, **size,
+             scheduler=schedulers[i % len(schedulers)] if schedulers else scheduler)
+    pipe.close()
     return [dict(r) for r in rec.runs]
 
 

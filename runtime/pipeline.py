@@ -13,6 +13,8 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Callable
 
 import numpy as np
 
@@ -21,9 +23,11 @@ from .backends import DRAWN_LATENT, open_backend
 from .bundle import open_bundle
 from .errors import NumericsError, UsageError
 from .manifest import Manifest
+from .conditioning import conditioning_for
 from .request import BundleDefaults, GenerationRequest, Provenance, resolve_request
 from .schedulers import make_scheduler
-from .tasks import INPAINT, SUPER_RESOLUTION, UPSCALE
+from .tasks import plan_of
+from .tasks.base import TaskStart, latent_shape
 from .tokenizer import PromptTokenizer
 from .vae_tiling import DEFAULT_OVERLAP, VaeTiling, fitting_tile_sizes
 
@@ -47,6 +51,22 @@ class Result:
                 "prompt": prompt, "negative_prompt": negative}
 
 
+@dataclass(frozen=True)
+class ComponentCall:
+    """One component call, as a call hook sees it: the whole inputs (bound ones included;
+    the arrays are the pipeline's own, copy what you keep), the output, the seconds it took."""
+
+    name: str
+    feeds: dict
+    output: np.ndarray
+    seconds: float
+
+
+# a call hook: sees every component call after it ran; may return an array to use instead of
+# the output (a perturbation study) or raise to stop the run
+CallHook = Callable[[ComponentCall], "np.ndarray | None"]
+
+
 class Pipeline:
     """``low_memory``: each component's session is opened when its stage starts and released
     when it ends (reopened on every call), with onnxruntime's memory arena and memory pattern
@@ -60,29 +80,40 @@ class Pipeline:
     slightly, so the provenance (and the PNG) records it; low memory does not.
 
     ``loras``: [(file, scale), ...] merged into the U-Net's and text encoder's weights when
-    their sessions open (runtime/lora_apply.py); ``set_loras`` switches them."""
+    their sessions open (runtime/lora_apply.py); ``set_loras`` switches them.
+
+    The public seam, for code that runs this pipeline's loop its own way:
+    ``components(name, options, lora)`` provides a component's backend instead of opening the
+    bundle's (the served pipeline calls its components over Triton this way), and
+    ``add_call_hook`` observes every component call (calibration capture, the quality check,
+    benchmarks). ``options`` is read-only; ``open_components`` shows what is open."""
 
     def __init__(self, bundle, *, backend: str = "auto", precision: str = "fp32",
                  device: str = "auto", threads: int = 0, verify: bool = True,
                  ort_cache: bool | None = None, low_memory: bool = False,
                  vae_tiling: bool = False, vae_tile_size: int | None = None,
-                 vae_tile_overlap: float | None = None, loras=None):
+                 vae_tile_overlap: float | None = None, loras=None,
+                 components: Callable | None = None):
         if not vae_tiling and (vae_tile_size is not None or vae_tile_overlap is not None):
             raise UsageError("--vae-tile-size needs --vae-tiling (it is the size of the tiles "
                              "the VAE decodes); add --vae-tiling or drop --vae-tile-size")
         self.manifest = bundle if isinstance(bundle, Manifest) else open_bundle(bundle, verify)
-        # a model that takes no prompt has no tokenizer (runtime/tasks.py)
+        # a model that takes no prompt has no tokenizer (runtime/tasks/)
         self.tokenizer = (PromptTokenizer.from_manifest(self.manifest)
                           if self.manifest.schema.tokenizer is not None else None)
         if ort_cache is None:  # not said: the environment decides (LDM_EDGE_ORT_CACHE=1)
             from .ort_cache import enabled_by_env
 
             ort_cache = enabled_by_env()
-        self.options = dict(backend=backend, precision=precision, device=device, threads=threads,
-                            ort_cache=ort_cache)
+        options = dict(backend=backend, precision=precision, device=device, threads=threads,
+                       ort_cache=ort_cache)
         self.low_memory = bool(low_memory)
         if self.low_memory:  # allocations freed when done, not kept for the next call
-            self.options["memory_arena"] = False
+            options["memory_arena"] = False
+        self.options = MappingProxyType(options)
+        self._provide = components or open_bundle_component
+        self._hooks: list[CallHook] = []
+        self.conditioning = conditioning_for(self.manifest)
         self.vae_tiling = (self._tiling(vae_tile_size, vae_tile_overlap) if vae_tiling
                            else None)
         # other components may fall back to a wider precision; the U-Net must have the one asked
@@ -94,6 +125,11 @@ class Pipeline:
             self.set_loras(loras)
 
     # -- LoRA ---------------------------------------------------------------------
+    @property
+    def loras(self):
+        """The LoRA set applied now (runtime/lora_apply.py), or None."""
+        return self._loras
+
     def set_loras(self, loras) -> None:
         """Apply ``loras`` [(file, scale), ...] (replacing the previous set; [] for none).
         Checked before anything changes; the components whose weights change are reopened
@@ -118,9 +154,19 @@ class Pipeline:
             if not self.manifest.has(name):
                 raise UsageError(f"this bundle has no {name}; re-export it"
                                  + (" without --skip-vae-encoder" if name == "vae_encoder" else ""))
-            self._backends[name] = open_backend(self.manifest, name, **self.options,
-                                                lora=self._merged(name))
+            self._backends[name] = self._provide(self.manifest, name, self.options,
+                                                 self._merged(name))
         return self._backends[name]
+
+    @property
+    def open_components(self):
+        """name -> backend of the components open now (read-only)."""
+        return MappingProxyType(self._backends)
+
+    def add_call_hook(self, hook: CallHook) -> Callable[[], None]:
+        """Call ``hook(ComponentCall)`` after every component call; returns its remover."""
+        self._hooks.append(hook)
+        return lambda: self._hooks.remove(hook)
 
     def _merged(self, name: str):
         """The component's merged LoRA weights (timed as "lora"), or None."""
@@ -131,14 +177,22 @@ class Pipeline:
         self.timings["lora"] += time.perf_counter() - t0
         return merged
 
-    def _call(self, name: str, feeds: dict) -> np.ndarray:
+    def call_component(self, name: str, feeds: dict) -> np.ndarray:
+        """Run component ``name`` on ``feeds`` (plus its bound inputs): its first output,
+        timed, checked for NaN/Inf, seen by the call hooks."""
         b = self.backend(name)
         t0 = time.perf_counter()
         out = b.run(feeds)[b.spec.output_names[0]]
-        self.timings[name] += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self.timings[name] += seconds
         if not np.isfinite(out).all():
             hint = "" if b.precision == "fp32" else "; try --precision fp32"
             raise NumericsError(f"{name} ({b.precision}) produced NaN/Inf{hint}")
+        if self._hooks:
+            call = ComponentCall(name, {**b.bound, **feeds}, out, seconds)
+            for hook in list(self._hooks):
+                replaced = hook(call)
+                out = out if replaced is None else replaced
         return out
 
     def close(self):
@@ -176,7 +230,7 @@ class Pipeline:
         if self.vae_tiling is None:
             return
         t = self.vae_tiling
-        _, _, h, w = self._latent_shape(req)
+        _, _, h, w = latent_shape(self.manifest.schema, req)
         if not t.applies(h, w):
             return
         lo, hi = self._decoder_latent_range()
@@ -197,7 +251,7 @@ class Pipeline:
         if "attention_mask" in spec.input_names:
             feeds["attention_mask"] = tokens.attention_mask.astype(
                 spec.input("attention_mask").dtype, copy=False)
-        return self._call("text_encoder", feeds), tokens.dropped
+        return self.call_component("text_encoder", feeds), tokens.dropped
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         m = self.manifest.schema
@@ -206,9 +260,10 @@ class Pipeline:
             z = z + np.float32(m.shift_factor)
         z = z.astype(np.float32)
         if self.vae_tiling is None:
-            image = self._call("vae_decoder", {"latent": z})
+            image = self.call_component("vae_decoder", {"latent": z})
         else:
-            image = self.vae_tiling.decode(z, lambda t: self._call("vae_decoder", {"latent": t}))
+            image = self.vae_tiling.decode(
+                z, lambda t: self.call_component("vae_decoder", {"latent": t}))
         # as diffusers' postprocess: [-1, 1] -> [0, 1], clamp, *255, round
         image = np.clip(image / 2 + 0.5, 0.0, 1.0)
         return np.round(image.transpose(0, 2, 3, 1) * 255.0).astype(np.uint8)
@@ -220,7 +275,7 @@ class Pipeline:
 
     def encode_pixels(self, x: np.ndarray, generator) -> np.ndarray:
         """float32 [n, 3, H, W] in [-1, 1] -> scaled latents, sampled from the posterior."""
-        params = self._call("vae_encoder", {"image": np.ascontiguousarray(x, dtype=np.float32)})
+        params = self.call_component("vae_encoder", {"image": np.ascontiguousarray(x, dtype=np.float32)})
         m = self.manifest.schema
         if self.backend("vae_encoder").spec.output_names[0] == DRAWN_LATENT:
             # older Optimum / diffusers' script: the graph drew the latent itself (its own RNG)
@@ -262,35 +317,22 @@ class Pipeline:
                 strength=strength, task=task, mask=mask, noise_level=noise_level)
         if generator is not None and request.seed is not None:
             raise UsageError("give a seed or a generator, not both")
-        return self._run(request, generator or np.random.default_rng(request.seed), progress)
+        return self._run_stages(request, generator or np.random.default_rng(request.seed), progress)
 
-    def _run(self, req: GenerationRequest, gen, progress) -> Result:
+    def _run_stages(self, req: GenerationRequest, gen, progress) -> Result:
+        """The stages: conditioning -> the task's start -> denoise -> decode. Low memory:
+        each stage's sessions are released before the next stage's open."""
         self._check_tiles(req)
         self.timings = defaultdict(float)
         t_start = time.perf_counter()
+        plan = plan_of(req.task).for_request(req)
         sched = make_scheduler(req.scheduler, self.manifest.schema.scheduler)
-        # low memory: each stage's session is released before the next one's opens
-        embeds, dropped = (self._embeddings(req) if self.manifest.has("text_encoder")
-                           else (None, [0] * req.num_images))  # unconditional model
+        cond = self.conditioning.encode(self, req)
         self._release("text_encoder")
-        timesteps = self._timesteps(sched, req)
-        extra = None  # channels concatenated to the U-Net's input (inpainting)
-        if req.mask is not None:
-            lat, extra = self._inpaint_latents(sched, timesteps, req, gen)
-            self._release("vae_encoder")
-        elif req.task == UPSCALE:  # the low-resolution image, noised, concatenated
-            lat, extra = self._upscale_latents(sched, req, gen)
-        elif req.task == SUPER_RESOLUTION:  # the low-resolution image, concatenated
-            from .superres import condition
-
-            lat = self._txt2img_latents(sched, req.latents, req, gen)
-            extra = np.repeat(condition(req.init_image.pixels), lat.shape[0], axis=0)
-        elif req.init_image is not None:
-            lat = self._img2img_latents(sched, req.init_image.pixels, timesteps, req, gen)
-            self._release("vae_encoder")
-        else:
-            lat = self._txt2img_latents(sched, req.latents, req, gen)
-        lat = self._denoise(sched, lat, embeds, timesteps, req, gen, progress, extra)
+        timesteps = plan.timesteps(sched, req)
+        start = plan.start(self, sched, timesteps, req, gen)
+        self._release("vae_encoder")
+        lat = self._denoise(sched, plan, start, cond.feeds, timesteps, req, gen, progress)
         provenance = self._provenance(lat.shape)
         self._release("unet")
         images = self.decode(lat)
@@ -298,96 +340,15 @@ class Pipeline:
         timings = dict(self.timings)
         timings["total"] = time.perf_counter() - t_start
         timings["steps"] = len(timesteps)
-        return Result(images, req, provenance, timings, dropped, lat)
+        return Result(images, req, provenance, timings, cond.dropped, lat)
 
-    def _provenance(self, latent_shape: tuple) -> Provenance:
+    def _provenance(self, shape: tuple) -> Provenance:
         unet, model = self.backend("unet"), self.manifest.schema.model
-        tiling = self.vae_tiling.to_dict(*latent_shape[2:]) if self.vae_tiling else None
+        tiling = self.vae_tiling.to_dict(*shape[2:]) if self.vae_tiling else None
         loras = tuple(self._loras.provenance()) if self._loras is not None else None
         return Provenance(backend=unet.name, precision=unet.precision,
                           model=model.source, model_sha256=model.sha256, vae_tiling=tiling,
                           loras=loras)
-
-    def _embeddings(self, req: GenerationRequest) -> tuple[np.ndarray, list[int]]:
-        n = req.num_images_per_prompt
-        prompts = [q for q in req.prompts for _ in range(n)]
-        negs = [q for q in req.negative_prompts for _ in range(n)]
-        cfg = req.guidance_scale > 1.0
-        emb, dropped = self.encode_text(negs + prompts if cfg else prompts)
-        if cfg:
-            self._warn_truncated("negative prompt", dropped[:len(negs):n])
-            dropped = dropped[len(negs):]
-        self._warn_truncated("prompt", dropped[::n])
-        return emb, dropped[::n]
-
-    def _warn_truncated(self, label: str, dropped: list[int]) -> None:
-        for i, k in enumerate(dropped):
-            if k:
-                log.warning("%s %d is longer than the text encoder's %d tokens: %d token%s dropped",
-                            label, i + 1, self.tokenizer.max_length, k, "s" if k > 1 else "")
-
-    def _timesteps(self, sched, req: GenerationRequest) -> np.ndarray:
-        sched.set_timesteps(req.num_inference_steps)
-        if req.init_image is None or req.strength is None:  # strength None: super-resolution
-            return sched.timesteps
-        n = req.num_inference_steps
-        init_steps = min(int(n * req.strength), n)
-        start = max(n - init_steps, 0) * sched.order
-        if start >= len(sched.timesteps):
-            raise UsageError(f"--strength {req.strength} with {n} steps leaves no step to run; "
-                             f"raise --strength or --steps")
-        sched.set_begin_index(start)
-        return sched.timesteps[start:]
-
-    def _txt2img_latents(self, sched, latents, req: GenerationRequest, gen) -> np.ndarray:
-        shape = self._latent_shape(req)
-        if latents is None:
-            latents = gen.standard_normal(size=shape, dtype=np.float32)
-        return (latents * np.float32(sched.init_noise_sigma)).astype(np.float32)
-
-    def _img2img_latents(self, sched, image, timesteps, req: GenerationRequest, gen) -> np.ndarray:
-        shape = self._latent_shape(req)
-        init = self.encode_image(image, gen)
-        if shape[0] % init.shape[0]:
-            raise UsageError("the number of images must be a multiple of the init images")
-        init = np.concatenate([init] * (shape[0] // init.shape[0]), axis=0)
-        noise = gen.standard_normal(size=shape, dtype=np.float32)
-        t0 = np.repeat(np.asarray(timesteps[:1]), shape[0])
-        return sched.add_noise(init, noise, t0).astype(np.float32)
-
-    def _inpaint_latents(self, sched, timesteps, req: GenerationRequest, gen):
-        """Initial latents (pure noise at strength 1, else the image's, noised) and the mask
-        and masked-image latents, drawn in diffusers' order (runtime/inpaint.py)."""
-        from .inpaint import condition
-
-        if req.strength >= 1.0:
-            lat = self._txt2img_latents(sched, req.latents, req, gen)
-        else:
-            lat = self._img2img_latents(sched, req.init_image.pixels, timesteps, req, gen)
-        mask, masked = condition(req.init_image.pixels, req.mask.pixels,
-                                 int(self.manifest.schema.vae_scale_factor))
-        masked_lat = self.encode_pixels(masked, gen)
-        extra = np.concatenate([mask, masked_lat], axis=1)
-        return lat, np.repeat(extra, lat.shape[0] // extra.shape[0], axis=0).astype(np.float32)
-
-    def _upscale_latents(self, sched, req: GenerationRequest, gen):
-        """The SD x4 upscaler: the low-resolution image noised to ``noise_level`` by its
-        low_res_scheduler (drawn first, as diffusers does), then the initial latents."""
-        from .schedulers import make_scheduler as make
-        from .superres import condition
-
-        low = condition(req.init_image.pixels)
-        noise = gen.standard_normal(size=low.shape, dtype=np.float32)
-        ddpm = make("ddpm", self.manifest.schema.upscaler["low_res_scheduler"])
-        low = ddpm.add_noise(low, noise, np.array([req.noise_level]))
-        lat = self._txt2img_latents(sched, req.latents, req, gen)
-        return lat, np.repeat(low, lat.shape[0], axis=0).astype(np.float32)
-
-    def _latent_shape(self, req: GenerationRequest) -> tuple:
-        m = self.manifest.schema
-        f = int(m.vae_scale_factor)
-        return (req.num_images, int(m.latent_channels), req.height // f,
-                req.width // f)
 
     def _unet_max_batch(self) -> int:
         """Largest batch one U-Net call takes: a fixed engine batch, or the exported range."""
@@ -395,51 +356,44 @@ class Pipeline:
         dim = spec.input("sample").shape[0]
         return dim if isinstance(dim, int) else int(spec.ranges.get("batch", (1, 1 << 30))[1])
 
-    def _unet(self, x, t, t_dtype, embeds, chunk: int, noise_level=None) -> np.ndarray:
-        """One batched call when it fits (embeddings bound once), else several calls.
-        ``noise_level``: the SD x4 upscaler's class label, one per sample."""
-        def more(n):
-            return {} if noise_level is None else {"noise_level": np.full((n,), noise_level,
-                                                                          dtype=np.int64)}
+    def _unet(self, x, t, t_dtype, steady: dict, chunk: int) -> np.ndarray:
+        """One batched call when it fits (``steady``, the inputs that hold for every step,
+        bound once by the loop), else several calls, each with its slice of ``steady``."""
         if chunk >= x.shape[0]:
-            return self._call("unet", {"sample": x, "timestep": np.full((x.shape[0],), t, dtype=t_dtype),
-                                       **more(x.shape[0])})
+            return self.call_component("unet", {
+                "sample": x, "timestep": np.full((x.shape[0],), t, dtype=t_dtype)})
         outs = []
         for s in range(0, x.shape[0], chunk):
             xs = x[s:s + chunk]
             feeds = {"sample": xs, "timestep": np.full((xs.shape[0],), t, dtype=t_dtype),
-                     **more(xs.shape[0])}
-            if embeds is not None:
-                feeds["encoder_hidden_states"] = embeds[s:s + chunk]
-            outs.append(self._call("unet", feeds))
+                     **{k: v[s:s + chunk] for k, v in steady.items()}}
+            outs.append(self.call_component("unet", feeds))
         return np.concatenate(outs)
 
-    def _denoise(self, sched, lat, embeds, timesteps, req, gen, progress,
-                 extra=None) -> np.ndarray:
+    def _denoise(self, sched, plan, start: TaskStart, steady: dict, timesteps, req, gen,
+                 progress) -> np.ndarray:
+        """The loop: the plan makes each step's U-Net input; ``steady`` (the conditioning's
+        inputs) and the plan's own hold for every step."""
         unet = self.backend("unet")
-        cfg = req.guidance_scale > 1.0
         t_dtype = np.dtype(unet.spec.input("timestep").dtype)
         chunk = self._unet_max_batch()
-        if embeds is not None:  # None: a U-Net without cross-attention (unconditional)
-            embeds = embeds.astype(np.float32)
-            if chunk >= embeds.shape[0]:
-                unet.bind({"encoder_hidden_states": embeds})
+        lat = start.latents
+        batch = lat.shape[0] * (2 if req.guided else 1)
+        steady = {**steady, **plan.unet_feeds(req, batch)}
+        if steady and chunk >= batch:
+            unet.bind(steady)
         per_step = []
         t_loop = time.perf_counter()
         if progress is not None:
             progress(0, len(timesteps))  # the run has started: nothing left to refuse
         try:
             for i, t in enumerate(timesteps):
-                x = np.concatenate([lat, lat]) if cfg else lat
-                if extra is not None and req.task == SUPER_RESOLUTION:  # scaled with it
-                    x = np.concatenate([x, extra], 1)
-                x = sched.scale_model_input(x, t).astype(np.float32)
-                if extra is not None and req.task in (INPAINT, UPSCALE):  # after scaling
-                    x = np.concatenate([x, np.concatenate([extra, extra]) if cfg else extra], 1)
+                x = np.concatenate([lat, lat]) if req.guided else lat
+                x = plan.model_input(sched, x, t, start, req.guided)
                 t0 = time.perf_counter()
-                out = self._unet(x, t, t_dtype, embeds, chunk, req.noise_level)
+                out = self._unet(x, t, t_dtype, steady, chunk)
                 per_step.append(time.perf_counter() - t0)
-                if cfg:
+                if req.guided:
                     uncond, text = np.split(out, 2)
                     out = uncond + np.float32(req.guidance_scale) * (text - uncond)
                 lat = sched.step(out, t, lat, generator=gen).astype(np.float32)
@@ -454,3 +408,8 @@ class Pipeline:
 
 def _lora_key(lora_set, component: str) -> str:
     return "" if lora_set is None else lora_set.key(component)
+
+
+def open_bundle_component(manifest: Manifest, name: str, options, lora):
+    """The default component provider: the bundle's graph or engine on the chosen backend."""
+    return open_backend(manifest, name, **options, lora=lora)

@@ -59,17 +59,14 @@ class ServedPipeline(Pipeline):
     components run (onnxruntime, tensorrt or python); python components run onnxruntime."""
 
     def __init__(self, bundle, *, kind: str, precision: str = "fp32"):
-        super().__init__(bundle, backend="onnxruntime", precision=precision, verify=False)
         self.kind = kind
+        super().__init__(bundle, backend="onnxruntime", precision=precision, verify=False,
+                         components=self._served_component)
 
-    def backend(self, name: str):
-        if name not in self._backends:
-            if not self.manifest.has(name):
-                return super().backend(name)  # its one-line "this bundle has no ..." error
-            spec, io_map = interface(self.manifest.component(name))
-            precision = pick_precision(self.manifest, name, self.options["precision"])
-            self._backends[name] = BlsBackend(
-                spec, model=name, precision=precision,
-                name="tensorrt" if self.kind == "tensorrt" else "onnxruntime",
-                io_map={} if self.kind == "python" else io_map)
-        return self._backends[name]
+    def _served_component(self, manifest, name: str, options, lora) -> BlsBackend:
+        """The served model ``name``, called through BLS (a LoRA is the server's business)."""
+        spec, io_map = interface(manifest.component(name))
+        return BlsBackend(spec, model=name,
+                          precision=pick_precision(manifest, name, options["precision"]),
+                          name="tensorrt" if self.kind == "tensorrt" else "onnxruntime",
+                          io_map={} if self.kind == "python" else io_map)

@@ -95,7 +95,7 @@ def test_repeat_calls_and_batch_changes_give_the_same_images(trt_bundle):
     np.testing.assert_array_equal(a, b)
     assert two.shape[0] == 2
     shared = SharedScratch._instance  # text encoder, U-Net, decoder: one scratch area
-    contexts = [b.context for b in pipe._backends.values()]
+    contexts = [b.context for b in pipe.open_components.values()]
     assert len(contexts) == 3 and all(any(c is s for s in shared.contexts) for c in contexts)
     pipe.close()
     assert all(not any(c is s for s in shared.contexts) for c in contexts)

@@ -194,7 +194,7 @@ def test_unet_cosine_holds_at_every_step_of_every_scheduler(int8_bundle):
     ref, var = Pipeline(int8_bundle), Pipeline(int8_bundle, precision="int8")
     fresh = []
     for feeds in calls:
-        a, b = (np.ravel(p._call("unet", feeds)).astype(np.float64) for p in (var, ref))
+        a, b = (np.ravel(p.call_component("unet", feeds)).astype(np.float64) for p in (var, ref))
         fresh.append(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
     assert min(fresh) == pytest.approx(q.per_scheduler["ddim"]["unet_cosine_per_step"][0], abs=1e-6)
 

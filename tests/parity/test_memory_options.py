@@ -10,7 +10,7 @@ from conftest import TorchNoise
 from PIL import Image
 
 from ldm_edge.runtime.compare import psnr
-from ldm_edge.runtime.pipeline import Pipeline
+from ldm_edge.runtime.pipeline import Pipeline, open_bundle_component
 from ldm_edge.runtime.vae_tiling import VaeTiling
 
 # 8-bit PSNR bar of the parity suite: only single-level rounding flips, caused by ~1e-6
@@ -92,21 +92,20 @@ def test_tiled_generation_records_tiling(tiny_bundles):
                                          seed=1).metadata(0)["vae_tiling"] is None
 
 
-def _watch_sessions(pipe: Pipeline) -> list:
-    """Record, at each session opened, how many were open and whether it has an arena."""
-    seen, opener = [], pipe.backend
+def _watched(bundle, **kwargs) -> tuple[Pipeline, list]:
+    """A pipeline recording, at each session it opens, how many are open with it and whether
+    it has an arena and a memory pattern."""
+    seen = []
 
-    def backend(name):
-        new = name not in pipe._backends
-        b = opener(name)
-        if new:
-            opts = b.session.get_session_options()
-            seen.append((name, len(pipe._backends), opts.enable_cpu_mem_arena,
-                         opts.enable_mem_pattern))
+    def provide(manifest, name, options, lora):
+        b = open_bundle_component(manifest, name, options, lora)
+        opts = b.session.get_session_options()
+        seen.append((name, len(pipe.open_components) + 1, opts.enable_cpu_mem_arena,
+                     opts.enable_mem_pattern))
         return b
 
-    pipe.backend = backend
-    return seen
+    pipe = Pipeline(bundle, components=provide, **kwargs)
+    return pipe, seen
 
 
 def _img2img(pipe: Pipeline, init: np.ndarray):
@@ -119,14 +118,13 @@ def test_low_memory_same_picture_one_session_at_a_time(tiny_bundles):
     the pictures are byte-identical; called twice, the sessions are reopened each time."""
     init = np.asarray(Image.new("RGB", (128, 128), (200, 30, 30)), dtype=np.uint8)[None]
     plain = Pipeline(tiny_bundles["sd1"])
-    low = Pipeline(tiny_bundles["sd1"], low_memory=True)
-    seen = _watch_sessions(low)
+    low, seen = _watched(tiny_bundles["sd1"], low_memory=True)
     for _ in range(2):
         a = plain("a red cat", num_inference_steps=STEPS, seed=4)
         b = low("a red cat", num_inference_steps=STEPS, seed=4)
         assert np.array_equal(a.images, b.images)
         assert a.metadata(0) == b.metadata(0)
-        assert low._backends == {}  # everything released after the run
+        assert dict(low.open_components) == {}  # everything released after the run
     assert [s[0] for s in seen] == ["text_encoder", "unet", "vae_decoder"] * 2
     assert all(s[1:] == (1, 0, 0) for s in seen), seen  # one open, arena and pattern off
     seen.clear()

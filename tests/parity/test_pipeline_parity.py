@@ -94,11 +94,32 @@ def test_fixed_batch_unet_runs_guidance_as_two_calls(tiny_bundles, runtimes, tmp
     (b / "manifest.json").write_text(json.dumps(m))
     fixed = Pipeline(b)
     calls = []
-    real = fixed._call
-    fixed._call = lambda name, feeds: (calls.append((name, feeds["sample"].shape[0]))
-                                       if name == "unet" else None, real(name, feeds))[1]
+    fixed.add_call_hook(lambda c: calls.append((c.name, c.feeds["sample"].shape[0]))
+                        if c.name == "unet" else None)
     lat = latents_for(4)
     a = runtimes["sd1"](PROMPT, num_inference_steps=4, scheduler="euler", latents=lat)
     b_ = fixed(PROMPT, num_inference_steps=4, scheduler="euler", latents=lat)
     assert calls == [("unet", 1)] * 8
     assert psnr(b_.images, a.images) >= MIN_PSNR_DB
+
+
+def test_call_hooks_see_every_call_and_may_replace_an_output(tiny_bundles):
+    """The public seam calibration capture, the quality check and the benchmarks use: a hook
+    sees each call's whole inputs (bound ones too); a returned array replaces the output;
+    removed, it has no effect. ``options`` cannot be changed behind the sessions' back."""
+    pipe = Pipeline(tiny_bundles["sd1"])
+    seen = []
+    remove = pipe.add_call_hook(lambda c: seen.append((c.name, set(c.feeds), c.seconds > 0)))
+    a = pipe(PROMPT, num_inference_steps=2, scheduler="ddim", seed=1)
+    remove()
+    assert [s[0] for s in seen] == ["text_encoder", "unet", "unet", "vae_decoder"]
+    assert {"sample", "timestep", "encoder_hidden_states"} <= seen[1][1]  # the bound one too
+    assert all(s[2] for s in seen)
+    zero = pipe.add_call_hook(lambda c: np.zeros_like(c.output) if c.name == "unet" else None)
+    b = pipe(PROMPT, num_inference_steps=2, scheduler="ddim", seed=1)
+    zero()
+    c = pipe(PROMPT, num_inference_steps=2, scheduler="ddim", seed=1)
+    assert not np.array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.images, c.images)
+    with pytest.raises(TypeError):
+        pipe.options["precision"] = "int8"
