@@ -30,9 +30,8 @@ def _feeds(manifest, spec) -> dict:
 
     d = manifest.schema.defaults
     f = int(manifest.schema.vae_scale_factor)
-    sizes = {"batch": 2, "latent_height": int(d.get("height", 512)) // f,
-             "latent_width": int(d.get("width", 512)) // f,
-             "height": int(d.get("height", 512)), "width": int(d.get("width", 512))}
+    sizes = {"batch": 2, "latent_height": d.height // f, "latent_width": d.width // f,
+             "height": d.height, "width": d.width}
     rng = np.random.default_rng(0)
     feeds = {}
     for t in spec.inputs:

@@ -45,8 +45,8 @@ def make_feeds(manifest, batch: int, height: int | None, width: int | None) -> d
     m = manifest.schema
     unet = m.components["unet"]
     f = int(m.vae_scale_factor)
-    h = (height or int(m.defaults.get("height", 512))) // f
-    w = (width or int(m.defaults.get("width", 512))) // f
+    h = (height or m.defaults.height) // f
+    w = (width or m.defaults.width) // f
     rng = np.random.default_rng(0)
     feeds = {}
     for t in spec.inputs:

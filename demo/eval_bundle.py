@@ -23,7 +23,7 @@ DEFAULT_BUNDLE = "out/demo-bundle"
 def _latents(m, k: int, seed: int) -> np.ndarray:
     """Initial latents for ``k`` images at the bundle's default size (``m``: a BundleManifest)."""
     f, d = int(m.vae_scale_factor), m.defaults
-    shape = (k, int(m.latent_channels), int(d.get("height", 64)) // f, int(d.get("width", 64)) // f)
+    shape = (k, int(m.latent_channels), d.height // f, d.width // f)
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
@@ -35,7 +35,7 @@ def evaluate_bundle(bundle, precision: str = "fp32", n: int = 200, steps: int = 
     from ldm_edge.runtime.pipeline import Pipeline
 
     pipe = Pipeline(bundle, precision=precision)
-    g = guidance if guidance is not None else float(pipe.manifest.schema.defaults.get("guidance_scale", 5.0))
+    g = guidance if guidance is not None else float(pipe.manifest.schema.defaults.guidance_scale)
     torch_pipe = _diffusers_pipe() if reference == "diffusers" else None
     pairs = heldout_prompts(n, seed)
     prompts = [p for p, _ in pairs]

@@ -80,7 +80,7 @@ class BundleDrawer:
         check_runtime_lora()
         self.pipe = Pipeline(bundle) if lora is None else Pipeline(
             bundle, loras=[(str(lora[0]), float(lora[1]))])
-        self.guidance = float(self.pipe.manifest.schema.defaults.get("guidance_scale", 5.0))
+        self.guidance = float(self.pipe.manifest.schema.defaults.guidance_scale)
 
     def __call__(self, prompts: list[str], lat: np.ndarray, steps: int) -> list[np.ndarray]:
         r = self.pipe(prompts, num_inference_steps=steps, guidance_scale=self.guidance,

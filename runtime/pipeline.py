@@ -211,8 +211,7 @@ class Pipeline:
         f = int(m.vae_scale_factor)
         lo, hi = self._decoder_latent_range()
         if tile_size is None:
-            tile_size = min(max(int(m.defaults.get("height", 0)), int(m.defaults.get("width", 0)),
-                                lo * f), hi * f)
+            tile_size = min(max(m.defaults.height, m.defaults.width, lo * f), hi * f)
         tile_size = validate.vae_tile_size(tile_size, f, lo * f, hi * f)
         return VaeTiling(tile_size, DEFAULT_OVERLAP if overlap is None else float(overlap),
                          f).check()

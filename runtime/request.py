@@ -16,8 +16,8 @@ import numpy as np
 
 from . import validate
 from .errors import UsageError
-from .inputs import (FALLBACK_GUIDANCE, FALLBACK_SIZE, FALLBACK_STEPS,  # noqa: F401 - re-exported
-                     BundleDefaults, InitImage, default_scheduler_name, frozen, sha256_of)
+from .inputs import InitImage, frozen, sha256_of
+from .schema import BundleManifest, DefaultsRecord
 from .tasks import TEXT_TO_IMAGE, plan_of, run_task
 from .tasks.base import DEFAULT_STRENGTH  # noqa: F401 - re-exported
 from .tasks.inpaint import INPAINT_STRENGTH  # noqa: F401 - re-exported
@@ -25,6 +25,66 @@ from .tasks.upscale import UPSCALE_SIDE_MULTIPLE  # noqa: F401 - re-exported
 
 # a drawn seed (none given) fits 32 bits, so it is easy to read off a PNG and type back in
 DRAWN_SEED_BITS = 32
+
+# what a manifest without "defaults" gets (schema.DefaultsRecord, the one place it is said)
+FALLBACK = DefaultsRecord()
+FALLBACK_SIZE, FALLBACK_STEPS, FALLBACK_GUIDANCE = (FALLBACK.height, FALLBACK.num_inference_steps,
+                                                    FALLBACK.guidance_scale)
+
+
+def default_scheduler_name(config: dict) -> str:
+    """The runtime name of the scheduler the model was saved with (falls back to ddim)."""
+    from .schedulers import SCHEDULERS
+
+    cls = config.get("_class_name")
+    for name, sched in SCHEDULERS.items():
+        if sched.diffusers_class == cls:
+            if name.startswith("dpm++2m"):
+                return "dpm++2m-karras" if config.get("use_karras_sigmas") else "dpm++2m"
+            return name
+    return "ddim"
+
+
+@dataclass(frozen=True)
+class BundleDefaults:
+    """What resolving a request needs from a bundle: its defaults and its exported limits."""
+
+    height: int = FALLBACK_SIZE
+    width: int = FALLBACK_SIZE
+    num_inference_steps: int = FALLBACK_STEPS
+    guidance_scale: float = FALLBACK_GUIDANCE
+    scheduler: str = "ddim"
+    size_multiple: int = 8
+    min_size: int = 8
+    max_size: int = 1 << 16
+    max_batch: int = 1 << 16
+    vae_scale_factor: int = 8
+    latent_channels: int = 4
+    task: str | None = None  # the bundle's (runtime/tasks/); None: text-to-image
+    max_noise_level: int | None = None  # the SD x4 upscaler's
+    default_noise_level: int | None = None
+
+    @classmethod
+    def from_manifest(cls, manifest: BundleManifest) -> "BundleDefaults":
+        """From a bundle's typed manifest (the one place that reads it for a request)."""
+        d, dims = manifest.defaults, manifest.dims
+        return cls(height=d.height, width=d.width, num_inference_steps=d.num_inference_steps,
+                   guidance_scale=float(d.guidance_scale),
+                   scheduler=default_scheduler_name(manifest.scheduler),
+                   size_multiple=manifest.multiple, min_size=manifest.min_size,
+                   max_size=dims.max_size, max_batch=dims.max_batch,
+                   vae_scale_factor=int(manifest.vae_scale_factor),
+                   latent_channels=int(manifest.latent_channels), task=manifest.task,
+                   **_noise_levels(manifest.upscaler))
+
+
+def _noise_levels(upscaler: dict | None) -> dict:
+    if not upscaler:
+        return {}
+    return {"max_noise_level": int(upscaler.get("max_noise_level", 350)),
+            "default_noise_level": int(upscaler.get("default_noise_level", 20))}
+
+
 
 
 @dataclass(frozen=True)

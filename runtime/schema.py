@@ -362,6 +362,49 @@ QUALITY_RECORDS = {"int8": Int8QualityRecord}
 
 
 # -- the manifest -----------------------------------------------------------------------------
+class _GivenKeys(Record):
+    """A record that writes back the keys it was given (read from JSON or passed as a dict),
+    never its fallbacks: a manifest that lacks a key keeps lacking it."""
+
+    @classmethod
+    def of(cls, d) -> "_GivenKeys":
+        """From a JSON object or a dict built in code (an existing record passes through)."""
+        return d if isinstance(d, cls) else cls._from(dict(d or {}))
+
+    def _written(self, name: str, value) -> bool:
+        return name in (self.read_keys or ())
+
+    def __bool__(self) -> bool:
+        return bool(self.read_keys)
+
+
+@dataclass
+class DefaultsRecord(_GivenKeys):
+    """The model's generation defaults. A key the manifest lacks reads as the SD 1.x/2.x
+    pipelines' own default: these field defaults are the one fallback."""
+
+    height: int = 512
+    width: int = 512
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+
+
+@dataclass
+class DimsRecord(_GivenKeys):
+    """The dimensions the components were exported for (spec.ModelDims.asdict()). Absent
+    limits read as none (1 << 16); an absent min_size as the size multiple
+    (``BundleManifest.min_size``)."""
+
+    latent_channels: int | None = None
+    vae_scale_factor: int | None = None
+    text_hidden_size: int | None = None
+    text_max_length: int | None = None
+    use_attention_mask: bool | None = None
+    min_size: int | None = None
+    max_size: int = 1 << 16
+    max_batch: int = 1 << 16
+
+
 @dataclass
 class BundleManifest(Record):
     """manifest.json."""
@@ -385,8 +428,8 @@ class BundleManifest(Record):
     scaling_factor: float = 0.18215
     shift_factor: float | None = None
     size_multiple: int | None = None
-    dims: dict = field(default_factory=dict)  # ModelDims.asdict(): the exported ranges
-    defaults: dict = field(default_factory=dict)  # height, width, guidance_scale, steps
+    dims: DimsRecord = field(default_factory=DimsRecord)  # the exported ranges
+    defaults: DefaultsRecord = field(default_factory=DefaultsRecord)
     # None for a model that takes no prompt (tasks.PROMPTLESS)
     tokenizer: TokenizerRecord | None = field(default_factory=TokenizerRecord)
     scheduler: dict = field(default_factory=dict)  # as diffusers writes it
@@ -424,12 +467,26 @@ class BundleManifest(Record):
         quality = _object(d.get("quality", {}), "quality")
         return cls._from(
             d, model=ModelRecord.from_json(d["model"]),
+            dims=DimsRecord.of(d.get("dims")), defaults=DefaultsRecord.of(d.get("defaults")),
             tokenizer=TokenizerRecord.from_json(d["tokenizer"]) if "tokenizer" in d else None,
             components={n: ComponentRecord.from_json(n, r) for n, r in comps.items()},
             quality={p: QUALITY_RECORDS.get(p, QualityRecord).from_json(q, f"quality.{p}")
                      for p, q in quality.items()})
 
+    def __post_init__(self):  # writers may pass plain dicts (ModelDims.asdict(), defaults)
+        self.dims, self.defaults = DimsRecord.of(self.dims), DefaultsRecord.of(self.defaults)
+
+    def _written(self, name: str, value) -> bool:
+        if name in ("dims", "defaults") and not value:
+            return name in (self.read_keys or ())  # absent stays absent
+        return super()._written(name, value)
+
     # -- what readers ask ---------------------------------------------------------------------
+    @property
+    def min_size(self) -> int:
+        """The smallest image side the components were exported for."""
+        return self.dims.min_size or self.multiple
+
     @property
     def multiple(self) -> int:
         """Image sides must be multiples of this many pixels."""

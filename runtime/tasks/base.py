@@ -9,7 +9,8 @@ The pipeline runs a plan's stages in order and never asks which task it runs:
     plan.unet_feeds(req, batch)                     -> U-Net inputs that hold for every step
     plan.model_input(sched, x, t, start, guided)    -> the U-Net's "sample" at step t
 
-The defaults here are text-to-image's; a task overrides what it does differently.
+The defaults here are text-to-image's; a task overrides what it does differently. ``bundle``
+arguments are request.BundleDefaults (what a request needs from the manifest).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 from .. import validate
 from ..errors import UsageError
-from ..inputs import BundleDefaults, InitImage
+from ..inputs import InitImage
 from ..spec import ComponentSpec
 
 # diffusers' StableDiffusionImg2ImgPipeline default: redraw 80 % of the schedule
@@ -126,11 +127,11 @@ class TaskPlan:
         return specs
 
     # -- the request ----------------------------------------------------------------
-    def noise_level(self, value, bundle: BundleDefaults) -> int | None:
+    def noise_level(self, value, bundle) -> int | None:
         refuse_noise_level(value)
         return None
 
-    def size(self, bundle: BundleDefaults, height, width, init_image, strength, mask
+    def size(self, bundle, height, width, init_image, strength, mask
              ) -> tuple[int, int]:
         """(height, width) of the output, checked."""
         limits = (bundle.size_multiple, bundle.min_size, bundle.max_size)
@@ -138,7 +139,7 @@ class TaskPlan:
         w = validate.size("width", bundle.width if width is None else width, *limits)
         return h, w
 
-    def start_inputs(self, bundle: BundleDefaults, init_image, mask, strength, latents,
+    def start_inputs(self, bundle, init_image, mask, strength, latents,
                      h: int, w: int) -> StartInputs:
         """Text-to-image (no init image) or, with one, image-to-image."""
         if mask is not None:

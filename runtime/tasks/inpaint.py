@@ -62,7 +62,7 @@ class Inpaint(TaskPlan):
         return join_after_scaling(sched, x, t, start.image_cond, guided)
 
     def stand_in(self, schema, label, index):
-        h, w = int(schema.defaults["height"]), int(schema.defaults["width"])
+        h, w = schema.defaults.height, schema.defaults.width
         return {"prompt": label, "init_image": synthetic_image(index, h, w),
                 "mask": centre_mask(h, w)}
 

@@ -26,5 +26,5 @@ def centre_mask(height: int, width: int) -> np.ndarray:
 def low_res_side(schema, key: str, multiple: int) -> int:
     """The side of a stand-in low-resolution image: the bundle's default output side over the
     upscaling factor, rounded up to ``multiple``."""
-    side = int(schema.defaults.get(key, 256)) // int(schema.vae_scale_factor)
+    side = int(getattr(schema.defaults, key)) // int(schema.vae_scale_factor)
     return max(multiple, -(-side // multiple) * multiple)

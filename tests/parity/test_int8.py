@@ -244,7 +244,7 @@ def test_calibrated_and_checked_at_the_size_asked_for(bundle):
     _check_recorded(bundle, q, size=(48, 48))
     native = open_bundle(bundle).schema.defaults
     assert int8.make_int8(bundle, PROMPTS[:1], calib_steps=2, schedulers=[OWN], progress=_quiet) \
-        .components["unet"].variants["int8"].calibration["size"] == [native["height"], native["width"]]
+        .components["unet"].variants["int8"].calibration["size"] == [native.height, native.width]
 
 
 def test_seven_bit_weights_keep_the_integer_kernels(int8_bundle, tmp_path):

@@ -65,6 +65,22 @@ def test_unknown_keys_survive_and_absent_ones_stay_absent():
     assert m.to_json() == d
 
 
+def test_defaults_and_dims_are_typed_and_absent_keys_read_as_the_one_fallback():
+    d = load("manifest_v1_sd1.json")
+    d["defaults"] = {"height": 64}
+    d["dims"] = {"max_size": 256}
+    m = BundleManifest.from_json(copy.deepcopy(d))
+    assert (m.defaults.height, m.defaults.width, m.defaults.guidance_scale) == (64, 512, 7.5)
+    assert (m.dims.max_size, m.dims.max_batch, m.min_size) == (256, 1 << 16, m.multiple)
+    assert m.to_json() == d  # the fallbacks are read, never written
+    del d["defaults"], d["dims"]
+    m = BundleManifest.from_json(copy.deepcopy(d))
+    assert m.defaults.num_inference_steps == 25 and m.to_json() == d
+    built = BundleManifest(defaults={"height": 96, "width": 64}, dims={"min_size": 32})
+    assert built.to_json()["defaults"] == {"height": 96, "width": 64}
+    assert built.to_json()["dims"] == {"min_size": 32} and built.min_size == 32
+
+
 def test_records_built_in_code_write_what_the_exporters_wrote():
     v = VariantRecord(file="u.onnx", kept_float_units=[], excluded_nodes={})
     assert v.to_json() == {"file": "u.onnx", "files": [], "excluded_nodes": {},
