@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from ldm_edge.runtime.errors import first_line
+from ldm_edge.runtime.tasks import SUPER_RESOLUTION, TEXT_TO_IMAGE, UNCONDITIONAL
 
 from .model_facts import LoadedModel, ModelLoadError, check_unet, hash_files, tokenizer_facts
 
@@ -27,9 +28,9 @@ LDM_UNCOND = "LDMPipeline"
 LDM_SR = "LDMSuperResolutionPipeline"
 # what each layout needs, and the family and task it is recorded as
 LAYOUTS = {
-    LDM_TEXT: (("bert", "tokenizer", "unet", "vqvae", "scheduler"), "ldm-bert", "text-to-image"),
-    LDM_UNCOND: (("unet", "vqvae", "scheduler"), "ldm-uncond", "unconditional"),
-    LDM_SR: (("unet", "vqvae", "scheduler"), "ldm-sr", "super-resolution"),
+    LDM_TEXT: (("bert", "tokenizer", "unet", "vqvae", "scheduler"), "ldm-bert", TEXT_TO_IMAGE),
+    LDM_UNCOND: (("unet", "vqvae", "scheduler"), "ldm-uncond", UNCONDITIONAL),
+    LDM_SR: (("unet", "vqvae", "scheduler"), "ldm-sr", SUPER_RESOLUTION),
 }
 # LDMTextToImagePipeline pads and truncates prompts to 77 tokens whatever the tokenizer says
 LDM_TEXT_MAX_LENGTH = 77

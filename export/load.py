@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from ldm_edge.runtime.errors import first_line
+from ldm_edge.runtime.tasks import INPAINT, UPSCALE
 
 # LoadedModel, ModelLoadError and hash_files are imported from here by the rest of export/
 from .model_facts import (LoadedModel, ModelLoadError, check_unet, family_of,  # noqa: F401
@@ -91,7 +92,7 @@ def _load_folder(p: Path) -> LoadedModel:
         family=family_of(unet, text_encoder, sched), text_encoder=text_encoder.eval(),
         unet=unet.eval(), vae=vae.eval(), use_attention_mask=uses_attention_mask(text_encoder),
         scheduler_config=sched, defaults=model_defaults(unet, vae, sched),
-        task="upscale" if upscale else ("inpaint" if inpaint else None),
+        task=UPSCALE if upscale else (INPAINT if inpaint else None),
         upscaler=_upscaler(p, index) if upscale else None, **tokenizer_facts(tokenizer, text_encoder))
 
 
