@@ -58,7 +58,7 @@ gpu-check: install
 	$(BIN)/python benchmarks/gpu_check.py --out $(OUT)/gpu-check
 
 # Triton serving: a separate venv for the server's Python models (numpy<2: the Python-backend
-# stub of the nvidia-pytriton wheel fails every request with numpy 2; README "Serving")
+# stub of the nvidia-pytriton wheel fails every request with numpy 2; docs/serving.md)
 SERVE_VENV  := .venv-serve
 SERVE_STAMP := $(SERVE_VENV)/.installed
 

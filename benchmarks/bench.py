@@ -53,7 +53,7 @@ def candidates(model: dict) -> list[tuple[str, list[str]]]:
 
 
 # What the benchmark's own INT8 variant is calibrated on when the bundle has none: the
-# README's SD1.5 figures use these; one scheduler checked (DDIM, what the benchmark runs)
+# docs/benchmarks.md's SD1.5 figures use these; one scheduler checked (DDIM, what the benchmark runs)
 # keeps `make bench QUICK=1` within its budget.
 INT8_ARGS = ["--num-prompts", "4", "--calib-steps", "8", "--schedulers", "ddim"]
 

@@ -1,5 +1,5 @@
 """FP16 vs FP32 end to end on the tiny unconditional LDM (VQ-f4) model, per seed and step
-count: where a VQ decoder meets FP16 rounding (README, "The LDM paper's own models").
+count: where a VQ decoder meets FP16 rounding (docs/paper-models.md).
 
     python benchmarks/ldm_fp16_seeds.py [--steps 8 10 25] [--seeds 0 1 2]
 

@@ -74,7 +74,7 @@ def summary(m) -> str:
 @click.option("--weight-bits", type=click.Choice(["7", "8"]), default="7", show_default=True,
               help="7: weights within -63..63, which onnxruntime's INT8 kernels on CPUs "
                    "without VNNI (AVX2-only) cannot saturate, so one graph serves both kinds; "
-                   "8: full range, for VNNI CPUs and GPUs only. See the README's INT8 section.")
+                   "8: full range, for VNNI CPUs and GPUs only. See docs/precision.md, INT8.")
 @click.option("--size", type=click.IntRange(8, 8192), default=None,
               help="Square image side (pixels) to calibrate and check at: the size you deploy "
                    "(default: the model's own size).")

@@ -5,7 +5,7 @@ Sapphire Rapids machine this project measures on that was slower than FP32 and l
 accurate (max-abs 0.04 on the SD1.5 U-Net), so every graph is compiled with
 ``INFERENCE_PRECISION_HINT = "f32"``: OpenVINO may not lower the graph's float work below
 what the graph itself says. ``tests/parity/test_openvino.py`` checks the picture against
-onnxruntime's; the README's benchmark section has its speed.
+onnxruntime's; docs/benchmarks.md has its speed.
 """
 
 from __future__ import annotations

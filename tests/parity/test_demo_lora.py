@@ -29,7 +29,7 @@ MAX_BYTES = 1 << 20  # issue #12: the committed LoRA stays under 1 MB
 # combinations x 2 templates x these 2 latents (56 draws): the position read 'top center' with
 # the LoRA and 'center' without in every one; the shape read wrong once with the LoRA ("purple
 # circle, top center, gray background", second latent: a square), which is why that prompt,
-# tried first, is not here (eval_lora --n 100: shape 94 % with the LoRA, README).
+# tried first, is not here (eval_lora --n 100: shape 94 % with the LoRA, docs/lora.md).
 PROMPTS = ["a blue triangle in the top center on a white background",
            "cyan circle, top center, gray background"]
 SEED = 0

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(default_source() is None,
                                 reason="demo weights not in this checkout (make train-demo)")
 
 MIN_PSNR_DB = 50.0  # same bar as the tiny models: FP32 vs FP32, only op order differs
-# The trained model reads right on 100 % of 200 held-out prompts (README); 6 of 8 leaves room
+# The trained model reads right on 100 % of 200 held-out prompts (docs/demo-model.md); 6 of 8 leaves room
 # for the sample's luck while still failing a broken pipeline (random weights score ~1 %).
 MIN_HITS_OF_8 = 6
 

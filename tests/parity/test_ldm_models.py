@@ -35,7 +35,7 @@ SCHEDULERS = {"ddim": "DDIMScheduler", "dpm++2m": "DPMSolverMultistepScheduler"}
 
 
 def report(what: str, value: float) -> None:
-    """The measured figure, for the README (`pytest ... -s | grep "PSNR "`)."""
+    """The measured figure, for docs/paper-models.md (`pytest ... -s | grep "PSNR "`)."""
     print(f"\nPSNR {what}: {value:.1f} dB")
 
 

@@ -8,7 +8,7 @@ signatures) and add only the calls LoRA makes, each present in TensorRT 10.3 and
 ``Refitter(engine, logger)``, ``set_named_weights``, ``get_missing_weights``,
 ``refit_cuda_engine``, ``Weights``; and Polygraphy's ``PostprocessNetwork`` /
 ``PostprocessConfig``. Real engines are refitted by tests/gpu/test_tensorrt_lora_gpu.py,
-where a GPU with TensorRT is present (it has not run yet: see the README).
+where a GPU with TensorRT is present (it has not run yet: see docs/tensorrt.md).
 """
 
 from __future__ import annotations
