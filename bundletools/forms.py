@@ -20,13 +20,13 @@ import numpy as np
 
 from ldm_edge.runtime.compare import Comparison, compare, summarise
 from ldm_edge.runtime.errors import BundleError, first_line
-from ldm_edge.runtime.schema import BundleManifest, FormRecord, VariantRecord, edit_manifest, read_manifest_json
+from ldm_edge.runtime.schema import BundleManifest, FormRecord, VariantRecord, read_manifest_json
 from ldm_edge.runtime.sessions import SessionFromOnnx
 from ldm_edge.runtime.spec import ComponentSpec
 
 from .files import file_record
 from .fused_attention import fuse_attention
-from .save import save_graph
+from .variant_txn import VariantTransaction
 
 log = logging.getLogger(__name__)
 
@@ -131,14 +131,18 @@ def check_form(plain: Path, form: Path, spec: ComponentSpec, precision: str,
 
 def make_form(root: Path, spec: ComponentSpec, variant: VariantRecord, precision: str, *,
               height: int, width: int, factor: int, num_heads: int | None = None,
-              threads: int = 0, reference: Path | None = None) -> FormRecord | None:
+              threads: int = 0, reference: Path | None = None,
+              txn: VariantTransaction | None = None) -> FormRecord | None:
     """Write, check and describe the ``ort-mha`` form of one variant in bundle folder ``root``.
     None (nothing left on disk) when the graph has no attention to fuse or the form fails its
     check (logged with why). ``num_heads`` overrides the graph's (the tests' broken rewrite).
-    ``reference``: the FP32 graph an INT8 form is measured against (``check_form``)."""
+    ``reference``: the FP32 graph an INT8 form is measured against (``check_form``).
+    ``txn``: the transaction that commits the record (its files are deleted if it does not);
+    without one the caller keeps the files (export writes into a staged folder)."""
     import onnx
 
     root = Path(root)
+    txn = txn or VariantTransaction(root)
     plain = root / variant.file
     proto = onnx.load(str(plain), load_external_data=False)
     fused, softmaxes = fuse_attention(proto, num_heads=num_heads)
@@ -147,7 +151,7 @@ def make_form(root: Path, spec: ComponentSpec, variant: VariantRecord, precision
     if not fused:
         return None
     dest = root / form_name(variant.file)
-    written = save_graph(proto, dest)
+    written = txn.save(proto, dest)
     del proto
     try:
         results, extra = check_form(plain, dest, spec, precision,
@@ -158,8 +162,7 @@ def make_form(root: Path, spec: ComponentSpec, variant: VariantRecord, precision
     else:
         why = None if all(results) else str(max(results, key=lambda r: (not bool(r), r.max_abs)))
     if why is not None:
-        for p in written:
-            p.unlink(missing_ok=True)
+        txn.discard(written)
         log.warning("%s (%s): the %s form fails its check (%s); not written",
                     spec.name, precision, FORM, why)
         return None
@@ -175,38 +178,38 @@ def add_fused_forms(bundle: str | Path, precision: str = "fp32", components=None
                     threads: int = 0) -> dict[str, FormRecord | None]:
     """Add the ``ort-mha`` form to each ``precision`` variant of ``bundle`` that has attention;
     return component -> its form record (None: no attention, or it failed its check). The
-    forms' files are written first, the manifest last (atomically)."""
+    forms' files are written first, the manifest last (atomically); on an exception the
+    files written are deleted (``VariantTransaction``)."""
     root = Path(bundle)
     manifest = read_manifest_json(root)
     made = {}
-    for name in components or ATTENTION_COMPONENTS:
-        comp = manifest.components.get(name)
-        if comp is None or precision not in comp.variants:
-            continue
-        fp32 = comp.variants.get("fp32")
-        made[name] = make_form(root, comp.spec, comp.variants[precision], precision,
-                               threads=threads, **default_size(manifest),
-                               reference=root / fp32.file if fp32 else None)
+    with VariantTransaction(root) as txn:
+        for name in components or ATTENTION_COMPONENTS:
+            comp = manifest.components.get(name)
+            if comp is None or precision not in comp.variants:
+                continue
+            fp32 = comp.variants.get("fp32")
+            made[name] = make_form(root, comp.spec, comp.variants[precision], precision,
+                                   threads=threads, **default_size(manifest),
+                                   reference=root / fp32.file if fp32 else None, txn=txn)
 
-    def record(m: BundleManifest):
-        for name, form in made.items():
-            forms = m.components[name].variants[precision].forms
-            if form is not None:
-                forms[FORM] = form
-            else:
-                forms.pop(FORM, None)
+        def record(m: BundleManifest):
+            for name, form in made.items():
+                forms = m.components[name].variants[precision].forms
+                if form is not None:
+                    forms[FORM] = form
+                else:
+                    forms.pop(FORM, None)
 
-    if any(f is not None for f in made.values()):
-        edit_manifest(root, record)
+        if any(f is not None for f in made.values()):
+            txn.commit(edit=record)
     return made
 
 
 def default_size(m: BundleManifest) -> dict:
-    """The check's default size from the manifest: its defaults, else the smallest size."""
+    """The check's default size from the manifest: its defaults (schema.DefaultsRecord)."""
     factor = int(m.vae_scale_factor)
-    lowest = int((m.dims or {}).get("min_size", 8 * factor))
-    d = m.defaults or {}
-    h, w = int(d.get("height", lowest)), int(d.get("width", lowest))
+    h, w = int(m.defaults.height), int(m.defaults.width)
     if h % factor or w % factor:
         raise BundleError(f"manifest defaults {h}x{w} are not multiples of {factor}")
     return {"height": h, "width": w, "factor": factor}

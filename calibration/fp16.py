@@ -18,14 +18,15 @@ import numpy as np
 from ldm_edge.bundletools.files import file_record
 from ldm_edge.bundletools.forms import add_fused_forms
 from ldm_edge.bundletools.quality import end_to_end_psnr, schedulers_to_check
+# fp16.save_graph: the tests save to_fp16's graphs with it
+from ldm_edge.bundletools.save import save_graph  # noqa: F401
 from ldm_edge.bundletools.task_inputs import labels
-from ldm_edge.bundletools.save import save_graph
+from ldm_edge.bundletools.variant_txn import VariantTransaction
 from ldm_edge.runtime.compare import compare
 from ldm_edge.runtime.errors import ExportError, first_line
 from ldm_edge.runtime.bundle import open_bundle
 from ldm_edge.runtime.manifest import Manifest
-from ldm_edge.runtime.schema import (BundleManifest, QualityRecord, VariantRecord,
-                                     edit_manifest, read_manifest_json)
+from ldm_edge.runtime.schema import BundleManifest, QualityRecord, VariantRecord, read_manifest_json
 from ldm_edge.runtime.sessions import SessionFromOnnx
 from ldm_edge.runtime.tasks import takes_prompt
 
@@ -152,15 +153,16 @@ def worst_cosine(fp16_path: Path, fp32_path: Path, samples: list[dict]):
     return min(results, key=lambda r: (bool(r), r.cosine))
 
 
-def convert_component(manifest: Manifest, name: str, samples: list[dict],
-                      progress) -> VariantRecord | None:
-    """Write ``<name>.fp16.onnx`` at the first island level that passes; None if none does."""
+def convert_component(manifest: Manifest, name: str, samples: list[dict], progress,
+                      txn: VariantTransaction) -> VariantRecord | None:
+    """Write ``<name>.fp16.onnx`` at the first island level that passes (its files ``txn``'s);
+    None (nothing left on disk) if none does."""
     fp32 = manifest.variant(name, "fp32").path
     comp = manifest.component(name)
     feeds = [{comp.graph_name(k): v for k, v in s.items()} for s in samples]
     dest = manifest.root / f"{name}.fp16.onnx"
     for level, ops in ISLAND_LEVELS:
-        files = save_graph(to_fp16(fp32, ops), dest)
+        files = txn.save(to_fp16(fp32, ops), dest)
         try:
             res = worst_cosine(dest, fp32, feeds)
         except Exception as e:  # the converter made a graph onnxruntime rejects
@@ -174,8 +176,7 @@ def convert_component(manifest: Manifest, name: str, samples: list[dict],
                 islands=level, fp32_nodes=list(ALWAYS_FP32_NODES),
                 parity={**res.to_json(), "reference": "onnxruntime fp32", "passed": True,
                         "samples": len(feeds), "min_cosine": FP16_MIN_COSINE})
-        for p in files:
-            p.unlink(missing_ok=True)
+        txn.discard(files)
     return None
 
 
@@ -206,49 +207,36 @@ def make_fp16(bundle, prompts: list[str] | None = None, steps: int = 10,
     records = capture(bundle, prompts, steps=steps)
     if manifest.has("vae_encoder"):
         records["vae_encoder"] = encoder_samples(manifest, records)
-    if any("fp16" in manifest.precisions(n) for n in manifest.component_names):
-        edit_manifest(bundle, _drop_fp16)  # its files are about to be replaced
-    variants: dict[str, VariantRecord] = {}
-    try:
-        for name in manifest.component_names:
-            variant = convert_component(manifest, name, pick_samples(records[name]), progress)
-            if variant is None and name == "unet":
-                raise ExportError("the U-Net does not run in FP16 even with norms and softmax in "
-                                  "FP32; keep using --precision fp32")
-            if variant is None:
-                progress(f"{name}: stays FP32 (overflows or loses accuracy in FP16)")
-            else:
-                variants[name] = variant
-        pending = open_bundle(bundle, verify=False).schema
-        _add_fp16(pending, variants)
+    with VariantTransaction(bundle) as txn:
+        txn.forget("fp16")  # its files are about to be replaced
+        converted = _convert_all(manifest, records, progress, txn)
         # the model's own sampler only: FP16's error is far below any sampler's sensitivity
-        q = end_to_end_psnr(Manifest(bundle, pending), "fp16", prompts[:2], steps=steps,
+        q = end_to_end_psnr(txn.manifest(), "fp16", prompts[:2], steps=steps,
                             schedulers=schedulers_to_check(manifest, ()))
-    except BaseException:
-        for v in variants.values():
-            for f in v.files:
-                (bundle / f.path).unlink(missing_ok=True)
-        raise
-    progress(f"end to end: 8-bit PSNR vs FP32 {q['psnr_db']:.1f} dB, U-Net cosine ≥ "
-             f"{q['unet_cosine_min']:.5f}")
-    kept = sorted(set(manifest.component_names) - set(variants))
-    record = QualityRecord.from_json({**q, "components_kept_fp32": kept}, "quality.fp16")
-    edit_manifest(bundle, lambda m: _add_fp16(m, variants, record))
+        progress(f"end to end: 8-bit PSNR vs FP32 {q['psnr_db']:.1f} dB, U-Net cosine ≥ "
+                 f"{q['unet_cosine_min']:.5f}")
+        kept = sorted(set(manifest.component_names) - set(converted))
+        record = QualityRecord.from_json({**q, "components_kept_fp32": kept}, "quality.fp16")
+        txn.commit(quality={"fp16": record})
     # onnxruntime's fused-attention form of each new graph, checked against it (the FP32
     # variants got theirs at export); the recorded quality holds for it within FP16 rounding
-    forms = add_fused_forms(bundle, "fp16", components=list(variants))
+    forms = add_fused_forms(bundle, "fp16", components=converted)
     progress("fused-attention forms: " + (", ".join(n for n, f in forms.items() if f) or "none"))
     return read_manifest_json(bundle)
 
 
-def _add_fp16(m: BundleManifest, variants: dict, quality: QualityRecord | None = None) -> None:
-    for name, v in variants.items():
-        m.components[name].variants["fp16"] = v
-    if quality is not None:
-        m.quality["fp16"] = quality
-
-
-def _drop_fp16(m: BundleManifest) -> None:
-    for rec in m.components.values():
-        rec.variants.pop("fp16", None)
-    m.quality.pop("fp16", None)
+def _convert_all(manifest: Manifest, records: dict, progress, txn: VariantTransaction) -> list[str]:
+    """Convert each component (``convert_component``) and put its variant into ``txn``;
+    return the names converted. ExportError when the U-Net cannot run in FP16."""
+    converted = []
+    for name in manifest.component_names:
+        variant = convert_component(manifest, name, pick_samples(records[name]), progress, txn)
+        if variant is None and name == "unet":
+            raise ExportError("the U-Net does not run in FP16 even with norms and softmax in "
+                              "FP32; keep using --precision fp32")
+        if variant is None:
+            progress(f"{name}: stays FP32 (overflows or loses accuracy in FP16)")
+        else:
+            txn.put(name, "fp16", variant)
+            converted.append(name)
+    return converted

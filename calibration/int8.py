@@ -15,6 +15,7 @@ greedily, until the end-to-end image PSNR vs FP32 meets it (``sensitivity.py``).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +23,14 @@ import numpy as np
 from ldm_edge.bundletools.files import file_record
 from ldm_edge.bundletools.forms import FORM, default_size, make_form
 from ldm_edge.bundletools.quality import end_to_end_psnr, schedulers_to_check
-from ldm_edge.bundletools.save import save_graph
+from ldm_edge.bundletools.variant_txn import VariantTransaction
 from ldm_edge.runtime.cpu import cpu_summary
 from ldm_edge.runtime.errors import ExportError, UsageError
 from ldm_edge.runtime.bundle import open_bundle
 from ldm_edge.runtime import validate
 from ldm_edge.runtime.manifest import Manifest
 from ldm_edge.runtime.request import BundleDefaults
-from ldm_edge.runtime.schema import (BundleManifest, Int8QualityRecord, VariantRecord,
-                                     edit_manifest, read_manifest_json)
+from ldm_edge.runtime.schema import BundleManifest, Int8QualityRecord, VariantRecord
 
 from . import qdq
 from .ranges import METHODS, collect
@@ -124,6 +124,60 @@ def keep_for_budget(bundle: Path, proto, fp32_dir: Path, layers, ranges, samples
                       f"written; lower --min-psnr")
 
 
+@dataclass(frozen=True)
+class Int8Options:
+    """How ``make_int8`` calibrates, checks and records (its keywords, checked once here)."""
+
+    prompts: list[str] | None = None
+    num_prompts: int = 8
+    calib_steps: int = 10
+    method: str = "percentile"
+    min_psnr: float | None = None
+    threads: int = 0
+    symmetric: bool = False
+    schedulers: list[str] | None = None
+    weight_bits: int = 7
+    size: int | None = None
+    fused_form: bool = True
+
+    def __post_init__(self):
+        if self.weight_bits not in qdq.WEIGHT_BITS:
+            raise UsageError(f"--weight-bits {self.weight_bits}: use 7 or 8")
+        if self.method not in METHODS:
+            raise ExportError(f"unknown calibration method {self.method!r}; use one of "
+                              f"{', '.join(METHODS)}")
+
+
+@dataclass
+class Calibration:
+    """The FP32 sampling runs INT8 is calibrated on, and what they were run with."""
+
+    manifest: Manifest
+    fp32: Path  # the FP32 U-Net graph
+    schedulers: list[str]
+    prompts: list[str]  # as recorded (bundletools/task_inputs.py labels)
+    hw: tuple[int, int]
+    runs: list[list[dict]]  # per sampled image, its U-Net calls' inputs (graph names)
+    calib: list[dict]  # the calls the ranges come from
+    timesteps: list[float]
+
+
+@dataclass
+class Quantisation:
+    """The FP32 U-Net's graph, its quantisable layers, their ranges and the units kept float."""
+
+    proto: object
+    layers: list
+    excluded: dict
+    ranges: dict
+    kept: list[str]
+    budget: dict | None = None  # how ``kept`` was chosen, with min_psnr
+
+    @property
+    def units(self) -> list[str]:
+        return sorted({ly.unit for ly in self.layers})
+
+
 def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
               calib_steps: int = 10, method: str = "percentile", min_psnr: float | None = None,
               progress=print, threads: int = 0, symmetric: bool = False,
@@ -138,108 +192,154 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
     calibration and the check run at (default: the model's own size), recorded.
     ``fused_form``: add onnxruntime's fused-attention form of the new graph (checked against
     it) before the quality check, so the recorded figures are those of what ldm-run runs."""
-    import onnx
+    opts = Int8Options(prompts=prompts, num_prompts=num_prompts, calib_steps=calib_steps,
+                       method=method, min_psnr=min_psnr, threads=threads, symmetric=symmetric,
+                       schedulers=schedulers, weight_bits=weight_bits, size=size,
+                       fused_form=fused_form)
+    return add_int8(bundle, opts, progress)
 
+
+def add_int8(bundle, opts: Int8Options, progress=print) -> BundleManifest:
+    """``make_int8`` with its options in one object: calibrate, quantise, then write,
+    measure and record the variant as one transaction (bundletools/variant_txn.py)."""
+    bundle = Path(bundle)
+    t0 = time.perf_counter()
+    cal = capture_calibration(bundle, opts, progress)
+    quant = layers_and_ranges(cal, opts, progress)
+    if opts.min_psnr is not None:
+        sens = evenly_over_timesteps(cal.runs, SENSITIVITY_SAMPLES)
+        quant.kept, quant.budget = keep_for_budget(
+            bundle, quant.proto, cal.fp32.parent, quant.layers, quant.ranges, sens,
+            opts.min_psnr, opts.calib_steps, opts.threads, progress, cal.schedulers,
+            opts.weight_bits, cal.hw if opts.size else None)
+    with VariantTransaction(bundle) as txn:
+        # its files are about to be replaced: forget them first, so that a failure from
+        # here on leaves a bundle without INT8 rather than one whose hashes do not match
+        txn.forget("int8", ["unet"])
+        variant = write_variant(txn, cal, quant, opts)
+        if opts.fused_form:
+            add_form(txn, variant, cal, opts, progress)
+        # Measure through a manifest that names the new graph, then commit both at once.
+        txn.put("unet", "int8", variant)
+        q = measure_within_budget(txn, variant, cal, opts, progress, t0)
+        # onnxruntime's INT8 kernels, and so this figure, differ by CPU kind (runtime/cpu.py)
+        q.update(method=opts.method, min_psnr=opts.min_psnr, kept_float_units=quant.kept,
+                 cpu=cpu_summary())
+        return txn.commit(quality={"int8": Int8QualityRecord.from_json(q, "quality.int8")})
+
+
+def capture_calibration(bundle: Path, opts: Int8Options, progress) -> Calibration:
+    """Run the bundle's FP32 loop over the calibration prompts, each prompt with the next of
+    the schedulers checked, capturing every U-Net call; pick the calls calibrated on."""
     from ldm_edge.bundletools.task_inputs import labels
     from ldm_edge.runtime.tasks import takes_prompt
 
     from .capture import capture_runs, default_prompts
 
-    if weight_bits not in qdq.WEIGHT_BITS:
-        raise UsageError(f"--weight-bits {weight_bits}: use 7 or 8")
-    if method not in METHODS:
-        raise ExportError(f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}")
-    bundle = Path(bundle)
-    t0 = time.perf_counter()
     manifest = open_bundle(bundle)
-    schedulers = check_schedulers(schedulers) if schedulers else schedulers_to_check(manifest)
+    schedulers = (check_schedulers(opts.schedulers) if opts.schedulers
+                  else schedulers_to_check(manifest))
     fp32 = manifest.variant("unet", "fp32").path
     unet = manifest.component("unet")
     # a model that takes no prompt samples without (bundletools/task_inputs.py says with what)
-    prompts = labels(manifest.schema, list(prompts or default_prompts(num_prompts)))
-    d = BundleDefaults.from_manifest(manifest.schema)
-    if size is not None:
-        validate.size("size", size, d.size_multiple, d.min_size, d.max_size)
-    hw = (size, size) if size else (d.height, d.width)
-    progress(f"capturing U-Net inputs: FP32 sampling of {len(prompts)} prompts x {calib_steps} "
-             f"steps at {hw[0]}x{hw[1]}, schedulers {', '.join(schedulers)} in turn"
-             + (f" (the model takes no prompt: {prompts[0]}, ...)"
-                if not takes_prompt(manifest.schema.task) else ""))
+    prompts = labels(manifest.schema, list(opts.prompts or default_prompts(opts.num_prompts)))
+    hw = image_size(manifest, opts.size)
+    progress(f"capturing U-Net inputs: FP32 sampling of {len(prompts)} prompts x "
+             f"{opts.calib_steps} steps at {hw[0]}x{hw[1]}, schedulers {', '.join(schedulers)} "
+             f"in turn" + (f" (the model takes no prompt: {prompts[0]}, ...)"
+                           if not takes_prompt(manifest.schema.task) else ""))
     # each prompt samples with the next of the schedulers checked below, so the ranges see the
     # latents each of their trajectories visits (not the model's own scheduler's alone)
     runs = [[{unet.graph_name(k): v for k, v in call.items()} for call in run["unet"]]
-            for run in capture_runs(bundle, prompts, steps=calib_steps, threads=threads,
-                                    height=hw[0], width=hw[1], schedulers=schedulers)]
-    records = [call for run in runs for call in run]
+            for run in capture_runs(bundle, prompts, steps=opts.calib_steps,
+                                    threads=opts.threads, height=hw[0], width=hw[1],
+                                    schedulers=schedulers)]
     calib = evenly_over_timesteps(runs, MAX_CALIB_SAMPLES)
     t_name = unet.graph_name("timestep")
     timesteps = sorted({float(np.ravel(r[t_name])[0]) for r in calib}, reverse=True)
-    progress(f"{len(records)} U-Net calls captured; calibrating on {len(calib)} of them "
-             f"(timesteps {timesteps[0]:.0f}..{timesteps[-1]:.0f})")
+    progress(f"{sum(map(len, runs))} U-Net calls captured; calibrating on {len(calib)} of "
+             f"them (timesteps {timesteps[0]:.0f}..{timesteps[-1]:.0f})")
+    return Calibration(manifest, fp32, schedulers, prompts, hw, runs, calib, timesteps)
 
-    proto = onnx.load(str(fp32), load_external_data=False)
+
+def image_size(manifest: Manifest, size: int | None) -> tuple[int, int]:
+    """(height, width) calibration and the check run at: ``size`` square (checked against the
+    model's limits), else the model's default size."""
+    d = BundleDefaults.from_manifest(manifest.schema)
+    if size is not None:
+        validate.size("size", size, d.size_multiple, d.min_size, d.max_size)
+    return (size, size) if size else (d.height, d.width)
+
+
+def layers_and_ranges(cal: Calibration, opts: Int8Options, progress) -> Quantisation:
+    """The U-Net's quantisable layers and each one's activation (and Conv output) range from
+    histograms over the calibration calls."""
+    import onnx
+
+    proto = onnx.load(str(cal.fp32), load_external_data=False)
     layers, excluded = qdq.analyse(proto.graph)
     if not layers:
         raise ExportError("the U-Net has no Conv/MatMul/Gemm layer INT8 may quantise")
     tensors = list(dict.fromkeys([ly.act for ly in layers] + [ly.out for ly in layers if ly.out]))
-    hists = collect(fp32, tensors, calib, threads=threads, progress=progress)
-    ranges = {t: hists[t].range(method) for t in tensors}
-    if symmetric:
-        ranges = {t: (-max(abs(lo), abs(hi)), max(abs(lo), abs(hi))) for t, (lo, hi) in ranges.items()}
+    hists = collect(cal.fp32, tensors, cal.calib, threads=opts.threads, progress=progress)
+    ranges = {t: hists[t].range(opts.method) for t in tensors}
+    if opts.symmetric:
+        ranges = {t: (-max(abs(lo), abs(hi)), max(abs(lo), abs(hi)))
+                  for t, (lo, hi) in ranges.items()}
     del hists
-    units = sorted({ly.unit for ly in layers})
-    progress(f"{len(layers)} layers in {len(units)} units to INT8 ({method} ranges); "
+    quant = Quantisation(proto, layers, excluded, ranges, kept=[])
+    progress(f"{len(layers)} layers in {len(quant.units)} units to INT8 ({opts.method} ranges); "
              f"{sum(map(len, excluded.values()))} nodes kept float by rule")
+    return quant
 
-    kept, budget = [], None
-    if min_psnr is not None:
-        sens = evenly_over_timesteps(runs, SENSITIVITY_SAMPLES)
-        kept, budget = keep_for_budget(bundle, proto, fp32.parent, layers, ranges, sens,
-                                       min_psnr, calib_steps, threads, progress, schedulers,
-                                       weight_bits, hw if size else None)
 
-    dest = bundle / VARIANT_FILE
-    if "int8" in manifest.precisions("unet"):
-        # its files are about to be replaced: forget them first, so that a failure from
-        # here on leaves a bundle without INT8 rather than one whose hashes do not match
-        def drop(m: BundleManifest):
-            m.components["unet"].variants.pop("int8", None)
-            m.quality.pop("int8", None)
-        edit_manifest(bundle, drop)
-    files = save_graph(build_graph(proto, fp32.parent, layers, ranges, set(units) - set(kept),
-                                   weight_bits), dest)
-    quantized = [ly.node for ly in layers if ly.unit not in kept]
-    kept_nodes = [ly.node for ly in layers if ly.unit in kept]
-    variant = VariantRecord(
-        file=dest.name, files=[file_record(p, bundle) for p in files],
+def write_variant(txn: VariantTransaction, cal: Calibration, quant: Quantisation,
+                  opts: Int8Options) -> VariantRecord:
+    """Save the Q/DQ graph (the units not kept float in INT8) and describe it."""
+    graph = build_graph(quant.proto, cal.fp32.parent, quant.layers, quant.ranges,
+                        set(quant.units) - set(quant.kept), opts.weight_bits)
+    files = txn.save(graph, txn.root / VARIANT_FILE)
+    kept = quant.kept
+    quantized = [ly.node for ly in quant.layers if ly.unit not in kept]
+    kept_nodes = [ly.node for ly in quant.layers if ly.unit in kept]
+    return VariantRecord(
+        file=VARIANT_FILE, files=[file_record(p, txn.root) for p in files],
         format="QDQ", weights="int8, per output channel, symmetric"
-        + ("" if weight_bits == 8 else f", {weight_bits}-bit range"),
-        activations=f"int8, per tensor, {'symmetric' if symmetric else 'asymmetric'}",
-        method=method,
+        + ("" if opts.weight_bits == 8 else f", {opts.weight_bits}-bit range"),
+        activations=f"int8, per tensor, {'symmetric' if opts.symmetric else 'asymmetric'}",
+        method=opts.method,
         ops=list(qdq.QUANT_OPS), quantized_nodes=quantized,
-        excluded_nodes={**excluded, **({"kept by min_psnr": kept_nodes} if kept_nodes else {})},
+        excluded_nodes={**quant.excluded,
+                        **({"kept by min_psnr": kept_nodes} if kept_nodes else {})},
         kept_float_units=kept,
-        calibration={"prompts": prompts, "steps": calib_steps, "size": list(hw),
-                     "samples": len(calib), "schedulers": list(schedulers),
-                     "timesteps": timesteps},
-        min_psnr=budget)
-    trial = read_manifest_json(bundle)
-    form_files = []
-    if fused_form:
-        # onnxruntime's fused-attention form, checked against the new graph; the backend
-        # opens it, so the quality below is measured on what ldm-run runs
-        form = make_form(bundle, unet.spec, variant, "int8", threads=threads,
-                         **default_size(trial), reference=fp32)
-        if form is not None:
-            variant.forms[FORM] = form
-            form_files = [bundle / form.file]
-        progress(f"fused-attention form: {form.file if form else 'none (see the log)'}")
-    # Measure through a manifest that names the new graph, then commit both at once.
-    trial.components["unet"].variants["int8"] = variant
+        calibration={"prompts": cal.prompts, "steps": opts.calib_steps, "size": list(cal.hw),
+                     "samples": len(cal.calib), "schedulers": list(cal.schedulers),
+                     "timesteps": cal.timesteps},
+        min_psnr=quant.budget)
+
+
+def add_form(txn: VariantTransaction, variant: VariantRecord, cal: Calibration,
+             opts: Int8Options, progress) -> None:
+    """onnxruntime's fused-attention form of the new graph, checked against it; the backend
+    opens it, so the quality is measured on what ldm-run runs."""
+    form = make_form(txn.root, cal.manifest.component("unet").spec, variant, "int8",
+                     threads=opts.threads, **default_size(txn.trial), reference=cal.fp32,
+                     txn=txn)
+    if form is not None:
+        variant.forms[FORM] = form
+    progress(f"fused-attention form: {form.file if form else 'none (see the log)'}")
+
+
+def measure_within_budget(txn: VariantTransaction, variant: VariantRecord, cal: Calibration,
+                          opts: Int8Options, progress, t0: float) -> dict:
+    """The end-to-end quality of the trial manifest's INT8 U-Net (its form, if any); without
+    the form if only it misses ``min_psnr``; ExportError if the plain graph misses it too."""
+    min_psnr = opts.min_psnr
 
     def measure():
-        q = end_to_end_psnr(Manifest(bundle, trial), "int8", EVAL_PROMPTS, steps=calib_steps,
-                            seed=EVAL_SEED, schedulers=schedulers, size=hw if size else None)
+        q = end_to_end_psnr(txn.manifest(), "int8", EVAL_PROMPTS, steps=opts.calib_steps,
+                            seed=EVAL_SEED, schedulers=cal.schedulers,
+                            size=cal.hw if opts.size else None)
         by = ", ".join(f"{s} {v['psnr_db']:.2f} dB (cosine ≥ {v['unet_cosine_min']:.4f})"
                        for s, v in q["per_scheduler"].items())
         progress(f"end to end vs FP32{' (fused form)' if variant.forms else ''}: {by}; U-Net "
@@ -247,29 +347,18 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
                  f"({time.perf_counter() - t0:.0f} s in all)")
         return q
 
-    try:
+    q = measure()
+    if min_psnr is not None and q["psnr_db"] < min_psnr and variant.forms:
+        # the sweep chose the float layers on the plain graph; the form's rounding moved
+        # the figure under the budget: keep the plain graph, which the sweep measured
+        progress(f"the fused form gives {q['psnr_db']:.2f} dB, under --min-psnr {min_psnr}: "
+                 f"recording the plain INT8 graph only")
+        # the forms' own files (the weights they read are the plain graph's)
+        txn.discard([txn.root / f.path for form in variant.forms.values() for f in form.files
+                     if f not in variant.files])
+        variant.forms.clear()
         q = measure()
-        if min_psnr is not None and q["psnr_db"] < min_psnr and variant.forms:
-            # the sweep chose the float layers on the plain graph; the form's rounding moved
-            # the figure under the budget: keep the plain graph, which the sweep measured
-            progress(f"the fused form gives {q['psnr_db']:.2f} dB, under --min-psnr {min_psnr}: "
-                     f"recording the plain INT8 graph only")
-            variant.forms.clear()
-            for p in form_files:
-                p.unlink(missing_ok=True)
-            q = measure()
-        if min_psnr is not None and q["psnr_db"] < min_psnr:  # the sweep measured the same
-            raise ExportError(f"INT8 re-measured at {q['psnr_db']:.2f} dB, under --min-psnr "
-                              f"{min_psnr}; nothing was recorded")
-    except BaseException:
-        for p in files + form_files:
-            p.unlink(missing_ok=True)
-        raise
-    # onnxruntime's INT8 kernels, and so this figure, differ by CPU kind (runtime/cpu.py)
-    q.update(method=method, min_psnr=min_psnr, kept_float_units=kept, cpu=cpu_summary())
-    quality = Int8QualityRecord.from_json(q, "quality.int8")
-
-    def commit(m: BundleManifest):
-        m.components["unet"].variants["int8"] = variant
-        m.quality["int8"] = quality
-    return edit_manifest(bundle, commit)
+    if min_psnr is not None and q["psnr_db"] < min_psnr:  # the sweep measured the same
+        raise ExportError(f"INT8 re-measured at {q['psnr_db']:.2f} dB, under --min-psnr "
+                          f"{min_psnr}; nothing was recorded")
+    return q

@@ -44,6 +44,7 @@ WEIGHT_MAX = 127  # symmetric int8 weights use -127..127
 # pairs of products in 16 bits (VPMADDUBSW), and 2 x 255 x 63 = 32130 fits where
 # 2 x 255 x 127 = 64770 saturates (onnxruntime's quantization guide: reduce_range).
 WEIGHT_BITS = (7, 8)
+UNSUPPORTED_LAYOUT = "unsupported weight layout"  # a reason a layer stays float
 
 
 @dataclass
@@ -110,58 +111,65 @@ def analyse(graph) -> tuple[list[Layer], dict[str, list[str]]]:
     for o in graph.output:
         uses[o.name] = uses.get(o.name, 0) + 1
     layers, excluded = [], {}
-
-    def keep(reason, name):
-        excluded.setdefault(reason, []).append(name)
-
     for n in graph.node:
         if n.op_type == "Softmax":
-            keep("softmax", n.name)
+            excluded.setdefault("softmax", []).append(n.name)
         if n.op_type not in QUANT_OPS:
             continue
-        w = const.get(n.input[1]) if len(n.input) > 1 else None
-        scope = scope_name(n, w)
-        if w is None:
-            keep("activation x activation matmul", n.name)
-            continue
-        rule = next((r for r, subs in SENSITIVE_SCOPES if any(s in scope for s in subs)), None)
-        if rule:
-            keep(rule, n.name)
-            continue
-        attrs = {a.name: a for a in n.attribute}
-        if n.op_type == "MatMul":
-            if len(dims[w]) != 2 or n.input[0] in const:
-                keep("unsupported weight layout", n.name)
-                continue
-            axis, bias = 1, None
-        elif n.op_type == "Gemm":
-            if any(attrs[k].f != 1.0 for k in ("alpha", "beta") if k in attrs) or \
-                    (attrs.get("transA") and attrs["transA"].i):
-                keep("unsupported weight layout", n.name)
-                continue
-            axis = 0 if (attrs.get("transB") and attrs["transB"].i) else 1
-            bias = const.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
-            if bias is not None and len(dims[bias]) != 1:
-                keep("unsupported weight layout", n.name)
-                continue
+        found = _layer(n, const, dims, uses)
+        if isinstance(found, Layer):
+            layers.append(found)
         else:
-            if (attrs.get("group") and attrs["group"].i != 1):
-                keep("unsupported weight layout", n.name)  # depthwise/grouped: not in SD U-Nets
-                continue
-            if uses.get(n.output[0], 0) != 1:
-                # onnxruntime fuses Q/DQ + Conv into QLinearConv only when the output's
-                # Q/DQ has one consumer; otherwise the layer would pay INT8's error at
-                # FP32 speed (TorchScript's proj_in, downsamplers: <3% of SD's FLOPs)
-                keep("conv output with several consumers (no int8 kernel)", n.name)
-                continue
-            axis = 0
-            bias = const.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
-        layers.append(Layer(n.name, scope, n.op_type, n.input[0], w, axis, bias,
-                            n.output[0] if n.op_type == "Conv" else None))
+            excluded.setdefault(found, []).append(n.name)
     per_layer = len(layers) <= MAX_SWEEP_LAYERS
     for ly in layers:
         ly.unit = ly.scope.rsplit("/", 1)[0] if per_layer else module_of(ly.scope)
     return layers, excluded
+
+
+def _layer(n, const: dict, dims: dict, uses: dict) -> Layer | str:
+    """Conv/MatMul/Gemm node ``n`` as a quantisable Layer, or why it stays float.
+    ``const``: tensor -> initializer; ``dims``: initializer shapes; ``uses``: consumers."""
+    w = const.get(n.input[1]) if len(n.input) > 1 else None
+    scope = scope_name(n, w)
+    if w is None:
+        return "activation x activation matmul"
+    rule = next((r for r, subs in SENSITIVE_SCOPES if any(s in scope for s in subs)), None)
+    if rule:
+        return rule
+    layout = _weight_layout(n, w, const, dims, uses)
+    if isinstance(layout, str):
+        return layout
+    axis, bias = layout
+    return Layer(n.name, scope, n.op_type, n.input[0], w, axis, bias,
+                 n.output[0] if n.op_type == "Conv" else None)
+
+
+def _weight_layout(n, w: str, const: dict, dims: dict,
+                   uses: dict) -> tuple[int, str | None] | str:
+    """(per-channel axis of weight ``w``, bias initializer or None) of a layer the int8
+    kernels take, or why it stays float."""
+    attrs = {a.name: a for a in n.attribute}
+    bias = const.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+    if n.op_type == "MatMul":
+        if len(dims[w]) != 2 or n.input[0] in const:
+            return UNSUPPORTED_LAYOUT
+        return 1, None
+    if n.op_type == "Gemm":
+        if any(attrs[k].f != 1.0 for k in ("alpha", "beta") if k in attrs) or \
+                (attrs.get("transA") and attrs["transA"].i):
+            return UNSUPPORTED_LAYOUT
+        if bias is not None and len(dims[bias]) != 1:
+            return UNSUPPORTED_LAYOUT
+        return (0 if (attrs.get("transB") and attrs["transB"].i) else 1), bias
+    if attrs.get("group") and attrs["group"].i != 1:
+        return UNSUPPORTED_LAYOUT  # depthwise/grouped: not in SD U-Nets
+    if uses.get(n.output[0], 0) != 1:
+        # onnxruntime fuses Q/DQ + Conv into QLinearConv only when the output's
+        # Q/DQ has one consumer; otherwise the layer would pay INT8's error at
+        # FP32 speed (TorchScript's proj_in, downsamplers: <3% of SD's FLOPs)
+        return "conv output with several consumers (no int8 kernel)"
+    return 0, bias
 
 
 def module_of(scope: str) -> str:
@@ -201,103 +209,147 @@ def build(proto, layers: list[Layer], ranges: dict, quantize: set[str], *,
     may leave its weights in external data (in ``base_dir``): only the weights being
     quantised are read, one at a time."""
     import onnx
-    from onnx import helper, numpy_helper
-
-    from ldm_edge.bundletools import external_data
+    from onnx import helper
 
     g = onnx.ModelProto()
     g.CopyFrom(proto)
     graph = g.graph
-    weights = {t.name: t for t in graph.initializer}
-    units = sorted({ly.unit for ly in layers})
+    writer = _QdqWriter(graph, layers, ranges, switchable, base_dir, weight_bits)
     chosen = {ly.node: ly for ly in layers if switchable or ly.unit in quantize}
-    new_inits, made, flags, shared, used_scale = [], {}, {}, {}, {}
-
-    def const(name, arr):
-        new_inits.append(numpy_helper.from_array(np.asarray(arr), name))
-        return name
-
-    def flag(unit, out):
-        if unit not in flags:
-            idx = const(f"{FLAGS_INPUT}/{units.index(unit)}", np.int64(units.index(unit)))
-            flags[unit] = f"{FLAGS_INPUT}/{unit}"
-            out.append(helper.make_node("Gather", [FLAGS_INPUT, idx], [flags[unit]]))
-        return flags[unit]
-
-    def switch(unit, quant, flt, dst, out):
-        if not switchable:
-            return quant
-        out.append(helper.make_node("Where", [flag(unit, out), quant, flt], [dst]))
-        return dst
-
-    def fake_quant(tensor, src, dst, unit, out, nudge=0):
-        s, z = act_qparams(*ranges[tensor])
-        for _ in range(nudge):
-            s = np.nextafter(s, np.float32(np.inf))
-        used_scale[dst] = s
-        s, z = const(f"{dst}/act_scale", s), const(f"{dst}/act_zp", z)
-        q = f"{dst}/q"
-        deq = dst if not switchable else f"{dst}/dq"
-        out += [helper.make_node("QuantizeLinear", [src, s, z], [q]),
-                helper.make_node("DequantizeLinear", [q, s, z], [deq])]
-        return switch(unit, deq, src, dst, out)
-
     nodes = []
     for n in graph.node:
         ly = chosen.get(n.name)
-        if ly is None:
-            nodes.append(n)
-            continue
-        pre, post = [], []
-        if switchable:
-            key = (ly.act, ly.unit)
-            if key not in made:
-                made[key] = fake_quant(ly.act, ly.act, f"{ly.act}/{ly.unit}/int8", ly.unit, pre)
-            n.input[0] = made[key]
-        elif (ly.act, "") in made:  # the output of a quantised Conv: already Q/DQ
-            n.input[0] = made[(ly.act, "")]
-        else:
-            # One Q/DQ pair per consumer: onnxruntime fuses DQ -> MatMul/Conv only when the Q
-            # has one consumer, and merges identical Q nodes; a scale 1 ulp apart per
-            # consumer (a 1e-7 relative change) keeps them apart (to_q/to_k/to_v).
-            k = shared.get(ly.act, 0)
-            shared[ly.act] = k + 1
-            n.input[0] = fake_quant(ly.act, ly.act, f"{ly.act}/int8/{k}", ly.unit, pre, nudge=k)
-        w = external_data.to_array(weights[ly.weight], base_dir).astype(np.float32)
-        wq, ws = weight_qparams(w, ly.axis, weight_bits)
-        wname = f"{ly.weight}/{ly.node}"
-        const(wname + "/int8", wq)
-        ws_name = const(wname + "/scale", ws)
-        wz = const(wname + "/zp", np.zeros(ws.shape, np.int8))
-        pre.append(helper.make_node("DequantizeLinear", [wname + "/int8", ws_name, wz],
-                                    [wname + "/dq"], axis=ly.axis))
-        n.input[1] = switch(ly.unit, wname + "/dq", ly.weight, wname + "/sel", pre)
-        if ly.bias is not None:
-            xs = used_scale.get(n.input[0]) or act_qparams(*ranges[ly.act])[0]
-            b = external_data.to_array(weights[ly.bias], base_dir).astype(np.float64)
-            bs = (np.float32(xs) * ws).astype(np.float32)
-            bq = np.clip(np.round(b / bs), -2**31, 2**31 - 1).astype(np.int32)
-            bname = f"{ly.bias}/{ly.node}"
-            const(bname + "/int32", bq)
-            bsn = const(bname + "/scale", bs)
-            bz = const(bname + "/zp", np.zeros(bs.shape, np.int32))
-            pre.append(helper.make_node("DequantizeLinear", [bname + "/int32", bsn, bz],
-                                        [bname + "/dq"], axis=0))
-            n.input[2] = switch(ly.unit, bname + "/dq", ly.bias, bname + "/sel", pre)
-        if ly.out is not None:
-            y = ly.out
-            n.output[0] = f"{y}/float"
-            made[(y, ly.unit if switchable else "")] = y
-            fake_quant(y, n.output[0], y, ly.unit, post)
-        nodes += pre + [n] + post
+        nodes += [n] if ly is None else writer.rewrite(n, ly)
     del graph.node[:]
     graph.node.extend(nodes)
-    graph.initializer.extend(new_inits)
+    graph.initializer.extend(writer.new_inits)
     used = {i for n in graph.node for i in n.input}
     live = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(live)
     if switchable:
         graph.input.append(helper.make_tensor_value_info(FLAGS_INPUT, onnx.TensorProto.BOOL,
-                                                         [len(units)]))
-    return g, units
+                                                         [len(writer.units)]))
+    return g, writer.units
+
+
+class _QdqWriter:
+    """One ``build``'s Q/DQ nodes and initializers, and what it has made so far."""
+
+    def __init__(self, graph, layers: list[Layer], ranges: dict, switchable: bool,
+                 base_dir: str, weight_bits: int):
+        self.ranges, self.switchable = ranges, switchable
+        self.base_dir, self.weight_bits = base_dir, weight_bits
+        self.weights = {t.name: t for t in graph.initializer}
+        self.units = sorted({ly.unit for ly in layers})
+        self.new_inits = []
+        self.made = {}  # (tensor, unit or "") -> its fake-quantised name
+        self.flags = {}  # unit -> its flag (switchable)
+        self.shared = {}  # activation -> Q/DQ pairs made for its consumers
+        self.used_scale = {}  # fake-quantised tensor -> its scale
+
+    def rewrite(self, n, ly: Layer) -> list:
+        """``n`` with its inputs (and a Conv's output) in Q/DQ: the nodes that replace it."""
+        pre, post = [], []
+        n.input[0] = self.activation(ly, pre)
+        ws = self.weight(n, ly, pre)
+        if ly.bias is not None:
+            self.bias(n, ly, ws, pre)
+        if ly.out is not None:
+            y = ly.out
+            n.output[0] = f"{y}/float"
+            self.made[(y, ly.unit if self.switchable else "")] = y
+            self.fake_quant(y, n.output[0], y, ly.unit, post)
+        return pre + [n] + post
+
+    def activation(self, ly: Layer, out: list) -> str:
+        """The layer's activation input, fake-quantised."""
+        if self.switchable:
+            key = (ly.act, ly.unit)
+            if key not in self.made:
+                self.made[key] = self.fake_quant(ly.act, ly.act, f"{ly.act}/{ly.unit}/int8",
+                                                 ly.unit, out)
+            return self.made[key]
+        if (ly.act, "") in self.made:  # the output of a quantised Conv: already Q/DQ
+            return self.made[(ly.act, "")]
+        # One Q/DQ pair per consumer: onnxruntime fuses DQ -> MatMul/Conv only when the Q
+        # has one consumer, and merges identical Q nodes; a scale 1 ulp apart per
+        # consumer (a 1e-7 relative change) keeps them apart (to_q/to_k/to_v).
+        k = self.shared.get(ly.act, 0)
+        self.shared[ly.act] = k + 1
+        return self.fake_quant(ly.act, ly.act, f"{ly.act}/int8/{k}", ly.unit, out, nudge=k)
+
+    def weight(self, n, ly: Layer, out: list) -> np.ndarray:
+        """Per-channel int8 weight behind a DequantizeLinear; returns its scales."""
+        from ldm_edge.bundletools import external_data
+
+        w = external_data.to_array(self.weights[ly.weight], self.base_dir).astype(np.float32)
+        wq, ws = weight_qparams(w, ly.axis, self.weight_bits)
+        n.input[1] = self.dequantized(f"{ly.weight}/{ly.node}", "int8", wq, ws, ly.axis,
+                                      ly.unit, ly.weight, out)
+        return ws
+
+    def bias(self, n, ly: Layer, ws: np.ndarray, out: list) -> None:
+        """int32 bias with scale x_scale * w_scale, behind a DequantizeLinear."""
+        from ldm_edge.bundletools import external_data
+
+        xs = self.used_scale.get(n.input[0]) or act_qparams(*self.ranges[ly.act])[0]
+        b = external_data.to_array(self.weights[ly.bias], self.base_dir).astype(np.float64)
+        bs = (np.float32(xs) * ws).astype(np.float32)
+        bq = np.clip(np.round(b / bs), -2**31, 2**31 - 1).astype(np.int32)
+        n.input[2] = self.dequantized(f"{ly.bias}/{ly.node}", "int32", bq, bs, 0, ly.unit,
+                                      ly.bias, out)
+
+    def dequantized(self, name: str, kind: str, q: np.ndarray, scale: np.ndarray, axis: int,
+                    unit: str, flt: str, out: list) -> str:
+        """Initializers ``name/<kind>``, ``name/scale``, ``name/zp`` (zeros) into a
+        DequantizeLinear along ``axis``; the tensor that replaces float ``flt``."""
+        from onnx import helper
+
+        self.const(f"{name}/{kind}", q)
+        s = self.const(name + "/scale", scale)
+        z = self.const(name + "/zp", np.zeros(scale.shape, q.dtype))
+        out.append(helper.make_node("DequantizeLinear", [f"{name}/{kind}", s, z],
+                                    [name + "/dq"], axis=axis))
+        return self.switch(unit, name + "/dq", flt, name + "/sel", out)
+
+    def fake_quant(self, tensor: str, src: str, dst: str, unit: str, out: list,
+                   nudge: int = 0) -> str:
+        """Q/DQ of ``src`` with ``tensor``'s range (scale ``nudge`` ulps up) as ``dst``."""
+        from onnx import helper
+
+        s, z = act_qparams(*self.ranges[tensor])
+        for _ in range(nudge):
+            s = np.nextafter(s, np.float32(np.inf))
+        self.used_scale[dst] = s
+        s, z = self.const(f"{dst}/act_scale", s), self.const(f"{dst}/act_zp", z)
+        q = f"{dst}/q"
+        deq = dst if not self.switchable else f"{dst}/dq"
+        out += [helper.make_node("QuantizeLinear", [src, s, z], [q]),
+                helper.make_node("DequantizeLinear", [q, s, z], [deq])]
+        return self.switch(unit, deq, src, dst, out)
+
+    def switch(self, unit: str, quant: str, flt: str, dst: str, out: list) -> str:
+        """``quant``, or (switchable) ``dst`` = Where(flag[unit], quant, flt)."""
+        from onnx import helper
+
+        if not self.switchable:
+            return quant
+        out.append(helper.make_node("Where", [self.flag(unit, out), quant, flt], [dst]))
+        return dst
+
+    def flag(self, unit: str, out: list) -> str:
+        from onnx import helper
+
+        if unit not in self.flags:
+            i = self.units.index(unit)
+            idx = self.const(f"{FLAGS_INPUT}/{i}", np.int64(i))
+            self.flags[unit] = f"{FLAGS_INPUT}/{unit}"
+            out.append(helper.make_node("Gather", [FLAGS_INPUT, idx], [self.flags[unit]]))
+        return self.flags[unit]
+
+    def const(self, name: str, arr) -> str:
+        from onnx import numpy_helper
+
+        self.new_inits.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name

@@ -91,7 +91,6 @@ def manifest_from_optimum(path, *, hashes: bool = True,
                           f"model_index.json and {', '.join(c + '/' + GRAPH for c in REQUIRED)}")
     index = check_supported(root)
     sched = _read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
-    prediction = sched.get("prediction_type", "epsilon")
     vae_cfg = _vae_config(root)
     unet_cfg = _optional_json(root / "unet" / "config.json")
     te_cfg = _optional_json(root / "text_encoder" / "config.json")
@@ -104,47 +103,61 @@ def manifest_from_optimum(path, *, hashes: bool = True,
                       + [root / tok["file"]])
     graphs = {c: read_graph_io(root / c / GRAPH, c) for c in names}
     io_maps = {c: _io_map(c, graphs[c]) for c in names}
-
-    if vae_cfg is not None:
-        latent_channels = int(vae_cfg.get("latent_channels", DEFAULT_LATENT_CHANNELS))
-        factor = 2 ** (len(vae_cfg.get("block_out_channels", (0,) * 4)) - 1)
-        scaling = float(vae_cfg.get("scaling_factor", DEFAULT_SCALING_FACTOR))
-        shift = vae_cfg.get("shift_factor")
-    else:
-        unet_c = graphs["unet"][0][io_maps["unet"]["sample"]][1][1:2]
-        latent_channels = unet_c[0] if unet_c and isinstance(unet_c[0], int) \
-            else DEFAULT_LATENT_CHANNELS
-        factor, scaling, shift = DEFAULT_VAE_SCALE_FACTOR, DEFAULT_SCALING_FACTOR, None
-        log.warning("%s has no VAE config (vae_decoder/config.json); assuming SD's %d latent "
-                    "channels, scale factor %d, scaling factor %s", root.name, latent_channels,
-                    factor, scaling)
-
-    use_mask = "attention_mask" in io_maps["text_encoder"]
-    hidden = _text_hidden_size(graphs, io_maps, te_cfg)
-    dims = ModelDims(latent_channels=latent_channels, vae_scale_factor=factor,
-                     text_hidden_size=hidden, text_max_length=tok["max_length"],
-                     use_attention_mask=use_mask, min_size=MIN_SIZE,
-                     max_size=MAX_SIZE, max_batch=MAX_BATCH)
+    vae = _vae_facts(root, vae_cfg, graphs["unet"][0][io_maps["unet"]["sample"]][1])
+    dims = ModelDims(latent_channels=vae["latent_channels"],
+                     vae_scale_factor=vae["vae_scale_factor"],
+                     text_hidden_size=_text_hidden_size(graphs, io_maps, te_cfg),
+                     text_max_length=tok["max_length"],
+                     use_attention_mask="attention_mask" in io_maps["text_encoder"],
+                     min_size=MIN_SIZE, max_size=MAX_SIZE, max_batch=MAX_BATCH)
     specs = describe(dims)
-
-    size = int(unet_cfg["sample_size"]) * factor if unet_cfg and unet_cfg.get("sample_size") \
-        else 512
+    size = int(unet_cfg["sample_size"]) * dims.vae_scale_factor \
+        if unet_cfg and unet_cfg.get("sample_size") else 512
     records, model_sha = _file_records(root, files_by_comp, hashes)
+    components = {c: _component(c, specs[c], graphs[c], io_maps[c], records[c], dims,
+                                for_import, root) for c in names}
+    return _bundle_manifest(root, index, sched, vae, dims, size, tok, components, model_sha)
 
-    components = {}
-    for c in names:
-        spec = _typed_spec(specs[c], graphs[c], io_maps[c])
-        rec = ComponentRecord(c, io_map=io_maps[c])
-        if c == "unet":
-            spec, scalar = _unet_timestep(spec, graphs[c], io_maps[c], for_import, root)
-            if scalar:
-                rec.timestep_input = "scalar"
-        if c == "vae_encoder":
-            spec, rec.output_kind = _encoder_output(spec, graphs[c], io_maps[c], latent_channels)
-        rec.spec = spec
-        rec.variants = {"fp32": VariantRecord(file=f"{c}/{GRAPH}", files=records[c])}
-        components[c] = rec
 
+def _vae_facts(root: Path, vae_cfg: dict | None, unet_sample_shape) -> dict:
+    """The manifest's VAE fields, from the VAE config; without one (diffusers' script), the
+    U-Net's latent channels and SD's other values."""
+    if vae_cfg is not None:
+        return {"latent_channels": int(vae_cfg.get("latent_channels", DEFAULT_LATENT_CHANNELS)),
+                "vae_scale_factor": 2 ** (len(vae_cfg.get("block_out_channels", (0,) * 4)) - 1),
+                "scaling_factor": float(vae_cfg.get("scaling_factor", DEFAULT_SCALING_FACTOR)),
+                "shift_factor": vae_cfg.get("shift_factor")}
+    unet_c = unet_sample_shape[1:2]
+    latent_channels = unet_c[0] if unet_c and isinstance(unet_c[0], int) \
+        else DEFAULT_LATENT_CHANNELS
+    factor, scaling = DEFAULT_VAE_SCALE_FACTOR, DEFAULT_SCALING_FACTOR
+    log.warning("%s has no VAE config (vae_decoder/config.json); assuming SD's %d latent "
+                "channels, scale factor %d, scaling factor %s", root.name, latent_channels,
+                factor, scaling)
+    return {"latent_channels": latent_channels, "vae_scale_factor": factor,
+            "scaling_factor": scaling, "shift_factor": None}
+
+
+def _component(c: str, spec: ComponentSpec, graph, io_map: dict, files: list[FileRecord],
+               dims: ModelDims, for_import: bool, root: Path) -> ComponentRecord:
+    """Component ``c``'s record: its spec typed as the graph declares, its one fp32 variant."""
+    spec = _typed_spec(spec, graph, io_map)
+    rec = ComponentRecord(c, io_map=io_map)
+    if c == "unet":
+        spec, scalar = _unet_timestep(spec, graph, io_map, for_import, root)
+        if scalar:
+            rec.timestep_input = "scalar"
+    if c == "vae_encoder":
+        spec, rec.output_kind = _encoder_output(spec, graph, io_map, dims.latent_channels)
+    rec.spec = spec
+    rec.variants = {"fp32": VariantRecord(file=f"{c}/{GRAPH}", files=files)}
+    return rec
+
+
+def _bundle_manifest(root: Path, index: dict, sched: dict, vae: dict, dims: ModelDims,
+                     size: int, tok: dict, components: dict,
+                     model_sha: str | None) -> BundleManifest:
+    prediction = sched.get("prediction_type", "epsilon")
     return BundleManifest(
         format_version=FORMAT_VERSION,
         producer={"name": "ldm-edge optimum reader", "from": index.get("_class_name")},
@@ -152,16 +165,14 @@ def manifest_from_optimum(path, *, hashes: bool = True,
                           family="sd2" if prediction == "v_prediction" else "sd1",
                           format="optimum-onnx"),
         prediction_type=prediction,
-        latent_channels=latent_channels,
-        vae_scale_factor=factor,
-        scaling_factor=scaling,
-        shift_factor=shift,
-        size_multiple=max(8, factor),
+        **vae,
+        size_multiple=max(8, dims.vae_scale_factor),
         dims=dims.asdict(),
         defaults={"height": size, "width": size, "guidance_scale": 7.5, "num_inference_steps": 50},
         tokenizer=TokenizerRecord(file=tok["file"], size=tok.get("size"),
                                   max_length=tok["max_length"], pad_id=tok["pad_id"],
-                                  pad_token=tok["pad_token"], use_attention_mask=use_mask,
+                                  pad_token=tok["pad_token"],
+                                  use_attention_mask=dims.use_attention_mask,
                                   truncation="longest_first"),
         scheduler=sched,
         components=components,
