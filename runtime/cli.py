@@ -10,6 +10,7 @@ import click
 
 from .cli_errors import invoke_reporting
 from .errors import UsageError
+from .fields import request_keywords
 from .tasks import TASKS
 
 
@@ -37,8 +38,8 @@ def _list_schedulers(ctx, _param, value):
               help="Text prompt; repeat for several prompts in one batch. Required unless the "
                    "bundle's model is unconditional.")
 @click.option("--task", type=click.Choice(TASKS), default=None,
-              help="What to run (default: what the bundle's model does, see the README's task "
-                   "table); a text-to-image model also samples unconditionally.")
+              help="What to run (default: what the bundle's model does, see the support "
+                   "table in the README); a text-to-image model also samples unconditionally.")
 @click.option("-n", "--negative-prompt", default=None, help="What the image should not show.")
 @click.option("--steps", type=int, default=None, help="Denoising steps (default: the model's).")
 @click.option("-g", "--guidance-scale", type=float, default=None,
@@ -74,7 +75,7 @@ def _list_schedulers(ctx, _param, value):
 @click.option("--ort-cache/--no-ort-cache", default=None,
               help="onnxruntime on the CPU: keep the graphs it optimises for this CPU in "
                    "~/.cache/ldm-edge/ort-graphs (a copy of the weights), so later starts skip "
-                   "the optimisation (README: --ort-cache has the measured gain and the "
+                   "the optimisation (docs/run.md has the measured gain and the "
                    "command). Default: off, or "
                    "$LDM_EDGE_ORT_CACHE=1.")
 @click.option("--low-memory", is_flag=True,
@@ -91,6 +92,11 @@ def _list_schedulers(ctx, _param, value):
 @click.option("--lora", "loras", multiple=True, metavar="FILE:SCALE",
               help="Apply a LoRA (diffusers/PEFT or kohya safetensors) at this scale "
                    "(default 1); repeat to blend several. The bundle is not changed.")
+@click.option("--check-lora-int8", is_flag=True,
+              help="With --precision int8 and a --lora on the U-Net: draw the request a second "
+                   "time with the FP32 graphs (and the same LoRAs) and print the 8-bit PSNR "
+                   "between the two pictures, what re-quantising the merged weights cost. "
+                   "Takes as long again.")
 @click.option("--no-verify", is_flag=True, help="Skip sha256 verification of the bundle files.")
 @click.option("-o", "--output", "out", default="out.png", show_default=True,
               help="PNG to write (several images: out-0.png, out-1.png, ...).")
@@ -99,39 +105,45 @@ def _list_schedulers(ctx, _param, value):
               help="Send the request to a served pipeline (`ldm-serve`, KServe v2 HTTP, e.g. "
                    "http://127.0.0.1:8000) instead of running BUNDLE here; same PNG.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
-def main(bundle, prompts, task, negative_prompt, steps, guidance_scale, scheduler, seed, height,
-         width, num_images, init_image, mask, noise_level, strength, latents_path, backend, device,
-         precision, threads, ort_cache, low_memory, vae_tiling, vae_tile_size, loras, no_verify,
-         out, quiet, debug, server):
+def main(**options):
     """Generate images from BUNDLE (a folder written by `ldm-export onnx`), or on --server."""
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+    logging.basicConfig(level=logging.DEBUG if options["debug"] else logging.WARNING,
                         format="ldm-run: %(levelname)s: %(message)s")
-    from .image import output_paths, save_png
-    from .pipeline import Pipeline
+    from .image import output_paths
 
     t_proc = time.perf_counter()
-    paths = output_paths(out, max(1, len(prompts)) * num_images)
-    if server is not None:
+    paths = output_paths(options["out"],
+                         max(1, len(options["prompts"])) * options["num_images"])
+    if options["server"] is not None:
         from .remote_cli import run_served
 
-        return run_served(server, bundle, paths, locals(), quiet, t_proc)
-    if bundle is None:
-        raise UsageError("give BUNDLE (a folder written by ldm-export onnx), or --server URL")
-    latents = _load_latents(latents_path) if latents_path else None
-    from .lora import parse_lora_arg
+        return run_served(options, paths, t_proc)
+    return _run_local(options, paths, t_proc)
 
-    lora_list = [parse_lora_arg(x) for x in loras]
-    pipe = Pipeline(bundle, backend=backend, precision=precision, device=device, threads=threads,
-                    verify=not no_verify, ort_cache=ort_cache, low_memory=low_memory,
-                    vae_tiling=vae_tiling, vae_tile_size=vae_tile_size, loras=lora_list)
+
+def _run_local(options: dict, paths, t_proc: float) -> None:
+    """Open BUNDLE here and draw the request: every option goes where runtime/fields.py says."""
+    from .image import save_png
+    from .lora import parse_lora_arg
+    from .pipeline import Pipeline
+
+    if options["bundle"] is None:
+        raise UsageError("give BUNDLE (a folder written by ldm-export onnx), or --server URL")
+    quiet = options["quiet"]
+    latents = _load_latents(options["latents_path"]) if options["latents_path"] else None
+    kw = dict(backend=options["backend"], precision=options["precision"],
+              device=options["device"], threads=options["threads"],
+              verify=not options["no_verify"], ort_cache=options["ort_cache"],
+              low_memory=options["low_memory"], vae_tiling=options["vae_tiling"],
+              vae_tile_size=options["vae_tile_size"],
+              loras=[parse_lora_arg(x) for x in options["loras"]])
+    pipe = Pipeline(options["bundle"], **kw)
+    if options["check_lora_int8"]:
+        from .lora_check import refuse_unless_int8_lora
+
+        refuse_unless_int8_lora(pipe)  # before the run, not after it
     # resolved once, init image loaded at the resolved size: every argument error is raised here
-    request = pipe.request(prompt=list(prompts) or None, task=task,
-                           negative_prompt=negative_prompt,
-                           num_inference_steps=steps, guidance_scale=guidance_scale,
-                           scheduler=scheduler, height=height, width=width,
-                           num_images_per_prompt=num_images, seed=seed, latents=latents,
-                           init_image=init_image, strength=strength, mask=mask,
-                           noise_level=noise_level)
+    request = pipe.request(**request_keywords({**options, "latents_path": latents}))
     bar = _ProgressBar(quiet)
     try:
         result = pipe(request=request, progress=bar.advance)
@@ -141,12 +153,10 @@ def main(bundle, prompts, task, negative_prompt, steps, guidance_scale, schedule
         save_png(result.images[i], path, result.metadata(i))
     if not quiet:
         click.echo(timing_table(result.timings), err=True)
-    if lora_list and result.provenance.precision == "int8" and not quiet:
-        from .lora_check import int8_lora_check  # the merged weights were re-quantised
+    if options["check_lora_int8"]:  # the merged weights were re-quantised: what it cost
+        from .lora_check import int8_lora_check
 
-        check = int8_lora_check(pipe, request, result.images)
-        if check:
-            click.echo(check, err=True)
+        click.echo(int8_lora_check(pipe, request, result.images, kw), err=True)
     for path in paths:
         click.echo(str(path))
     if not quiet:

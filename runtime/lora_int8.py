@@ -10,8 +10,8 @@ weights were, ``--weight-bits 7``), the bias re-quantised with the new scales (i
 comes from the FP32 graph: a LoRA does not change biases), so the bias scale stays exactly
 ``x_scale * w_scale`` and onnxruntime keeps fusing the layer into its integer kernel. Weights
 the INT8 graph keeps in float are replaced as in FP32. Activation ranges are not re-measured:
-the picture's PSNR against FP32 with the same LoRA says what that costs (``ldm-run`` prints
-it for INT8 + LoRA).
+the picture's PSNR against FP32 with the same LoRA says what that costs (``ldm-run
+--check-lora-int8`` prints it for INT8 + LoRA).
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """``ldm-run --server URL``: one request to a served ``ldm_pipeline`` over KServe v2 HTTP.
 
 The wire format is KServe's v2 inference protocol as Triton speaks it, with Triton's
-binary-data extension for the init image (in) and the images (out), so a 512² picture is not
-sent as a JSON list of numbers. Standard library only: the lean runtime gains no dependency.
+binary-data extension for the files (in: the init image, the mask) and the images (out), so
+a 512² picture is not sent as a JSON list of numbers. Standard library only: the lean
+runtime gains no dependency.
 
-``PIPELINE_INPUTS`` is the served model's interface, written once: the Triton model
-repository writer (serve/repository.py) builds the model's config.pbtxt from it.
+``PIPELINE_INPUTS`` is the served model's interface, derived from ldm-run's field table
+(runtime/fields.py): the Triton model repository writer (serve/repository.py) builds the
+model's config.pbtxt from it, and the pipeline model reads what it names.
 """
 
 from __future__ import annotations
@@ -20,25 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import UsageError
+from .fields import SERVED, pipeline_inputs
 
 PIPELINE_MODEL = "ldm_pipeline"
-# input name -> (KServe datatype, dims). All but the prompt are optional: a missing one takes
-# the bundle's default, as a missing ldm-run option does. FP64 for the floats: ldm-run reads
-# them as Python floats, and the PNG records them as they were given.
-PIPELINE_INPUTS = {
-    "prompt": ("BYTES", [-1]),
-    "negative_prompt": ("BYTES", [-1]),
-    "steps": ("INT32", [1]),
-    "guidance_scale": ("FP64", [1]),
-    "scheduler": ("BYTES", [1]),
-    "seed": ("UINT64", [1]),
-    "height": ("INT32", [1]),
-    "width": ("INT32", [1]),
-    "num_images": ("INT32", [1]),
-    "init_image": ("BYTES", [1]),  # the image file's bytes, as ldm-run would read them
-    "init_image_name": ("BYTES", [1]),  # its file name, recorded in the PNG
-    "strength": ("FP64", [1]),
-}
+# input name -> (KServe datatype, dims). All are optional: a missing one takes the bundle's
+# default, as a missing ldm-run option does.
+PIPELINE_INPUTS = pipeline_inputs()
 # images: uint8 [n, H, W, 3]; parameters: one JSON text per image, what its PNG records
 PIPELINE_OUTPUTS = {"images": ("UINT8", [-1, -1, -1, 3]), "parameters": ("BYTES", [-1])}
 NUMPY_OF = {"INT32": np.int32, "UINT64": np.uint64, "FP64": np.float64, "UINT8": np.uint8}
@@ -55,27 +44,49 @@ class RemoteResult:
         return self.parameters[index]
 
 
-def request_inputs(*, prompts, negative_prompt=None, steps=None, guidance_scale=None,
-                   scheduler=None, seed=None, height=None, width=None, num_images=None,
-                   init_image: bytes | None = None, init_image_name: str | None = None,
-                   strength=None) -> dict:
-    """The pipeline's named inputs for these ldm-run options (None: not sent)."""
-    given = {"prompt": list(prompts), "negative_prompt": negative_prompt, "steps": steps,
-             "guidance_scale": guidance_scale, "scheduler": scheduler, "seed": seed,
-             "height": height, "width": width, "num_images": num_images,
-             "init_image": init_image, "init_image_name": init_image_name,
-             "strength": strength}
+def request_inputs(**options) -> dict:
+    """The pipeline's named inputs for these ldm-run option values, by option name
+    (``prompts=["a cat"], steps=4, init_image="photo.png"``); None or no prompts: not sent.
+    A file option is a path: its bytes are sent, with the path as its name."""
+    unknown = set(options) - {f.option for f in SERVED}
+    if unknown:
+        raise TypeError(f"not an ldm-run option the server takes: {', '.join(sorted(unknown))}")
     out = {}
-    for name, value in given.items():
-        if value is None:
+    for f in SERVED:
+        value = options.get(f.option)
+        if value is None or (f.many and not isinstance(value, str) and not len(value)):
             continue
-        kind, _ = PIPELINE_INPUTS[name]
-        if kind == "BYTES":
-            items = value if isinstance(value, list) else [value]
-            out[name] = [v if isinstance(v, bytes) else str(v).encode() for v in items]
+        if f.file:
+            out[f.wire.name] = [_read_file(f.flag, value)]
+            out[f.name_input] = [str(value).encode()]
         else:
-            out[name] = np.asarray([value], dtype=NUMPY_OF[kind])
+            out[f.wire.name] = _wire_value(f, value)
     return out
+
+
+def _wire_value(f, value):
+    """One option's value as its input: a list of bytes (BYTES) or a numpy array."""
+    kind = f.wire.datatype
+    if kind == "BYTES":
+        items = list(value) if f.many and not isinstance(value, str) else [value]
+        return [v if isinstance(v, bytes) else str(v).encode() for v in items]
+    dtype = NUMPY_OF[kind]
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        if not info.min <= value <= info.max:
+            raise UsageError(f"{f.flag} {value} is out of range: the server takes it as "
+                             f"{kind}, {info.min} to {info.max}")
+    return np.asarray([value], dtype=dtype)
+
+
+def _read_file(flag: str, path) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise UsageError(f"{flag} {path} not found") from None
+    except OSError as e:
+        raise UsageError(f"{flag} {path} cannot be read ({e.strerror})") from None
 
 
 def _bytes_tensor(items: list[bytes]) -> bytes:
@@ -161,39 +172,11 @@ def _server_error(e: urllib.error.HTTPError) -> str:
     return first if e.code == 400 else f"the server failed: {first}"
 
 
-# ldm-run options that say how this machine computes, or that only a local run can take:
-# with --server they are refused rather than silently ignored (name -> its default)
-LOCAL_ONLY = {"latents_path": (None, "--latents"), "backend": ("auto", "--backend"),
-              "device": ("auto", "--device"), "precision": ("fp32", "--precision"),
-              "threads": (0, "--threads"), "ort_cache": (None, "--ort-cache"),
-              "low_memory": (False, "--low-memory"), "vae_tiling": (False, "--vae-tiling"),
-              "vae_tile_size": (None, "--vae-tile-size"), "no_verify": (False, "--no-verify"),
-              "loras": ((), "--lora")}
-
-
-def check_local_only(options: dict) -> None:
-    for key, (default, flag) in LOCAL_ONLY.items():
-        if options.get(key, default) != default:
-            raise UsageError(f"{flag} is for a local run; the server decides how it computes "
-                             f"(drop {flag} or --server)")
-
-
-def served_inputs(*, prompts, negative_prompt, steps, guidance_scale, scheduler, seed, height,
-                  width, num_images, init_image, strength) -> dict:
-    """ldm-run's options as the pipeline's inputs; the init image travels as its file's bytes."""
+def served_inputs(options: dict) -> dict:
+    """ldm-run's option values (by name, as click gives them) as the pipeline's inputs;
+    files travel as their bytes."""
     from . import validate
 
-    if seed is not None:
-        validate.seed(seed)  # a UINT64 cannot carry what the server would refuse anyway
-    data = None
-    if init_image is not None:
-        try:
-            data = open(init_image, "rb").read()
-        except FileNotFoundError:
-            raise UsageError(f"--init-image {init_image} not found") from None
-        except OSError as e:
-            raise UsageError(f"--init-image {init_image} cannot be read ({e.strerror})") from None
-    return request_inputs(prompts=prompts, negative_prompt=negative_prompt, steps=steps,
-                          guidance_scale=guidance_scale, scheduler=scheduler, seed=seed,
-                          height=height, width=width, num_images=num_images, init_image=data,
-                          init_image_name=init_image, strength=strength)
+    if options.get("seed") is not None:
+        validate.seed(options["seed"])  # a UINT64 cannot carry what the server would refuse
+    return request_inputs(**{f.option: options.get(f.option) for f in SERVED})

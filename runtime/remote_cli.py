@@ -7,21 +7,18 @@ import time
 import click
 
 from .errors import UsageError
+from .fields import refuse_local_only
 from .image import save_png
-from .remote import check_local_only, generate, served_inputs
+from .remote import generate, served_inputs
 
 
-def run_served(server: str, bundle, paths, options: dict, quiet: bool, t_proc: float) -> None:
-    check_local_only(options)
-    if bundle is not None:
+def run_served(options: dict, paths, t_proc: float) -> None:
+    """``options``: ldm-run's values by option name; each goes where runtime/fields.py says."""
+    refuse_local_only(options)
+    if options["bundle"] is not None:
         raise UsageError("--server draws with the bundle the server serves; drop BUNDLE")
-    inputs = served_inputs(
-        prompts=options["prompts"], negative_prompt=options["negative_prompt"],
-        steps=options["steps"], guidance_scale=options["guidance_scale"],
-        scheduler=options["scheduler"], seed=options["seed"], height=options["height"],
-        width=options["width"], num_images=options["num_images"],
-        init_image=options["init_image"], strength=options["strength"])
-    result = generate(server, inputs)
+    server = options["server"]
+    result = generate(server, served_inputs(options))
     if result.images.shape[0] != len(paths):
         raise UsageError(f"the server returned {result.images.shape[0]} images, "
                          f"{len(paths)} were asked for")
@@ -29,5 +26,5 @@ def run_served(server: str, bundle, paths, options: dict, quiet: bool, t_proc: f
         save_png(result.images[i], path, result.metadata(i))
     for path in paths:
         click.echo(str(path))
-    if not quiet:
+    if not options["quiet"]:
         click.echo(f"done in {time.perf_counter() - t_proc:.2f} s (served by {server})", err=True)

@@ -1,9 +1,12 @@
 """``ldm_pipeline``: the sampling loop as a Triton Python-backend model.
 
-Its inputs are ``ldm-run``'s options (runtime/remote.py ``PIPELINE_INPUTS``), resolved and
-checked by the same ``resolve_request`` ``ldm-run`` uses, then the server's limits; a refused
-request gets a 400 with the one line ``ldm-run`` prints, and the model goes on serving. The
-loop is ``runtime/pipeline.py``'s, its components called through BLS (serve/bls.py).
+Its inputs are ``ldm-run``'s options, named by ldm-run's field table (runtime/fields.py, the
+``Wire`` of each row): read back as option values, resolved and checked by the same
+``Pipeline.request`` with the same keywords ``ldm-run`` gives it, then the server's limits;
+a refused request gets a 400 with the one line ``ldm-run`` prints, and the model goes on
+serving. A sent file (init image, mask) is written to a file of the client's name, so the
+PNG records the same source and a refusal names the client's file, not the server's copy.
+The loop is ``runtime/pipeline.py``'s, its components called through BLS (serve/bls.py).
 Outputs: the uint8 images and, per image, the parameters its PNG records (JSON).
 """
 
@@ -17,44 +20,70 @@ from pathlib import Path
 import numpy as np
 
 from ldm_edge.runtime.errors import UsageError, first_line
-from ldm_edge.runtime.remote import PIPELINE_INPUTS
+from ldm_edge.runtime.fields import BY_OPTION, SERVED, request_keywords
 
 from .bls import RequestCancelled, ServedPipeline
 from .component_model import model_parameters, repository_bundle
 from .limits import ServeLimits
 
 log = logging.getLogger("ldm_edge.serve")
-DEFAULT_INIT_NAME = "init-image"
+# a sent file's name, kept only as its last part and only when it can name a file here
+MAX_NAME_BYTES = 200
 
 
-def _scalar(value: np.ndarray):
-    return value.reshape(-1)[0].item()
+def _texts(value: np.ndarray, name: str) -> list[str]:
+    try:
+        return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in value.reshape(-1)]
+    except UnicodeDecodeError:
+        raise UsageError(f"{name} is not UTF-8 text") from None
 
 
-def _texts(value: np.ndarray) -> list[str]:
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in value.reshape(-1)]
+def _one(values: list, name: str):
+    if len(values) != 1:
+        raise UsageError(f"{name} must be one value, got {len(values)}")
+    return values[0]
 
 
-def read_inputs(request, pb_utils) -> dict:
-    """The request's inputs that were sent, as Python values."""
-    out = {}
-    for name, (kind, _) in PIPELINE_INPUTS.items():
-        t = pb_utils.get_input_tensor_by_name(request, name)
+def read_inputs(request, pb_utils) -> tuple[dict, dict]:
+    """(option values, files) of what was sent, by ldm-run option name; a file as
+    (the client's name for it or None, its bytes)."""
+    given, files = {}, {}
+    for f in SERVED:
+        t = pb_utils.get_input_tensor_by_name(request, f.wire.name)
         if t is None:
             continue
         a = t.as_numpy()
-        if name == "init_image":
-            out[name] = bytes(a.reshape(-1)[0]) if a.size else b""
-        elif kind == "BYTES":
-            try:
-                texts = _texts(a)
-            except UnicodeDecodeError:
-                raise UsageError(f"{name} is not UTF-8 text")
-            out[name] = texts if name in ("prompt", "negative_prompt") else texts[0]
+        if f.file:
+            t_name = pb_utils.get_input_tensor_by_name(request, f.name_input)
+            name = (None if t_name is None else
+                    _one(_texts(t_name.as_numpy(), f.name_input), f.name_input))
+            files[f.option] = (name, bytes(_one(a.reshape(-1).tolist(), f.wire.name)))
+        elif f.wire.datatype == "BYTES":
+            texts = _texts(a, f.wire.name)
+            given[f.option] = texts if f.many else _one(texts, f.wire.name)
         else:
-            if a.size != 1:
-                raise UsageError(f"{name} must be one value, got {a.size}")
-            out[name] = _scalar(a)
+            given[f.option] = _one(a.reshape(-1).tolist(), f.wire.name)
+    return given, files
+
+
+def _file_name(sent: str | None, default: str) -> str:
+    """The last part of the client's file name, or ``default`` where it cannot name a file."""
+    base = Path(sent or "").name
+    if base in ("", ".", "..") or "\x00" in base or len(base.encode()) > MAX_NAME_BYTES:
+        return default
+    return base
+
+
+def write_files(folder: Path, files: dict) -> dict:
+    """Each sent file in a folder of its own under ``folder``, by its client's name:
+    option -> (its path here, the client's name for it)."""
+    out = {}
+    for option, (sent, data) in files.items():
+        default = BY_OPTION[option].wire.name.replace("_", "-")
+        path = folder / option / _file_name(sent, default)
+        path.parent.mkdir()
+        path.write_bytes(data)
+        out[option] = (path, sent or default)
     return out
 
 
@@ -86,24 +115,18 @@ class TritonPythonModel:
         return responses
 
     def _generate(self, request, pb_utils):
-        given = read_inputs(request, pb_utils)
-        if "prompt" not in given:
-            raise UsageError("give at least one prompt")
-        init = given.get("init_image")
-        self.limits.check_early(given["prompt"], given.get("negative_prompt"), init)
+        given, files = read_inputs(request, pb_utils)
+        self._check_early(given, files)
         with tempfile.TemporaryDirectory(prefix="ldm-serve-") as tmp:
-            init_path = None
-            if init is not None:
-                name = Path(given.get("init_image_name") or DEFAULT_INIT_NAME).name
-                init_path = Path(tmp) / (name or DEFAULT_INIT_NAME)
-                init_path.write_bytes(init)
+            written = write_files(Path(tmp), files)
+            paths = {option: str(path) for option, (path, _) in written.items()}
             try:
-                req = self._resolve(given, init_path)
-            except UsageError as e:  # say the client's file name, not the server's copy
-                if init_path is None:
-                    raise
-                raise UsageError(str(e).replace(str(init_path),
-                                                given.get("init_image_name") or DEFAULT_INIT_NAME))
+                req = self.pipe.request(**request_keywords({**given, **paths}, SERVED))
+            except UsageError as e:  # say the client's file names, not the server's copies
+                msg = str(e)
+                for path, sent in written.values():
+                    msg = msg.replace(str(path), sent)
+                raise UsageError(msg) from None
         self.limits.check(req)
 
         def progress(done, total):
@@ -116,15 +139,14 @@ class TritonPythonModel:
             pb_utils.Tensor("images", np.ascontiguousarray(result.images)),
             pb_utils.Tensor("parameters", np.array(params, dtype=np.object_))])
 
-    def _resolve(self, given: dict, init_path):
+    def _check_early(self, given: dict, files: dict) -> None:
+        """The server's limits on what was sent, before anything is decoded."""
         negs = given.get("negative_prompt")
-        return self.pipe.request(
-            prompt=given["prompt"], negative_prompt=negs[0] if negs and len(negs) == 1 else negs,
-            num_inference_steps=given.get("steps"), guidance_scale=given.get("guidance_scale"),
-            scheduler=given.get("scheduler"), height=given.get("height"),
-            width=given.get("width"), num_images_per_prompt=given.get("num_images", 1),
-            seed=given.get("seed"), init_image=None if init_path is None else str(init_path),
-            strength=given.get("strength"))
+        self.limits.check_early(given.get("prompts") or [], negs, None)
+        for option, (_, data) in files.items():
+            if len(data) > self.limits.max_init_bytes:
+                raise UsageError(f"{BY_OPTION[option].flag} of {len(data)} bytes is over this "
+                                 f"server's limit of {self.limits.max_init_bytes}")
 
     def finalize(self):
         self.pipe.close()

@@ -1,6 +1,6 @@
-"""The bad-input table: every row is a test (test_bad_input_table.py) and a README row.
+"""The bad-input table: every row is a test (test_bad_input_table.py) and a row of docs/bad-input.md.
 
-Print the README table with:  python tests/cli/bad_inputs.py
+Print the table with:  python tests/cli/bad_inputs.py
 Each case: (what, how to break things, ldm-run arguments, exit code, message fragment).
 Placeholders in arguments: BUNDLE (a fresh copy of a tiny bundle, broken by `breaker`),
 UNCOND / INPAINT / SR / UPSCALE (the same, of the tiny unconditional LDM / SD inpainting /
@@ -134,6 +134,7 @@ CASES = [
     ("--lora scale NaN", _loras, ["BUNDLE", "--lora", "TMP/good.safetensors:nan"] + P, 2, "the scale nan must be a finite number"),
     ("--lora scale not a number", _loras, ["BUNDLE", "--lora", "TMP/good.safetensors:strong"] + P, 2, "'strong' is not a number; give FILE:SCALE"),
     ("--lora on a bundle exported before LoRA support", _m(lambda m, b, t: (m["components"]["unet"].pop("weights_map"), _loras(b, t))), ["BUNDLE", "--lora", "TMP/good.safetensors:1"] + P, 2, "re-export it once with `ldm-export onnx` to use --lora"),
+    ("--check-lora-int8 on an FP32 run", None, ["BUNDLE", "--check-lora-int8"] + P, 2, "--check-lora-int8 measures a LoRA on the INT8 U-Net; this run is fp32: add --precision int8, or drop --check-lora-int8"),
     ("--lora kohya file at 0.8 (accepted)", _loras, ["BUNDLE", "-p", "x", "--steps", "1", "--lora", "TMP/good.safetensors:0.8", "-q"], 0, ""),
     ("--low-memory --vae-tiling (accepted)", None, ["BUNDLE", "-p", "x", "--steps", "1", "--low-memory", "--vae-tiling", "--vae-tile-size", "64", "-q"], 0, ""),
     ("no --prompt for a text-to-image model", None, ["BUNDLE", "--steps", "2"], 2, "give a prompt with -p/--prompt: this bundle's model is text-to-image"),

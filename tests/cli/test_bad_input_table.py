@@ -1,4 +1,4 @@
-"""Every row of the README's bad-input table, as a user meets it: ldm-run in a subprocess."""
+"""Every row of the bad-input table (docs/bad-input.md), as a user meets it: ldm-run in a subprocess."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from bad_inputs import CASES, markdown
 from helpers import run_cli
 
-README = Path(__file__).parents[2] / "README.md"
+TABLE_PAGE = Path(__file__).parents[2] / "docs" / "bad-input.md"
 
 
 @pytest.mark.parametrize("what,breaker,args,code,needle", CASES, ids=[c[0] for c in CASES])
@@ -43,5 +43,5 @@ def test_case(what, breaker, args, code, needle, request, tmp_path):
         assert needle in r.stderr
 
 
-def test_readme_has_the_table():
-    assert markdown() in README.read_text(), "regenerate: python tests/cli/bad_inputs.py"
+def test_docs_have_the_table():
+    assert markdown() in TABLE_PAGE.read_text(), "regenerate: python tests/cli/bad_inputs.py"

@@ -286,7 +286,8 @@ def test_int8_requantises_the_merged_weights(tiny_bundles, loras, tmp_path):
     np.save(lat, _latents(None))
     r = run_cli("-m", "ldm_edge.runtime", str(b), "-p", PROMPT, "--steps", str(STEPS),
                 "--scheduler", "pndm", "--latents", str(lat), "--precision", "int8",
-                "--lora", f"{loras['sd1']['a']}:0.8", "-o", str(tmp_path / "i8.png"))
+                "--lora", f"{loras['sd1']['a']}:0.8", "--check-lora-int8",
+                "-o", str(tmp_path / "i8.png"))
     assert r.returncode == 0, r.stderr[-800:]
     import re
 

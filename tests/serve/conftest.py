@@ -32,3 +32,21 @@ def serve_venv() -> Path:
     return venv
 
 
+
+
+@pytest.fixture(scope="session")
+def served_files(tmp_path_factory) -> dict[str, str]:
+    """The files the served bad-input rows name by placeholder (served_bad_inputs.py)."""
+    import numpy as np
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("served_files")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(d / "init.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 32:] = 255
+    Image.fromarray(mask).save(d / "mask.png")
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / "low.png")
+    (d / "notimage.png").write_text("hello")
+    return {"INIT": str(d / "init.png"), "MASK": str(d / "mask.png"),
+            "LOW": str(d / "low.png"), "NOTIMAGE": str(d / "notimage.png")}

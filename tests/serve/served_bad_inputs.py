@@ -1,5 +1,5 @@
-"""The served rows of the README's bad-input table: every row is a test (test_serving.py,
-against a real server) and a README row. Print the README table with:
+"""The served rows of the bad-input table (docs/bad-input.md): every row is a test (test_serving.py,
+against a real server) and a row there. Print the table with:
 python tests/serve/served_bad_inputs.py
 
 Each case: (what, how it is sent, arguments, what comes back, message fragment, local).
@@ -8,13 +8,18 @@ with ``local`` the line is exactly the one a local `ldm-run BUNDLE` + arguments 
 ``http``: a raw KServe v2 JSON request (a list of inputs) answered 400 with ``{"error": ...}``
 (a wrong type is refused by Triton itself, in its words, before the model sees it).
 The server's limits in those tests: --max-steps 500 --max-pixels 65536, others default.
-Placeholders: NOTIMAGE (a text file named .png), SERVER (a port nothing listens on).
+Placeholders: NOTIMAGE (a text file named .png), INIT / MASK (a 64x64 picture / mask), LOW (a
+32x32 picture), SERVER (a port nothing listens on). The rows are sent to a server of the tiny
+SD1 bundle, or, first argument INPAINT / UPSCALE / SR, of the tiny SD inpainting / SD x4
+upscaler / LDM super-resolution bundle (test_served_tasks.py).
 """
 
 from __future__ import annotations
 
 P = ["-p", "a red cat", "--steps", "2"]
 PROMPT = {"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["a red cat"]}
+# a row's first argument -> the bundle its server serves (other rows: the tiny SD1 bundle's)
+TASK_SERVERS = {"INPAINT": "inpaint", "UPSCALE": "upscale", "SR": "ldm-sr"}
 
 SERVED_CASES = [
     ("zero steps", "ldm-run", ["-p", "x", "--steps", "0"], 2, "--steps 0 must be between 1 and 1000", True),
@@ -31,10 +36,24 @@ SERVED_CASES = [
     ("a local-only option with --server", "ldm-run", ["--latents", "x.npy"] + P, 2, "--latents is for a local run; the server decides how it computes", False),
     ("BUNDLE and --server", "ldm-run", ["BUNDLE"] + P, 2, "--server draws with the bundle the server serves; drop BUNDLE", False),
     ("no server at the address", "ldm-run", ["--server", "SERVER"] + P, 2, "cannot reach the server at", False),
-    ("request without a prompt", "http", [], 400, "give at least one prompt", False),
+    ("--task the bundle's model cannot do", "ldm-run", ["--task", "inpaint"] + P, 2, "--task inpaint: this bundle's model does text-to-image only", True),
+    ("--mask with a plain (4-channel) U-Net", "ldm-run", ["--init-image", "INIT", "--mask", "MASK"] + P, 2, "--mask needs an inpainting model", True),
+    ("--noise-level for a model that is not the SD x4 upscaler", "ldm-run", ["--noise-level", "20"] + P, 2, "--noise-level is for the SD x4 upscaler", True),
+    ("inpainting mask not an image", "ldm-run", ["INPAINT", "--init-image", "INIT", "--mask", "NOTIMAGE"] + P, 2, "is not a readable image", True),
+    ("inpainting mask of another size than the init image", "ldm-run", ["INPAINT", "--init-image", "INIT", "--mask", "LOW"] + P, 2, "is 32x32, the init image is 64x64; give a mask of the image's size", True),
+    ("--noise-level above the SD x4 upscaler's max_noise_level", "ldm-run", ["UPSCALE", "--init-image", "LOW", "--noise-level", "400"] + P, 2, "--noise-level 400 must be an integer from 0 to 350", True),
+    ("super-resolution without an init image", "ldm-run", ["SR", "--steps", "2"], 2, "this bundle's model upscales x4: give --init-image", True),
+    ("request without a prompt", "http", [], 400, "give a prompt with -p/--prompt: this bundle's model is text-to-image", False),
     ("steps sent as FP32 (wrong type)", "http", [PROMPT, {"name": "steps", "shape": [1], "datatype": "FP32", "data": [2.5]}], 400, "inference input 'steps' data-type is 'FP32', but model 'ldm_pipeline' expects 'INT32'", False),
     ("steps sent as text (wrong type)", "http", [PROMPT, {"name": "steps", "shape": [1], "datatype": "BYTES", "data": ["2"]}], 400, "inference input 'steps' data-type is 'BYTES', but model 'ldm_pipeline' expects 'INT32'", False),
+    ("mask sent as numbers (wrong type)", "http", [PROMPT, {"name": "mask", "shape": [1], "datatype": "INT32", "data": [1]}], 400, "inference input 'mask' data-type is 'INT32', but model 'ldm_pipeline' expects 'BYTES'", False),
 ]
+
+
+def server_of(case: tuple) -> str:
+    """The bundle (tiny_bundles / ldm_bundles key) whose server a row is sent to."""
+    args = case[2]
+    return TASK_SERVERS.get(args[0], "sd1") if args and isinstance(args[0], str) else "sd1"
 
 
 def markdown() -> str:
