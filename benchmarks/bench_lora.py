@@ -91,7 +91,7 @@ def child_ours(a) -> dict:
     for name in ("text_encoder", "unet", "vae_decoder"):
         pipe.backend(name)  # open every session first, as diffusers loads every model first
     t_loaded = time.time()
-    lora_merge = pipe.timings.get("lora")
+    lora_merge = pipe.timings.lora
     first = {}
 
     def first_unet_call(call):

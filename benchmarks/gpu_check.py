@@ -152,10 +152,10 @@ def time_pipeline(bundle: Path, backend: str, precision: str, device: str, steps
         kinds = {n: type(b).__name__ for n, b in pipe.open_components.items()}
     finally:
         pipe.close()
-    return {"text_encoder_ms": _med([t["text_encoder"] for t in runs]),
-            "unet_step_ms": _med([s for t in runs for s in t["unet_per_step"]]),
-            "vae_decoder_ms": _med([t["vae_decoder"] for t in runs]),
-            "total_ms": _med([t["total"] for t in runs]), "backends": kinds}
+    return {"text_encoder_ms": _med([t.text_encoder for t in runs]),
+            "unet_step_ms": _med([s for t in runs for s in t.unet_per_step]),
+            "vae_decoder_ms": _med([t.vae_decoder for t in runs]),
+            "total_ms": _med([t.total for t in runs]), "backends": kinds}
 
 
 def time_torch(source: Path, name: str, steps: int, repeats: int) -> dict:

@@ -200,16 +200,15 @@ def _load_latents(path: str):
     return arr
 
 
-def timing_table(t: dict) -> str:
-    steps = t.get("unet_per_step") or []
-    per = sorted(steps)[len(steps) // 2] if steps else float("nan")
-    rows = [("lora merge (numpy)", t.get("lora")),
-            ("text encoder", t.get("text_encoder", 0.0)),
-            ("vae encoder", t.get("vae_encoder")),
-            (f"unet ({len(steps)} steps)", t.get("unet", 0.0)),
-            ("unet per step (median)", per),
-            ("vae decoder", t.get("vae_decoder", 0.0)),
-            ("total", t.get("total", 0.0))]
+def timing_table(t) -> str:
+    """``t``: a run's pipeline.Timings, as the table ldm-run prints on stderr."""
+    rows = [("lora merge (numpy)", t.lora),
+            ("text encoder", t.text_encoder),
+            ("vae encoder", t.vae_encoder),
+            (f"unet ({len(t.unet_per_step)} steps)", t.unet),
+            ("unet per step (median)", t.unet_step_median),
+            ("vae decoder", t.vae_decoder),
+            ("total", t.total)]
     lines = ["stage                      seconds"]
     lines += [f"{name:<26} {v:8.3f}" for name, v in rows if v is not None]
     return "\n".join(lines)

@@ -11,7 +11,8 @@ As stable-diffusion.cpp builds one request struct behind every door, every optio
   ``--latents``): with ``--server`` it is refused unless left at its ``default``;
 * ``CLIENT_OPTIONS`` are the client's own (where the PNGs go, what it prints).
 
-A file (the init image, the mask) travels as its bytes, its name beside it in
+The rows of a task's own options are declared by its plan (``TaskPlan.fields``). A file (the
+init image, the mask) travels as its bytes, its name beside it in
 ``<wire>_name``: the server writes the bytes to a file of that name, so the PNG records the
 same source and a refusal names the client's file. tests/unit/test_fields_option_walk.py
 walks the click command: an option in no row and not a client option fails there.
@@ -21,65 +22,29 @@ Pure python: imported by the lean runtime and by the Triton Python model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from .errors import UsageError
-
-
-@dataclass(frozen=True)
-class Wire:
-    """An input of the served pipeline: KServe v2 name, datatype and dims (-1: any number).
-    FP64 for the floats: the PNG records them as they were given."""
-
-    name: str
-    datatype: str
-    dims: tuple[int, ...] = (1,)
-
-
-@dataclass(frozen=True)
-class Field:
-    """One ``ldm-run`` option."""
-
-    option: str  # its click parameter name (``main``'s keyword)
-    flag: str  # as the user types it, for messages
-    keyword: str | None  # ``Pipeline.request``'s keyword; None: not part of the request
-    wire: Wire | None = None  # the served input; None: a local run's only
-    default: object = None  # ldm-run's default (not given)
-    file: bool = False  # a path: sent as the file's bytes, its name in ``name_input``
-
-    @property
-    def many(self) -> bool:
-        """Several values (the prompts): a list on the wire and in the request."""
-        return self.wire is not None and self.wire.dims == (-1,)
-
-    @property
-    def name_input(self) -> str | None:
-        """The input that carries a sent file's name."""
-        return f"{self.wire.name}_name" if self.file else None
-
-
-def _sent(option, flag, keyword, name, datatype, dims=(1,), default=None, file=False) -> Field:
-    return Field(option, flag, keyword, Wire(name, datatype, dims), default, file)
+from .field import Field, sent
+from .tasks import TASK_FIELDS
 
 
 FIELDS = (
     # sent to the server, under the name of its input
-    _sent("prompts", "--prompt", "prompt", "prompt", "BYTES", (-1,), default=()),
-    _sent("negative_prompt", "--negative-prompt", "negative_prompt", "negative_prompt",
+    sent("prompts", "--prompt", "prompt", "prompt", "BYTES", (-1,), default=()),
+    sent("negative_prompt", "--negative-prompt", "negative_prompt", "negative_prompt",
           "BYTES", (-1,)),
-    _sent("task", "--task", "task", "task", "BYTES"),
-    _sent("steps", "--steps", "num_inference_steps", "steps", "INT32"),
-    _sent("guidance_scale", "--guidance-scale", "guidance_scale", "guidance_scale", "FP64"),
-    _sent("scheduler", "--scheduler", "scheduler", "scheduler", "BYTES"),
-    _sent("seed", "--seed", "seed", "seed", "UINT64"),
-    _sent("height", "--height", "height", "height", "INT32"),
-    _sent("width", "--width", "width", "width", "INT32"),
-    _sent("num_images", "--num-images", "num_images_per_prompt", "num_images", "INT32",
+    sent("task", "--task", "task", "task", "BYTES"),
+    sent("steps", "--steps", "num_inference_steps", "steps", "INT32"),
+    sent("guidance_scale", "--guidance-scale", "guidance_scale", "guidance_scale", "FP64"),
+    sent("scheduler", "--scheduler", "scheduler", "scheduler", "BYTES"),
+    sent("seed", "--seed", "seed", "seed", "UINT64"),
+    sent("height", "--height", "height", "height", "INT32"),
+    sent("width", "--width", "width", "width", "INT32"),
+    sent("num_images", "--num-images", "num_images_per_prompt", "num_images", "INT32",
           default=1),
-    _sent("init_image", "--init-image", "init_image", "init_image", "BYTES", file=True),
-    _sent("strength", "--strength", "strength", "strength", "FP64"),
-    _sent("mask", "--mask", "mask", "mask", "BYTES", file=True),
-    _sent("noise_level", "--noise-level", "noise_level", "noise_level", "INT32"),
+    sent("init_image", "--init-image", "init_image", "init_image", "BYTES", file=True),
+    sent("strength", "--strength", "strength", "strength", "FP64"),
+    # each task's own (the inpainting mask, the upscaler's noise level): its plan declares them
+    *TASK_FIELDS,
     # a local run's only: refused with --server unless left at the default
     Field("latents_path", "--latents", "latents"),  # the array, loaded from the file
     Field("backend", "--backend", None, default="auto"),

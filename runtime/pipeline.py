@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Callable
@@ -35,11 +34,35 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class Timings:
+    """Seconds per stage of one run; None: the stage did not run."""
+
+    text_encoder: float = 0.0
+    vae_encoder: float | None = None
+    unet: float = 0.0
+    vae_decoder: float = 0.0
+    lora: float | None = None  # merging LoRA weights in numpy, when sessions opened with some
+    unet_per_step: list[float] = field(default_factory=list)  # each step's U-Net call(s)
+    denoise_loop: float = 0.0  # the whole loop: U-Net calls plus the scheduler's numpy
+    total: float = 0.0
+    steps: int = 0
+
+    def add(self, stage: str, seconds: float) -> None:
+        """Add to a stage's seconds (a component's name, or "lora")."""
+        setattr(self, stage, (getattr(self, stage) or 0.0) + seconds)
+
+    @property
+    def unet_step_median(self) -> float:
+        s = sorted(self.unet_per_step)
+        return s[len(s) // 2] if s else float("nan")
+
+
+@dataclass
 class Result:
     images: np.ndarray  # uint8 [n, H, W, 3]
     request: GenerationRequest  # what was asked, resolved
     provenance: Provenance  # what ran it
-    timings: dict = field(default_factory=dict)  # seconds per stage, and per-step list
+    timings: Timings = field(default_factory=Timings)
     dropped_tokens: list = field(default_factory=list)
     latents: np.ndarray | None = None  # the final latents, before the VAE decoder
 
@@ -119,7 +142,7 @@ class Pipeline:
         # other components may fall back to a wider precision; the U-Net must have the one asked
         self.manifest.variant("unet", precision)
         self._backends = {}
-        self.timings = defaultdict(float)
+        self.timings = Timings()
         self._lora_weights, self._loras = None, None
         if loras:
             self.set_loras(loras)
@@ -174,7 +197,7 @@ class Pipeline:
             return None
         t0 = time.perf_counter()
         merged = self._lora_weights.graph_weights(self._loras, name)
-        self.timings["lora"] += time.perf_counter() - t0
+        self.timings.add("lora", time.perf_counter() - t0)
         return merged
 
     def call_component(self, name: str, feeds: dict) -> np.ndarray:
@@ -184,7 +207,7 @@ class Pipeline:
         t0 = time.perf_counter()
         out = b.run(feeds)[b.spec.output_names[0]]
         seconds = time.perf_counter() - t0
-        self.timings[name] += seconds
+        self.timings.add(name, seconds)
         if not np.isfinite(out).all():
             hint = "" if b.precision == "fp32" else "; try --precision fp32"
             raise NumericsError(f"{name} ({b.precision}) produced NaN/Inf{hint}")
@@ -322,7 +345,7 @@ class Pipeline:
         """The stages: conditioning -> the task's start -> denoise -> decode. Low memory:
         each stage's sessions are released before the next stage's open."""
         self._check_tiles(req)
-        self.timings = defaultdict(float)
+        self.timings = Timings()
         t_start = time.perf_counter()
         plan = plan_of(req.task).for_request(req)
         sched = make_scheduler(req.scheduler, self.manifest.schema.scheduler)
@@ -336,10 +359,9 @@ class Pipeline:
         self._release("unet")
         images = self.decode(lat)
         self._release("vae_decoder")
-        timings = dict(self.timings)
-        timings["total"] = time.perf_counter() - t_start
-        timings["steps"] = len(timesteps)
-        return Result(images, req, provenance, timings, cond.dropped, lat)
+        self.timings.total = time.perf_counter() - t_start
+        self.timings.steps = len(timesteps)
+        return Result(images, req, provenance, self.timings, cond.dropped, lat)
 
     def _provenance(self, shape: tuple) -> Provenance:
         unet, model = self.backend("unet"), self.manifest.schema.model
@@ -400,8 +422,8 @@ class Pipeline:
                     progress(i + 1, len(timesteps))
         finally:
             unet.unbind()
-        self.timings["unet_per_step"] = per_step
-        self.timings["denoise_loop"] = time.perf_counter() - t_loop
+        self.timings.unet_per_step = per_step
+        self.timings.denoise_loop = time.perf_counter() - t_loop
         return lat
 
 

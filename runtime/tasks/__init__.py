@@ -17,6 +17,8 @@ from .base import TaskPlan
 PLANS: dict[str, TaskPlan] = {p.name: p for p in (
     txt2img.PLAN, unconditional.PLAN, inpaint.PLAN, super_resolution.PLAN, upscale.PLAN)}
 TASKS = tuple(PLANS)
+# the ldm-run options that are a task's own, in registry order (runtime/fields.py's table)
+TASK_FIELDS = tuple(f for plan in PLANS.values() for f in plan.fields)
 # plans a request reaches through another task's (image-to-image: text-to-image with an init
 # image); not a `--task` value or a manifest's task
 VARIANTS: dict[str, TaskPlan] = {img2img.PLAN.name: img2img.PLAN}

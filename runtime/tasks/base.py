@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import validate
 from ..errors import UsageError
+from ..field import Field
 from ..inputs import InitImage
 from ..spec import ComponentSpec
 
@@ -120,6 +121,8 @@ class TaskPlan:
     takes_prompt = True  # False: the bundle has no text encoder and no tokenizer
     also_runs: tuple[str, ...] = ()  # other tasks `--task` may ask of a bundle of this task
     sized_by_image = False  # True: the output size follows the low-resolution input image
+    # ldm-run options that are this task's own (runtime/fields.py sends them to a server)
+    fields: tuple[Field, ...] = ()
 
     # -- export: what the components look like -------------------------------------
     def specs(self, specs: dict[str, ComponentSpec],

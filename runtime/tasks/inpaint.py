@@ -8,6 +8,7 @@ import numpy as np
 
 from .. import validate
 from ..errors import UsageError
+from ..field import sent
 from ..inputs import InitImage
 from .base import (StartInputs, TaskPlan, TaskStart, join_after_scaling, noise_latents,
                    noised_image_latents, strength_timesteps, widen_sample)
@@ -20,6 +21,7 @@ INPAINT_STRENGTH = 1.0
 
 class Inpaint(TaskPlan):
     name = NAME
+    fields = (sent("mask", "--mask", "mask", "mask", "BYTES", file=True),)
 
     def specs(self, specs, unet_in_channels):
         return {**specs, "unet": widen_sample(specs["unet"], unet_in_channels)}

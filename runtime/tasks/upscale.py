@@ -10,6 +10,7 @@ from dataclasses import replace
 import numpy as np
 
 from ..errors import UsageError
+from ..field import sent
 from ..spec import TensorSpec
 from .base import TaskStart, join_after_scaling, noise_latents, widen_sample
 from .super_resolution import LowResolutionInput
@@ -24,6 +25,7 @@ UPSCALE_SIDE_MULTIPLE = 8
 class Upscale(LowResolutionInput):
     name = NAME
     side_multiples = (UPSCALE_SIDE_MULTIPLE, UPSCALE_SIDE_MULTIPLE)
+    fields = (sent("noise_level", "--noise-level", "noise_level", NOISE_LEVEL, "INT32"),)
 
     def _multiples(self, bundle):
         # diffusers rounds to the VAE factor; 8 keeps the x4 result on the 8-pixel grid
