@@ -39,7 +39,7 @@ def candidates(model: dict) -> list[tuple[str, list[str]]]:
     if importlib.util.find_spec("openvino") is not None:
         c.append(("ldm-edge-openvino-fp32", ["--kind", "ours", "--bundle", str(model["bundle"]),
                                              "--backend", "openvino"]))
-    from ldm_edge.runtime.schema import read_manifest_json
+    from ldm_edge.runtime.bundle.schema import read_manifest_json
 
     have = read_manifest_json(model["bundle"]).precisions("unet")
     for prec in ("fp16", "int8"):
@@ -60,7 +60,7 @@ INT8_ARGS = ["--num-prompts", "4", "--calib-steps", "8", "--schedulers", "ddim"]
 
 def ensure_int8(model: dict) -> None:
     """Make the bundle's INT8 U-Net with ``ldm-export int8`` when it has none."""
-    from ldm_edge.runtime.schema import read_manifest_json
+    from ldm_edge.runtime.bundle.schema import read_manifest_json
 
     if "int8" in read_manifest_json(model["bundle"]).precisions("unet"):
         return

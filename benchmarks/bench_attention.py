@@ -55,7 +55,7 @@ def _child(a) -> None:
 
     import numpy as np
 
-    from ldm_edge.runtime.sessions import SessionFromOnnx
+    from ldm_edge.runtime.backends.sessions import SessionFromOnnx
 
     model, shape = _graph(a.child, a.batch, a.heads, a.tokens, a.head_dim)
     sess = SessionFromOnnx(model.SerializeToString(), threads=a.threads)()

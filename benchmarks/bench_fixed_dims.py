@@ -19,8 +19,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_fused import interleaved, unet_feeds
-from ldm_edge.runtime.bundle import open_bundle
-from ldm_edge.runtime.sessions import SessionFromOnnx
+from ldm_edge.runtime.bundle.opener import open_bundle
+from ldm_edge.runtime.backends.sessions import SessionFromOnnx
 
 
 class _Session:

@@ -21,8 +21,8 @@ import time
 
 import numpy as np
 
-from ldm_edge.runtime.backends import open_backend
-from ldm_edge.runtime.bundle import open_bundle
+from ldm_edge.runtime.backends.choose import open_backend
+from ldm_edge.runtime.bundle.opener import open_bundle
 
 
 def main():

@@ -185,7 +185,7 @@ def measure(model_dir, bundle, *, size: int, threads: int, repeats: int, out: Pa
     """Make the LoRA (once), run the four candidates interleaved; returns the medians."""
     import numpy as np
 
-    from ldm_edge.runtime.schema import read_manifest_json
+    from ldm_edge.runtime.bundle.schema import read_manifest_json
 
     bundle, model_dir, out = Path(bundle), Path(model_dir), Path(out)
     manifest = read_manifest_json(bundle)
@@ -250,12 +250,12 @@ def markdown(res: dict) -> str:
 
 def profile_merge(bundle: Path, lora: Path, top: int = 12) -> None:
     """Where the numpy merge's time goes: cProfile of reading the LoRA and merging it into
-    the U-Net's weights (``LoraWeights``, runtime/lora_apply.py), no session built."""
+    the U-Net's weights (``LoraWeights``, runtime/lora/apply.py), no session built."""
     import cProfile
     import pstats
 
-    from ldm_edge.runtime.bundle import open_bundle
-    from ldm_edge.runtime.lora_apply import LoraWeights
+    from ldm_edge.runtime.bundle.opener import open_bundle
+    from ldm_edge.runtime.lora.apply import LoraWeights
 
     weights = LoraWeights(open_bundle(bundle, False))
     t0 = time.perf_counter()

@@ -131,7 +131,7 @@ def add_weights_maps(folder: Path, bundle: Path, components=("unet", "text_encod
     from the diffusers folder it was exported from and checked against its graphs and forms
     as ``ldm-export`` does (export/weights_map.py), recorded with ``edit_manifest``. Minutes
     instead of the half hour re-exporting SD1.5 takes."""
-    from ldm_edge.runtime.schema import read_manifest_json
+    from ldm_edge.runtime.bundle.schema import read_manifest_json
 
     manifest = read_manifest_json(bundle)
     todo = [c for c in components if c in manifest.components
@@ -141,8 +141,8 @@ def add_weights_maps(folder: Path, bundle: Path, components=("unet", "text_encod
     from ldm_edge.bundletools.files import file_record
     from ldm_edge.export.weights_map import build_weights_map, verify_weights_map
     from ldm_edge.runtime.fsutil import atomic_write_bytes
-    from ldm_edge.runtime.schema import edit_manifest
-    from ldm_edge.runtime.weights_map import map_file_name
+    from ldm_edge.runtime.bundle.schema import edit_manifest
+    from ldm_edge.runtime.lora.weights_map import map_file_name
 
     records = {}
     for name in todo:

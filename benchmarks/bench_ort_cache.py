@@ -46,8 +46,8 @@ def _feeds(manifest, spec) -> dict:
 
 
 def _open(bundle, component, threads, cache):
-    from ldm_edge.runtime.backends import open_backend
-    from ldm_edge.runtime.bundle import open_bundle
+    from ldm_edge.runtime.backends.choose import open_backend
+    from ldm_edge.runtime.bundle.opener import open_bundle
 
     m = open_bundle(bundle, verify=False)
     t0 = time.perf_counter()

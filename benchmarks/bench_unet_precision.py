@@ -62,7 +62,7 @@ def make_feeds(manifest, batch: int, height: int | None, width: int | None) -> d
 
 
 def session(path: Path, threads: int):
-    from ldm_edge.runtime.sessions import SessionFromOnnx
+    from ldm_edge.runtime.backends.sessions import SessionFromOnnx
 
     return SessionFromOnnx(path, threads=threads, inter_threads=1)()
 
@@ -73,7 +73,7 @@ def run(bundle, repeats: int = DEFAULT_REPEATS, threads: int = 2, batch: int = 2
     import onnxruntime as ort
 
     from ldm_edge.runtime.compare import compare
-    from ldm_edge.runtime.bundle import open_bundle
+    from ldm_edge.runtime.bundle.opener import open_bundle
 
     m = open_bundle(bundle)
     have = [p for p in PRECISIONS if p in m.precisions("unet")]

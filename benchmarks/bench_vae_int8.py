@@ -53,9 +53,9 @@ def main(argv=None) -> None:
     from ldm_edge.calibration import qdq
     from ldm_edge.calibration.int8 import build_graph
     from ldm_edge.calibration.ranges import collect
-    from ldm_edge.runtime.bundle import open_bundle
+    from ldm_edge.runtime.bundle.opener import open_bundle
     from ldm_edge.runtime.compare import psnr
-    from ldm_edge.runtime.sessions import SessionFromOnnx
+    from ldm_edge.runtime.backends.sessions import SessionFromOnnx
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle")

@@ -11,8 +11,8 @@ import argparse
 
 import numpy as np
 
-from ldm_edge.runtime.backends import open_backend
-from ldm_edge.runtime.bundle import open_bundle
+from ldm_edge.runtime.backends.choose import open_backend
+from ldm_edge.runtime.bundle.opener import open_bundle
 from ldm_edge.runtime.cpu import cpu_summary
 
 from bench_fused import interleaved, unet_feeds

@@ -40,7 +40,7 @@ def fail(msg: str, code: int = 2):
 
 def machine() -> dict:
     """The GPU facts, or one line and exit 2 where something is missing."""
-    from ldm_edge.runtime.trt_engines import TensorRTUnavailable, device_facts
+    from ldm_edge.runtime.backends.trt_engines import TensorRTUnavailable, device_facts
 
     try:
         facts = device_facts()
@@ -117,13 +117,13 @@ def make_bundles(out: Path, steps: Steps) -> dict[str, dict]:
 
 
 def _has_variant(bundle: Path, component: str, precision: str) -> bool:
-    from ldm_edge.runtime.schema import read_manifest_json
+    from ldm_edge.runtime.bundle.schema import read_manifest_json
 
     return precision in read_manifest_json(bundle).precisions(component)
 
 
 def _has_engine(bundle: Path, precision: str) -> bool:
-    from ldm_edge.runtime.schema import read_manifest_json
+    from ldm_edge.runtime.bundle.schema import read_manifest_json
 
     engines = read_manifest_json(bundle).components["unet"].engines
     return any(e.precision == precision for e in engines)

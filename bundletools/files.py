@@ -1,13 +1,13 @@
 """Bundle file records, torch-free: engines and precision variants are made on devices
 (Jetsons) that have no PyTorch, so this must not import the exporter. Manifest edits go
-through the typed schema (``ldm_edge.runtime.schema.edit_manifest``)."""
+through the typed schema (``ldm_edge.runtime.bundle.schema.edit_manifest``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ldm_edge.runtime.fsutil import sha256_file
-from ldm_edge.runtime.schema import FileRecord
+from ldm_edge.runtime.bundle.schema import FileRecord
 
 
 def file_record(path: Path, root: Path) -> FileRecord:

@@ -20,9 +20,9 @@ import numpy as np
 
 from ldm_edge.runtime.compare import Comparison, compare, summarise
 from ldm_edge.runtime.errors import BundleError, first_line
-from ldm_edge.runtime.schema import BundleManifest, FormRecord, VariantRecord, read_manifest_json
-from ldm_edge.runtime.sessions import SessionFromOnnx
-from ldm_edge.runtime.spec import ComponentSpec
+from ldm_edge.runtime.bundle.schema import BundleManifest, FormRecord, VariantRecord, read_manifest_json
+from ldm_edge.runtime.backends.sessions import SessionFromOnnx
+from ldm_edge.runtime.bundle.spec import ComponentSpec
 
 from .files import file_record
 from .fused_attention import fuse_attention

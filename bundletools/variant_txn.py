@@ -20,8 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ldm_edge.runtime.manifest import Manifest
-from ldm_edge.runtime.schema import (BundleManifest, QualityRecord, VariantRecord, edit_manifest,
+from ldm_edge.runtime.bundle.manifest import Manifest
+from ldm_edge.runtime.bundle.schema import (BundleManifest, QualityRecord, VariantRecord, edit_manifest,
                                      read_manifest_json)
 
 from .save import save_graph

@@ -10,7 +10,7 @@ import time
 
 import click
 
-from ldm_edge.runtime.cli_errors import fail
+from ldm_edge.runtime.cli.errors import fail
 
 from .capture import read_prompts
 from .ranges import METHODS

@@ -24,10 +24,10 @@ from ldm_edge.bundletools.task_inputs import labels
 from ldm_edge.bundletools.variant_txn import VariantTransaction
 from ldm_edge.runtime.compare import compare
 from ldm_edge.runtime.errors import ExportError, first_line
-from ldm_edge.runtime.bundle import open_bundle
-from ldm_edge.runtime.manifest import Manifest
-from ldm_edge.runtime.schema import BundleManifest, QualityRecord, VariantRecord, read_manifest_json
-from ldm_edge.runtime.sessions import SessionFromOnnx
+from ldm_edge.runtime.bundle.opener import open_bundle
+from ldm_edge.runtime.bundle.manifest import Manifest
+from ldm_edge.runtime.bundle.schema import BundleManifest, QualityRecord, VariantRecord, read_manifest_json
+from ldm_edge.runtime.backends.sessions import SessionFromOnnx
 from ldm_edge.runtime.tasks import takes_prompt
 
 from .capture import capture, default_prompts

@@ -196,8 +196,8 @@ def act_qparams(lo: float, hi: float) -> tuple[np.float32, np.int8]:
 
 def weight_qparams(w: np.ndarray, axis: int, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel symmetric int8 weights (``bits`` 7: within -63..63) and their scales; the
-    runtime's LoRA re-quantisation uses the same function (runtime/lora_int8.py)."""
-    from ldm_edge.runtime.lora_int8 import weight_qparams as symmetric
+    runtime's LoRA re-quantisation uses the same function (runtime/lora/int8.py)."""
+    from ldm_edge.runtime.lora.int8 import weight_qparams as symmetric
 
     return symmetric(w, axis, 2 ** (bits - 1) - 1)
 

@@ -205,7 +205,7 @@ def collect(fp32_path: Path, names: list[str], samples: list[dict], *, threads: 
     """Histogram of every tensor in ``names`` over all ``samples`` (feeds of the graph)."""
     import onnx
 
-    from ldm_edge.runtime.sessions import SessionFromOnnx
+    from ldm_edge.runtime.backends.sessions import SessionFromOnnx
 
     fp32_path = Path(fp32_path)
     proto = onnx.load(str(fp32_path), load_external_data=False)

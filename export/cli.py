@@ -8,7 +8,7 @@ import time
 import click
 
 from ldm_edge.calibration.cli_int8 import int8_cmd
-from ldm_edge.runtime import cli_errors
+from ldm_edge.runtime.cli import errors as cli_errors
 from ldm_edge.serve.cli import triton_cmd
 
 
@@ -108,7 +108,7 @@ def fuse_cmd(bundle, precision):
     """Add the onnxruntime form (attention fused into MultiHeadAttention) to BUNDLE's U-Net and
     VAE variants; each form is checked against its plain graph and recorded."""
     from ldm_edge.bundletools.forms import add_fused_forms
-    from ldm_edge.runtime.schema import read_manifest_json
+    from ldm_edge.runtime.bundle.schema import read_manifest_json
 
     have = sorted({p for c in read_manifest_json(bundle).components.values() for p in c.variants})
     for prec in precision or have:

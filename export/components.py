@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ldm_edge.runtime.spec import ComponentSpec
+from ldm_edge.runtime.bundle.spec import ComponentSpec
 
 from .load import LoadedModel
 

@@ -24,14 +24,14 @@ from typing import Callable
 
 from ldm_edge.runtime.errors import LdmEdgeError, UsageError
 from ldm_edge.runtime.fsutil import sha256_file
-from ldm_edge.runtime.bundle import open_bundle
-from ldm_edge.runtime.manifest import Manifest
-from ldm_edge.runtime.schema import (MANIFEST_NAME, BundleManifest, ComponentRecord, EngineRecord,
+from ldm_edge.runtime.bundle.opener import open_bundle
+from ldm_edge.runtime.bundle.manifest import Manifest
+from ldm_edge.runtime.bundle.schema import (MANIFEST_NAME, BundleManifest, ComponentRecord, EngineRecord,
                                      edit_manifest)
-from ldm_edge.runtime.spec import ComponentSpec
-from ldm_edge.runtime.trt_refit import REFIT_KIND, mark_refittable, refit_individual
+from ldm_edge.runtime.bundle.spec import ComponentSpec
+from ldm_edge.runtime.backends.trt_refit import REFIT_KIND, mark_refittable, refit_individual
 from ldm_edge.runtime.tasks import takes_prompt
-from ldm_edge.runtime.trt_engines import (ENGINE_BACKEND, device_facts,
+from ldm_edge.runtime.backends.trt_engines import (ENGINE_BACKEND, device_facts,
                                           engine_path, import_tensorrt)
 
 # Components that see the negative and the positive prompt in one call under classifier-free
@@ -80,7 +80,7 @@ def _dim_range(dim: str, spec: ComponentSpec, manifest: BundleManifest, componen
                opts: ProfileOptions) -> tuple[int, int, int]:
     lo, hi = spec.ranges.get(dim, (1, None))
     if dim == "batch":
-        # a model that takes no prompt is never guided (runtime/tasks.py)
+        # a model that takes no prompt is never guided (runtime/tasks/)
         per = 2 if component in GUIDED and takes_prompt(manifest.task) else 1
         images = opts.max_batch
         mn, opt, mx = 1, per, per * images if images else hi
@@ -120,7 +120,7 @@ def _within(dim, rng, lo, hi, fix, scale=1):
 # -- building -----------------------------------------------------------------------------------
 def import_polygraphy():
     """Polygraphy's TensorRT loaders, from the one TensorRT environment (``trt_engines``)."""
-    from ldm_edge.runtime.trt_engines import import_polygraphy as from_environment
+    from ldm_edge.runtime.backends.trt_engines import import_polygraphy as from_environment
 
     return from_environment()
 
@@ -129,7 +129,7 @@ def plan_builds(manifest: Manifest, precision: str, opts: ProfileOptions,
                 components: tuple[str, ...] | None = None) -> list[tuple]:
     """(component, precision, variant, profile) for each engine to build; checks everything
     that can be checked before TensorRT is touched."""
-    from ldm_edge.runtime.backends import pick_precision
+    from ldm_edge.runtime.backends.choose import pick_precision
 
     names = components or tuple(manifest.component_names)
     unknown = [n for n in names if not manifest.has(n)]
@@ -178,7 +178,7 @@ def build_engines(bundle, *, precision: str = "fp16", options: ProfileOptions = 
                   refittable: bool = False) -> list[dict]:
     """Build and record one engine per component; return the records written.
     ``refittable``: the weights of each component's weights map stay refittable, for LoRA
-    (runtime/trt_refit.py); components without a map are built as usual."""
+    (runtime/backends/trt_refit.py); components without a map are built as usual."""
     root = Path(bundle)
     facts = device_facts()  # one line if TensorRT, cuda-python or a GPU is missing
     poly = import_polygraphy()
@@ -258,8 +258,8 @@ def _build_one(poly, component: str, onnx_path: Path, profile: dict, out: Path, 
 
 def refit_names(manifest: Manifest, component: str, precision: str, graph: Path) -> list[str]:
     """The initializers of ``component``'s weights map, all present (as float) in ``graph``."""
-    from ldm_edge.runtime.onnx_scan import initializer_dtypes
-    from ldm_edge.runtime.weights_map import read_weights_map
+    from ldm_edge.runtime.bundle.onnx_scan import initializer_dtypes
+    from ldm_edge.runtime.lora.weights_map import read_weights_map
 
     if precision == "int8":
         raise UsageError(f"--refittable: the {component} INT8 graph holds quantised weights a "

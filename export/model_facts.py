@@ -34,7 +34,7 @@ class LoadedModel:
     use_attention_mask: bool
     scheduler_config: dict
     defaults: dict = field(default_factory=dict)
-    # what the model does (runtime/tasks.py); None: text-to-image, as SD1/SD2 always were
+    # what the model does (runtime/tasks/); None: text-to-image, as SD1/SD2 always were
     task: str | None = None
     # what latents are divided by before decoding, where the pipeline's differs from the
     # autoencoder's config (LDMSuperResolutionPipeline decodes them as they are: 1.0)

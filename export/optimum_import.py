@@ -2,7 +2,7 @@
 
 Nothing is re-exported: the graphs (and their external data) are copied as they are,
 keeping each component's sub-folder so external-data paths stay valid; the manifest
-(from :func:`ldm_edge.runtime.optimum.manifest_from_optimum`) maps our tensor names to
+(from :func:`ldm_edge.runtime.bundle.optimum.manifest_from_optimum`) maps our tensor names to
 theirs. Two things the runtime cannot do itself are done here, once:
 
 * the tokenizer becomes one ``tokenizer.json`` (converted with transformers'
@@ -23,11 +23,11 @@ from typing import Callable
 import ldm_edge
 from ldm_edge.bundletools.files import file_record
 from ldm_edge.bundletools.staging import staged_dir
-from ldm_edge.runtime.bundle import open_bundle
+from ldm_edge.runtime.bundle.opener import open_bundle
 from ldm_edge.runtime.errors import BundleError, ExportError, first_line
 from ldm_edge.runtime.fsutil import atomic_write_bytes
-from ldm_edge.runtime.schema import BundleManifest, write_manifest_json
-from ldm_edge.runtime.optimum import (GRAPH, OPTIONAL, REQUIRED, check_supported, graph_files,
+from ldm_edge.runtime.bundle.schema import BundleManifest, write_manifest_json
+from ldm_edge.runtime.bundle.optimum import (GRAPH, OPTIONAL, REQUIRED, check_supported, graph_files,
                                       is_optimum_folder, manifest_from_optimum, read_graph_io)
 
 

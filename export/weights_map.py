@@ -1,4 +1,4 @@
-"""Make and verify a component's weights map (runtime/weights_map.py) at export.
+"""Make and verify a component's weights map (runtime/lora/weights_map.py) at export.
 
 Every Linear and Conv2d weight of the diffusers / transformers module is looked up among the
 exported graph's float initializers by its bytes, as it is or transposed (the TorchScript
@@ -20,8 +20,8 @@ import torch
 
 from ldm_edge.runtime.errors import ExportError
 from ldm_edge.runtime.fsutil import atomic_write_bytes
-from ldm_edge.runtime.onnx_scan import initializer_dtypes, iter_initializers, read_initializers
-from ldm_edge.runtime.weights_map import MappedParam, WeightsMap, map_file_name
+from ldm_edge.runtime.bundle.onnx_scan import initializer_dtypes, iter_initializers, read_initializers
+from ldm_edge.runtime.lora.weights_map import MappedParam, WeightsMap, map_file_name
 
 from .load import LoadedModel
 

@@ -1,3 +1,3 @@
-from .cli import main
+from ldm_edge.runtime.cli.run import main
 
 main()

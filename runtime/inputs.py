@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import validate
+from ldm_edge.runtime import validate
 
 def sha256_of(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
@@ -34,8 +34,8 @@ class InitImage:
 
     @classmethod
     def from_file(cls, path: str | Path, width: int, height: int) -> "InitImage":
-        from .fsutil import sha256_file
-        from .image import load_init_image
+        from ldm_edge.runtime.fsutil import sha256_file
+        from ldm_edge.runtime.image import load_init_image
 
         pixels = load_init_image(path, width, height)  # one-line errors for a bad file
         return cls(frozen(pixels), Path(path).name, sha256_file(path))

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ldm_edge.runtime.backend_base import Backend
-from ldm_edge.runtime.backends import interface, pick_precision
+from ldm_edge.runtime.backends.base import Backend
+from ldm_edge.runtime.backends.choose import interface, pick_precision
 from ldm_edge.runtime.errors import LdmEdgeError
 from ldm_edge.runtime.pipeline import Pipeline
 

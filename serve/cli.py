@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from ldm_edge.runtime.cli_errors import invoke_reporting
+from ldm_edge.runtime.cli.errors import invoke_reporting
 
 from .limits import (
     DEFAULT_MAX_IMAGES,

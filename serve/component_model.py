@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_edge.runtime.backends import interface, open_backend
-from ldm_edge.runtime.bundle import open_bundle
+from ldm_edge.runtime.backends.choose import interface, open_backend
+from ldm_edge.runtime.bundle.opener import open_bundle
 
 
 def model_parameters(args: dict) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from ldm_edge.runtime.spec import ComponentSpec, TensorSpec
+from ldm_edge.runtime.bundle.spec import ComponentSpec, TensorSpec
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64",
                 "int64": "TYPE_INT64", "int32": "TYPE_INT32", "uint8": "TYPE_UINT8",

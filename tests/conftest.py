@@ -129,7 +129,7 @@ class FakeTensorRTEnvironment:
                       "polygraphy": polygraphy}
 
     def _part(self, name):
-        from ldm_edge.runtime.trt_engines import TensorRTUnavailable
+        from ldm_edge.runtime.backends.trt_engines import TensorRTUnavailable
 
         part = self.parts[name]
         if part is None:
@@ -154,7 +154,7 @@ def fake_trt():
     """``fake_trt(facts=..., tensorrt=..., cudart=..., polygraphy=...)`` installs one fake
     TensorRT environment for this test (every module sees it); the real one comes back after.
     A part given as a function is called on each ask (e.g. to raise)."""
-    from ldm_edge.runtime import trt_engines
+    from ldm_edge.runtime.backends import trt_engines
 
     previous = trt_engines.environment()
 

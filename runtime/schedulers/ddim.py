@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import BETA_DEFAULTS, BOOL_OFF, PREDICTION_TYPES, SPACINGS, Scheduler
-from .base import predicted_x0
+from ldm_edge.runtime.schedulers.base import BETA_DEFAULTS, BOOL_OFF, PREDICTION_TYPES, SPACINGS, Scheduler
+from ldm_edge.runtime.schedulers.base import predicted_x0
 
 
 class DDIMScheduler(Scheduler):

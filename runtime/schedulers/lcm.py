@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import BOOL_OFF, PREDICTION_TYPES, IndexedScheduler, SchedulerConfigError
-from .base import x0_and_eps
+from ldm_edge.runtime.schedulers.base import BOOL_OFF, PREDICTION_TYPES, IndexedScheduler, SchedulerConfigError
+from ldm_edge.runtime.schedulers.base import x0_and_eps
 
 SIGMA_DATA = 0.5  # data standard deviation of the consistency-model boundary condition
 

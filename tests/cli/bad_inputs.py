@@ -70,7 +70,7 @@ def _files(b, tmp):
 
 def _loras(b, tmp):
     """LoRA files for the tiny SD1 bundle (its to_q layers are 32x32), good and bad."""
-    from ldm_edge.runtime.safetensors_read import write_safetensors
+    from ldm_edge.runtime.lora.safetensors_read import write_safetensors
 
     rng = np.random.default_rng(0)
     q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ldm_edge.runtime import cli, pipeline
+from ldm_edge.runtime import pipeline
+from ldm_edge.runtime.cli import run as cli
 
 PSNR_LINE = "LoRA on the INT8 U-Net (re-quantised, base activation ranges): 8-bit PSNR"
 

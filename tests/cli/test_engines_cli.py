@@ -9,11 +9,11 @@ import sys
 import pytest
 from helpers import run_cli
 
-from ldm_edge.runtime.bundle import open_bundle
+from ldm_edge.runtime.bundle.opener import open_bundle
 from ldm_edge.export.engines import ProfileOptions, _put_record, shape_profile
-from ldm_edge.runtime.schema import ComponentRecord, EngineRecord, read_manifest_json
+from ldm_edge.runtime.bundle.schema import ComponentRecord, EngineRecord, read_manifest_json
 from ldm_edge.runtime.errors import BundleError, UsageError
-from ldm_edge.runtime.trt_engines import (DeviceFacts, TensorRTUnavailable, device_facts,
+from ldm_edge.runtime.backends.trt_engines import (DeviceFacts, TensorRTUnavailable, device_facts,
                                           engine_dir_name, engine_path, profile_hash,
                                           profile_violation, select_engine)
 
@@ -70,7 +70,7 @@ def test_engines_here_is_one_line_and_writes_nothing(bundle):
 
 def test_run_backend_tensorrt_without_tensorrt_is_one_line(bundle, tmp_path):
     out = tmp_path / "x.png"
-    r = run_cli("-c", NO_TRT.format(mod="ldm_edge.runtime.cli"), str(bundle), "-p", "a red cat",
+    r = run_cli("-c", NO_TRT.format(mod="ldm_edge.runtime.cli.run"), str(bundle), "-p", "a red cat",
                 "--steps", "1", "--backend", "tensorrt", "-q", "-o", str(out))
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
@@ -84,8 +84,8 @@ def test_help_lists_engines_command():
 
 
 def test_plain_imports_pull_in_no_tensorrt_polygraphy_cuda_or_torch():
-    code = ("import sys, ldm_edge.runtime.backends, ldm_edge.runtime.backend_tensorrt, "
-            "ldm_edge.runtime.trt_engines, ldm_edge.export.engines, ldm_edge.export.cli; "
+    code = ("import sys, ldm_edge.runtime.backends.choose, ldm_edge.runtime.backends.tensorrt, "
+            "ldm_edge.runtime.backends.trt_engines, ldm_edge.export.engines, ldm_edge.export.cli; "
             "bad = [m for m in ('tensorrt', 'polygraphy', 'cuda', 'torch') if m in sys.modules]; "
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -130,8 +130,8 @@ def test_widest_profile_wins_among_matching_engines():
 
 
 def test_open_backend_refuses_doctored_record_and_auto_falls_back(bundle, fake_trt):
-    from ldm_edge.runtime.backend_onnxruntime import OnnxRuntimeBackend
-    from ldm_edge.runtime.backends import open_backend
+    from ldm_edge.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from ldm_edge.runtime.backends.choose import open_backend
 
     fake_trt(facts=ORIN)
     m = open_bundle(bundle)
@@ -150,8 +150,8 @@ def test_open_backend_refuses_doctored_record_and_auto_falls_back(bundle, fake_t
 
 
 def test_auto_without_engines_never_asks_for_tensorrt(bundle, fake_trt):
-    from ldm_edge.runtime.backend_onnxruntime import OnnxRuntimeBackend
-    from ldm_edge.runtime.backends import open_backend
+    from ldm_edge.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from ldm_edge.runtime.backends.choose import open_backend
 
     def boom():
         raise AssertionError("device_facts called")
@@ -206,7 +206,7 @@ def test_shape_outside_engine_profile_is_named():
 
 
 def test_backend_spec_takes_the_engine_ranges(bundle):
-    from ldm_edge.runtime.trt_engines import narrow_spec
+    from ldm_edge.runtime.backends.trt_engines import narrow_spec
 
     spec = open_bundle(bundle).spec("unet")
     narrow = narrow_spec(spec, {"sample": PROFILE["sample"]})

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from ldm_edge.runtime.errors import BundleError
-from ldm_edge.runtime.bundle import open_bundle
+from ldm_edge.runtime.bundle.opener import open_bundle
 
 # Points (seconds after start) at which the export is killed: during imports, model
 # loading, each component's export and check, and the final rename. The tiny export

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from ldm_edge.runtime.bundle import open_bundle
+from ldm_edge.runtime.bundle.opener import open_bundle
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
 
@@ -79,7 +79,7 @@ MIN_STAGE_SHARE = 0.05
 def test_fuzz_manifest_reader_only_raises_bundle_errors(tiny_bundles, tmp_path, monkeypatch):
     """Mutated manifests over real (copied) bundle files: each either loads or raises
     BundleError, never another exception, and every check of the reader gets exercised."""
-    from ldm_edge.runtime import manifest as manifest_mod
+    from ldm_edge.runtime.bundle import manifest as manifest_mod
     from ldm_edge.runtime.errors import BundleError
 
     source = tiny_bundles["sd1"]
@@ -165,7 +165,7 @@ def test_fuzz_manifest_reader_only_raises_bundle_errors(tiny_bundles, tmp_path, 
 def test_fuzz_cli_arguments_never_traceback(opt, value, tiny_bundles, tmp_path_factory):
     from click.testing import CliRunner
 
-    from ldm_edge.runtime.cli import main
+    from ldm_edge.runtime.cli.run import main
 
     out = tmp_path_factory.mktemp("cli") / "o.png"
     r = CliRunner().invoke(main, [str(tiny_bundles["sd1"]), "-p", "x", "--steps", "1", "-q",

@@ -16,7 +16,7 @@ from helpers import run_cli
 from ldm_edge.runtime.compare import psnr
 from ldm_edge.runtime.errors import BundleError, UsageError
 from ldm_edge.runtime.pipeline import Pipeline
-from ldm_edge.runtime.trt_engines import TensorRTUnavailable, device_facts, engine_dir_name
+from ldm_edge.runtime.backends.trt_engines import TensorRTUnavailable, device_facts, engine_dir_name
 
 
 def _why_not() -> str | None:
@@ -86,7 +86,7 @@ def test_tensorrt_fp16_matches_onnxruntime_fp32(trt_bundle):
 
 
 def test_repeat_calls_and_batch_changes_give_the_same_images(trt_bundle):
-    from ldm_edge.runtime.backend_tensorrt import SharedScratch
+    from ldm_edge.runtime.backends.tensorrt import SharedScratch
 
     pipe = Pipeline(trt_bundle, backend="tensorrt", precision="fp16")
     a = pipe("a red cat", latents=_latents(), **KW).images
@@ -109,7 +109,7 @@ def test_shape_outside_the_engine_profile_is_refused(trt_bundle):
 
 
 def test_engine_for_another_compute_capability_is_refused(trt_bundle, tmp_path):
-    from ldm_edge.runtime.backend_onnxruntime import OnnxRuntimeBackend
+    from ldm_edge.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     b = tmp_path / "doctored"
     shutil.copytree(trt_bundle, b)

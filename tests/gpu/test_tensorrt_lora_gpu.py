@@ -15,7 +15,7 @@ from helpers import run_cli
 
 from ldm_edge.runtime.compare import psnr
 from ldm_edge.runtime.pipeline import Pipeline
-from ldm_edge.runtime.safetensors_read import write_safetensors
+from ldm_edge.runtime.lora.safetensors_read import write_safetensors
 
 from test_tensorrt import KW, MIN_PSNR_DB, SIZES, WHY_NOT, _latents  # noqa: F401
 

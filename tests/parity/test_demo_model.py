@@ -79,7 +79,7 @@ def test_eval_demo_reexports_a_default_bundle_made_from_other_weights(demo_bundl
 def test_fused_attention_form_draws_the_plain_picture(demo_bundle, monkeypatch):
     """The trained model's ort-mha forms: every attention fused, the check recorded, and the
     pipeline through them draws what the plain graphs draw (FP32 both: only op order differs)."""
-    from ldm_edge.runtime.bundle import open_bundle
+    from ldm_edge.runtime.bundle.opener import open_bundle
 
     m = open_bundle(demo_bundle)
     fused = {n: m.variant(n, "fp32").record.forms["ort-mha"] for n in ("unet", "vae_decoder")}

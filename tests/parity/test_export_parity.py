@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_edge.runtime.sessions import SessionFromOnnx
+from ldm_edge.runtime.backends.sessions import SessionFromOnnx
 
 # Same FP32 math in another order: summation order in conv/matmul gives ~1e-7 relative per
 # op, far under 1e-4 for the tiny models' O(1) outputs, while any wrong op is off by >= 1e-2.

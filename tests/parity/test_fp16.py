@@ -11,9 +11,9 @@ import pytest
 from ldm_edge.calibration import fp16
 from ldm_edge.runtime.compare import psnr
 from ldm_edge.runtime.errors import ExportError, NumericsError
-from ldm_edge.runtime.bundle import open_bundle
+from ldm_edge.runtime.bundle.opener import open_bundle
 from ldm_edge.runtime.pipeline import Pipeline
-from ldm_edge.runtime.sessions import SessionFromOnnx
+from ldm_edge.runtime.backends.sessions import SessionFromOnnx
 
 # End-to-end 8-bit PSNR vs the FP32 bundle, same prompts and seeds. FP16 keeps 11 bits of
 # mantissa (relative error ~5e-4 per op), and the 10-step loop carries it into the image:
@@ -92,7 +92,7 @@ def test_a_failure_before_the_commit_leaves_the_manifest_and_no_graphs(tiny_bund
 
 
 def test_nan_from_a_component_names_it_and_suggests_fp32(fp16_bundles, monkeypatch):
-    from ldm_edge.runtime import backend_onnxruntime as bo
+    from ldm_edge.runtime.backends import onnxruntime as bo
 
     real = bo.OnnxRuntimeBackend._run
 

@@ -14,11 +14,11 @@ from onnx import TensorProto, helper
 
 from ldm_edge.bundletools import forms
 from ldm_edge.bundletools.fused_attention import fuse_attention
-from ldm_edge.runtime.backends import open_backend
-from ldm_edge.runtime.bundle import open_bundle
+from ldm_edge.runtime.backends.choose import open_backend
+from ldm_edge.runtime.bundle.opener import open_bundle
 from ldm_edge.runtime.compare import psnr
 from ldm_edge.runtime.pipeline import Pipeline
-from ldm_edge.runtime.sessions import SessionFromOnnx
+from ldm_edge.runtime.backends.sessions import SessionFromOnnx
 
 # The form computes the same attention as the plain graph in another order (max-abs ~1e-6 per
 # component, FP16 ~5e-4 before the VAE), so the 8-bit pictures must agree to within rounding:
@@ -131,7 +131,7 @@ def test_backend_choice(tiny_bundles):
 
 
 def test_ort_cache_keys_by_the_opened_graph(tiny_bundles, tmp_path, monkeypatch):
-    from ldm_edge.runtime.ort_cache import GraphCache, graph_key
+    from ldm_edge.runtime.backends.ort_cache import GraphCache, graph_key
 
     monkeypatch.setenv("LDM_EDGE_CACHE", str(tmp_path / "cache"))
     m = open_bundle(tiny_bundles["sd1"])
@@ -176,7 +176,7 @@ def test_broken_int8_rewrite_fails_its_check(quantised, tmp_path):
 
 def test_fuse_cli_adds_forms_to_a_bundle_without(tiny_bundles, tmp_path):
     from helpers import run_cli
-    from ldm_edge.runtime.schema import edit_manifest
+    from ldm_edge.runtime.bundle.schema import edit_manifest
 
     dst = tmp_path / "sd1"
     shutil.copytree(tiny_bundles["sd1"], dst)

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from ldm_edge.bundletools import external_data
-from ldm_edge.runtime.bundle import open_bundle
+from ldm_edge.runtime.bundle.opener import open_bundle
 from ldm_edge.runtime.errors import BundleError
 
 PROMPTS = ["a red cat"]

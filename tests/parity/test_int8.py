@@ -15,7 +15,7 @@ from ldm_edge.calibration.ranges import Histogram
 from ldm_edge.runtime.errors import ExportError
 from ldm_edge.runtime.compare import psnr
 from ldm_edge.runtime.cpu import NO_VNNI, VNNI, cpu_summary, int8_kernels
-from ldm_edge.runtime.bundle import open_bundle
+from ldm_edge.runtime.bundle.opener import open_bundle
 from ldm_edge.runtime.pipeline import Pipeline
 
 PROMPTS = ["a red cat", "a blue square on a white background", "a green dog"]
@@ -68,7 +68,7 @@ def int8_bundle(tiny_bundles, tmp_path_factory):
 @pytest.fixture(scope="module")
 def budget(tiny_bundles, tmp_path_factory):
     from ldm_edge.bundletools.quality import end_to_end_psnr
-    from ldm_edge.runtime.manifest import Manifest
+    from ldm_edge.runtime.bundle.manifest import Manifest
 
     # one scheduler: the sweep measures many candidate graphs, each under every scheduler;
     # calibration takes the same list, so the plain graph is made with it first

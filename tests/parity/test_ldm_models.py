@@ -61,7 +61,7 @@ def runtimes(ldm_bundles):
     ("upscale", "upscale", {"text_encoder", "unet", "vae_decoder"}),
 ])
 def test_manifest_records_family_task_and_components(family, task, components, ldm_bundles):
-    from ldm_edge.runtime.bundle import open_bundle
+    from ldm_edge.runtime.bundle.opener import open_bundle
 
     m = open_bundle(ldm_bundles[family]).schema
     assert (m.model.family, m.task) == ({"inpaint": "sd1", "upscale": "sd1"}.get(family, family),
@@ -90,7 +90,7 @@ def test_manifest_records_family_task_and_components(family, task, components, l
 def test_each_component_matches_pytorch(family, ldm_models, ldm_bundles):
     from ldm_edge.export.load import load_model
     from ldm_edge.export.onnx_export import check_component
-    from ldm_edge.runtime.bundle import open_bundle
+    from ldm_edge.runtime.bundle.opener import open_bundle
 
     model = load_model(ldm_models[family])
     m = open_bundle(ldm_bundles[family])
@@ -105,7 +105,7 @@ def test_vq_decoder_graph_without_the_codebook_look_up_fails_the_check(ldm_model
     nearest-code look-up must fail it, or the check proves nothing about the look-up."""
     from ldm_edge.export.load import load_model
     from ldm_edge.export.onnx_export import check_component
-    from ldm_edge.runtime.bundle import open_bundle
+    from ldm_edge.runtime.bundle.opener import open_bundle
 
     model = load_model(ldm_models["ldm-uncond"])
     spec = open_bundle(ldm_bundles["ldm-uncond"]).spec("vae_decoder")
@@ -340,7 +340,7 @@ def test_ldm_bert_with_a_kl_autoencoder(tmp_path):
     from ldm_edge.export.bundle import ExportOptions, export_bundle
     from ldm_edge.export.load import load_model
     from ldm_edge.export.tiny import save_tiny_ldm
-    from ldm_edge.runtime.bundle import open_bundle
+    from ldm_edge.runtime.bundle.opener import open_bundle
 
     folder = save_tiny_ldm(tmp_path / "kl", "ldm-bert", autoencoder="kl")
     export_bundle(load_model(folder), tmp_path / "b", ExportOptions(components=(

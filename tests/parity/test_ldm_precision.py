@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from ldm_edge.runtime.bundle import open_bundle
+from ldm_edge.runtime.bundle.opener import open_bundle
 
 # FP16 vs FP32, end to end, 8-bit PSNR: the bar. FP16 rounding in the U-Net moves the
 # final latents by ~1e-3 relative; a VQ decoder turns that into the same picture unless a

@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from ldm_edge.runtime.bundle import open_bundle
+from ldm_edge.runtime.bundle.opener import open_bundle
 from ldm_edge.export import onnx_export
 from ldm_edge.export.bundle import ExportOptions, export_bundle
 from ldm_edge.export.load import ModelLoadError, load_model
@@ -130,7 +130,7 @@ def test_bad_sizes_refused_before_export(tiny_models, tmp_path, kw, match):
 
 def test_large_components_use_one_external_data_file(tiny_models, tmp_path, monkeypatch):
     """The >2 GB path, exercised on a tiny model by lowering the threshold."""
-    from ldm_edge.runtime.sessions import SessionFromOnnx
+    from ldm_edge.runtime.backends.sessions import SessionFromOnnx
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
     out = tmp_path / "b"

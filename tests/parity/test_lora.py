@@ -19,7 +19,7 @@ from helpers import diffusers_pipeline, run_cli, to_uint8  # noqa: F401
 
 from ldm_edge.runtime.compare import psnr
 from ldm_edge.runtime.pipeline import Pipeline
-from ldm_edge.runtime.safetensors_read import read_safetensors, write_safetensors
+from ldm_edge.runtime.lora.safetensors_read import read_safetensors, write_safetensors
 
 pytest.importorskip("peft", reason="needs peft (pip install .[demo]) to make the LoRAs")
 

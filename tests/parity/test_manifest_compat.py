@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ldm_edge.runtime.bundle import open_bundle
+from ldm_edge.runtime.bundle.opener import open_bundle
 
 OLD = Path(__file__).parent.parent / "unit" / "data" / "manifest_v1_sd1.json"
 # what differs between two exports of the same model: hashes, sizes, times, versions, parity

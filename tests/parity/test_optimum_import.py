@@ -28,8 +28,8 @@ from PIL import Image
 
 from ldm_edge.runtime.compare import psnr
 from ldm_edge.runtime.errors import BundleError
-from ldm_edge.runtime.bundle import open_bundle
-from ldm_edge.runtime.optimum import is_optimum_folder, manifest_from_optimum
+from ldm_edge.runtime.bundle.opener import open_bundle
+from ldm_edge.runtime.bundle.optimum import is_optimum_folder, manifest_from_optimum
 
 MIN_PSNR_DB = 50.0
 STEPS = "6"

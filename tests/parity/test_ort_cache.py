@@ -1,4 +1,4 @@
-"""The onnxruntime graph cache (runtime/ort_cache.py): the cached optimised graph draws the
+"""The onnxruntime graph cache (runtime/backends/ort_cache.py): the cached optimised graph draws the
 same picture as optimising afresh, damaged entries are made again, a cache that cannot
 be written is skipped, and nothing is cached unless asked for."""
 from __future__ import annotations
@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from ldm_edge.runtime.bundle import open_bundle
-from ldm_edge.runtime.ort_cache import DATA, ENTRY, MODEL, STALE_S, GraphCache, graph_key
+from ldm_edge.runtime.bundle.opener import open_bundle
+from ldm_edge.runtime.backends.ort_cache import DATA, ENTRY, MODEL, STALE_S, GraphCache, graph_key
 from ldm_edge.runtime.pipeline import Pipeline
 
 PROMPT = "a photo of a cat"

@@ -13,7 +13,7 @@ from helpers import run_cli
 from serve_helpers import venv_run
 
 from ldm_edge.runtime.fsutil import sha256_file
-from ldm_edge.runtime.schema import read_manifest_json
+from ldm_edge.runtime.bundle.schema import read_manifest_json
 
 EXPORT = ("-m", "ldm_edge.export.cli")
 # Parses every config.pbtxt under the repository with Triton's ModelConfig message (shipped

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ldm_edge.runtime.backend_base import Backend
+from ldm_edge.runtime.backends.base import Backend
 from ldm_edge.runtime.errors import UsageError
-from ldm_edge.runtime.spec import ComponentSpec, TensorSpec
+from ldm_edge.runtime.bundle.spec import ComponentSpec, TensorSpec
 
 SPEC = ComponentSpec("toy", (TensorSpec("a", "float32", ("batch", 2)), TensorSpec("b", "float32", ("batch", 2))),
                      (TensorSpec("sum", "float32", ("batch", 2)),), {"batch": [1, 4]})

@@ -8,7 +8,7 @@
   Markdown file must name one of its headings, slugged as GitHub does.
 
 Lean tier: the three CLI modules import without torch, diffusers, transformers or onnx
-(``tests/unit/test_lean_imports.py`` holds ``ldm_edge.runtime.cli`` and ``ldm_edge.export.cli``
+(``tests/unit/test_lean_imports.py`` holds ``ldm_edge.runtime.cli.run`` and ``ldm_edge.export.cli``
 to it; ``ldm_edge.serve.cli`` is imported by the latter).
 """
 
@@ -25,7 +25,7 @@ import click
 import pytest
 
 from ldm_edge.export.cli import main as export_main
-from ldm_edge.runtime.cli import main as run_main
+from ldm_edge.runtime.cli.run import main as run_main
 from ldm_edge.serve.cli import serve_main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -299,3 +299,16 @@ def test_the_readme_stays_a_front_door():
     n = len((ROOT / "README.md").read_text(encoding="utf-8").splitlines())
     assert n <= MAX_README_LINES, (f"README.md has {n} lines (at most {MAX_README_LINES}); move "
                                    f"tables and how-tos to a page under docs/")
+
+
+SOURCE_PATH = re.compile(r"\b(?:runtime|bundletools|calibration|export|serve|benchmarks|demo|tests)"
+                         r"/[\w/]+\.py\b")
+
+
+def test_source_files_named_in_the_docs_exist():
+    """A page that names runtime/x.py names a file that is there (modules move)."""
+    missing = [f"{p.relative_to(ROOT)}:{n}: {m}"
+               for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+               for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+               for m in SOURCE_PATH.findall(line) if not (ROOT / m).exists()]
+    assert not missing, "source files named in the docs that do not exist:\n" + "\n".join(missing)

@@ -8,7 +8,8 @@ import inspect
 import numpy as np
 import pytest
 
-from ldm_edge.runtime import cli, fields, remote
+from ldm_edge.runtime import fields, remote
+from ldm_edge.runtime.cli import run as cli
 from ldm_edge.runtime.errors import UsageError
 from ldm_edge.runtime.fields import CLIENT_OPTIONS, FIELDS, LOCAL_ONLY, SERVED
 

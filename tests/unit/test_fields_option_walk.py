@@ -10,7 +10,8 @@ import numpy as np
 from click.testing import CliRunner
 from PIL import Image
 
-from ldm_edge.runtime import cli, remote_cli
+from ldm_edge.runtime.cli import run as cli
+from ldm_edge.runtime.cli import served as remote_cli
 from ldm_edge.runtime.errors import UsageError
 from ldm_edge.runtime.fields import CLIENT_OPTIONS
 

@@ -43,7 +43,7 @@ def test_the_walk_sees_the_tree():
     # guards the walker: nested packages, methods and nested functions are all seen
     files = source_files()
     assert ROOT / "runtime" / "schedulers" / "__init__.py" in files
-    names = {name for line, name, n in function_lengths(ROOT / "runtime" / "manifest.py")}
+    names = {name for line, name, n in function_lengths(ROOT / "runtime" / "bundle" / "manifest.py")}
     assert "Manifest.validate" in names
 
 

@@ -134,7 +134,7 @@ def test_the_walk_sees_the_tree():
     assert "ldm_edge.bundletools.files" in GRAPH["ldm_edge.calibration.int8"]
     assert "ldm_edge.calibration.qdq" in GRAPH["ldm_edge.calibration.int8"]  # from . import qdq
     assert "ldm_edge.calibration.fp16" in GRAPH["ldm_edge.export.cli"]  # inside a function
-    assert "ldm_edge.runtime.sessions" in GRAPH["ldm_edge.runtime.backend_onnxruntime"]
+    assert "ldm_edge.runtime.backends.sessions" in GRAPH["ldm_edge.runtime.backends.onnxruntime"]
     assert len(GRAPH) > 60
 
 

@@ -7,7 +7,7 @@ HEAVY = ("torch", "diffusers", "transformers", "onnx")
 
 
 def test_importing_runtime_loads_no_torch():
-    code = ("import sys, ldm_edge.runtime, ldm_edge.runtime.pipeline, ldm_edge.runtime.cli; "
+    code = ("import sys, ldm_edge.runtime, ldm_edge.runtime.pipeline, ldm_edge.runtime.cli.run; "
             f"bad = [m for m in {HEAVY!r} if m in sys.modules]; "
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from ldm_edge.runtime.lora import LoraError, LoraFile, LoraSet, parse_lora_arg
-from ldm_edge.runtime.lora_apply import check_lora_precision
-from ldm_edge.runtime.safetensors_read import SafetensorsError, read_safetensors, write_safetensors
-from ldm_edge.runtime.weights_map import MappedParam, WeightsMap
+from ldm_edge.runtime.lora.files import LoraError, LoraFile, LoraSet, parse_lora_arg
+from ldm_edge.runtime.lora.apply import check_lora_precision
+from ldm_edge.runtime.lora.safetensors_read import SafetensorsError, read_safetensors, write_safetensors
+from ldm_edge.runtime.lora.weights_map import MappedParam, WeightsMap
 
 Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 CONV = "down_blocks.0.resnets.0.conv1"

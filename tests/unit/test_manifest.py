@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from ldm_edge.runtime.errors import BundleError
-from ldm_edge.runtime.bundle import open_bundle
+from ldm_edge.runtime.bundle.opener import open_bundle
 
 
 @pytest.fixture()

@@ -12,8 +12,8 @@ onnx = pytest.importorskip("onnx", reason="writing the test graphs needs onnx (p
                            ".[export]); the runtime's reader does not")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from ldm_edge.runtime.onnx_scan import ScanError, graph_io  # noqa: E402
-from ldm_edge.runtime.sessions import SessionFromOnnx  # noqa: E402
+from ldm_edge.runtime.bundle.onnx_scan import ScanError, graph_io  # noqa: E402
+from ldm_edge.runtime.backends.sessions import SessionFromOnnx  # noqa: E402
 
 _ORT_NAMES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
               "tensor(int32)": "int32", "tensor(bool)": "bool", "tensor(double)": "float64"}

@@ -12,7 +12,7 @@ import pytest
 from ldm_edge.runtime.errors import UsageError
 from ldm_edge.runtime.request import (DEFAULT_STRENGTH, BundleDefaults, GenerationRequest,
                                       InitImage, resolve_request)
-from ldm_edge.runtime.schema import BundleManifest
+from ldm_edge.runtime.bundle.schema import BundleManifest
 
 DATA = Path(__file__).parent / "data"
 

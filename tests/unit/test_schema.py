@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ldm_edge.runtime.errors import BundleError
-from ldm_edge.runtime.schema import (BundleManifest, ComponentRecord, EngineRecord,
+from ldm_edge.runtime.bundle.schema import (BundleManifest, ComponentRecord, EngineRecord,
                                      Int8QualityRecord, VariantRecord)
 
 DATA = Path(__file__).parent / "data"

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ldm_edge.runtime import cli, pipeline, remote, remote_cli
+from ldm_edge.runtime import pipeline, remote
+from ldm_edge.runtime.cli import run as cli
+from ldm_edge.runtime.cli import served as remote_cli
 from ldm_edge.runtime.errors import UsageError
 from ldm_edge.serve import pipeline_model
 from ldm_edge.serve.limits import ServeLimits

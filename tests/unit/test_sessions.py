@@ -1,4 +1,4 @@
-"""runtime/sessions.py: the one onnxruntime loader stores its settings and opens on call."""
+"""runtime/backends/sessions.py: the one onnxruntime loader stores its settings and opens on call."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_edge.runtime.sessions import SessionFromOnnx
+from ldm_edge.runtime.backends.sessions import SessionFromOnnx
 
 # y = x + x, float32 [n], opset 18: written once with onnx.helper (make_node("Add", ["x", "x"],
 # ["y"])) and stored, so this runs on the lean install, which has no onnx package

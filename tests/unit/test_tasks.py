@@ -8,7 +8,7 @@ import pytest
 
 from ldm_edge.runtime.errors import UsageError
 from ldm_edge.runtime.request import BundleDefaults, resolve_request
-from ldm_edge.runtime.spec import ModelDims, describe
+from ldm_edge.runtime.bundle.spec import ModelDims, describe
 from ldm_edge.runtime.tasks import TASKS, run_task, task_specs, takes_prompt
 
 DIMS = ModelDims(latent_channels=4, vae_scale_factor=8, text_hidden_size=32, text_max_length=77,
@@ -121,7 +121,7 @@ def test_inpaint_conditioning_is_diffusers_arithmetic():
 
 def test_calibration_inputs_stand_in_for_prompts():
     from ldm_edge.bundletools.task_inputs import call_inputs, labels, synthetic_image
-    from ldm_edge.runtime.schema import BundleManifest
+    from ldm_edge.runtime.bundle.schema import BundleManifest
 
     m = BundleManifest(task="super-resolution", vae_scale_factor=4,
                        defaults={"height": 64, "width": 64})

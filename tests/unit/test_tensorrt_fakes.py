@@ -25,14 +25,15 @@ import pytest
 
 from ldm_edge.export import engines
 from ldm_edge.export.engines import EngineBuildError, ProfileOptions, build_engines
-from ldm_edge.runtime import backend_tensorrt, trt_engines
+from ldm_edge.runtime.backends import tensorrt as backend_tensorrt
+from ldm_edge.runtime.backends import trt_engines
 from ldm_edge.runtime.errors import BundleError, UsageError
-from ldm_edge.runtime.bundle import open_bundle
-from ldm_edge.runtime.manifest import Manifest
-from ldm_edge.runtime.trt_engines import DeviceFacts
+from ldm_edge.runtime.bundle.opener import open_bundle
+from ldm_edge.runtime.bundle.manifest import Manifest
+from ldm_edge.runtime.backends.trt_engines import DeviceFacts
 # taken at import time, before any fake is installed: the environment must reach these too
-from ldm_edge.runtime.trt_engines import device_facts as captured_device_facts
-from ldm_edge.runtime.trt_engines import import_tensorrt as captured_import_tensorrt
+from ldm_edge.runtime.backends.trt_engines import device_facts as captured_device_facts
+from ldm_edge.runtime.backends.trt_engines import import_tensorrt as captured_import_tensorrt
 
 try:  # the real signatures the Polygraphy fakes are bound to
     from polygraphy.backend import trt as REAL_POLY
@@ -298,7 +299,7 @@ def test_failed_build_is_one_line_and_leaves_nothing(fakes):
 
 
 def test_built_engines_run_bind_once_and_share_scratch(fakes):
-    from ldm_edge.runtime.backends import open_backend
+    from ldm_edge.runtime.backends.choose import open_backend
 
     build(fakes)
     m = open_bundle(fakes.bundle)
@@ -334,7 +335,7 @@ def test_built_engines_run_bind_once_and_share_scratch(fakes):
 
 
 def test_plan_that_does_not_deserialise_is_refused(fakes):
-    from ldm_edge.runtime.backends import open_backend
+    from ldm_edge.runtime.backends.choose import open_backend
     from ldm_edge.runtime.fsutil import sha256_file
 
     build(fakes)
@@ -393,7 +394,7 @@ def test_polygraphy_fakes_refuse_what_polygraphy_refuses():
 def test_engine_that_refuses_the_shape_is_named(fakes):
     """The record says the engine takes 32x32 latents, the plan itself only 16x16: TensorRT's
     set_input_shape says no, and the backend turns that into one line naming the rebuild."""
-    from ldm_edge.runtime.backends import open_backend
+    from ldm_edge.runtime.backends.choose import open_backend
     from ldm_edge.runtime.fsutil import sha256_file
 
     build(fakes)
@@ -418,14 +419,14 @@ def test_engine_that_refuses_the_shape_is_named(fakes):
 
 
 def test_one_environment_reaches_every_importer(fakes):
-    from ldm_edge.runtime import backends
+    from ldm_edge.runtime.backends import choose as backends
 
     assert captured_device_facts() == FACTS  # imported before the fake was installed
     assert captured_import_tensorrt() is fakes.trt
     assert trt_engines.import_cudart() is fakes.cudart
     assert engines.import_polygraphy()[0].CreateConfig.__qualname__.startswith("fake_polygraphy")
     assert backend_tensorrt.device_facts() == FACTS and engines.device_facts() == FACTS
-    assert backends.__name__  # runtime/backends.py asks trt_engines at call time too
+    assert backends.__name__  # runtime/backends/choose.py asks trt_engines at call time too
     fakes.env.parts["facts"] = None  # a part a test did not give is missing, never the real one
     with pytest.raises(trt_engines.TensorRTUnavailable, match="fake TensorRT environment"):
         captured_device_facts()

@@ -23,13 +23,13 @@ import numpy as np
 import pytest
 
 from ldm_edge.export.engines import ProfileOptions, build_engines
-from ldm_edge.runtime import backend_tensorrt
-from ldm_edge.runtime.backends import open_backend
-from ldm_edge.runtime.bundle import open_bundle
-from ldm_edge.runtime.lora import LoraError
-from ldm_edge.runtime.lora_apply import LoraWeights
-from ldm_edge.runtime.onnx_scan import initializer_dtypes, read_initializers
-from ldm_edge.runtime.safetensors_read import write_safetensors
+from ldm_edge.runtime.backends import tensorrt as backend_tensorrt
+from ldm_edge.runtime.backends.choose import open_backend
+from ldm_edge.runtime.bundle.opener import open_bundle
+from ldm_edge.runtime.lora.files import LoraError
+from ldm_edge.runtime.lora.apply import LoraWeights
+from ldm_edge.runtime.bundle.onnx_scan import initializer_dtypes, read_initializers
+from ldm_edge.runtime.lora.safetensors_read import write_safetensors
 
 _spec = importlib.util.spec_from_file_location(
     "_trt_fakes", Path(__file__).with_name("test_tensorrt_fakes.py"))

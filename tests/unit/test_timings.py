@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from ldm_edge.runtime.cli import timing_table
+from ldm_edge.runtime.cli.run import timing_table
 from ldm_edge.runtime.pipeline import Timings
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ldm_edge.bundletools.variant_txn import VariantTransaction
-from ldm_edge.runtime.schema import (MANIFEST_NAME, QualityRecord, VariantRecord,
+from ldm_edge.runtime.bundle.schema import (MANIFEST_NAME, QualityRecord, VariantRecord,
                                      read_manifest_json)
 
 DATA = Path(__file__).parent / "data"

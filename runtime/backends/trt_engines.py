@@ -18,8 +18,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from .errors import BundleError, UsageError
-from .spec import ComponentSpec
+from ldm_edge.runtime.errors import BundleError, UsageError
+from ldm_edge.runtime.bundle.spec import ComponentSpec
 
 ENGINE_BACKEND = "tensorrt"
 ENGINES_DIR = "engines"

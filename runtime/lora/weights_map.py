@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BundleError
+from ldm_edge.runtime.errors import BundleError
 
 MAP_FORMAT = 1
 
@@ -86,8 +86,8 @@ class WeightsMap:
 
 def read_weights_map(manifest, component: str) -> WeightsMap:
     """The component's weights map, or a one-line error saying to re-export once."""
-    from .lora import LoraError
-    from .manifest import safe_member
+    from ldm_edge.runtime.lora.files import LoraError
+    from ldm_edge.runtime.bundle.manifest import safe_member
 
     rec = manifest.component(component).weights_map
     if rec is None:

@@ -6,11 +6,11 @@ import importlib.util
 import logging
 from pathlib import Path
 
-from .backend_base import Backend
-from .errors import UsageError
-from .manifest import Manifest, safe_member
-from .schema import PRECISIONS, ComponentRecord
-from .spec import ComponentSpec, TensorSpec
+from ldm_edge.runtime.backends.base import Backend
+from ldm_edge.runtime.errors import UsageError
+from ldm_edge.runtime.bundle.manifest import Manifest, safe_member
+from ldm_edge.runtime.bundle.schema import PRECISIONS, ComponentRecord
+from ldm_edge.runtime.bundle.spec import ComponentSpec, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def resolve_backend(name: str) -> str:
     if name not in BACKENDS:
         raise UsageError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
     if name == "tensorrt":
-        from .trt_engines import device_facts
+        from ldm_edge.runtime.backends.trt_engines import device_facts
 
         device_facts()
     if name == "openvino" and importlib.util.find_spec("openvino") is None:
@@ -69,31 +69,31 @@ def open_backend(manifest: Manifest, component: str, *, backend: str = "auto",
     """``tensorrt``: the manifest's engine for this machine, or a one-line error saying how to
     build it. ``auto``: that engine when it exists and TensorRT imports, else onnxruntime.
     ``ort_cache``: onnxruntime on the CPU opens its optimised graph from the disk cache
-    (runtime/ort_cache.py). ``fused_attention``: onnxruntime opens the variant's ``ort-mha``
+    (runtime/backends/ort_cache.py). ``fused_attention``: onnxruntime opens the variant's ``ort-mha``
     form where it has one (None: unless LDM_EDGE_FUSED_ATTENTION=0). ``memory_arena=False``:
     onnxruntime without its memory arena (low-memory mode; the other backends ignore it).
     ``lora``: the component's merged LoRA weights (runtime/lora_apply.GraphWeights) or None."""
     kind = resolve_backend(backend)
     prec = pick_precision(manifest, component, precision)
     if lora is not None:
-        from .lora_apply import check_lora_precision
+        from ldm_edge.runtime.lora.apply import check_lora_precision
 
         check_lora_precision(component, prec, kind)
     spec, io_map = interface(manifest.component(component))
     if kind == "openvino":
-        from .backend_openvino import OpenVINOBackend
+        from ldm_edge.runtime.backends.openvino import OpenVINOBackend
 
         return OpenVINOBackend(spec, manifest.variant(component, prec).path,
                                threads=threads, io_map=io_map, precision=prec, lora=lora)
     if kind != "onnxruntime":
-        from .backend_tensorrt import open_tensorrt
+        from ldm_edge.runtime.backends.tensorrt import open_tensorrt
 
         b = open_tensorrt(manifest, component, prec, required=kind == "tensorrt", device=device,
                           interface=(spec, io_map), lora=lora)
         if b is not None:
             return b
     variant = manifest.variant(component, prec)
-    from .backend_onnxruntime import OnnxRuntimeBackend
+    from ldm_edge.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(spec, variant.path, device=device, threads=threads, io_map=io_map,
                               graph_cache=ort_cache, precision=prec, memory_arena=memory_arena,

@@ -29,12 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend_base import Backend
-from .errors import BundleError, LdmEdgeError, UsageError
-from .fsutil import sha256_file
-from .manifest import Manifest, safe_member
-from .spec import ComponentSpec
-from .trt_engines import (TensorRTUnavailable, cuda_error, device_facts, import_cudart,
+from ldm_edge.runtime.backends.base import Backend
+from ldm_edge.runtime.errors import BundleError, LdmEdgeError, UsageError
+from ldm_edge.runtime.fsutil import sha256_file
+from ldm_edge.runtime.bundle.manifest import Manifest, safe_member
+from ldm_edge.runtime.bundle.spec import ComponentSpec
+from ldm_edge.runtime.backends.trt_engines import (TensorRTUnavailable, cuda_error, device_facts, import_cudart,
                           import_tensorrt, narrow_spec, profile_violation, rebuild_hint,
                           select_engine, tensorrt_records)
 
@@ -203,8 +203,8 @@ class TensorRTBackend(Backend):
         return engine
 
     def _refit(self, trt, lora, onnx_path: Path) -> None:
-        from .lora import LoraError
-        from .trt_refit import REFIT_KIND, refit_engine
+        from ldm_edge.runtime.lora.files import LoraError
+        from ldm_edge.runtime.backends.trt_refit import REFIT_KIND, refit_engine
 
         if self.record.get("refittable") != REFIT_KIND:
             raise LoraError(f"{self.spec.name}: this TensorRT engine was not built refittable; "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import first_line
+from ldm_edge.runtime.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class SessionFromOnnx:
     log messages call the graph (default: its file name); ``memory_arena``: False turns off
     onnxruntime's CPU memory arena and memory pattern, so memory is returned when a run ends
     (a lower peak for a little speed; the low-memory mode). ``weights``: {initializer name:
-    array} that replace the graph's own (merged LoRA weights, runtime/lora_apply.py), in
+    array} that replace the graph's own (merged LoRA weights, runtime/lora/apply.py), in
     memory, the file untouched: those in ``external`` (stored as external data) through
     ``add_external_initializers``, the rest written over the inline data of an in-memory
     copy of the graph (onnx_scan.patched_model; onnxruntime's ``add_initializer`` is not
@@ -109,7 +109,7 @@ class SessionFromOnnx:
 
         inline = {k: v for k, v in self.weights.items() if k not in self.external}
         if inline and isinstance(model, Path) and model == self.model:
-            from .onnx_scan import patched_model
+            from ldm_edge.runtime.bundle.onnx_scan import patched_model
 
             folder = str(Path(model).parent)
             model = patched_model(model, inline)  # the merged weights, in memory
@@ -121,8 +121,8 @@ class SessionFromOnnx:
 
     def _open_cached(self):
         """The optimised graph from the cache, or optimise now and store it."""
-        from .onnx_scan import ScanError
-        from .ort_cache import DATA, EXTERNAL_MIN_BYTES, MODEL, GraphCache, graph_key
+        from ldm_edge.runtime.bundle.onnx_scan import ScanError
+        from ldm_edge.runtime.backends.ort_cache import DATA, EXTERNAL_MIN_BYTES, MODEL, GraphCache, graph_key
 
         path = self.model
         cache = GraphCache()

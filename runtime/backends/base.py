@@ -11,8 +11,8 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from .errors import UsageError
-from .spec import ComponentSpec
+from ldm_edge.runtime.errors import UsageError
+from ldm_edge.runtime.bundle.spec import ComponentSpec
 
 
 class Backend(ABC):

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .lora import LoraError, LoraSet
-from .onnx_scan import ScanError, initializer_dtypes, read_initializers
-from .weights_map import WeightsMap, read_weights_map
+from ldm_edge.runtime.lora.files import LoraError, LoraSet
+from ldm_edge.runtime.bundle.onnx_scan import ScanError, initializer_dtypes, read_initializers
+from ldm_edge.runtime.lora.weights_map import WeightsMap, read_weights_map
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class GraphWeights:
 
     def for_graph(self, path: str | Path) -> tuple[dict, set]:
         """({initializer: array in the graph's dtype}, {names stored as external data}); an
-        INT8 graph gets its quantised weights re-quantised (runtime/lora_int8.py)."""
+        INT8 graph gets its quantised weights re-quantised (runtime/lora/int8.py)."""
         try:
             table = initializer_dtypes(path)
         except (OSError, ScanError) as e:
@@ -47,7 +47,7 @@ class GraphWeights:
                             f"LoRA ({e})")
         values = self.merged32
         if any(n not in table for n in values) and any(k.endswith("/int8") for k in table):
-            from .lora_int8 import requantise
+            from ldm_edge.runtime.lora.int8 import requantise
 
             values = requantise(path, self.fp32_graph, values, self.component)
         out, external = {}, set()

@@ -11,13 +11,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BundleError
-from .fsutil import sha256_cached
-from .onnx_scan import ScanError, external_locations
-from .schema import (FORMAT_VERSION, MANIFEST_NAME, PRECISIONS, PREDICTION_TYPES,  # noqa: F401
+from ldm_edge.runtime.errors import BundleError
+from ldm_edge.runtime.fsutil import sha256_cached
+from ldm_edge.runtime.bundle.onnx_scan import ScanError, external_locations
+from ldm_edge.runtime.bundle.schema import (FORMAT_VERSION, MANIFEST_NAME, PRECISIONS, PREDICTION_TYPES,  # noqa: F401
                      BundleManifest, ComponentRecord, FileRecord, VariantRecord,
                      read_manifest_json)
-from .spec import ComponentSpec
+from ldm_edge.runtime.bundle.spec import ComponentSpec
 
 
 def safe_member(root: Path, rel: str, what: str) -> Path:
@@ -59,7 +59,7 @@ class Manifest:
         for name, rec in self.schema.components.items():
             for precision in rec.variants:
                 self._check_files(name, precision, verify)
-            if rec.weights_map is not None:  # LoRA's weights map (runtime/weights_map.py)
+            if rec.weights_map is not None:  # LoRA's weights map (runtime/lora/weights_map.py)
                 self._check_file_record(rec.weights_map, f"{name} weights map", verify)
         if self.schema.tokenizer is not None:  # none for a model that takes no prompt
             self._check_file_record(self.schema.tokenizer.file_record, "tokenizer", verify)

@@ -35,11 +35,11 @@ import logging
 import os
 from pathlib import Path
 
-from .errors import BundleError
-from .schema import (FORMAT_VERSION, BundleManifest, ComponentRecord, FileRecord, ModelRecord,
+from ldm_edge.runtime.errors import BundleError
+from ldm_edge.runtime.bundle.schema import (FORMAT_VERSION, BundleManifest, ComponentRecord, FileRecord, ModelRecord,
                      TokenizerRecord, VariantRecord)
-from .onnx_scan import ScanError, graph_io
-from .spec import ComponentSpec, ModelDims, TensorSpec, describe
+from ldm_edge.runtime.bundle.onnx_scan import ScanError, graph_io
+from ldm_edge.runtime.bundle.spec import ComponentSpec, ModelDims, TensorSpec, describe
 
 log = logging.getLogger(__name__)
 

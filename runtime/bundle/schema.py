@@ -19,10 +19,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
-from .errors import BundleError
-from .fsutil import atomic_write_json
-from .spec import COMPONENTS, ComponentSpec
-from .tasks import TASKS, takes_prompt
+from ldm_edge.runtime.errors import BundleError
+from ldm_edge.runtime.fsutil import atomic_write_json
+from ldm_edge.runtime.bundle.spec import COMPONENTS, ComponentSpec
+from ldm_edge.runtime.tasks import TASKS, takes_prompt
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -275,7 +275,7 @@ class ComponentRecord(Record):
     spec: ComponentSpec | None = None
     variants: dict[str, VariantRecord] = field(default_factory=dict)
     engines: list[EngineRecord] = field(default_factory=list)
-    # which initializer of the graphs holds which PyTorch parameter (runtime/weights_map.py),
+    # which initializer of the graphs holds which PyTorch parameter (runtime/lora/weights_map.py),
     # a JSON side file written and verified at export; what LoRA needs. None: exported before
     weights_map: FileRecord | None = None
 
@@ -416,7 +416,7 @@ class BundleManifest(Record):
     producer: dict | None = None
     created: str | None = None
     model: ModelRecord = field(default_factory=ModelRecord)
-    # what the model does (runtime/tasks.py); absent: text-to-image. Written only when set,
+    # what the model does (runtime/tasks/); absent: text-to-image. Written only when set,
     # so SD1/SD2 manifests keep their keys
     task: str | None = None
     # the SD x4 upscaler (task "upscale"): max_noise_level, default_noise_level and the
