@@ -70,9 +70,8 @@ class DiffusersDrawer:
 
 
 class BundleDrawer:
-    """HOOK for issue #12's runtime LoRA (branch `lora`): the exported demo bundle through the
-    lean runtime, ``Pipeline(bundle, loras=[(file, scale)])``. Written against that API; until it
-    is merged, asking for a LoRA here stops with a message saying so."""
+    """The exported demo bundle through the lean runtime, ``Pipeline(bundle, loras=[(file,
+    scale)])``; a runtime without LoRA support stops with a message saying so."""
 
     def __init__(self, bundle: Path, lora):
         from ldm_edge.runtime.pipeline import Pipeline
@@ -94,7 +93,7 @@ def check_runtime_lora() -> None:
 
     if "loras" not in inspect.signature(Pipeline).parameters:
         raise SystemExit("eval-lora: error: this ldm-edge's runtime Pipeline takes no loras= yet "
-                         "(issue #12, `ldm-run --lora`); use --reference diffusers")
+                         "(`ldm-run --lora`); use --reference diffusers")
 
 
 def drawer(args, lora):
@@ -187,7 +186,7 @@ def main(argv=None) -> None:
                     help="draw with diffusers in PyTorch (the default; --bundle draws with the runtime)")
     ap.add_argument("--bundle", type=Path, default=None,
                     help="draw with the lean runtime from this demo bundle instead "
-                         "(needs Pipeline(..., loras=...), issue #12)")
+                         "(needs Pipeline(..., loras=...))")
     ap.add_argument("--draw", action="store_true", help="draw --prompt without and with the LoRA into --out")
     ap.add_argument("--prompt", default=DRAW_PROMPT)
     ap.add_argument("--out", default="out")

@@ -47,7 +47,7 @@ WARMUP = 50
 TRAIN_IMAGES = 2000  # rendered once and encoded into latents
 CAPTION_DROPOUT = 0.1  # as in the base training: keeps the unconditional branch for guidance
 SEED = 0
-MAX_FILE_BYTES = 1 << 20  # committed weights must stay under 1 MB (issue #12)
+MAX_FILE_BYTES = 1 << 20  # committed weights stay under 1 MB: the repository stays quick to clone
 
 
 def log(msg: str) -> None:

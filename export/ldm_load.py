@@ -1,4 +1,4 @@
-"""Load diffusers folders in the layouts of the LDM paper's own released models (issue 14).
+"""Load diffusers folders in the layouts of the LDM paper's own released models.
 
 * ``LDMTextToImagePipeline``: ``bert/`` (LDMBertModel), ``tokenizer/`` (BERT WordPiece),
   ``unet/`` (UNet2DConditionModel), ``vqvae/`` (VQModel, or AutoencoderKL as in the

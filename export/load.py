@@ -45,7 +45,7 @@ def load_model(source: str | os.PathLike, config: str | None = None) -> LoadedMo
             return _load_demo(p)
         from .ldm_load import ldm_layout, load_ldm_folder
 
-        if layout := ldm_layout(p):  # the LDM paper's own layouts (issue 14)
+        if layout := ldm_layout(p):  # the LDM paper's own layouts
             return load_ldm_folder(p, layout)
         return _load_folder(p)
     if p.suffix.lower() in SINGLE_FILE_SUFFIXES:
@@ -85,7 +85,7 @@ def _load_folder(p: Path) -> LoadedModel:
     upscale = index.get("_class_name") == "StableDiffusionUpscalePipeline"
     check_unet(unet, noise_level_classes=upscale)
     sched = json.loads((p / "scheduler" / "scheduler_config.json").read_text())
-    # StableDiffusionInpaintPipeline: latents + mask + masked-image latents (issue 14)
+    # StableDiffusionInpaintPipeline: latents + mask + masked-image latents
     inpaint = int(unet.config.in_channels) == 2 * int(vae.config.latent_channels) + 1
     return LoadedModel(
         source=p.name, source_sha256=hash_files(_weight_files(p)),

@@ -83,7 +83,7 @@ def hash_files(paths) -> str:
 
 def check_unet(unet, noise_level_classes: bool = False) -> None:
     """``noise_level_classes``: the SD x4 upscaler's U-Net, class-conditioned on the noise
-    level, is taken (issue 14); other class-conditioned U-Nets are not."""
+    level, is taken; other class-conditioned U-Nets are not."""
     cfg = unet.config
     if cfg.get("addition_embed_type"):
         raise ModelLoadError(f"U-Net with addition_embed_type={cfg['addition_embed_type']!r} "

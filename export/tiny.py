@@ -110,7 +110,7 @@ def save_tiny(path: str | Path, family: str = "sd1", seed: int = 0) -> Path:
     return path
 
 
-# -- the LDM paper's own layouts (issue 14): LDM-BERT text-to-image and unconditional ---------
+# -- the LDM paper's own layouts: LDM-BERT text-to-image and unconditional ---------
 LDM_FAMILIES = ("ldm-bert", "ldm-uncond", "ldm-sr")
 _BERT_WORDS = ["a", "red", "blue", "green", "cat", "dog", "painting", "of", "the", "squirrel",
                "eating", "burger", "photo", "on", "##s", "##ing"]

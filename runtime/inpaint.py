@@ -1,4 +1,4 @@
-"""Inpainting with a 9-channel U-Net (diffusers' StableDiffusionInpaintPipeline, issue 14).
+"""Inpainting with a 9-channel U-Net (diffusers' StableDiffusionInpaintPipeline).
 
 The U-Net takes, on channels, the noisy latents (4), the mask at latent size (1) and the
 latents of the masked image (4). As diffusers does: the mask is read as grayscale and

@@ -1,9 +1,9 @@
-"""Super-resolution with the LDM paper's upscaler (diffusers' LDMSuperResolutionPipeline,
-issue 14): the low-resolution image, in [-1, 1], is concatenated to latents of its own size
-on the channel axis at every step, and the VQ-f4 decoder makes an image ``f`` times its
-size. The image is taken at its own size: its sides must be multiples of
-``SIDE_MULTIPLE`` (diffusers' pipeline silently crops-and-resizes to them; here the user
-is told), and ``f`` times them must lie in the bundle's exported range."""
+"""Super-resolution with the LDM paper's upscaler (diffusers' LDMSuperResolutionPipeline): the
+low-resolution image, in [-1, 1], is concatenated to latents of its own size on the channel axis
+at every step, and the VQ-f4 decoder makes an image ``f`` times its size. The image is taken at
+its own size: its sides must be multiples of ``SIDE_MULTIPLE`` (diffusers' pipeline silently
+crops-and-resizes to them; here the user is told), and ``f`` times them must lie in the
+bundle's exported range."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(default_source() is None,
                                 reason="demo weights not in this checkout (make train-demo)")
 
 LORA = EL.DEFAULT_LORA
-MAX_BYTES = 1 << 20  # issue #12: the committed LoRA stays under 1 MB
+MAX_BYTES = 1 << 20  # the committed LoRA stays under 1 MB: the repository stays quick to clone
 # Held-out combinations of the new position (L.heldout_new_combinations(): never in the LoRA's
 # training), in two of the dataset's caption templates. Screened over all 14 held-out
 # combinations x 2 templates x these 2 latents (56 draws): the position read 'top center' with

@@ -1,4 +1,4 @@
-"""The LDM paper's own layouts (issue 14) on tiny random models built here:
+"""The LDM paper's own layouts on tiny random models built here:
 LDMTextToImagePipeline (LDM-BERT, VQ-f8 autoencoder, UNet2DConditionModel), LDMPipeline
 (unconditional, VQ-f4 autoencoder, UNet2DModel), LDMSuperResolutionPipeline (x4, the
 low-resolution image concatenated to the latents) and StableDiffusionInpaintPipeline (a

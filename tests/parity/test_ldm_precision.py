@@ -1,4 +1,4 @@
-"""FP16 and INT8 (``ldm-export fp16`` / ``int8``) on the bundles of issue 14's layouts:
+"""FP16 and INT8 (``ldm-export fp16`` / ``int8``) on the bundles of the LDM paper's layouts:
 LDM-BERT text-to-image, unconditional (LDMPipeline), x4 super-resolution
 (LDMSuperResolutionPipeline) and SD inpainting and the SD x4 upscaler. Models that take no prompt are calibrated
 and measured on what bundletools/task_inputs.py gives them instead, and say so."""
@@ -12,7 +12,7 @@ import pytest
 
 from ldm_edge.runtime.bundle.opener import open_bundle
 
-# FP16 vs FP32, end to end, 8-bit PSNR: the issue's bar. FP16 rounding in the U-Net moves the
+# FP16 vs FP32, end to end, 8-bit PSNR. FP16 rounding in the U-Net moves the
 # final latents by ~1e-3 relative; a VQ decoder turns that into the same picture unless a
 # latent cell sits on a codebook boundary, when one cell's code (a 4x4 or 8x8 patch) flips
 # (measured, tiny unconditional model, ddim: 63-64 dB at 8 and 25 steps for seeds 0-2;

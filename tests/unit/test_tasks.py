@@ -1,4 +1,4 @@
-"""Tasks (issue 14) without models: which task runs, each component's interface, what a request
+"""Tasks without models: which task runs, each component's interface, what a request
 of each task accepts, and the inpainting / super-resolution conditioning arithmetic."""
 
 from __future__ import annotations

@@ -436,7 +436,7 @@ def test_one_environment_reaches_every_importer(fakes):
                                              ("upscale", 7)])
 def test_engines_for_the_ldm_layouts(family, channels, ldm_bundles, tmp_path, fake_trt,
                                      monkeypatch):
-    """`ldm-export engines` on issue 14's bundles (fake TensorRT): an engine per component,
+    """`ldm-export engines` on the paper's layouts' bundles (fake TensorRT): an engine per component,
     the U-Net's profile with its own input channels, its batch doubled only where guidance
     can run (a model that takes a prompt)."""
     b = tmp_path / family
