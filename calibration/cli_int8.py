@@ -25,8 +25,8 @@ def summary(m) -> str:
     calib = v.calibration
     lines = [f"unet (int8): {v.file}, {mb['int8']:.1f} MB (fp32 {mb['fp32']:.1f} MB); "
              f"{len(v.quantized_nodes)} layers INT8 ({v.method} ranges, "
-             f"{calib['samples']} calibration calls over timesteps "
-             f"{calib['timesteps'][0]:.0f}..{calib['timesteps'][-1]:.0f}), "
+             f"{calib.samples} calibration calls over timesteps "
+             f"{calib.timesteps[0]:.0f}..{calib.timesteps[-1]:.0f}), "
              f"{n_excl} nodes float by rule",
              f"int8 end to end: PSNR {q.psnr_db:.2f} dB vs fp32, worst of "
              + ", ".join(f"{s} {v['psnr_db']:.2f}" for s, v in (q.per_scheduler or {}).items())

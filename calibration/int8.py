@@ -30,7 +30,8 @@ from ldm_edge.runtime.bundle.opener import open_bundle
 from ldm_edge.runtime import validate
 from ldm_edge.runtime.bundle.manifest import Manifest
 from ldm_edge.runtime.request import BundleDefaults
-from ldm_edge.runtime.bundle.schema import BundleManifest, Int8QualityRecord, VariantRecord
+from ldm_edge.runtime.bundle.schema import (BundleManifest, CalibrationRecord, Int8QualityRecord,
+                                            VariantRecord)
 
 from . import qdq
 from .ranges import METHODS, collect
@@ -312,9 +313,9 @@ def write_variant(txn: VariantTransaction, cal: Calibration, quant: Quantisation
         excluded_nodes={**quant.excluded,
                         **({"kept by min_psnr": kept_nodes} if kept_nodes else {})},
         kept_float_units=kept,
-        calibration={"prompts": cal.prompts, "steps": opts.calib_steps, "size": list(cal.hw),
-                     "samples": len(cal.calib), "schedulers": list(cal.schedulers),
-                     "timesteps": cal.timesteps},
+        calibration=CalibrationRecord(
+            prompts=cal.prompts, steps=opts.calib_steps, size=list(cal.hw),
+            samples=len(cal.calib), schedulers=list(cal.schedulers), timesteps=cal.timesteps),
         min_psnr=quant.budget)
 
 

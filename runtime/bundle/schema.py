@@ -185,6 +185,25 @@ class FormRecord(Record):
 
 
 @dataclass
+class CalibrationRecord(Record):
+    """How an INT8 variant's activation ranges were measured: over the FP32 sampling runs of
+    ``prompts`` (what stood for them, for a model without a prompt), ``steps`` each, at
+    ``size`` [height, width], with ``schedulers`` in turn; ``samples`` U-Net calls kept, at
+    ``timesteps``."""
+
+    prompts: list | None = None
+    steps: int | None = None
+    size: list | None = None
+    samples: int | None = None
+    schedulers: list | None = None
+    timesteps: list | None = None
+
+    @classmethod
+    def from_json(cls, d, what: str) -> "CalibrationRecord":
+        return cls._from(_object(d, what))
+
+
+@dataclass
 class VariantRecord(Record):
     """One precision of one component: its graph, the files it reads, and how it was made."""
 
@@ -206,7 +225,7 @@ class VariantRecord(Record):
     quantized_nodes: list | None = None
     excluded_nodes: dict | None = None
     kept_float_units: list | None = None
-    calibration: dict | None = None
+    calibration: CalibrationRecord | None = None
     min_psnr: dict | None = None  # the --min-psnr budget's record
     # other forms of this graph for particular backends, by form name ("ort-mha")
     forms: dict[str, FormRecord] = field(default_factory=dict)
@@ -218,7 +237,10 @@ class VariantRecord(Record):
         if not isinstance(files, list):
             raise BundleError(f"manifest {what}.files is {files!r}; re-export the bundle")
         forms = _object(d.get("forms", {}), f"{what}.forms")
-        return cls._from(d, files=[FileRecord.from_json(f, what) for f in files],
+        cal = d.get("calibration")
+        parsed = {} if cal is None else {
+            "calibration": CalibrationRecord.from_json(cal, f"{what}.calibration")}
+        return cls._from(d, **parsed, files=[FileRecord.from_json(f, what) for f in files],
                          forms={k: FormRecord.from_json(v, f"{what}.forms.{k}")
                                 for k, v in forms.items()})
 

@@ -121,8 +121,8 @@ def test_graph_is_qdq_with_per_channel_int8_weights(int8_bundle):
     assert [o.name for o in g.graph.output] == [o.name for o in fp32.graph.output]
     assert m.variant("unet", "int8").path.stat().st_size < 0.6 * m.variant("unet", "fp32").path.stat().st_size
     cal = v.calibration
-    assert cal["prompts"] == PROMPTS and cal["steps"] == CALIB_STEPS
-    assert cal["timesteps"][0] > 500 and cal["timesteps"][-1] < 100  # the whole trajectory
+    assert cal.prompts == PROMPTS and cal.steps == CALIB_STEPS
+    assert cal.timesteps[0] > 500 and cal.timesteps[-1] < 100  # the whole trajectory
 
 
 def test_sensitive_and_excluded_nodes_stay_float(int8_bundle):
@@ -240,11 +240,11 @@ def test_calibrated_and_checked_at_the_size_asked_for(bundle):
         m = int8.make_int8(bundle, PROMPTS[:1], calib_steps=2, schedulers=[OWN], size=48,
                            progress=_quiet)
     v, q = m.components["unet"].variants["int8"], m.quality["int8"]
-    assert seen == [(48, 48)] and v.calibration["size"] == [48, 48] and q.size == [48, 48]
+    assert seen == [(48, 48)] and v.calibration.size == [48, 48] and q.size == [48, 48]
     _check_recorded(bundle, q, size=(48, 48))
     native = open_bundle(bundle).schema.defaults
     assert int8.make_int8(bundle, PROMPTS[:1], calib_steps=2, schedulers=[OWN], progress=_quiet) \
-        .components["unet"].variants["int8"].calibration["size"] == [native.height, native.width]
+        .components["unet"].variants["int8"].calibration.size == [native.height, native.width]
 
 
 def test_seven_bit_weights_keep_the_integer_kernels(int8_bundle, tmp_path):

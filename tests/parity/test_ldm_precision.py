@@ -70,7 +70,7 @@ def test_int8_runs_and_records_its_psnr(family, copy_of):
     q = m.quality["int8"]
     print(f"\nPSNR {family} int8 vs fp32 ({q.worst_scheduler}): {q.psnr_db:.1f} dB")
     assert np.isfinite(q.psnr_db) and q.psnr_db > 15.0, q.to_json()  # recorded, not noise
-    calib = m.components["unet"].variants["int8"].calibration["prompts"]
+    calib = m.components["unet"].variants["int8"].calibration.prompts
     if family in ("ldm-uncond", "ldm-sr"):
         assert all(p.startswith("(") for p in calib), calib
     kw = {"ldm-bert": {"prompt": "a red cat"}, "ldm-uncond": {},
