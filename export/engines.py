@@ -93,7 +93,7 @@ def _dim_range(dim: str, spec: ComponentSpec, manifest: BundleManifest, componen
         return (lo, lo, hi)
     scale = manifest.vae_scale_factor if dim.startswith("latent") else 1
     mult = manifest.multiple
-    default_opt = min(max(int(getattr(manifest.defaults, SIZE_DIMS[dim])), lo * scale), hi * scale)
+    default_opt = int(getattr(manifest.defaults, SIZE_DIMS[dim]))
     px = [opts.min_size or lo * scale, opts.opt_size or default_opt, opts.max_size or hi * scale]
     if opts.static:
         px = [px[1]] * 3

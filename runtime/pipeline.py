@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Callable
 
@@ -361,7 +361,8 @@ class Pipeline:
         self._release("vae_decoder")
         self.timings.total = time.perf_counter() - t_start
         self.timings.steps = len(timesteps)
-        return Result(images, req, provenance, self.timings, cond.dropped, lat)
+        # the run's own copy: later calls (a LoRA reopen, a quality check) add to the pipeline's
+        return Result(images, req, provenance, replace(self.timings), cond.dropped, lat)
 
     def _provenance(self, shape: tuple) -> Provenance:
         unet, model = self.backend("unet"), self.manifest.schema.model

@@ -385,8 +385,9 @@ QUALITY_RECORDS = {"int8": Int8QualityRecord}
 
 # -- the manifest -----------------------------------------------------------------------------
 class _GivenKeys(Record):
-    """A record that writes back the keys it was given (read from JSON or passed as a dict),
-    never its fallbacks: a manifest that lacks a key keeps lacking it."""
+    """A record that writes back the keys it was given (read from JSON or passed as a dict)
+    and any field set away from its fallback, never a fallback it only supplied: a manifest
+    that lacks a key keeps lacking it."""
 
     @classmethod
     def of(cls, d) -> "_GivenKeys":
@@ -394,10 +395,11 @@ class _GivenKeys(Record):
         return d if isinstance(d, cls) else cls._from(dict(d or {}))
 
     def _written(self, name: str, value) -> bool:
-        return name in (self.read_keys or ())
+        fallback = next(f.default for f in fields(self) if f.name == name)
+        return name in (self.read_keys or ()) or value != fallback
 
     def __bool__(self) -> bool:
-        return bool(self.read_keys)
+        return bool(self.to_json())
 
 
 @dataclass

@@ -112,6 +112,9 @@ def test_call_hooks_see_every_call_and_may_replace_an_output(tiny_bundles):
     remove = pipe.add_call_hook(lambda c: seen.append((c.name, set(c.feeds), c.seconds > 0)))
     a = pipe(PROMPT, num_inference_steps=2, scheduler="ddim", seed=1)
     remove()
+    spent = a.timings.text_encoder
+    pipe.encode_text(["another call"])  # a finished run's timings are its own
+    assert a.timings.text_encoder == spent
     assert [s[0] for s in seen] == ["text_encoder", "unet", "unet", "vae_decoder"]
     assert {"sample", "timestep", "encoder_hidden_states"} <= seen[1][1]  # the bound one too
     assert all(s[2] for s in seen)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from ldm_edge.runtime.errors import BundleError
-from ldm_edge.runtime.bundle.schema import (BundleManifest, ComponentRecord, EngineRecord,
-                                     Int8QualityRecord, VariantRecord)
+from ldm_edge.runtime.bundle.schema import (BundleManifest, ComponentRecord, DefaultsRecord,
+                                            EngineRecord, Int8QualityRecord, VariantRecord)
 
 DATA = Path(__file__).parent / "data"
 # manifest.json files written by the exporter before the schema existed (commit 5a44f7d)
@@ -76,9 +76,13 @@ def test_defaults_and_dims_are_typed_and_absent_keys_read_as_the_one_fallback():
     del d["defaults"], d["dims"]
     m = BundleManifest.from_json(copy.deepcopy(d))
     assert m.defaults.num_inference_steps == 25 and m.to_json() == d
+    m.defaults.num_inference_steps = 8  # set in code: written, although it was not read
+    assert m.to_json()["defaults"] == {"num_inference_steps": 8}
     built = BundleManifest(defaults={"height": 96, "width": 64}, dims={"min_size": 32})
     assert built.to_json()["defaults"] == {"height": 96, "width": 64}
     assert built.to_json()["dims"] == {"min_size": 32} and built.min_size == 32
+    assert BundleManifest(defaults=DefaultsRecord(height=768)).to_json()["defaults"] == \
+        {"height": 768}
 
 
 def test_records_built_in_code_write_what_the_exporters_wrote():

@@ -20,3 +20,4 @@ def test_stages_add_up_and_the_table_shows_what_ran():
     assert "lora merge (numpy)" in table and "unet (3 steps)" in table
     assert "vae encoder" not in table  # it did not run
     assert math.isnan(Timings().unet_step_median)
+
