@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ldm_edge.runtime.backends.base import Backend
-from ldm_edge.runtime.errors import BundleError, LdmEdgeError, UsageError
+from ldm_edge.runtime.errors import BundleError, LdmEdgeError, UsageError, first_line
 from ldm_edge.runtime.fsutil import sha256_file
 from ldm_edge.runtime.bundle.manifest import Manifest, safe_member
 from ldm_edge.runtime.bundle.spec import ComponentSpec
@@ -155,6 +155,16 @@ def _trt_logger(trt):
     return _TRT_LOGGER[1]
 
 
+def _start_runtime(trt, component: str):
+    """``trt.Runtime``; the bindings raise TypeError ("... returned nullptr") when TensorRT
+    cannot start (no usable GPU or driver, a library of another CUDA major)."""
+    try:
+        return trt.Runtime(_trt_logger(trt))
+    except TypeError as e:
+        raise GpuError(f"{component}: TensorRT could not start here ({first_line(e)}); check "
+                       f"the GPU and its driver, or run with --backend onnxruntime") from None
+
+
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
@@ -170,7 +180,7 @@ class TensorRTBackend(Backend):
         self.context = None
         trt = import_tensorrt()
         self.cuda = Cuda()
-        self.runtime = trt.Runtime(_trt_logger(trt))
+        self.runtime = _start_runtime(trt, spec.name)
         self.engine = self._deserialize(Path(path))
         if lora is not None:  # merged LoRA weights: refit the engine fresh from its plan
             self._refit(trt, lora, onnx_path)
@@ -222,7 +232,16 @@ class TensorRTBackend(Backend):
         if inputs != want_in or not want_out <= set(names) - inputs:
             raise BundleError(f"{self.spec.name}: engine tensors {sorted(names)} do not match the "
                               f"manifest's; rebuild it with {self._hint}")
-        return {n: np.dtype(trt.nptype(e.get_tensor_dtype(n))) for n in names}
+        return {n: self._numpy_dtype(trt, n) for n in names}
+
+    def _numpy_dtype(self, trt, name: str) -> np.dtype:
+        dtype = self.engine.get_tensor_dtype(name)
+        try:
+            return np.dtype(trt.nptype(dtype))
+        except TypeError:  # BF16, FP8, INT4...: TensorRT's numpy bridge has no such type
+            raise BundleError(f"{self.spec.name}: engine tensor {name!r} is {dtype}, which has "
+                              f"no numpy type; rebuild the engine with {self._hint} (our "
+                              f"graphs carry float32/float16/int64 I/O)") from None
 
     # -- buffers --------------------------------------------------------------------------
     def _buffer(self, key: str, nbytes: int) -> int:
@@ -278,7 +297,7 @@ class TensorRTBackend(Backend):
             if not ctx.set_input_shape(g, tuple(int(n) for n in shape)):
                 raise UsageError(f"{self.spec.name}: TensorRT refuses shape {list(shape)} for "
                                  f"{name!r}; rebuild the engine with {self._hint}")
-            ctx.set_tensor_address(g, ptr)
+            self._address(g, ptr)
         outputs = {}
         for name in self.spec.output_names:
             g = self._g(name)
@@ -287,7 +306,7 @@ class TensorRTBackend(Backend):
                 raise GpuError(f"{self.spec.name}: TensorRT could not infer the shape of {g}")
             host = np.empty(shape, self.dtypes[g])
             ptr = self._buffer(name, host.nbytes)
-            ctx.set_tensor_address(g, ptr)
+            self._address(g, ptr)
             outputs[name] = (host, ptr)
         if not ctx.execute_async_v3(self.shared.handle):
             raise GpuError(f"{self.spec.name}: TensorRT failed to run the engine "
@@ -298,6 +317,13 @@ class TensorRTBackend(Backend):
         del staged
         want = {t.name: np.dtype(t.dtype) for t in self.spec.outputs}
         return {n: h.astype(want[n], copy=False) for n, (h, _) in outputs.items()}
+
+    def _address(self, name: str, ptr: int) -> None:
+        """``set_tensor_address``, checked: TensorRT returns False for a name that is not an
+        I/O tensor of the engine or a pointer it cannot use (misaligned)."""
+        if not self.context.set_tensor_address(name, ptr):
+            raise GpuError(f"{self.spec.name}: TensorRT refused the device address for tensor "
+                           f"{name!r} (rerun with --debug for TensorRT's log)")
 
     def close(self):
         super().close()
@@ -359,5 +385,12 @@ def open_tensorrt(manifest: Manifest, component: str, precision: str, *, require
     else:
         record, path = engine_for(manifest, component, precision, device_facts())
     spec, io_map = interface or (comp.spec, comp.io_map)
-    return TensorRTBackend(spec, path, record=record, io_map=io_map, bundle=str(manifest.root),
-                           lora=lora, onnx_path=manifest.variant(component, precision).path)
+    try:
+        return TensorRTBackend(spec, path, record=record, io_map=io_map,
+                               bundle=str(manifest.root), lora=lora,
+                               onnx_path=manifest.variant(component, precision).path)
+    except (GpuError, TensorRTUnavailable, BundleError) as e:
+        if required:
+            raise
+        log.warning("%s; using onnxruntime", first_line(e))  # --backend auto: say why
+        return None

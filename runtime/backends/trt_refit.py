@@ -31,11 +31,16 @@ class RefitError(LdmEdgeError):
 def refit_engine(trt, engine, logger, weights: dict, base_graph, component: str, hint: str):
     """Refit ``engine`` with ``weights`` {name: array in the graph's dtype}; weights TensorRT
     also wants come from ``base_graph`` (the ONNX the engine was built from)."""
-    refitter = trt.Refitter(engine, logger)
+    try:
+        refitter = trt.Refitter(engine, logger)
+    except TypeError:  # the bindings' "returned nullptr": the engine holds no refittable weight
+        raise LoraError(f"{component}: TensorRT cannot refit this engine (built without "
+                        f"refittable weights); rebuild it with {hint} --refittable") from None
     keep = []  # trt.Weights do not own their memory: the arrays live until refit returns
 
     def put(name: str, value: np.ndarray) -> bool:
         arr = np.ascontiguousarray(value)
+        _check_prototype(trt, refitter, name, arr, component)
         keep.append(arr)
         return bool(refitter.set_named_weights(name, trt.Weights(arr)))
 
@@ -55,6 +60,26 @@ def refit_engine(trt, engine, logger, weights: dict, base_graph, component: str,
     if not refitter.refit_cuda_engine():
         raise RefitError(f"{component}: TensorRT could not refit the engine with the LoRA "
                          f"weights (rerun with --debug for TensorRT's log)")
+
+
+def _check_prototype(trt, refitter, name: str, arr: np.ndarray, component: str) -> None:
+    """What the engine holds for ``name`` (``get_weights_prototype``: dtype and count) against
+    what we hand it: TensorRT answers a mismatch with a bare False, which would read as "not
+    refittable"."""
+    get = getattr(refitter, "get_weights_prototype", None)
+    if get is None:
+        return
+    proto = get(name)
+    if proto is None or proto.size <= 0:  # not a weight of this engine: set_named_weights says
+        return
+    try:
+        want = np.dtype(trt.nptype(proto.dtype))
+    except TypeError:
+        want = None
+    if (want is not None and want != arr.dtype) or proto.size != arr.size:
+        raise RefitError(f"{component}: weight {name!r} is {want or proto.dtype} x {proto.size} "
+                         f"in the engine but {arr.dtype} x {arr.size} from the graph; rebuild the "
+                         f"engine from this bundle's graph")
 
 
 def mark_refittable(names):

@@ -158,7 +158,13 @@ class FakeEngine:
         return FakeContext(self)
 
 
-def fake_tensorrt(cudart):
+# what the real bindings' nptype refuses: TensorRT types numpy has no type for
+NO_NUMPY_TYPE = ("BF16", "FP8", "INT4", "FP4")
+
+
+def fake_tensorrt(cudart, runtime_fails: bool = False):
+    """``runtime_fails``: ``Runtime`` fails as the real one does where TensorRT cannot start
+    (its factory returns nullptr, which the bindings raise as TypeError)."""
     def deserialize(buf):
         data = bytes(buf)
         if not data.startswith(b"FAKE:"):
@@ -170,12 +176,20 @@ def fake_tensorrt(cudart):
 
         def __init__(self, severity):
             self.severity = severity
+    def runtime(logger):
+        if runtime_fails:
+            raise TypeError("pybind11::init(): factory function returned nullptr")
+        return types.SimpleNamespace(deserialize_cuda_engine=deserialize)
+
+    def nptype(dtype):
+        if dtype in NO_NUMPY_TYPE:
+            raise TypeError("Could not resolve TensorRT datatype to an equivalent numpy datatype.")
+        return dtype
     return types.SimpleNamespace(
-        __version__="10.3.0", Logger=Logger,
-        Runtime=lambda logger: types.SimpleNamespace(deserialize_cuda_engine=deserialize),
+        __version__="10.3.0", Logger=Logger, Runtime=runtime,
         TensorIOMode=types.SimpleNamespace(INPUT="IN", OUTPUT="OUT"),
         ExecutionContextAllocationStrategy=types.SimpleNamespace(USER_MANAGED="USER_MANAGED"),
-        MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"), nptype=lambda dt: dt)
+        MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"), nptype=nptype)
 
 
 def bind_real(real, args, kwargs) -> None:
@@ -455,3 +469,51 @@ def test_engines_for_the_ldm_layouts(family, channels, ldm_bundles, tmp_path, fa
     assert open_bundle(b).schema.task == {"inpaint": "inpaint", "ldm-sr": "super-resolution",
                                           "ldm-uncond": "unconditional",
                                           "upscale": "upscale"}[family]
+
+
+def test_tensorrt_that_cannot_start_is_one_line_and_auto_falls_back(fakes, caplog):
+    """The real ``trt.Runtime`` raises TypeError ("returned nullptr") where TensorRT cannot
+    start: one line when TensorRT was asked for, onnxruntime with a note under auto."""
+    from ldm_edge.runtime.backends.choose import open_backend
+
+    build(fakes)
+    fakes.env.parts["tensorrt"] = fake_tensorrt(fakes.cudart, runtime_fails=True)
+    m = open_bundle(fakes.bundle)
+    with pytest.raises(backend_tensorrt.GpuError) as e:
+        open_backend(m, "unet", backend="tensorrt")
+    assert "\n" not in str(e.value) and "TensorRT could not start here (" in str(e.value)
+    assert "--backend onnxruntime" in str(e.value)
+    with caplog.at_level("WARNING"):
+        auto = open_backend(m, "unet", backend="auto")
+    assert auto.name == "onnxruntime"
+    assert "TensorRT could not start here" in caplog.text and "using onnxruntime" in caplog.text
+    auto.close()
+
+
+def test_an_io_dtype_without_a_numpy_type_is_named(fakes, monkeypatch):
+    from ldm_edge.runtime.backends.choose import open_backend
+
+    build(fakes)
+    real = FakeEngine.get_tensor_dtype
+    monkeypatch.setattr(FakeEngine, "get_tensor_dtype",
+                        lambda self, n: "BF16" if n == "model_output" else real(self, n))
+    with pytest.raises(BundleError, match="'model_output' is BF16, which has no numpy type; "
+                                          "rebuild the engine with `ldm-export engines"):
+        open_backend(open_bundle(fakes.bundle), "unet", backend="tensorrt")
+
+
+def test_a_refused_tensor_address_is_named(fakes, monkeypatch):
+    from ldm_edge.runtime.backends.choose import open_backend
+
+    build(fakes)
+    real = FakeContext.set_tensor_address
+    monkeypatch.setattr(FakeContext, "set_tensor_address",
+                        lambda self, n, p: n != "timestep" and real(self, n, p))
+    unet = open_backend(open_bundle(fakes.bundle), "unet", backend="tensorrt")
+    feeds = {"sample": np.zeros((2, 4, 16, 16), np.float32),
+             "timestep": np.zeros((2,), np.float32),
+             "encoder_hidden_states": np.zeros((2, 77, 32), np.float32)}
+    with pytest.raises(backend_tensorrt.GpuError, match="refused the device address for "
+                                                        "tensor 'timestep'"):
+        unet.run(feeds)
+    unet.close()

@@ -26,6 +26,7 @@ from ldm_edge.export.engines import ProfileOptions, build_engines
 from ldm_edge.runtime.backends import tensorrt as backend_tensorrt
 from ldm_edge.runtime.backends.choose import open_backend
 from ldm_edge.runtime.bundle.opener import open_bundle
+from ldm_edge.runtime.backends.trt_refit import RefitError
 from ldm_edge.runtime.lora.files import LoraError
 from ldm_edge.runtime.lora.apply import LoraWeights
 from ldm_edge.runtime.bundle.onnx_scan import initializer_dtypes, read_initializers
@@ -46,17 +47,36 @@ class RefitEngine(F.FakeEngine):
     "tied" rule: refitting a to_q weight needs the to_k weight beside it (TensorRT reports such
     partners through get_missing_weights)."""
 
+    # name -> (dtype, count) the engine holds, where a test says so (else the graph's own)
+    prototypes: dict = {}
+
     def __init__(self, kind, cudart, profile, refittable, tied):
         super().__init__(kind, cudart, profile)
         self.refittable, self.tied, self.refits = set(refittable), dict(tied), []
 
 
 class FakeRefitter:
+    """As the real one: no refitter for an engine without refittable weights (the factory's
+    nullptr, raised as TypeError); False from set_named_weights for a name the engine cannot
+    refit or weights whose dtype or count differ from its prototype (count -1: no such
+    weight)."""
+
     def __init__(self, engine, logger):
+        if not engine.refittable:
+            raise TypeError("pybind11::init(): factory function returned nullptr")
         self.engine, self.values = engine, {}
+
+    def get_weights_prototype(self, name):
+        if name not in self.engine.refittable:
+            return types.SimpleNamespace(dtype=np.float32, size=-1)
+        dtype, size = self.engine.prototypes.get(name, (None, None))
+        return types.SimpleNamespace(dtype=dtype, size=size) if dtype is not None else None
 
     def set_named_weights(self, name, weights):
         if name not in self.engine.refittable:
+            return False
+        dtype, size = self.engine.prototypes.get(name, (None, None))
+        if dtype is not None and (weights.array.dtype != dtype or weights.array.size != size):
             return False
         self.values[name] = np.array(weights.array, copy=True)
         return True
@@ -213,3 +233,25 @@ def test_engine_not_built_refittable(rig):
     plain = open_backend(open_bundle(rig.bundle), "unet", backend="auto")  # no LoRA: TensorRT
     assert plain.name == "tensorrt" and rig.engines[-1].refits == []
     plain.close()
+
+
+def test_an_engine_tensorrt_cannot_refit_is_one_line(rig):
+    """The manifest says refittable, the plan is not (rebuilt, or copied from elsewhere): the
+    real Refitter's nullptr is one line saying to rebuild, not a traceback."""
+    _build(rig)
+    m = json.loads((rig.bundle / "manifest.json").read_text())
+    m["components"]["unet"]["engines"][0]["refittable"] = "lora-weights"
+    (rig.bundle / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(LoraError, match="TensorRT cannot refit this engine .*--refittable"):
+        _open(rig, [(rig.loras["a"], 1.0)])
+
+
+def test_a_weight_the_engine_holds_otherwise_is_named(rig, monkeypatch):
+    """TensorRT answers a dtype or count mismatch with a bare False; the refit says what
+    differs instead of "not refittable"."""
+    _build(rig, refittable=True)
+    n = read_initializers(rig.bundle / "unet.onnx", [rig.q])[rig.q].size
+    monkeypatch.setattr(RefitEngine, "prototypes", {rig.q: (np.dtype(np.float16), n)})
+    with pytest.raises(RefitError, match=f"weight '{rig.q}' is float16 x {n} in the engine but "
+                                         f"float32 x {n} from the graph"):
+        _open(rig, [(rig.loras["a"], 1.0)])
