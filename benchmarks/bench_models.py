@@ -14,7 +14,8 @@ SD15_SEED = 0
 
 def sd15_pipeline():
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from ldm_edge.export.tiny import tiny_clip_tokenizer

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_edge.runtime.errors import BundleError
 from ldm_edge.runtime.bundle.onnx_scan import ScanError, read_external
+from ldm_edge.runtime.errors import BundleError
 
 
 def load_tensor(tensor, base_dir: str | Path) -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ldm_edge.runtime.fsutil import sha256_file
 from ldm_edge.runtime.bundle.schema import FileRecord
+from ldm_edge.runtime.fsutil import sha256_file
 
 
 def file_record(path: Path, root: Path) -> FileRecord:

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ldm_edge.runtime.backends.sessions import SessionFromOnnx
+from ldm_edge.runtime.bundle.schema import (BundleManifest, FormRecord, VariantRecord,
+                                            read_manifest_json)
+from ldm_edge.runtime.bundle.spec import ComponentSpec
 from ldm_edge.runtime.compare import Comparison, compare, summarise
 from ldm_edge.runtime.errors import BundleError, first_line
-from ldm_edge.runtime.bundle.schema import BundleManifest, FormRecord, VariantRecord, read_manifest_json
-from ldm_edge.runtime.backends.sessions import SessionFromOnnx
-from ldm_edge.runtime.bundle.spec import ComponentSpec
 
 from .files import file_record
 from .fused_attention import fuse_attention

@@ -18,6 +18,7 @@ new variant is measured before it is recorded.
 from __future__ import annotations
 
 import numpy as np
+
 from ldm_edge.runtime.compare import psnr
 from ldm_edge.runtime.pipeline import ComponentCall, Pipeline
 from ldm_edge.runtime.request import default_scheduler_name

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from ldm_edge.runtime.bundle.manifest import Manifest
-from ldm_edge.runtime.bundle.schema import (BundleManifest, QualityRecord, VariantRecord, edit_manifest,
-                                     read_manifest_json)
+from ldm_edge.runtime.bundle.schema import (BundleManifest, QualityRecord, VariantRecord,
+                                            edit_manifest, read_manifest_json)
 
 from .save import save_graph
 

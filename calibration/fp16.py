@@ -18,16 +18,18 @@ import numpy as np
 from ldm_edge.bundletools.files import file_record
 from ldm_edge.bundletools.forms import add_fused_forms
 from ldm_edge.bundletools.quality import end_to_end_psnr, schedulers_to_check
+
 # fp16.save_graph: the tests save to_fp16's graphs with it
 from ldm_edge.bundletools.save import save_graph  # noqa: F401
 from ldm_edge.bundletools.task_inputs import labels
 from ldm_edge.bundletools.variant_txn import VariantTransaction
+from ldm_edge.runtime.backends.sessions import SessionFromOnnx
+from ldm_edge.runtime.bundle.manifest import Manifest
+from ldm_edge.runtime.bundle.opener import open_bundle
+from ldm_edge.runtime.bundle.schema import (BundleManifest, QualityRecord, VariantRecord,
+                                            read_manifest_json)
 from ldm_edge.runtime.compare import compare
 from ldm_edge.runtime.errors import ExportError, first_line
-from ldm_edge.runtime.bundle.opener import open_bundle
-from ldm_edge.runtime.bundle.manifest import Manifest
-from ldm_edge.runtime.bundle.schema import BundleManifest, QualityRecord, VariantRecord, read_manifest_json
-from ldm_edge.runtime.backends.sessions import SessionFromOnnx
 from ldm_edge.runtime.tasks import takes_prompt
 
 from .capture import capture, default_prompts

@@ -24,14 +24,14 @@ from ldm_edge.bundletools.files import file_record
 from ldm_edge.bundletools.forms import FORM, default_size, make_form
 from ldm_edge.bundletools.quality import end_to_end_psnr, schedulers_to_check
 from ldm_edge.bundletools.variant_txn import VariantTransaction
-from ldm_edge.runtime.cpu import cpu_summary
-from ldm_edge.runtime.errors import ExportError, UsageError
-from ldm_edge.runtime.bundle.opener import open_bundle
 from ldm_edge.runtime import validate
 from ldm_edge.runtime.bundle.manifest import Manifest
-from ldm_edge.runtime.request import BundleDefaults
+from ldm_edge.runtime.bundle.opener import open_bundle
 from ldm_edge.runtime.bundle.schema import (BundleManifest, CalibrationRecord, Int8QualityRecord,
                                             VariantRecord)
+from ldm_edge.runtime.cpu import cpu_summary
+from ldm_edge.runtime.errors import ExportError, UsageError
+from ldm_edge.runtime.request import BundleDefaults
 
 from . import qdq
 from .ranges import METHODS, collect

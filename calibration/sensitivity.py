@@ -19,11 +19,11 @@ import numpy as np
 
 from ldm_edge.bundletools.quality import Reference
 from ldm_edge.bundletools.save import save_graph
-from ldm_edge.runtime.bundle.opener import open_bundle
-from ldm_edge.runtime.bundle.manifest import Manifest
-from ldm_edge.runtime.pipeline import Pipeline
-from ldm_edge.runtime.bundle.schema import VariantRecord
 from ldm_edge.runtime.backends.sessions import SessionFromOnnx
+from ldm_edge.runtime.bundle.manifest import Manifest
+from ldm_edge.runtime.bundle.opener import open_bundle
+from ldm_edge.runtime.bundle.schema import VariantRecord
+from ldm_edge.runtime.pipeline import Pipeline
 
 from . import qdq
 from .ranges import scratch_path

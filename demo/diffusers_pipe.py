@@ -14,7 +14,8 @@ from pathlib import Path
 
 def demo_pipeline(weights: str | Path):
     import transformers
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
 
     weights = Path(weights)
     info = json.loads((weights / "ldm_edge_demo.json").read_text())

@@ -18,12 +18,13 @@ import ldm_edge
 from ldm_edge.bundletools.files import file_record
 from ldm_edge.bundletools.forms import ATTENTION_COMPONENTS, FORM, make_form
 from ldm_edge.bundletools.staging import staged_dir
+from ldm_edge.runtime.bundle.schema import (FORMAT_VERSION, BundleManifest, ComponentRecord,
+                                            ModelRecord, TokenizerRecord, VariantRecord,
+                                            write_manifest_json)
+from ldm_edge.runtime.bundle.spec import ModelDims, describe
 from ldm_edge.runtime.compare import summarise
 from ldm_edge.runtime.errors import ExportError
 from ldm_edge.runtime.fsutil import atomic_write_bytes
-from ldm_edge.runtime.bundle.schema import (FORMAT_VERSION, BundleManifest, ComponentRecord, ModelRecord, TokenizerRecord, VariantRecord,
-                                     write_manifest_json)
-from ldm_edge.runtime.bundle.spec import ModelDims, describe
 from ldm_edge.runtime.tasks import task_specs
 
 from .load import LoadedModel

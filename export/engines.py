@@ -22,17 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ldm_edge.runtime.backends.trt_engines import (ENGINE_BACKEND, device_facts, engine_path,
+                                                   import_tensorrt)
+from ldm_edge.runtime.backends.trt_refit import REFIT_KIND, mark_refittable, refit_individual
+from ldm_edge.runtime.bundle.manifest import Manifest
+from ldm_edge.runtime.bundle.opener import open_bundle
+from ldm_edge.runtime.bundle.schema import (MANIFEST_NAME, BundleManifest, ComponentRecord,
+                                            EngineRecord, edit_manifest)
+from ldm_edge.runtime.bundle.spec import ComponentSpec
 from ldm_edge.runtime.errors import LdmEdgeError, UsageError
 from ldm_edge.runtime.fsutil import sha256_file
-from ldm_edge.runtime.bundle.opener import open_bundle
-from ldm_edge.runtime.bundle.manifest import Manifest
-from ldm_edge.runtime.bundle.schema import (MANIFEST_NAME, BundleManifest, ComponentRecord, EngineRecord,
-                                     edit_manifest)
-from ldm_edge.runtime.bundle.spec import ComponentSpec
-from ldm_edge.runtime.backends.trt_refit import REFIT_KIND, mark_refittable, refit_individual
 from ldm_edge.runtime.tasks import takes_prompt
-from ldm_edge.runtime.backends.trt_engines import (ENGINE_BACKEND, device_facts,
-                                          engine_path, import_tensorrt)
 
 # Components that see the negative and the positive prompt in one call under classifier-free
 # guidance, so their batch is twice the number of images.

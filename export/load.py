@@ -15,8 +15,8 @@ from ldm_edge.runtime.errors import first_line
 from ldm_edge.runtime.tasks import INPAINT, UPSCALE
 
 # LoadedModel, ModelLoadError and hash_files are imported from here by the rest of export/
-from .model_facts import (LoadedModel, ModelLoadError, check_unet, family_of,  # noqa: F401
-                          hash_files, model_defaults, tokenizer_facts, uses_attention_mask)
+from .model_facts import (LoadedModel, ModelLoadError, check_unet, family_of, hash_files,  # noqa: F401
+                          model_defaults, tokenizer_facts, uses_attention_mask)
 
 # StableDiffusionUpscalePipeline's default noise_level
 UPSCALE_NOISE_LEVEL = 20

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from ldm_edge.bundletools.save import EXTERNAL_DATA_THRESHOLD
-from ldm_edge.runtime.compare import Comparison, compare
-from ldm_edge.runtime.errors import ExportError, first_line  # noqa: F401 (re-exported)
 from ldm_edge.runtime.backends.sessions import SessionFromOnnx
 from ldm_edge.runtime.bundle.spec import ComponentSpec
+from ldm_edge.runtime.compare import Comparison, compare
+from ldm_edge.runtime.errors import ExportError, first_line  # noqa: F401 (re-exported)
 
 from .components import reference, run_torch, sample_inputs, wrap
 from .load import LoadedModel

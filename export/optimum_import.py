@@ -24,12 +24,12 @@ import ldm_edge
 from ldm_edge.bundletools.files import file_record
 from ldm_edge.bundletools.staging import staged_dir
 from ldm_edge.runtime.bundle.opener import open_bundle
+from ldm_edge.runtime.bundle.optimum import (GRAPH, OPTIONAL, REQUIRED, check_supported,
+                                             graph_files, is_optimum_folder, manifest_from_optimum,
+                                             read_graph_io)
+from ldm_edge.runtime.bundle.schema import BundleManifest, write_manifest_json
 from ldm_edge.runtime.errors import BundleError, ExportError, first_line
 from ldm_edge.runtime.fsutil import atomic_write_bytes
-from ldm_edge.runtime.bundle.schema import BundleManifest, write_manifest_json
-from ldm_edge.runtime.bundle.optimum import (GRAPH, OPTIONAL, REQUIRED, check_supported, graph_files,
-                                      is_optimum_folder, manifest_from_optimum, read_graph_io)
-
 
 log = logging.getLogger(__name__)
 

@@ -62,7 +62,8 @@ def tiny_clip_tokenizer(pad_token: str = "<|endoftext|>"):
 def tiny_pipeline(family: str = "sd1", seed: int = 0, sample_size: int = 16):
     """A StableDiffusionPipeline of ~1 M parameters; family 'sd1' (epsilon) or 'sd2'
     (v_prediction, linear projection, per-block head dims, upcast attention)."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if family not in ("sd1", "sd2"):
@@ -159,8 +160,10 @@ def tiny_ldm_pipeline(family: str = "ldm-bert", seed: int = 0, sample_size: int 
     same, the U-Net taking the low-resolution image on 3 more channels: x4). ~1 M parameters
     each. ``autoencoder='kl'``: 'ldm-bert' with an AutoencoderKL under ``vqvae/``, as
     the released LDM-KL-8-G text-to-image model has it."""
-    from diffusers import DDIMScheduler, LDMPipeline, LDMTextToImagePipeline, UNet2DConditionModel, UNet2DModel
-    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
+    from diffusers import (DDIMScheduler, LDMPipeline, LDMTextToImagePipeline,
+                           UNet2DConditionModel, UNet2DModel)
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import (LDMBertConfig,
+                                                                                LDMBertModel)
 
     scheduler = DDIMScheduler(beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False)

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ldm_edge.runtime.bundle.onnx_scan import (initializer_dtypes, iter_initializers,
+                                               read_initializers)
 from ldm_edge.runtime.errors import ExportError
 from ldm_edge.runtime.fsutil import atomic_write_bytes
-from ldm_edge.runtime.bundle.onnx_scan import initializer_dtypes, iter_initializers, read_initializers
 from ldm_edge.runtime.lora.weights_map import MappedParam, WeightsMap, map_file_name
 
 from .load import LoadedModel

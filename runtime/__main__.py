@@ -1,3 +1,3 @@
-from ldm_edge.runtime.cli.run import main
+from .cli.run import main
 
 main()

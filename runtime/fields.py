@@ -22,10 +22,9 @@ Pure python: imported by the lean runtime and by the Triton Python model.
 
 from __future__ import annotations
 
-from ldm_edge.runtime.errors import UsageError
-from ldm_edge.runtime.field import Field, sent
-from ldm_edge.runtime.tasks import TASK_FIELDS
-
+from .errors import UsageError
+from .field import Field, sent
+from .tasks import TASK_FIELDS
 
 FIELDS = (
     # sent to the server, under the name of its input

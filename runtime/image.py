@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_edge.runtime.errors import UsageError
-from ldm_edge.runtime.fsutil import default_mode
+from .errors import UsageError
+from .fsutil import default_mode
 
 # Decompression-bomb guard: a 16k x 16k image is far beyond any exported range anyway.
 MAX_INIT_PIXELS = 16384 * 16384

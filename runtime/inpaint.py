@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_edge.runtime.errors import UsageError
-from ldm_edge.runtime.image import MAX_INIT_PIXELS
+from .errors import UsageError
+from .image import MAX_INIT_PIXELS
 
 # diffusers' mask processor binarises at this level of [0, 1]
 MASK_THRESHOLD = 0.5
@@ -60,7 +60,7 @@ def load_mask(mask, init_image, width: int, height: int) -> Mask:
         return Mask(px, "array", hashlib.sha256(px.tobytes()).hexdigest())
     from PIL import Image
 
-    from ldm_edge.runtime.fsutil import sha256_file
+    from .fsutil import sha256_file
 
     mw, mh = image_size(mask, "--mask")
     if isinstance(init_image, (str, Path)):

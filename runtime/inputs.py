@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_edge.runtime import validate
+from . import validate
+
 
 def sha256_of(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
@@ -34,8 +35,8 @@ class InitImage:
 
     @classmethod
     def from_file(cls, path: str | Path, width: int, height: int) -> "InitImage":
-        from ldm_edge.runtime.fsutil import sha256_file
-        from ldm_edge.runtime.image import load_init_image
+        from .fsutil import sha256_file
+        from .image import load_init_image
 
         pixels = load_init_image(path, width, height)  # one-line errors for a bad file
         return cls(frozen(pixels), Path(path).name, sha256_file(path))

@@ -17,18 +17,18 @@ from typing import Callable
 
 import numpy as np
 
-from ldm_edge.runtime import validate
-from ldm_edge.runtime.backends.choose import DRAWN_LATENT, open_backend
-from ldm_edge.runtime.bundle.opener import open_bundle
-from ldm_edge.runtime.errors import NumericsError, UsageError
-from ldm_edge.runtime.bundle.manifest import Manifest
-from ldm_edge.runtime.conditioning import conditioning_for
-from ldm_edge.runtime.request import BundleDefaults, GenerationRequest, Provenance, resolve_request
-from ldm_edge.runtime.schedulers import make_scheduler
-from ldm_edge.runtime.tasks import plan_of
-from ldm_edge.runtime.tasks.base import TaskStart, latent_shape
-from ldm_edge.runtime.tokenizer import PromptTokenizer
-from ldm_edge.runtime.vae_tiling import DEFAULT_OVERLAP, VaeTiling, fitting_tile_sizes
+from . import validate
+from .backends.choose import DRAWN_LATENT, open_backend
+from .bundle.manifest import Manifest
+from .bundle.opener import open_bundle
+from .conditioning import conditioning_for
+from .errors import NumericsError, UsageError
+from .request import BundleDefaults, GenerationRequest, Provenance, resolve_request
+from .schedulers import make_scheduler
+from .tasks import plan_of
+from .tasks.base import TaskStart, latent_shape
+from .tokenizer import PromptTokenizer
+from .vae_tiling import DEFAULT_OVERLAP, VaeTiling, fitting_tile_sizes
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class Pipeline:
         self.tokenizer = (PromptTokenizer.from_manifest(self.manifest)
                           if self.manifest.schema.tokenizer is not None else None)
         if ort_cache is None:  # not said: the environment decides (LDM_EDGE_ORT_CACHE=1)
-            from ldm_edge.runtime.backends.ort_cache import enabled_by_env
+            from .backends.ort_cache import enabled_by_env
 
             ort_cache = enabled_by_env()
         options = dict(backend=backend, precision=precision, device=device, threads=threads,
@@ -158,7 +158,7 @@ class Pipeline:
         Checked before anything changes; the components whose weights change are reopened
         with base + the new set's merged weights on their next call; the bundle is not
         opened or checked again (runtime/lora/apply.py)."""
-        from ldm_edge.runtime.lora.apply import LoraWeights
+        from .lora.apply import LoraWeights
 
         if self._lora_weights is None:
             if not loras:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ldm_edge.runtime.errors import UsageError
-from ldm_edge.runtime.fields import SERVED, pipeline_inputs
+from .errors import UsageError
+from .fields import SERVED, pipeline_inputs
 
 PIPELINE_MODEL = "ldm_pipeline"
 # input name -> (KServe datatype, dims). All are optional: a missing one takes the bundle's
@@ -175,7 +175,7 @@ def _server_error(e: urllib.error.HTTPError) -> str:
 def served_inputs(options: dict) -> dict:
     """ldm-run's option values (by name, as click gives them) as the pipeline's inputs;
     files travel as their bytes."""
-    from ldm_edge.runtime import validate
+    from . import validate
 
     if options.get("seed") is not None:
         validate.seed(options["seed"])  # a UINT64 cannot carry what the server would refuse

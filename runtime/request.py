@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ldm_edge.runtime import validate
-from ldm_edge.runtime.errors import UsageError
-from ldm_edge.runtime.inputs import InitImage, frozen, sha256_of
-from ldm_edge.runtime.bundle.schema import BundleManifest, DefaultsRecord
-from ldm_edge.runtime.tasks import TEXT_TO_IMAGE, plan_of, run_task
-from ldm_edge.runtime.tasks.base import DEFAULT_STRENGTH  # noqa: F401 - re-exported
-from ldm_edge.runtime.tasks.inpaint import INPAINT_STRENGTH  # noqa: F401 - re-exported
-from ldm_edge.runtime.tasks.upscale import UPSCALE_SIDE_MULTIPLE  # noqa: F401 - re-exported
+from . import validate
+from .bundle.schema import BundleManifest, DefaultsRecord
+from .errors import UsageError
+from .inputs import InitImage, frozen, sha256_of
+from .tasks import TEXT_TO_IMAGE, plan_of, run_task
+from .tasks.base import DEFAULT_STRENGTH  # noqa: F401 - re-exported
+from .tasks.inpaint import INPAINT_STRENGTH  # noqa: F401 - re-exported
+from .tasks.upscale import UPSCALE_SIDE_MULTIPLE  # noqa: F401 - re-exported
 
 # a drawn seed (none given) fits 32 bits, so it is easy to read off a PNG and type back in
 DRAWN_SEED_BITS = 32
@@ -34,7 +34,7 @@ FALLBACK_SIZE, FALLBACK_STEPS, FALLBACK_GUIDANCE = (FALLBACK.height, FALLBACK.nu
 
 def default_scheduler_name(config: dict) -> str:
     """The runtime name of the scheduler the model was saved with (falls back to ddim)."""
-    from ldm_edge.runtime.schedulers import SCHEDULERS
+    from .schedulers import SCHEDULERS
 
     cls = config.get("_class_name")
     for name, sched in SCHEDULERS.items():
@@ -170,7 +170,7 @@ def resolve_request(bundle: BundleDefaults, *, prompt, negative_prompt=None,
     ``init_image``: a file path (loaded here, at the resolved size) or uint8 [1, H, W, 3].
     ``seed``: none given and ``draw_seed`` -> one is drawn, so the PNG says how to redo it;
     ``draw_seed=False`` when the caller brings its own noise generator."""
-    from ldm_edge.runtime.schedulers import scheduler_names
+    from .schedulers import scheduler_names
 
     task = run_task(bundle.task, task)
     plan = plan_of(task)

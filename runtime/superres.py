@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_edge.runtime.errors import UsageError
+from .errors import UsageError
 
 # diffusers' LDMSuperResolutionPipeline.preprocess resizes the image to multiples of 32
 SIDE_MULTIPLE = 32
@@ -37,7 +37,7 @@ def low_res_size(init_image, height, width, strength, bundle,
         w, h = init_image.shape[2], init_image.shape[1]
         name = "the init image"
     else:
-        from ldm_edge.runtime.inpaint import image_size
+        from .inpaint import image_size
 
         w, h = image_size(init_image, "--init-image")
         name = f"--init-image {Path(init_image).name}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ldm_edge.runtime.errors import UsageError
+from .errors import UsageError
 
 # diffusers' AutoencoderKL.tile_overlap_factor after enable_tiling()
 DEFAULT_OVERLAP = 0.25

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from ldm_edge.runtime.errors import UsageError
+from .errors import UsageError
 
 MAX_STEPS = 1000
 MAX_GUIDANCE = 100.0

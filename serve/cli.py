@@ -12,13 +12,8 @@ import click
 
 from ldm_edge.runtime.cli.errors import invoke_reporting
 
-from .limits import (
-    DEFAULT_MAX_IMAGES,
-    DEFAULT_MAX_PIXELS,
-    DEFAULT_MAX_PROMPT_CHARS,
-    DEFAULT_MAX_STEPS,
-    ServeLimits,
-)
+from .limits import (DEFAULT_MAX_IMAGES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_PROMPT_CHARS,
+                     DEFAULT_MAX_STEPS, ServeLimits)
 from .pbtxt import UNET_QUEUE_DELAY_US
 from .repository import COMPONENT_KINDS, write_repository
 

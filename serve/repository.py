@@ -19,9 +19,9 @@ from pathlib import Path
 
 from ldm_edge.bundletools.staging import staged_dir
 from ldm_edge.runtime.backends.choose import interface, pick_precision
+from ldm_edge.runtime.bundle.manifest import Manifest
 from ldm_edge.runtime.bundle.opener import open_bundle
 from ldm_edge.runtime.errors import ExportError, UsageError
-from ldm_edge.runtime.bundle.manifest import Manifest
 from ldm_edge.runtime.remote import PIPELINE_INPUTS, PIPELINE_MODEL, PIPELINE_OUTPUTS
 
 from .limits import ServeLimits

@@ -81,7 +81,8 @@ def ldm_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny random models in the LDM paper's layouts (export/tiny.py LDM_FAMILIES) and an
     SD inpainting one (key "inpaint") and an SD x4 upscaler (key "upscale")."""
     need_export_extra()
-    from ldm_edge.export.tiny import LDM_FAMILIES, save_tiny_inpaint, save_tiny_ldm, save_tiny_upscale
+    from ldm_edge.export.tiny import (LDM_FAMILIES, save_tiny_inpaint, save_tiny_ldm,
+                                      save_tiny_upscale)
 
     root = tmp_path_factory.mktemp("ldm_models")
     out = {fam: save_tiny_ldm(root / fam, fam, seed=0) for fam in LDM_FAMILIES}

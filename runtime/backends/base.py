@@ -11,8 +11,8 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from ldm_edge.runtime.errors import UsageError
-from ldm_edge.runtime.bundle.spec import ComponentSpec
+from ..bundle.spec import ComponentSpec
+from ..errors import UsageError
 
 
 class Backend(ABC):

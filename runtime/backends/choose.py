@@ -6,11 +6,11 @@ import importlib.util
 import logging
 from pathlib import Path
 
-from ldm_edge.runtime.backends.base import Backend
-from ldm_edge.runtime.errors import UsageError
-from ldm_edge.runtime.bundle.manifest import Manifest, safe_member
-from ldm_edge.runtime.bundle.schema import PRECISIONS, ComponentRecord
-from ldm_edge.runtime.bundle.spec import ComponentSpec, TensorSpec
+from ..bundle.manifest import Manifest, safe_member
+from ..bundle.schema import PRECISIONS, ComponentRecord
+from ..bundle.spec import ComponentSpec, TensorSpec
+from ..errors import UsageError
+from .base import Backend
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def resolve_backend(name: str) -> str:
     if name not in BACKENDS:
         raise UsageError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
     if name == "tensorrt":
-        from ldm_edge.runtime.backends.trt_engines import device_facts
+        from .trt_engines import device_facts
 
         device_facts()
     if name == "openvino" and importlib.util.find_spec("openvino") is None:
@@ -76,24 +76,24 @@ def open_backend(manifest: Manifest, component: str, *, backend: str = "auto",
     kind = resolve_backend(backend)
     prec = pick_precision(manifest, component, precision)
     if lora is not None:
-        from ldm_edge.runtime.lora.apply import check_lora_precision
+        from ..lora.apply import check_lora_precision
 
         check_lora_precision(component, prec, kind)
     spec, io_map = interface(manifest.component(component))
     if kind == "openvino":
-        from ldm_edge.runtime.backends.openvino import OpenVINOBackend
+        from .openvino import OpenVINOBackend
 
         return OpenVINOBackend(spec, manifest.variant(component, prec).path,
                                threads=threads, io_map=io_map, precision=prec, lora=lora)
     if kind != "onnxruntime":
-        from ldm_edge.runtime.backends.tensorrt import open_tensorrt
+        from .tensorrt import open_tensorrt
 
         b = open_tensorrt(manifest, component, prec, required=kind == "tensorrt", device=device,
                           interface=(spec, io_map), lora=lora)
         if b is not None:
             return b
     variant = manifest.variant(component, prec)
-    from ldm_edge.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from .onnxruntime import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(spec, variant.path, device=device, threads=threads, io_map=io_map,
                               graph_cache=ort_cache, precision=prec, memory_arena=memory_arena,

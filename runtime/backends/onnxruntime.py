@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_edge.runtime.backends.base import Backend
-from ldm_edge.runtime.errors import BundleError, UsageError, first_line
-from ldm_edge.runtime.backends.sessions import SessionFromOnnx
-from ldm_edge.runtime.bundle.spec import ComponentSpec
+from ..bundle.spec import ComponentSpec
+from ..errors import BundleError, UsageError, first_line
+from .base import Backend
+from .sessions import SessionFromOnnx
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 DEVICE_PROVIDERS = {

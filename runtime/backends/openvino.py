@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_edge.runtime.backends.base import Backend
-from ldm_edge.runtime.errors import BundleError, first_line
-from ldm_edge.runtime.lora.files import LoraError
-from ldm_edge.runtime.bundle.spec import ComponentSpec
+from ..bundle.spec import ComponentSpec
+from ..errors import BundleError, first_line
+from ..lora.files import LoraError
+from .base import Backend
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ import time
 import uuid
 from pathlib import Path
 
-from ldm_edge.runtime.cpu import cpu_identity
-from ldm_edge.runtime.fsutil import atomic_write_json, cache_dir, sha256_cached
+from ..cpu import cpu_identity
+from ..fsutil import atomic_write_json, cache_dir, sha256_cached
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def graph_key(path: Path) -> str:
     cannot be read."""
     import onnxruntime as ort
 
-    from ldm_edge.runtime.bundle.onnx_scan import external_locations
+    from ..bundle.onnx_scan import external_locations
 
     path = Path(path)
     files = [path] + [path.parent / loc for loc in external_locations(path)]

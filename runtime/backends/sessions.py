@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_edge.runtime.errors import first_line
+from ..errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class SessionFromOnnx:
 
         inline = {k: v for k, v in self.weights.items() if k not in self.external}
         if inline and isinstance(model, Path) and model == self.model:
-            from ldm_edge.runtime.bundle.onnx_scan import patched_model
+            from ..bundle.onnx_scan import patched_model
 
             folder = str(Path(model).parent)
             model = patched_model(model, inline)  # the merged weights, in memory
@@ -121,8 +121,8 @@ class SessionFromOnnx:
 
     def _open_cached(self):
         """The optimised graph from the cache, or optimise now and store it."""
-        from ldm_edge.runtime.bundle.onnx_scan import ScanError
-        from ldm_edge.runtime.backends.ort_cache import DATA, EXTERNAL_MIN_BYTES, MODEL, GraphCache, graph_key
+        from ..bundle.onnx_scan import ScanError
+        from .ort_cache import DATA, EXTERNAL_MIN_BYTES, MODEL, GraphCache, graph_key
 
         path = self.model
         cache = GraphCache()

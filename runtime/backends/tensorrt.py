@@ -29,12 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_edge.runtime.backends.base import Backend
-from ldm_edge.runtime.errors import BundleError, LdmEdgeError, UsageError, first_line
-from ldm_edge.runtime.fsutil import sha256_file
-from ldm_edge.runtime.bundle.manifest import Manifest, safe_member
-from ldm_edge.runtime.bundle.spec import ComponentSpec
-from ldm_edge.runtime.backends.trt_engines import (TensorRTUnavailable, cuda_error, device_facts, import_cudart,
+from ..bundle.manifest import Manifest, safe_member
+from ..bundle.spec import ComponentSpec
+from ..errors import BundleError, LdmEdgeError, UsageError, first_line
+from ..fsutil import sha256_file
+from .base import Backend
+from .trt_engines import (TensorRTUnavailable, cuda_error, device_facts, import_cudart,
                           import_tensorrt, narrow_spec, profile_violation, rebuild_hint,
                           select_engine, tensorrt_records)
 
@@ -213,8 +213,8 @@ class TensorRTBackend(Backend):
         return engine
 
     def _refit(self, trt, lora, onnx_path: Path) -> None:
-        from ldm_edge.runtime.lora.files import LoraError
-        from ldm_edge.runtime.backends.trt_refit import REFIT_KIND, refit_engine
+        from ..lora.files import LoraError
+        from .trt_refit import REFIT_KIND, refit_engine
 
         if self.record.get("refittable") != REFIT_KIND:
             raise LoraError(f"{self.spec.name}: this TensorRT engine was not built refittable; "

@@ -18,8 +18,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from ldm_edge.runtime.errors import BundleError, UsageError
-from ldm_edge.runtime.bundle.spec import ComponentSpec
+from ..bundle.spec import ComponentSpec
+from ..errors import BundleError, UsageError
 
 ENGINE_BACKEND = "tensorrt"
 ENGINES_DIR = "engines"

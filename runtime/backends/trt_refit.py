@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ldm_edge.runtime.errors import LdmEdgeError
-from ldm_edge.runtime.lora.files import LoraError
-from ldm_edge.runtime.bundle.onnx_scan import ScanError, read_initializers
+from ..bundle.onnx_scan import ScanError, read_initializers
+from ..errors import LdmEdgeError
+from ..lora.files import LoraError
 
 REFIT_KIND = "lora-weights"  # EngineRecord.refittable of an engine built --refittable
 

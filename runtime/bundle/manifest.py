@@ -11,13 +11,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldm_edge.runtime.errors import BundleError
-from ldm_edge.runtime.fsutil import sha256_cached
-from ldm_edge.runtime.bundle.onnx_scan import ScanError, external_locations
-from ldm_edge.runtime.bundle.schema import (FORMAT_VERSION, MANIFEST_NAME, PRECISIONS, PREDICTION_TYPES,  # noqa: F401
-                     BundleManifest, ComponentRecord, FileRecord, VariantRecord,
-                     read_manifest_json)
-from ldm_edge.runtime.bundle.spec import ComponentSpec
+from ..errors import BundleError
+from ..fsutil import sha256_cached
+from .onnx_scan import ScanError, external_locations
+from .schema import (FORMAT_VERSION, MANIFEST_NAME, PRECISIONS, PREDICTION_TYPES, BundleManifest,
+                     ComponentRecord, FileRecord, VariantRecord, read_manifest_json)
+from .spec import ComponentSpec
 
 
 def safe_member(root: Path, rel: str, what: str) -> Path:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ldm_edge.runtime.errors import BundleError
-from ldm_edge.runtime.bundle.manifest import Manifest
-from ldm_edge.runtime.bundle.optimum import is_optimum_folder, manifest_from_optimum
-from ldm_edge.runtime.bundle.schema import MANIFEST_NAME, read_manifest_json
+from ..errors import BundleError
+from .manifest import Manifest
+from .optimum import is_optimum_folder, manifest_from_optimum
+from .schema import MANIFEST_NAME, read_manifest_json
 
 
 def open_bundle(path: str | os.PathLike, verify: bool = True) -> Manifest:

@@ -35,11 +35,11 @@ import logging
 import os
 from pathlib import Path
 
-from ldm_edge.runtime.errors import BundleError
-from ldm_edge.runtime.bundle.schema import (FORMAT_VERSION, BundleManifest, ComponentRecord, FileRecord, ModelRecord,
+from ..errors import BundleError
+from .onnx_scan import ScanError, graph_io
+from .schema import (FORMAT_VERSION, BundleManifest, ComponentRecord, FileRecord, ModelRecord,
                      TokenizerRecord, VariantRecord)
-from ldm_edge.runtime.bundle.onnx_scan import ScanError, graph_io
-from ldm_edge.runtime.bundle.spec import ComponentSpec, ModelDims, TensorSpec, describe
+from .spec import ComponentSpec, ModelDims, TensorSpec, describe
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
-from ldm_edge.runtime.errors import BundleError
-from ldm_edge.runtime.fsutil import atomic_write_json
-from ldm_edge.runtime.bundle.spec import COMPONENTS, ComponentSpec
-from ldm_edge.runtime.tasks import TASKS, takes_prompt
+from ..errors import BundleError
+from ..fsutil import atomic_write_json
+from ..tasks import TASKS, takes_prompt
+from .spec import COMPONENTS, ComponentSpec
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"

@@ -8,7 +8,7 @@ from typing import Callable
 
 import click
 
-from ldm_edge.runtime.errors import LdmEdgeError
+from ..errors import LdmEdgeError
 
 
 def fail(prog: str, msg: str, code: int = 1):

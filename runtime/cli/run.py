@@ -8,10 +8,10 @@ import time
 
 import click
 
-from ldm_edge.runtime.cli.errors import invoke_reporting
-from ldm_edge.runtime.errors import UsageError
-from ldm_edge.runtime.fields import request_keywords
-from ldm_edge.runtime.tasks import TASKS
+from ..errors import UsageError
+from ..fields import request_keywords
+from ..tasks import TASKS
+from .errors import invoke_reporting
 
 
 class _Command(click.Command):
@@ -26,7 +26,7 @@ def _list_schedulers(ctx, _param, value):
     """--list-schedulers: the names --scheduler takes, one a line; needs no bundle."""
     if not value or ctx.resilient_parsing:
         return
-    from ldm_edge.runtime.schedulers import scheduler_names
+    from ..schedulers import scheduler_names
 
     click.echo("\n".join(scheduler_names()))
     ctx.exit(0)
@@ -109,13 +109,13 @@ def main(**options):
     """Generate images from BUNDLE (a folder written by `ldm-export onnx`), or on --server."""
     logging.basicConfig(level=logging.DEBUG if options["debug"] else logging.WARNING,
                         format="ldm-run: %(levelname)s: %(message)s")
-    from ldm_edge.runtime.image import output_paths
+    from ..image import output_paths
 
     t_proc = time.perf_counter()
     paths = output_paths(options["out"],
                          max(1, len(options["prompts"])) * options["num_images"])
     if options["server"] is not None:
-        from ldm_edge.runtime.cli.served import run_served
+        from .served import run_served
 
         return run_served(options, paths, t_proc)
     return _run_local(options, paths, t_proc)
@@ -123,9 +123,9 @@ def main(**options):
 
 def _run_local(options: dict, paths, t_proc: float) -> None:
     """Open BUNDLE here and draw the request: every option goes where runtime/fields.py says."""
-    from ldm_edge.runtime.image import save_png
-    from ldm_edge.runtime.lora.files import parse_lora_arg
-    from ldm_edge.runtime.pipeline import Pipeline
+    from ..image import save_png
+    from ..lora.files import parse_lora_arg
+    from ..pipeline import Pipeline
 
     if options["bundle"] is None:
         raise UsageError("give BUNDLE (a folder written by ldm-export onnx), or --server URL")
@@ -139,7 +139,7 @@ def _run_local(options: dict, paths, t_proc: float) -> None:
               loras=[parse_lora_arg(x) for x in options["loras"]])
     pipe = Pipeline(options["bundle"], **kw)
     if options["check_lora_int8"]:
-        from ldm_edge.runtime.lora.check import refuse_unless_int8_lora
+        from ..lora.check import refuse_unless_int8_lora
 
         refuse_unless_int8_lora(pipe)  # before the run, not after it
     # resolved once, init image loaded at the resolved size: every argument error is raised here
@@ -154,7 +154,7 @@ def _run_local(options: dict, paths, t_proc: float) -> None:
     if not quiet:
         click.echo(timing_table(result.timings), err=True)
     if options["check_lora_int8"]:  # the merged weights were re-quantised: what it cost
-        from ldm_edge.runtime.lora.check import int8_lora_check
+        from ..lora.check import int8_lora_check
 
         click.echo(int8_lora_check(pipe, request, result.images, kw), err=True)
     for path in paths:

@@ -6,10 +6,10 @@ import time
 
 import click
 
-from ldm_edge.runtime.errors import UsageError
-from ldm_edge.runtime.fields import refuse_local_only
-from ldm_edge.runtime.image import save_png
-from ldm_edge.runtime.remote import generate, served_inputs
+from ..errors import UsageError
+from ..fields import refuse_local_only
+from ..image import save_png
+from ..remote import generate, served_inputs
 
 
 def run_served(options: dict, paths, t_proc: float) -> None:

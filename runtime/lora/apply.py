@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_edge.runtime.lora.files import LoraError, LoraSet
-from ldm_edge.runtime.bundle.onnx_scan import ScanError, initializer_dtypes, read_initializers
-from ldm_edge.runtime.lora.weights_map import WeightsMap, read_weights_map
+from ..bundle.onnx_scan import ScanError, initializer_dtypes, read_initializers
+from .files import LoraError, LoraSet
+from .weights_map import WeightsMap, read_weights_map
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class GraphWeights:
                             f"LoRA ({e})")
         values = self.merged32
         if any(n not in table for n in values) and any(k.endswith("/int8") for k in table):
-            from ldm_edge.runtime.lora.int8 import requantise
+            from .int8 import requantise
 
             values = requantise(path, self.fp32_graph, values, self.component)
         out, external = {}, set()

@@ -4,7 +4,7 @@ between the two pictures. Asked for, never implied: it takes as long as the run 
 
 from __future__ import annotations
 
-from ldm_edge.runtime.errors import UsageError
+from ..errors import UsageError
 
 
 def refuse_unless_int8_lora(pipe) -> None:
@@ -22,8 +22,8 @@ def refuse_unless_int8_lora(pipe) -> None:
 def int8_lora_check(pipe, request, images, options: dict) -> str:
     """Draw ``request`` again with ``Pipeline(**options)`` (the run's own, with the same
     LoRAs) at FP32 and say how far apart the pictures are (8-bit PSNR)."""
-    from ldm_edge.runtime.compare import psnr
-    from ldm_edge.runtime.pipeline import Pipeline
+    from ..compare import psnr
+    from ..pipeline import Pipeline
 
     refuse_unless_int8_lora(pipe)
     ref = Pipeline(pipe.manifest, **{**options, "precision": "fp32"})

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_edge.runtime.errors import UsageError
-from ldm_edge.runtime.lora.safetensors_read import SafetensorsError, read_safetensors
+from ..errors import UsageError
+from .safetensors_read import SafetensorsError, read_safetensors
 
 COMPONENTS = ("unet", "text_encoder")
 # how many unmatched keys an error names

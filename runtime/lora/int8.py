@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_edge.runtime.lora.files import LoraError
-from ldm_edge.runtime.bundle.onnx_scan import ScanError, graph_nodes, initializer_dtypes, read_initializers
+from ..bundle.onnx_scan import ScanError, graph_nodes, initializer_dtypes, read_initializers
+from .files import LoraError
 
 # the largest |q| of 7-bit weights (calibration/qdq.py WEIGHT_BITS): base weights within it
 # were quantised with --weight-bits 7, and the merged ones are kept there too

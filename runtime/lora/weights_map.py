@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_edge.runtime.errors import BundleError
+from ..errors import BundleError
 
 MAP_FORMAT = 1
 
@@ -86,8 +86,8 @@ class WeightsMap:
 
 def read_weights_map(manifest, component: str) -> WeightsMap:
     """The component's weights map, or a one-line error saying to re-export once."""
-    from ldm_edge.runtime.lora.files import LoraError
-    from ldm_edge.runtime.bundle.manifest import safe_member
+    from ..bundle.manifest import safe_member
+    from .files import LoraError
 
     rec = manifest.component(component).weights_map
     if rec is None:

@@ -12,14 +12,14 @@ Never imports torch or diffusers.
 
 from __future__ import annotations
 
-from ldm_edge.runtime.schedulers.base import Scheduler, SchedulerConfigError
-from ldm_edge.runtime.schedulers.ddim import DDIMScheduler
-from ldm_edge.runtime.schedulers.ddpm import DDPMScheduler
-from ldm_edge.runtime.schedulers.dpm_solver_multistep import DPMSolverMultistepScheduler
-from ldm_edge.runtime.schedulers.euler import EulerDiscreteScheduler
-from ldm_edge.runtime.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
-from ldm_edge.runtime.schedulers.lcm import LCMScheduler
-from ldm_edge.runtime.schedulers.pndm import PNDMScheduler
+from .base import Scheduler, SchedulerConfigError
+from .ddim import DDIMScheduler
+from .ddpm import DDPMScheduler
+from .dpm_solver_multistep import DPMSolverMultistepScheduler
+from .euler import EulerDiscreteScheduler
+from .euler_ancestral import EulerAncestralDiscreteScheduler
+from .lcm import LCMScheduler
+from .pndm import PNDMScheduler
 
 
 class DPMSolverMultistepKarrasScheduler(DPMSolverMultistepScheduler):

@@ -6,11 +6,9 @@ deterministic, so `generator` is accepted and unused.
 
 from __future__ import annotations
 
-
 import numpy as np
 
-from ldm_edge.runtime.schedulers.base import BETA_DEFAULTS, BOOL_OFF, PREDICTION_TYPES, SPACINGS, Scheduler
-from ldm_edge.runtime.schedulers.base import predicted_x0
+from .base import BETA_DEFAULTS, BOOL_OFF, PREDICTION_TYPES, SPACINGS, Scheduler, predicted_x0
 
 
 class DDIMScheduler(Scheduler):

@@ -10,8 +10,8 @@ import math
 
 import numpy as np
 
-from ldm_edge.runtime.schedulers.base import BETA_DEFAULTS, BOOL_OFF, PREDICTION_TYPES, SPACINGS, Scheduler, SchedulerConfigError
-from ldm_edge.runtime.schedulers.base import predicted_x0
+from .base import (BETA_DEFAULTS, BOOL_OFF, PREDICTION_TYPES, SPACINGS, Scheduler,
+                   SchedulerConfigError, predicted_x0)
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
 

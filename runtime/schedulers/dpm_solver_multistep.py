@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from ldm_edge.runtime.schedulers.base import BETA_DEFAULTS, BOOL_OFF, PREDICTION_TYPES, SPACINGS, IndexedScheduler
-from ldm_edge.runtime.schedulers.base import karras_sigmas, per_sample, sigma_to_t
-from ldm_edge.runtime.schedulers.euler import sigma_table, zero_snr_alphas_cumprod
+from .base import (BETA_DEFAULTS, BOOL_OFF, PREDICTION_TYPES, SPACINGS, IndexedScheduler,
+                   karras_sigmas, per_sample, sigma_to_t)
+from .euler import sigma_table, zero_snr_alphas_cumprod
 
 
 def alpha_sigma(sigma: float) -> tuple[float, float]:

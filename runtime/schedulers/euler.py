@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ldm_edge.runtime.schedulers.base import BETA_DEFAULTS, BOOL_OFF, SPACINGS, IndexedScheduler, SchedulerConfigError
-from ldm_edge.runtime.schedulers.base import karras_sigmas, per_sample, sigma_to_t, spaced_timesteps
+from .base import (BETA_DEFAULTS, BOOL_OFF, SPACINGS, IndexedScheduler, SchedulerConfigError,
+                   karras_sigmas, per_sample, sigma_to_t, spaced_timesteps)
 
 
 def sigma_table(alphas_cumprod: np.ndarray) -> np.ndarray:

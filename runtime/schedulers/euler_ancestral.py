@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ldm_edge.runtime.schedulers.base import BETA_DEFAULTS, SPACINGS, spaced_timesteps
-from ldm_edge.runtime.schedulers.euler import SigmaScheduler, sigma_table, zero_snr_alphas_cumprod
+from .base import BETA_DEFAULTS, SPACINGS, spaced_timesteps
+from .euler import SigmaScheduler, sigma_table, zero_snr_alphas_cumprod
 
 
 class EulerAncestralDiscreteScheduler(SigmaScheduler):

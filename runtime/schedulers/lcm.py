@@ -9,11 +9,9 @@ normal sample from `generator`.
 
 from __future__ import annotations
 
-
 import numpy as np
 
-from ldm_edge.runtime.schedulers.base import BOOL_OFF, PREDICTION_TYPES, IndexedScheduler, SchedulerConfigError
-from ldm_edge.runtime.schedulers.base import x0_and_eps
+from .base import BOOL_OFF, PREDICTION_TYPES, IndexedScheduler, SchedulerConfigError, x0_and_eps
 
 SIGMA_DATA = 0.5  # data standard deviation of the consistency-model boundary condition
 

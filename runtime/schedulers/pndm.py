@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ldm_edge.runtime.schedulers.base import BETA_DEFAULTS, SPACINGS, Scheduler, SchedulerConfigError, spaced_timesteps
+from .base import BETA_DEFAULTS, SPACINGS, Scheduler, SchedulerConfigError, spaced_timesteps
 
 PNDM_ORDER = 4
 

@@ -8,10 +8,10 @@ module plus one line in ``PLANS``. Pure python: imported by both halves.
 
 from __future__ import annotations
 
-from ldm_edge.runtime.errors import UsageError
-from ldm_edge.runtime.bundle.spec import ComponentSpec
-from ldm_edge.runtime.tasks import img2img, inpaint, super_resolution, txt2img, unconditional, upscale
-from ldm_edge.runtime.tasks.base import TaskPlan
+from ..bundle.spec import ComponentSpec
+from ..errors import UsageError
+from . import img2img, inpaint, super_resolution, txt2img, unconditional, upscale
+from .base import TaskPlan
 
 # task name -> plan; the names a manifest's "task" and `--task` take
 PLANS: dict[str, TaskPlan] = {p.name: p for p in (

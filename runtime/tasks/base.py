@@ -19,11 +19,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ldm_edge.runtime import validate
-from ldm_edge.runtime.errors import UsageError
-from ldm_edge.runtime.field import Field
-from ldm_edge.runtime.inputs import InitImage
-from ldm_edge.runtime.bundle.spec import ComponentSpec
+from .. import validate
+from ..bundle.spec import ComponentSpec
+from ..errors import UsageError
+from ..field import Field
+from ..inputs import InitImage
 
 # diffusers' StableDiffusionImg2ImgPipeline default: redraw 80 % of the schedule
 DEFAULT_STRENGTH = 0.8

@@ -5,7 +5,7 @@ not a --task of its own."""
 
 from __future__ import annotations
 
-from ldm_edge.runtime.tasks.base import TaskPlan, TaskStart, noised_image_latents, strength_timesteps
+from .base import TaskPlan, TaskStart, noised_image_latents, strength_timesteps
 
 NAME = "img2img"
 

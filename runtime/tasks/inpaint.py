@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ldm_edge.runtime import validate
-from ldm_edge.runtime.errors import UsageError
-from ldm_edge.runtime.field import sent
-from ldm_edge.runtime.inputs import InitImage
-from ldm_edge.runtime.tasks.base import (StartInputs, TaskPlan, TaskStart, join_after_scaling, noise_latents,
+from .. import validate
+from ..errors import UsageError
+from ..field import sent
+from ..inputs import InitImage
+from .base import (StartInputs, TaskPlan, TaskStart, join_after_scaling, noise_latents,
                    noised_image_latents, strength_timesteps, widen_sample)
-from ldm_edge.runtime.tasks.stand_ins import centre_mask, synthetic_image
+from .stand_ins import centre_mask, synthetic_image
 
 NAME = "inpaint"
 # diffusers' StableDiffusionInpaintPipeline default: the whole schedule, from pure noise
@@ -29,7 +29,7 @@ class Inpaint(TaskPlan):
     def start_inputs(self, bundle, init_image, mask, strength, latents, h, w) -> StartInputs:
         """Strength defaults to 1 as in diffusers; initial latents may be given only then
         (below 1 they come from the image)."""
-        from ldm_edge.runtime.inpaint import load_mask
+        from ..inpaint import load_mask
 
         if init_image is None or mask is None:
             missing = " and ".join(f for f, v in (("--init-image", init_image), ("--mask", mask))
@@ -48,7 +48,7 @@ class Inpaint(TaskPlan):
     def start(self, pipe, sched, timesteps, req, gen) -> TaskStart:
         """Initial latents (pure noise at strength 1, else the image's, noised), then the
         mask and the masked image's latents, drawn in diffusers' order."""
-        from ldm_edge.runtime.inpaint import condition
+        from ..inpaint import condition
 
         if req.strength >= 1.0:
             lat = noise_latents(pipe, sched, req, gen)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ldm_edge.runtime.errors import UsageError
-from ldm_edge.runtime.inputs import InitImage
-from ldm_edge.runtime.tasks.base import StartInputs, TaskPlan, TaskStart, noise_latents, promptless_specs, widen_sample
-from ldm_edge.runtime.tasks.stand_ins import low_res_side, synthetic_image
+from ..errors import UsageError
+from ..inputs import InitImage
+from .base import StartInputs, TaskPlan, TaskStart, noise_latents, promptless_specs, widen_sample
+from .stand_ins import low_res_side, synthetic_image
 
 NAME = "super-resolution"
 
@@ -27,7 +27,7 @@ class LowResolutionInput(TaskPlan):
         return self.side_multiples
 
     def size(self, bundle, height, width, init_image, strength, mask):
-        from ldm_edge.runtime.superres import low_res_size
+        from ..superres import low_res_size
 
         if mask is not None:
             raise UsageError("--mask is for inpainting models; this bundle's model upscales")
@@ -59,7 +59,7 @@ class SuperResolution(LowResolutionInput):
         return promptless_specs(specs, widen_sample(specs["unet"], unet_in_channels))
 
     def start(self, pipe, sched, timesteps, req, gen) -> TaskStart:
-        from ldm_edge.runtime.superres import condition
+        from ..superres import condition
 
         lat = noise_latents(pipe, sched, req, gen)
         return TaskStart(lat, np.repeat(condition(req.init_image.pixels), lat.shape[0], axis=0))

@@ -4,8 +4,8 @@ image the request is run by the image-to-image plan (runtime/tasks/img2img.py)."
 
 from __future__ import annotations
 
-from ldm_edge.runtime.tasks import img2img
-from ldm_edge.runtime.tasks.base import TaskPlan
+from . import img2img
+from .base import TaskPlan
 
 NAME = "text-to-image"
 

@@ -4,8 +4,8 @@ tokenizer, and its U-Net (UNet2DModel) no ``encoder_hidden_states``."""
 
 from __future__ import annotations
 
-from ldm_edge.runtime.tasks import img2img
-from ldm_edge.runtime.tasks.base import TaskPlan, promptless_specs
+from . import img2img
+from .base import TaskPlan, promptless_specs
 
 NAME = "unconditional"
 

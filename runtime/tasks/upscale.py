@@ -9,11 +9,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from ldm_edge.runtime.errors import UsageError
-from ldm_edge.runtime.field import sent
-from ldm_edge.runtime.bundle.spec import TensorSpec
-from ldm_edge.runtime.tasks.base import TaskStart, join_after_scaling, noise_latents, widen_sample
-from ldm_edge.runtime.tasks.super_resolution import LowResolutionInput
+from ..bundle.spec import TensorSpec
+from ..errors import UsageError
+from ..field import sent
+from .base import TaskStart, join_after_scaling, noise_latents, widen_sample
+from .super_resolution import LowResolutionInput
 
 NAME = "upscale"
 # the U-Net's class-label input: the low-resolution image's noise level
@@ -49,8 +49,8 @@ class Upscale(LowResolutionInput):
     def start(self, pipe, sched, timesteps, req, gen) -> TaskStart:
         """The low-resolution image noised to the noise level (drawn first, as diffusers
         does), then the initial latents."""
-        from ldm_edge.runtime.schedulers import make_scheduler
-        from ldm_edge.runtime.superres import condition
+        from ..schedulers import make_scheduler
+        from ..superres import condition
 
         low = condition(req.init_image.pixels)
         noise = gen.standard_normal(size=low.shape, dtype=np.float32)

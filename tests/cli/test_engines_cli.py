@@ -14,8 +14,8 @@ from ldm_edge.export.engines import ProfileOptions, _put_record, shape_profile
 from ldm_edge.runtime.bundle.schema import ComponentRecord, EngineRecord, read_manifest_json
 from ldm_edge.runtime.errors import BundleError, UsageError
 from ldm_edge.runtime.backends.trt_engines import (DeviceFacts, TensorRTUnavailable, device_facts,
-                                          engine_dir_name, engine_path, profile_hash,
-                                          profile_violation, select_engine)
+                                                   engine_dir_name, engine_path, profile_hash,
+                                                   profile_violation, select_engine)
 
 # Run a console script as on a machine without TensorRT, whatever this one has.
 NO_TRT = "import sys; sys.modules['tensorrt'] = None; from {mod} import main; main()"

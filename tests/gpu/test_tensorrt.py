@@ -16,7 +16,8 @@ from helpers import run_cli
 from ldm_edge.runtime.compare import psnr
 from ldm_edge.runtime.errors import BundleError, UsageError
 from ldm_edge.runtime.pipeline import Pipeline
-from ldm_edge.runtime.backends.trt_engines import TensorRTUnavailable, device_facts, engine_dir_name
+from ldm_edge.runtime.backends.trt_engines import (TensorRTUnavailable, device_facts,
+                                                   engine_dir_name)
 
 
 def _why_not() -> str | None:

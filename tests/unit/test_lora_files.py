@@ -10,7 +10,8 @@ import pytest
 
 from ldm_edge.runtime.lora.files import LoraError, LoraFile, LoraSet, parse_lora_arg
 from ldm_edge.runtime.lora.apply import check_lora_precision
-from ldm_edge.runtime.lora.safetensors_read import SafetensorsError, read_safetensors, write_safetensors
+from ldm_edge.runtime.lora.safetensors_read import (SafetensorsError, read_safetensors,
+                                                    write_safetensors)
 from ldm_edge.runtime.lora.weights_map import MappedParam, WeightsMap
 
 Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"

@@ -13,7 +13,7 @@ import pytest
 
 from ldm_edge.bundletools.variant_txn import VariantTransaction
 from ldm_edge.runtime.bundle.schema import (MANIFEST_NAME, QualityRecord, VariantRecord,
-                                     read_manifest_json)
+                                            read_manifest_json)
 
 DATA = Path(__file__).parent / "data"
 
