@@ -7,7 +7,7 @@ INT8 calibrator — TensorRT 11 has neither. Per component:
 
     NetworkFromOnnxPath(onnx, strongly_typed=True)
       -> CreateConfig(profiles=[one profile from the manifest's shape ranges], workspace, ...)
-      -> EngineFromNetwork -> SaveEngine(engines/<gpu>-sm<cc>-trt<ver>/<comp>.<prec>.<hash>.plan)
+      -> EngineBytesFromNetwork -> SaveBytes(engines/<gpu>-sm<cc>-trt<ver>/<comp>.<prec>.<hash>.plan)
 
 then the engine is recorded in the manifest (device, compute capability, TensorRT version,
 profile, the ONNX file's sha256, file, size, sha256). No torch here: engines are usually
@@ -237,13 +237,13 @@ def _build_one(poly, component: str, onnx_path: Path, profile: dict, out: Path, 
                                               name="mark the LoRA weights refittable")
         create = poly_trt.PostprocessConfig(create, func=refit_individual(trt))
     cache = str(timing_cache) if timing_cache else None
-    engine = poly_trt.EngineFromNetwork(network, config=create, save_timing_cache=cache)
+    plan = poly_trt.EngineBytesFromNetwork(network, config=create, save_timing_cache=cache)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
         with G_LOGGER.verbosity(G_LOGGER.INFO if debug else G_LOGGER.ERROR):
-            built = poly_trt.SaveEngine(engine, path=str(tmp))()
-        del built  # the deserialised engine: its GPU memory goes before the next build
+            built = poly_trt.SaveBytes(plan, path=str(tmp))()
+        del built  # the plan's bytes, in host memory: never deserialised on the GPU here
         os.replace(tmp, out)
     except Exception as e:
         if debug or isinstance(e, (LdmEdgeError, KeyboardInterrupt)):

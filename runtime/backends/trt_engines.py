@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import re
+import types
 from dataclasses import dataclass
 
 from ..bundle.spec import ComponentSpec
@@ -56,6 +57,11 @@ class DeviceFacts:
 
 
 # -- asking the machine (lazy, guarded imports) ------------------------------------------------
+# what a build uses from polygraphy.backend.trt. The plan is built to bytes and written as they
+# are: EngineFromNetwork + SaveEngine would deserialise each engine on the GPU only to serialise
+# it again, which an 8 GB Jetson cannot spare beside the builder
+POLYGRAPHY_LOADERS = ("Profile", "NetworkFromOnnxPath", "CreateConfig", "PostprocessNetwork",
+                      "PostprocessConfig", "EngineBytesFromNetwork")
 NO_POLYGRAPHY = ("Polygraphy is not installed (pip install polygraphy); ldm-export engines "
                  "builds through its TensorRT loaders")
 # Older Polygraphy reads IBuilderConfig.int8_calibrator unguarded; TensorRT 11 removed it.
@@ -100,10 +106,13 @@ class TensorRTEnvironment:
         return cudart
 
     def polygraphy(self):
-        """(``polygraphy.backend.trt``, ``G_LOGGER``), refused when too old for this TensorRT."""
+        """(the Polygraphy loaders a build uses, ``G_LOGGER``), refused when too old for this
+        TensorRT. The loaders: ``polygraphy.backend.trt``'s (``POLYGRAPHY_LOADERS``) and
+        ``polygraphy.backend.common.SaveBytes``."""
         try:
             import polygraphy
             from polygraphy.backend import trt as poly_trt
+            from polygraphy.backend.common import SaveBytes
             from polygraphy.logger import G_LOGGER
         except Exception:
             raise TensorRTUnavailable(NO_POLYGRAPHY) from None
@@ -113,7 +122,8 @@ class TensorRTEnvironment:
             need = ".".join(map(str, MIN_POLYGRAPHY_FOR_TRT11))
             raise TensorRTUnavailable(f"Polygraphy {polygraphy.__version__} cannot drive "
                                       f"TensorRT 11; pip install 'polygraphy>={need}'")
-        return poly_trt, G_LOGGER
+        loaders = {name: getattr(poly_trt, name) for name in POLYGRAPHY_LOADERS}
+        return types.SimpleNamespace(**loaders, SaveBytes=SaveBytes), G_LOGGER
 
     def facts(self, device: int = 0) -> DeviceFacts:
         """The running machine's facts (asked once per device); raises

@@ -36,10 +36,11 @@ from ldm_edge.runtime.backends.trt_engines import device_facts as captured_devic
 from ldm_edge.runtime.backends.trt_engines import import_tensorrt as captured_import_tensorrt
 
 try:  # the real signatures the Polygraphy fakes are bound to
+    from polygraphy.backend import common as REAL_COMMON
     from polygraphy.backend import trt as REAL_POLY
     from polygraphy.logger import G_LOGGER as REAL_LOGGER
 except ImportError:
-    REAL_POLY = REAL_LOGGER = None
+    REAL_POLY = REAL_LOGGER = REAL_COMMON = None
     print("Polygraphy is not installed: the Polygraphy fakes record calls without binding them "
           "to its signatures (pip install 'polygraphy>=0.49.24')")
 
@@ -207,7 +208,9 @@ def bind_real(real, args, kwargs) -> None:
 
 
 def real(name):
-    return getattr(REAL_POLY, name) if REAL_POLY is not None else None
+    if REAL_POLY is None:
+        return None
+    return getattr(REAL_COMMON if name == "SaveBytes" else REAL_POLY, name)
 
 
 def plan_bytes(kind: str, profile: dict) -> bytes:
@@ -230,15 +233,15 @@ def fake_polygraphy(calls, fail=False):
             return (kind, args, kw)
         return make
 
-    def save_engine(*args, **kw):
-        bind_real(real("SaveEngine"), args, kw)
-        engine, path = inspect.signature(lambda engine, path: None).bind(*args, **kw).args
+    def save_bytes(*args, **kw):
+        bind_real(real("SaveBytes"), args, kw)
+        engine, path = inspect.signature(lambda obj, path: None).bind(*args, **kw).args
 
         def run():
             if fail:
                 raise RuntimeError("Invalid Engine. Please ensure the engine was built "
                                    "correctly\nmore")
-            # EngineFromNetwork((NetworkFromOnnxPath, (path,), kw), config=CreateConfig(...))
+            # EngineBytesFromNetwork((NetworkFromOnnxPath, (path,), kw), config=CreateConfig(...))
             onnx = engine[1][0][1][0]
             profile = engine[2]["config"][2]["profiles"][0]
             with open(path, "wb") as f:
@@ -252,8 +255,8 @@ def fake_polygraphy(calls, fail=False):
     poly = types.SimpleNamespace(Profile=Profile,
                                  NetworkFromOnnxPath=loader("network", "NetworkFromOnnxPath"),
                                  CreateConfig=loader("config", "CreateConfig"),
-                                 EngineFromNetwork=loader("engine", "EngineFromNetwork"),
-                                 SaveEngine=save_engine)
+                                 EngineBytesFromNetwork=loader("engine", "EngineBytesFromNetwork"),
+                                 SaveBytes=save_bytes)
     return poly, types.SimpleNamespace(verbosity=verbosity, INFO=20, ERROR=40)
 
 
@@ -290,6 +293,9 @@ def test_build_records_engines_in_manifest(fakes):
     plan = json.loads((fakes.bundle / unet[0]["file"]).read_bytes()[5:])
     assert plan == {"kind": "unet", "profile": {
         k: [v["min"], v["max"]] for k, v in unet[0]["profile"].items()}}
+    # built to bytes and saved as they are: never deserialised on the GPU only to be
+    # serialised again (the fake has no EngineFromNetwork/SaveEngine to call)
+    assert [c[0] for c in fakes.calls].count("engine") == 2
     network = [c for c in fakes.calls if c[0] == "network"]
     assert all(c[2] == {"strongly_typed": True} for c in network)
     config = [c[2] for c in fakes.calls if c[0] == "config"][0]
@@ -390,14 +396,14 @@ def test_polygraphy_fakes_refuse_what_polygraphy_refuses():
     net = poly.NetworkFromOnnxPath("m.onnx", strongly_typed=True)
     config = poly.CreateConfig(profiles=[poly.Profile().add("x", min=[1], opt=[1], max=[2])],
                                memory_pool_limits={"WORKSPACE": 1}, builder_optimization_level=3)
-    poly.EngineFromNetwork(net, config=config, save_timing_cache=None)
+    poly.EngineBytesFromNetwork(net, config=config, save_timing_cache=None)
     misspelt = [
         lambda: poly.NetworkFromOnnxPath("m.onnx", strongly_type=True),
         lambda: poly.CreateConfig(profile=[]),  # through **kwargs to the base class
         lambda: poly.CreateConfig(builder_optimisation_level=3),
-        lambda: poly.EngineFromNetwork(net, configs=config),
+        lambda: poly.EngineBytesFromNetwork(net, configs=config),
         lambda: poly.Profile().add("x", min=[1], opt=[1], maximum=[2]),
-        lambda: poly.SaveEngine(net, file="e.plan"),
+        lambda: poly.SaveBytes(net, file="e.plan"),
         lambda: logger.verbosity(level=40),
     ]
     for call in misspelt:
@@ -517,3 +523,13 @@ def test_a_refused_tensor_address_is_named(fakes, monkeypatch):
                                                         "tensor 'timestep'"):
         unet.run(feeds)
     unet.close()
+
+
+def test_the_loaders_a_build_uses_are_polygraphys():
+    """The real environment hands the build these names; each is Polygraphy's own."""
+    pytest.importorskip("polygraphy.backend.trt", reason="Polygraphy is not installed: nothing "
+                        "to check the names against (pip install 'polygraphy>=0.49.24')")
+    from ldm_edge.runtime.backends.trt_engines import POLYGRAPHY_LOADERS
+
+    assert [n for n in POLYGRAPHY_LOADERS if not hasattr(REAL_POLY, n)] == []
+    assert callable(REAL_COMMON.SaveBytes)

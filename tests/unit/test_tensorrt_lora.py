@@ -121,8 +121,8 @@ def fake_polygraphy(record: dict):
             return (kind, args, kw)
         return make
 
-    def save_engine(engine, path):
-        F.bind_real(F.real("SaveEngine"), (engine, path), {})
+    def save_bytes(engine, path):
+        F.bind_real(F.real("SaveBytes"), (engine, path), {})
 
         def run():
             net, conf = engine[1][0], engine[2]["config"]
@@ -148,7 +148,7 @@ def fake_polygraphy(record: dict):
 
     poly.PostprocessNetwork = post("post-network", "PostprocessNetwork")
     poly.PostprocessConfig = post("post-config", "PostprocessConfig")
-    poly.SaveEngine = save_engine
+    poly.SaveBytes = save_bytes
     return poly, logger
 
 
