@@ -189,7 +189,7 @@ def import_optimum_cmd(folder, out, force):
 def engines_cmd(ctx, bundle, precision, static, min_size, opt_size, max_size, max_batch,
                 workspace_mb, timing_cache, optimization_level, components, refittable):
     """Build TensorRT engines for BUNDLE on this GPU and record them in its manifest.
-    Needs TensorRT (10.3+: JetPack 6, or 11.x), Polygraphy, cuda-python and a CUDA GPU."""
+    Needs TensorRT (10.3+: JetPack 6.1, or 11.x), Polygraphy, cuda-python and a CUDA GPU."""
     from .engines import ProfileOptions, build_engines
 
     t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """``ldm-export engines``: TensorRT engines for a bundle, built on the GPU that will run them.
 
-A thin layer on Polygraphy's loaders, written against what TensorRT 10.3 (JetPack 6) and
+A thin layer on Polygraphy's loaders, written against what TensorRT 10.3 (JetPack 6.1) and
 11.x both have. Networks are strongly typed: the precision is the ONNX graph's (FP32, FP16
 with FP32 islands, INT8 as Q/DQ), so there are no precision builder flags and no implicit
 INT8 calibrator — TensorRT 11 has neither. Per component:

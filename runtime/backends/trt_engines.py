@@ -25,8 +25,10 @@ from ..errors import BundleError, UsageError
 ENGINE_BACKEND = "tensorrt"
 ENGINES_DIR = "engines"
 # Name-based I/O (set_input_shape / set_tensor_address / execute_async_v3) and user-managed
-# context memory arrived in TensorRT 10; JetPack 6 ships 10.3, JetPack 7 ships 11.x.
-MIN_TRT_MAJOR = 10
+# context memory arrived in TensorRT 10.0, but the refit a LoRA needs (mark_weights_refittable,
+# BuilderFlag.REFIT_INDIVIDUAL) only in 10.2; JetPack 6.1 ships 10.3 (6.0 ships 8.6), JetPack 7
+# ships 11.x. 10.3 is the oldest release this is written against.
+MIN_TRT_VERSION = (10, 3)
 
 NO_TENSORRT = ("TensorRT is not installed (pip install tensorrt from NVIDIA's index, or use "
                "JetPack's python3-libnvinfer); onnxruntime runs this bundle on the CPU meanwhile")
@@ -88,10 +90,11 @@ class TensorRTEnvironment:
             raise TensorRTUnavailable(NO_TENSORRT) from None
         if not hasattr(trt, "Runtime"):  # PyPI's placeholder package, not NVIDIA's wheel
             raise TensorRTUnavailable(NO_TENSORRT)
-        major = version_major(getattr(trt, "__version__", "0"))
-        if major < MIN_TRT_MAJOR:
+        have = tuple(int(x) for x in re.findall(r"\d+", str(getattr(trt, "__version__", "0")))[:2])
+        if have < MIN_TRT_VERSION:
+            need = ".".join(map(str, MIN_TRT_VERSION))
             raise TensorRTUnavailable(f"TensorRT {trt.__version__} is too old; ldm-edge needs "
-                                      f"TensorRT {MIN_TRT_MAJOR} or newer (JetPack 6 or later)")
+                                      f"TensorRT {need} or newer (JetPack 6.1 or later)")
         return trt
 
     def cudart(self):

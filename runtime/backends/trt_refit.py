@@ -9,7 +9,7 @@ At run time (``TensorRTBackend`` with a LoRA) the engine is deserialised from it
 base weights) and refitted with the merged weights of the whole active set, plus the base
 value of any weight TensorRT asks for alongside (``get_missing_weights``): never on top of a
 previous LoRA, because switching reopens the backend from the plan. Only calls present in
-TensorRT 10.3 (JetPack 6) and 11.x: ``Refitter(engine, logger)``, ``set_named_weights``,
+TensorRT 10.3 (JetPack 6.1) and 11.x: ``Refitter(engine, logger)``, ``set_named_weights``,
 ``get_missing_weights``, ``refit_cuda_engine``, ``Weights(array)``.
 """
 

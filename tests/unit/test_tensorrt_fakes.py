@@ -18,6 +18,7 @@ import ctypes
 import inspect
 import json
 import shutil
+import sys
 import types
 
 import numpy as np
@@ -533,3 +534,20 @@ def test_the_loaders_a_build_uses_are_polygraphys():
 
     assert [n for n in POLYGRAPHY_LOADERS if not hasattr(REAL_POLY, n)] == []
     assert callable(REAL_COMMON.SaveBytes)
+
+
+@pytest.mark.parametrize("version, ok", [("10.2.1", False), ("8.6.2", False), ("10.3.0", True),
+                                         ("11.4.0", True)])
+def test_tensorrt_older_than_the_floor_is_refused_up_front(monkeypatch, version, ok):
+    """10.0-10.2 lack the refit a LoRA needs (mark_weights_refittable, REFIT_INDIVIDUAL):
+    refused when TensorRT is imported, not half-way through a build."""
+    from ldm_edge.runtime.backends.trt_engines import TensorRTEnvironment, TensorRTUnavailable
+
+    monkeypatch.setitem(sys.modules, "tensorrt",
+                        types.SimpleNamespace(__version__=version, Runtime=object))
+    if ok:
+        assert TensorRTEnvironment().tensorrt().__version__ == version
+    else:
+        with pytest.raises(TensorRTUnavailable, match=f"TensorRT {version} is too old; ldm-edge "
+                                                      f"needs TensorRT 10.3 or newer"):
+            TensorRTEnvironment().tensorrt()
