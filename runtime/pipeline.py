@@ -106,8 +106,8 @@ class Pipeline:
     their sessions open (runtime/lora/apply.py); ``set_loras`` switches them.
 
     The public seam, for code that runs this pipeline's loop its own way:
-    ``components(name, options, lora)`` provides a component's backend instead of opening the
-    bundle's (the served pipeline calls its components over Triton this way), and
+    ``components(manifest, name, options, lora)`` provides a component's backend instead of
+    opening the bundle's (the served pipeline calls its components over Triton this way), and
     ``add_call_hook`` observes every component call (calibration capture, the quality check,
     benchmarks). ``options`` is read-only; ``open_components`` shows what is open."""
 
@@ -297,7 +297,8 @@ class Pipeline:
 
     def encode_pixels(self, x: np.ndarray, generator) -> np.ndarray:
         """float32 [n, 3, H, W] in [-1, 1] -> scaled latents, sampled from the posterior."""
-        params = self.call_component("vae_encoder", {"image": np.ascontiguousarray(x, dtype=np.float32)})
+        image = np.ascontiguousarray(x, dtype=np.float32)
+        params = self.call_component("vae_encoder", {"image": image})
         m = self.manifest.schema
         if self.backend("vae_encoder").spec.output_names[0] == DRAWN_LATENT:
             # older Optimum / diffusers' script: the graph drew the latent itself (its own RNG)
@@ -411,7 +412,7 @@ class Pipeline:
         try:
             for i, t in enumerate(timesteps):
                 x = np.concatenate([lat, lat]) if req.guided else lat
-                x = plan.model_input(sched, x, t, start, req.guided)
+                x = plan.model_input(sched, x, t, start)
                 t0 = time.perf_counter()
                 out = self._unet(x, t, t_dtype, steady, chunk)
                 per_step.append(time.perf_counter() - t0)

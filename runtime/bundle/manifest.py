@@ -14,8 +14,7 @@ from pathlib import Path
 from ..errors import BundleError
 from ..fsutil import sha256_cached
 from .onnx_scan import ScanError, external_locations
-from .schema import (FORMAT_VERSION, MANIFEST_NAME, PRECISIONS, PREDICTION_TYPES, BundleManifest,
-                     ComponentRecord, FileRecord, VariantRecord, read_manifest_json)
+from .schema import BundleManifest, ComponentRecord, FileRecord, VariantRecord
 from .spec import ComponentSpec
 
 

@@ -7,7 +7,7 @@ The pipeline runs a plan's stages in order and never asks which task it runs:
     plan.start(pipe, sched, timesteps, req, gen)    -> TaskStart (initial latents, and the
                                                        image channels joined to the U-Net input)
     plan.unet_feeds(req, batch)                     -> U-Net inputs that hold for every step
-    plan.model_input(sched, x, t, start, guided)    -> the U-Net's "sample" at step t
+    plan.model_input(sched, x, t, start)            -> the U-Net's "sample" at step t
 
 The defaults here are text-to-image's; a task overrides what it does differently. ``bundle``
 arguments are request.BundleDefaults (what a request needs from the manifest).
@@ -40,8 +40,9 @@ class StartInputs:
 
 @dataclass
 class TaskStart:
-    """Where the loop starts: the initial latents, and the conditioning image (one per sample)
-    that the task joins to the U-Net's input on the channel axis, if any."""
+    """Where the loop starts: the initial latents, and the conditioning image that the task
+    joins to the U-Net's input on the channel axis, if any: one per U-Net sample, the guidance
+    batch included (``image_cond_for``), made once, not at every step."""
 
     latents: np.ndarray
     image_cond: np.ndarray | None = None
@@ -101,11 +102,18 @@ def promptless_specs(specs: dict[str, ComponentSpec], unet: ComponentSpec
     return {"unet": unet, "vae_decoder": specs["vae_decoder"]}
 
 
-def join_after_scaling(sched, x: np.ndarray, t, cond: np.ndarray, guided: bool) -> np.ndarray:
-    """The scaled latents with the conditioning channels (one per sample; doubled for the
-    guidance batch) joined after them: inpainting and the SD x4 upscaler."""
+def image_cond_for(cond: np.ndarray, images: int, guided: bool) -> np.ndarray:
+    """``cond`` (one per init image) repeated for ``images`` samples, and doubled for the
+    guidance batch: one per U-Net sample, float32."""
+    cond = np.repeat(cond, images // cond.shape[0], axis=0).astype(np.float32)
+    return np.concatenate([cond, cond]) if guided else cond
+
+
+def join_after_scaling(sched, x: np.ndarray, t, cond: np.ndarray) -> np.ndarray:
+    """The scaled latents with the conditioning channels joined after them: inpainting and the
+    SD x4 upscaler."""
     x = sched.scale_model_input(x, t).astype(np.float32)
-    return np.concatenate([x, np.concatenate([cond, cond]) if guided else cond], 1)
+    return np.concatenate([x, cond], 1)
 
 
 def refuse_noise_level(value) -> None:
@@ -174,7 +182,7 @@ class TaskPlan:
         """U-Net inputs besides sample/timestep/embeddings, the same at every step."""
         return {}
 
-    def model_input(self, sched, x: np.ndarray, t, start: TaskStart, guided: bool) -> np.ndarray:
+    def model_input(self, sched, x: np.ndarray, t, start: TaskStart) -> np.ndarray:
         """The U-Net's sample from the (guidance-batched) latents ``x`` at step ``t``."""
         return sched.scale_model_input(x, t).astype(np.float32)
 

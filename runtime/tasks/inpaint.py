@@ -10,8 +10,8 @@ from .. import validate
 from ..errors import UsageError
 from ..field import sent
 from ..inputs import InitImage
-from .base import (StartInputs, TaskPlan, TaskStart, join_after_scaling, noise_latents,
-                   noised_image_latents, strength_timesteps, widen_sample)
+from .base import (StartInputs, TaskPlan, TaskStart, image_cond_for, join_after_scaling,
+                   noise_latents, noised_image_latents, strength_timesteps, widen_sample)
 from .stand_ins import centre_mask, synthetic_image
 
 NAME = "inpaint"
@@ -57,11 +57,10 @@ class Inpaint(TaskPlan):
         mask, masked = condition(req.init_image.pixels, req.mask.pixels,
                                  int(pipe.manifest.schema.vae_scale_factor))
         extra = np.concatenate([mask, pipe.encode_pixels(masked, gen)], axis=1)
-        extra = np.repeat(extra, lat.shape[0] // extra.shape[0], axis=0).astype(np.float32)
-        return TaskStart(lat, extra)
+        return TaskStart(lat, image_cond_for(extra, lat.shape[0], req.guided))
 
-    def model_input(self, sched, x, t, start, guided):
-        return join_after_scaling(sched, x, t, start.image_cond, guided)
+    def model_input(self, sched, x, t, start):
+        return join_after_scaling(sched, x, t, start.image_cond)
 
     def stand_in(self, schema, label, index):
         h, w = schema.defaults.height, schema.defaults.width

@@ -9,7 +9,8 @@ import numpy as np
 
 from ..errors import UsageError
 from ..inputs import InitImage
-from .base import StartInputs, TaskPlan, TaskStart, noise_latents, promptless_specs, widen_sample
+from .base import (StartInputs, TaskPlan, TaskStart, image_cond_for, noise_latents,
+                   promptless_specs, widen_sample)
 from .stand_ins import low_res_side, synthetic_image
 
 NAME = "super-resolution"
@@ -62,9 +63,10 @@ class SuperResolution(LowResolutionInput):
         from ..superres import condition
 
         lat = noise_latents(pipe, sched, req, gen)
-        return TaskStart(lat, np.repeat(condition(req.init_image.pixels), lat.shape[0], axis=0))
+        cond = condition(req.init_image.pixels)
+        return TaskStart(lat, image_cond_for(cond, lat.shape[0], req.guided))
 
-    def model_input(self, sched, x, t, start, guided):
+    def model_input(self, sched, x, t, start):
         # joined before scaling: the low-resolution image is scaled with the latents
         x = np.concatenate([x, start.image_cond], 1)
         return sched.scale_model_input(x, t).astype(np.float32)

@@ -12,7 +12,7 @@ import numpy as np
 from ..bundle.spec import TensorSpec
 from ..errors import UsageError
 from ..field import sent
-from .base import TaskStart, join_after_scaling, noise_latents, widen_sample
+from .base import TaskStart, image_cond_for, join_after_scaling, noise_latents, widen_sample
 from .super_resolution import LowResolutionInput
 
 NAME = "upscale"
@@ -57,13 +57,13 @@ class Upscale(LowResolutionInput):
         ddpm = make_scheduler("ddpm", pipe.manifest.schema.upscaler["low_res_scheduler"])
         low = ddpm.add_noise(low, noise, np.array([req.noise_level]))
         lat = noise_latents(pipe, sched, req, gen)
-        return TaskStart(lat, np.repeat(low, lat.shape[0], axis=0).astype(np.float32))
+        return TaskStart(lat, image_cond_for(low, lat.shape[0], req.guided))
 
     def unet_feeds(self, req, batch):
         return {NOISE_LEVEL: np.full((batch,), req.noise_level, dtype=np.int64)}
 
-    def model_input(self, sched, x, t, start, guided):
-        return join_after_scaling(sched, x, t, start.image_cond, guided)
+    def model_input(self, sched, x, t, start):
+        return join_after_scaling(sched, x, t, start.image_cond)
 
     def stand_in(self, schema, label, index):
         return {"prompt": label, "init_image": self._stand_in_image(schema, index)}

@@ -18,8 +18,8 @@ torch = pytest.importorskip("torch", reason="the live diffusers comparisons need
 diffusers = pytest.importorskip("diffusers", reason="the live diffusers comparisons need "
                                 "diffusers; test_scheduler_refs.py checks the stored values instead")
 
-from scheduler_cases import (CASES, CONFIGS, SD15, SHAPE, STEPS, STRENGTH, fake_model,
-                             initial_sample)
+from scheduler_cases import (CASES, CONFIGS, SD15, SHAPE, STEPS, STRENGTH,  # noqa: E402
+                             fake_model, initial_sample)
 
 from ldm_edge.runtime.schedulers import SCHEDULERS  # noqa: E402
 

@@ -38,7 +38,7 @@ def bundle_fp16_int8(tmp_path):
 
 @pytest.fixture()
 def graph():
-    onnx = pytest.importorskip("onnx", reason="saving a graph needs onnx (the export extra)")
+    pytest.importorskip("onnx", reason="saving a graph needs onnx (the export extra)")
     from onnx import TensorProto, helper
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
