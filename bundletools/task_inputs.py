@@ -12,7 +12,6 @@ upscaler the prompts with a synthetic low-resolution image.
 from __future__ import annotations
 
 from ldm_edge.runtime.tasks import plan_of
-from ldm_edge.runtime.tasks.stand_ins import synthetic_image  # noqa: F401 - its home before
 
 
 def labels(schema, prompts: list[str]) -> list[str]:

@@ -19,17 +19,12 @@ from .bundle.schema import BundleManifest, DefaultsRecord
 from .errors import UsageError
 from .inputs import InitImage, frozen, sha256_of
 from .tasks import TEXT_TO_IMAGE, plan_of, run_task
-from .tasks.base import DEFAULT_STRENGTH  # noqa: F401 - re-exported
-from .tasks.inpaint import INPAINT_STRENGTH  # noqa: F401 - re-exported
-from .tasks.upscale import UPSCALE_SIDE_MULTIPLE  # noqa: F401 - re-exported
 
 # a drawn seed (none given) fits 32 bits, so it is easy to read off a PNG and type back in
 DRAWN_SEED_BITS = 32
 
 # what a manifest without "defaults" gets (schema.DefaultsRecord, the one place it is said)
 FALLBACK = DefaultsRecord()
-FALLBACK_SIZE, FALLBACK_STEPS, FALLBACK_GUIDANCE = (FALLBACK.height, FALLBACK.num_inference_steps,
-                                                    FALLBACK.guidance_scale)
 
 
 def default_scheduler_name(config: dict) -> str:
@@ -49,10 +44,10 @@ def default_scheduler_name(config: dict) -> str:
 class BundleDefaults:
     """What resolving a request needs from a bundle: its defaults and its exported limits."""
 
-    height: int = FALLBACK_SIZE
-    width: int = FALLBACK_SIZE
-    num_inference_steps: int = FALLBACK_STEPS
-    guidance_scale: float = FALLBACK_GUIDANCE
+    height: int = FALLBACK.height
+    width: int = FALLBACK.width
+    num_inference_steps: int = FALLBACK.num_inference_steps
+    guidance_scale: float = FALLBACK.guidance_scale
     scheduler: str = "ddim"
     size_multiple: int = 8
     min_size: int = 8

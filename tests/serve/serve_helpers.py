@@ -85,11 +85,13 @@ def stop_serving(*servers: Served) -> None:
         s.proc.wait(120)
 
 
-def start_serving(bundle: Path, folder: Path, venv: Path, *options: str) -> Served:
-    """`ldm-serve bundle` (Python components) on free ports, its files in ``folder``;
-    returns at once (``wait_serving``)."""
+def start_serving(bundle: Path, folder: Path, venv: Path, *options: str,
+                  ports: list[int] | None = None) -> Served:
+    """`ldm-serve bundle` (Python components) on free ports (``ports``: http, grpc, metrics,
+    taken by the caller when it starts several servers), its files in ``folder``; returns at
+    once (``wait_serving``)."""
     folder.mkdir(parents=True, exist_ok=True)
-    http, grpc, metrics = free_ports(3)
+    http, grpc, metrics = ports or free_ports(3)
     out, err = folder / "stdout.txt", folder / "stderr.txt"
     cmd = [sys.executable, "-m", "ldm_edge.serve.cli", str(bundle),
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),

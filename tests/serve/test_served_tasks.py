@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 from helpers import run_cli
-from serve_helpers import RUN, check_bad_request, start_serving, stop_serving, wait_serving
+from serve_helpers import (RUN, check_bad_request, free_ports, start_serving, stop_serving,
+                           wait_serving)
 from served_bad_inputs import SERVED_CASES, TASK_SERVERS, server_of
 
 # bundle -> the ldm-run arguments of one request (files by placeholder, conftest served_files)
@@ -28,7 +29,10 @@ BAD_CASES = [c for c in SERVED_CASES if server_of(c) != "sd1"]
 def task_servers(serve_venv, ldm_bundles, tmp_path_factory):
     """bundle key -> its server; one bundle per server (a repository holds one pipeline)."""
     tmp = tmp_path_factory.mktemp("task_servers")
-    servers = {k: start_serving(ldm_bundles[k], tmp / k, serve_venv) for k in TASK_CASES}
+    # the ports of all servers taken at once, so no two servers can be handed the same one
+    ports = free_ports(3 * len(TASK_CASES))
+    servers = {k: start_serving(ldm_bundles[k], tmp / k, serve_venv, ports=ports[3 * i:3 * i + 3])
+               for i, k in enumerate(TASK_CASES)}
     failed = wait_serving(*servers.values())
     if failed:
         pytest.fail(failed)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from ldm_edge.runtime.errors import UsageError
-from ldm_edge.runtime.request import (DEFAULT_STRENGTH, BundleDefaults, GenerationRequest,
-                                      InitImage, resolve_request)
+from ldm_edge.runtime.request import BundleDefaults, GenerationRequest, InitImage, resolve_request
+from ldm_edge.runtime.tasks.base import DEFAULT_STRENGTH
 from ldm_edge.runtime.bundle.schema import BundleManifest
 
 DATA = Path(__file__).parent / "data"

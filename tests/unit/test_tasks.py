@@ -120,7 +120,8 @@ def test_inpaint_conditioning_is_diffusers_arithmetic():
 
 
 def test_calibration_inputs_stand_in_for_prompts():
-    from ldm_edge.bundletools.task_inputs import call_inputs, labels, synthetic_image
+    from ldm_edge.bundletools.task_inputs import call_inputs, labels
+    from ldm_edge.runtime.tasks.stand_ins import synthetic_image
     from ldm_edge.runtime.bundle.schema import BundleManifest
 
     m = BundleManifest(task="super-resolution", vae_scale_factor=4,
