@@ -129,7 +129,14 @@ def end_to_end_psnr(bundle, precision: str, prompts: list[str], steps: int = 10,
     """``precision`` vs FP32 under each of ``schedulers`` (default: the model's own and
     ``SUGGESTED_SCHEDULERS``)."""
     reference = Reference(bundle, prompts, steps, seed, schedulers, size=size)
-    var = Pipeline(bundle, precision=precision)
+    return measure_precision(reference, bundle, precision)
+
+
+def measure_precision(reference: Reference, bundle, precision: str, components=None) -> dict:
+    """``reference.measure`` of ``bundle``'s ``precision`` pipeline (a folder or a Manifest,
+    e.g. a trial one naming a graph not yet recorded), closed afterwards. ``components``: the
+    pipeline's component provider (default: the bundle's own backends)."""
+    var = Pipeline(bundle, precision=precision, components=components)
     try:
         return reference.measure(var)
     finally:

@@ -66,7 +66,8 @@ def summary(m) -> str:
               help="Keep the most sensitive layers in float until the end-to-end 8-bit PSNR "
                    "vs fp32 reaches this many dB.")
 @click.option("--symmetric", is_flag=True,
-              help="Symmetric activation ranges (zero points 0): what TensorRT engines need.")
+              help="Symmetric activation ranges (zero points 0) in the onnxruntime graph too "
+                   "(the TensorRT form is always symmetric).")
 @click.option("--schedulers", default=None,
               help="Comma-separated samplers the calibration runs take in turn and the end-to-end "
                    "check (and --min-psnr) holds for (default: the model's own, then ddim, "
@@ -81,8 +82,12 @@ def summary(m) -> str:
 @click.option("--fused-form/--no-fused-form", default=True, show_default=True,
               help="Also write onnxruntime's fused-attention form of the INT8 U-Net (checked "
                    "against it; what ldm-run then runs, so the quality is measured on it).")
+@click.option("--tensorrt-form/--no-tensorrt-form", default=True, show_default=True,
+              help="Also write the TensorRT form of the INT8 U-Net (float biases, symmetric "
+                   "activations, 8-bit weights; measured against FP32 like the INT8 graph): "
+                   "what `ldm-export engines --precision int8` builds.")
 def int8_cmd(bundle, prompts_file, num_prompts, calib_steps, method, min_psnr, symmetric,
-             schedulers, weight_bits, size, fused_form):
+             schedulers, weight_bits, size, fused_form, tensorrt_form):
     """Add an INT8 U-Net (QDQ, calibrated on the bundle's own sampling trajectory) to
     BUNDLE; record it and its end-to-end quality."""
     from ldm_edge.runtime.errors import LdmEdgeError
@@ -99,6 +104,7 @@ def int8_cmd(bundle, prompts_file, num_prompts, calib_steps, method, min_psnr, s
         m = make_int8(bundle, prompts, calib_steps=calib_steps, method=method,
                       min_psnr=min_psnr, symmetric=symmetric, schedulers=names,
                       weight_bits=int(weight_bits), size=size, fused_form=fused_form,
+                      tensorrt_form=tensorrt_form,
                       progress=lambda msg: click.echo(f"  [{time.perf_counter() - t0:6.1f}s] {msg}",
                                                       err=True))
     except LdmEdgeError as e:

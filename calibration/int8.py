@@ -22,18 +22,18 @@ import numpy as np
 
 from ldm_edge.bundletools.files import file_record
 from ldm_edge.bundletools.forms import FORM, default_size, make_form
-from ldm_edge.bundletools.quality import end_to_end_psnr, schedulers_to_check
+from ldm_edge.bundletools.quality import Reference, measure_precision, schedulers_to_check
 from ldm_edge.bundletools.variant_txn import VariantTransaction
 from ldm_edge.runtime import validate
 from ldm_edge.runtime.bundle.manifest import Manifest
 from ldm_edge.runtime.bundle.opener import open_bundle
-from ldm_edge.runtime.bundle.schema import (BundleManifest, CalibrationRecord, Int8QualityRecord,
-                                            VariantRecord)
+from ldm_edge.runtime.bundle.schema import (TENSORRT_FORM, BundleManifest, CalibrationRecord,
+                                            Int8QualityRecord, VariantRecord)
 from ldm_edge.runtime.cpu import cpu_summary
 from ldm_edge.runtime.errors import ExportError, UsageError
 from ldm_edge.runtime.request import BundleDefaults
 
-from . import qdq
+from . import qdq, trt_form
 from .ranges import METHODS, collect
 
 # U-Net calls used for the ranges, spread evenly over the captured (prompt, step) pairs
@@ -82,9 +82,10 @@ def _materialize(proto, base_dir: Path) -> None:
     load_all(proto, base_dir)  # onnx's own loader refuses hard-linked data files
 
 
-def build_graph(proto, fp32_dir: Path, layers, ranges, quantize: set[str], weight_bits: int = 8):
+def build_graph(proto, fp32_dir: Path, layers, ranges, quantize: set[str], weight_bits: int = 8,
+                int32_bias: bool = True):
     g, _ = qdq.build(proto, layers, ranges, quantize, base_dir=str(fp32_dir),
-                     weight_bits=weight_bits)
+                     weight_bits=weight_bits, int32_bias=int32_bias)
     _materialize(g, fp32_dir)
     return g
 
@@ -140,6 +141,7 @@ class Int8Options:
     weight_bits: int = 7
     size: int | None = None
     fused_form: bool = True
+    tensorrt_form: bool = True
 
     def __post_init__(self):
         if self.weight_bits not in qdq.WEIGHT_BITS:
@@ -183,7 +185,8 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
               calib_steps: int = 10, method: str = "percentile", min_psnr: float | None = None,
               progress=print, threads: int = 0, symmetric: bool = False,
               schedulers: list[str] | None = None, weight_bits: int = 7,
-              size: int | None = None, fused_form: bool = True) -> BundleManifest:
+              size: int | None = None, fused_form: bool = True,
+              tensorrt_form: bool = True) -> BundleManifest:
     """Add ``unet.int8.onnx`` to ``bundle``; record it and its end-to-end quality under
     each of ``schedulers`` (default: the model's own, ddim, euler, dpm++2m), the worst of
     which ``min_psnr`` holds. ``symmetric``: activation ranges made symmetric
@@ -192,11 +195,13 @@ def make_int8(bundle, prompts: list[str] | None = None, num_prompts: int = 8,
     8: the full range, for CPUs with VNNI and GPUs only. ``size``: the square image side
     calibration and the check run at (default: the model's own size), recorded.
     ``fused_form``: add onnxruntime's fused-attention form of the new graph (checked against
-    it) before the quality check, so the recorded figures are those of what ldm-run runs."""
+    it) before the quality check, so the recorded figures are those of what ldm-run runs.
+    ``tensorrt_form``: add the graph TensorRT builds INT8 engines from (trt_form.py), measured
+    against FP32 the same way."""
     opts = Int8Options(prompts=prompts, num_prompts=num_prompts, calib_steps=calib_steps,
                        method=method, min_psnr=min_psnr, threads=threads, symmetric=symmetric,
                        schedulers=schedulers, weight_bits=weight_bits, size=size,
-                       fused_form=fused_form)
+                       fused_form=fused_form, tensorrt_form=tensorrt_form)
     return add_int8(bundle, opts, progress)
 
 
@@ -222,7 +227,12 @@ def add_int8(bundle, opts: Int8Options, progress=print) -> BundleManifest:
             add_form(txn, variant, cal, opts, progress)
         # Measure through a manifest that names the new graph, then commit both at once.
         txn.put("unet", "int8", variant)
-        q = measure_within_budget(txn, variant, cal, opts, progress, t0)
+        reference = Reference(txn.manifest(), EVAL_PROMPTS, steps=opts.calib_steps,
+                              seed=EVAL_SEED, schedulers=cal.schedulers,
+                              size=cal.hw if opts.size else None)
+        q = measure_within_budget(txn, variant, reference, opts, progress, t0)
+        if opts.tensorrt_form:
+            add_tensorrt_form(txn, variant, cal, quant, reference, opts, progress)
         # onnxruntime's INT8 kernels, and so this figure, differ by CPU kind (runtime/cpu.py)
         q.update(method=opts.method, min_psnr=opts.min_psnr, kept_float_units=quant.kept,
                  cpu=cpu_summary())
@@ -331,16 +341,28 @@ def add_form(txn: VariantTransaction, variant: VariantRecord, cal: Calibration,
     progress(f"fused-attention form: {form.file if form else 'none (see the log)'}")
 
 
-def measure_within_budget(txn: VariantTransaction, variant: VariantRecord, cal: Calibration,
-                          opts: Int8Options, progress, t0: float) -> dict:
+def add_tensorrt_form(txn: VariantTransaction, variant: VariantRecord, cal: Calibration,
+                      quant: Quantisation, reference: Reference, opts: Int8Options,
+                      progress) -> None:
+    """TensorRT's form of the new graph (trt_form.py): the same layers kept float and the same
+    calibrated ranges, measured against ``reference`` like the graph itself."""
+    graph = build_graph(quant.proto, cal.fp32.parent, quant.layers, trt_form.symmetric(quant.ranges),
+                        set(quant.units) - set(quant.kept), trt_form.WEIGHT_BITS, int32_bias=False)
+    form = trt_form.record_form(
+        txn, graph, lambda m: measure_precision(reference, m, "int8", trt_form.tensorrt_like),
+        opts.min_psnr, progress)
+    if form is not None:
+        variant.forms[TENSORRT_FORM] = form
+
+
+def measure_within_budget(txn: VariantTransaction, variant: VariantRecord,
+                          reference: Reference, opts: Int8Options, progress, t0: float) -> dict:
     """The end-to-end quality of the trial manifest's INT8 U-Net (its form, if any); without
     the form if only it misses ``min_psnr``; ExportError if the plain graph misses it too."""
     min_psnr = opts.min_psnr
 
     def measure():
-        q = end_to_end_psnr(txn.manifest(), "int8", EVAL_PROMPTS, steps=opts.calib_steps,
-                            seed=EVAL_SEED, schedulers=cal.schedulers,
-                            size=cal.hw if opts.size else None)
+        q = measure_precision(reference, txn.manifest(), "int8")
         by = ", ".join(f"{s} {v['psnr_db']:.2f} dB (cosine ≥ {v['unet_cosine_min']:.4f})"
                        for s, v in q["per_scheduler"].items())
         progress(f"end to end vs FP32{' (fused form)' if variant.forms else ''}: {by}; U-Net "

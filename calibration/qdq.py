@@ -6,6 +6,7 @@ weight is stored as int8 (per output channel, symmetric) behind a DequantizeLine
 Conv/Gemm bias as int32 with scale ``x_scale * w_scale``. A Conv's output gets Q/DQ too:
 onnxruntime fuses Conv into QLinearConv only with a quantised output; a MatMul with an
 unquantised output becomes MatMulIntegerToFloat, which is as fast and loses less.
+``build(..., int32_bias=False)`` leaves biases float: TensorRT's form (trt_form.py).
 
 ``build(..., switchable=True)`` makes a graph for the sensitivity sweep instead: every
 fake-quantisation sits behind ``Where(flag[unit], quantised, float)`` with the flags a
@@ -203,11 +204,13 @@ def weight_qparams(w: np.ndarray, axis: int, bits: int = 8) -> tuple[np.ndarray,
 
 
 def build(proto, layers: list[Layer], ranges: dict, quantize: set[str], *,
-          switchable: bool = False, base_dir: str = "", weight_bits: int = 8):
+          switchable: bool = False, base_dir: str = "", weight_bits: int = 8,
+          int32_bias: bool = True):
     """A copy of ``proto`` with the layers whose unit is in ``quantize`` in Q/DQ (all
     layers behind flags when ``switchable``). ``ranges``: tensor -> (lo, hi). ``proto``
     may leave its weights in external data (in ``base_dir``): only the weights being
-    quantised are read, one at a time."""
+    quantised are read, one at a time. ``int32_bias`` False: biases stay float (TensorRT's
+    form: its parser dequantizes no INT32; onnxruntime needs them to fuse QLinearConv)."""
     import onnx
     from onnx import helper
 
@@ -215,6 +218,7 @@ def build(proto, layers: list[Layer], ranges: dict, quantize: set[str], *,
     g.CopyFrom(proto)
     graph = g.graph
     writer = _QdqWriter(graph, layers, ranges, switchable, base_dir, weight_bits)
+    writer.int32_bias = int32_bias
     chosen = {ly.node: ly for ly in layers if switchable or ly.unit in quantize}
     nodes = []
     for n in graph.node:
@@ -247,13 +251,14 @@ class _QdqWriter:
         self.flags = {}  # unit -> its flag (switchable)
         self.shared = {}  # activation -> Q/DQ pairs made for its consumers
         self.used_scale = {}  # fake-quantised tensor -> its scale
+        self.int32_bias = True  # False: biases left float (build's int32_bias)
 
     def rewrite(self, n, ly: Layer) -> list:
         """``n`` with its inputs (and a Conv's output) in Q/DQ: the nodes that replace it."""
         pre, post = [], []
         n.input[0] = self.activation(ly, pre)
         ws = self.weight(n, ly, pre)
-        if ly.bias is not None:
+        if ly.bias is not None and self.int32_bias:
             self.bias(n, ly, ws, pre)
         if ly.out is not None:
             y = ly.out

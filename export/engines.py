@@ -125,9 +125,17 @@ def import_polygraphy():
     return from_environment()
 
 
+@dataclass(frozen=True)
+class Source:
+    """The graph an engine is built from (Manifest.tensorrt_source) and its sha256."""
+
+    path: Path
+    sha256: str | None
+
+
 def plan_builds(manifest: Manifest, precision: str, opts: ProfileOptions,
                 components: tuple[str, ...] | None = None) -> list[tuple]:
-    """(component, precision, variant, profile) for each engine to build; checks everything
+    """(component, precision, source, profile) for each engine to build; checks everything
     that can be checked before TensorRT is touched."""
     from ldm_edge.runtime.backends.choose import pick_precision
 
@@ -141,13 +149,34 @@ def plan_builds(manifest: Manifest, precision: str, opts: ProfileOptions,
     plans = []
     for name in names:
         prec = pick_precision(manifest, name, precision)
-        variant = manifest.variant(name, prec)
-        if prec == "int8" and asymmetric_qdq(variant.path):
-            raise UsageError(f"{name} (int8): its Q/DQ nodes have non-zero zero points "
-                             f"(asymmetric activations); TensorRT quantises symmetrically only "
-                             f"— build fp16 engines, or rerun `ldm-export int8 BUNDLE --symmetric`")
-        plans.append((name, prec, variant, shape_profile(manifest.schema, name, opts)))
+        source = Source(*manifest.tensorrt_source(name, prec))
+        check_for_tensorrt(name, prec, source.path)
+        plans.append((name, prec, source, shape_profile(manifest.schema, name, opts)))
     return plans
+
+
+def tensorrt_graph(manifest: Manifest, component: str, precision: str) -> Path:
+    """The graph ``ldm-export engines`` hands TensorRT for ``component`` at ``precision``
+    (the INT8 U-Net's TensorRT form), checked as it checks it."""
+    path = manifest.tensorrt_source(component, precision)[0]
+    check_for_tensorrt(component, precision, path)
+    return path
+
+
+def check_for_tensorrt(name: str, prec: str, path: Path) -> None:
+    """Refuse, in one line, a graph TensorRT's parser would refuse or misread: INT32
+    DequantizeLinear (onnxruntime's int32 biases) and non-zero zero points."""
+    from ldm_edge.runtime.bundle.onnx_scan import int32_dequantize
+
+    remake = "rerun `ldm-export int8 BUNDLE` (it writes the TensorRT form), or build fp16 engines"
+    int32 = int32_dequantize(path)
+    if int32:
+        raise UsageError(f"{name} ({prec}): {path.name} has {len(int32)} DequantizeLinear node(s) "
+                         f"on INT32 (e.g. {int32[0]!r}), which TensorRT's parser refuses; {remake}")
+    if prec == "int8" and asymmetric_qdq(path):
+        raise UsageError(f"{name} ({prec}): {path.name} has Q/DQ nodes with non-zero zero points "
+                         f"(asymmetric activations); TensorRT quantises symmetrically only; "
+                         f"{remake}")
 
 
 def asymmetric_qdq(onnx_path: Path) -> int:
@@ -180,29 +209,29 @@ def build_engines(bundle, *, precision: str = "fp16", options: ProfileOptions = 
     ``refittable``: the weights of each component's weights map stay refittable, for LoRA
     (runtime/backends/trt_refit.py); components without a map are built as usual."""
     root = Path(bundle)
-    facts = device_facts()  # one line if TensorRT, cuda-python or a GPU is missing
-    poly = import_polygraphy()
     manifest = open_bundle(root)
     if not (root / MANIFEST_NAME).is_file():
         raise UsageError("engines are recorded in manifest.json; make a bundle of this Optimum "
                          "folder first with `ldm-export import-optimum`")
-    plans = plan_builds(manifest, precision, options, components)
-    refit = {name: refit_names(manifest, name, prec, variant.path) for name, prec, variant, _ in plans
+    plans = plan_builds(manifest, precision, options, components)  # the graphs, before TensorRT
+    facts = device_facts()  # one line if TensorRT, cuda-python or a GPU is missing
+    poly = import_polygraphy()
+    refit = {name: refit_names(manifest, name, prec, source.path) for name, prec, source, _ in plans
              if refittable and manifest.component(name).weights_map is not None}
     progress(f"building on {facts}")
     written = []
-    for name, prec, variant, profile in plans:
+    for name, prec, source, profile in plans:
         rel = engine_path(facts, name, prec, profile)
         t0 = time.perf_counter()
         progress(f"{name} ({prec}): building {rel}")
         out = root / rel
-        _build_one(poly, name, variant.path, profile, out, workspace_mb=workspace_mb,
+        _build_one(poly, name, source.path, profile, out, workspace_mb=workspace_mb,
                    timing_cache=timing_cache, optimization_level=optimization_level, debug=debug,
                    refit=refit.get(name))
         rec = EngineRecord(
             backend=ENGINE_BACKEND, precision=prec, trt_version=facts.trt_version,
             device_name=facts.device_name, compute_capability=facts.compute_capability,
-            profile=profile, onnx_sha256=variant.record.sha256 or sha256_file(variant.path),
+            profile=profile, onnx_sha256=source.sha256 or sha256_file(source.path),
             file=rel, size=out.stat().st_size, sha256=sha256_file(out),
             build_seconds=round(time.perf_counter() - t0, 1), workspace_mb=workspace_mb,
             optimization_level=optimization_level,

@@ -55,7 +55,7 @@ class OnnxRuntimeBackend(Backend):
                  threads: int = 0, io_map: dict | None = None, graph_cache: bool = False,
                  precision: str = "fp32", fused_path: str | Path | None = None,
                  fused_attention: bool | None = None, memory_arena: bool = True,
-                 lora=None):
+                 lora=None, optimise: bool = True):
         super().__init__(spec, precision=precision)
         # spec name -> graph name, for graphs whose I/O names differ from ours (Optimum's)
         self.io_map = dict(io_map or {})
@@ -71,7 +71,7 @@ class OnnxRuntimeBackend(Backend):
         weights, external = lora.for_graph(path) if lora is not None else ({}, set())
         loader = SessionFromOnnx(path, threads=threads, providers=self.providers,
                                  cache=graph_cache, label=spec.name, memory_arena=memory_arena,
-                                 weights=weights, external=external,
+                                 weights=weights, external=external, optimise=optimise,
                                  weights_key=lora.key if lora is not None else "")
         try:
             self.session = loader()

@@ -343,9 +343,9 @@ class TensorRTBackend(Backend):
 def engine_for(manifest: Manifest, component: str, precision: str, facts) -> tuple[dict, Path]:
     """The engine record that fits this machine and its file, checked against the manifest."""
     records = tensorrt_records(manifest.component(component), precision)
-    variant = manifest.variant(component, precision)
+    built_from = manifest.tensorrt_source(component, precision)[1]  # an INT8 U-Net: its form
     record = select_engine(records, facts, component=component, precision=precision,
-                           onnx_sha256=variant.record.sha256, bundle=str(manifest.root))
+                           onnx_sha256=built_from, bundle=str(manifest.root))
     what = f"{component} TensorRT engine"
     path = safe_member(manifest.root, record["file"], what)
     hint = rebuild_hint(str(manifest.root), precision)

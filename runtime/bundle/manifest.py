@@ -14,7 +14,7 @@ from pathlib import Path
 from ..errors import BundleError
 from ..fsutil import sha256_cached
 from .onnx_scan import ScanError, external_locations
-from .schema import BundleManifest, ComponentRecord, FileRecord, VariantRecord
+from .schema import TENSORRT_FORM, BundleManifest, ComponentRecord, FileRecord, VariantRecord
 from .spec import ComponentSpec
 
 
@@ -139,6 +139,17 @@ class Manifest:
                               f"make it with `{hint}`")
         rec = variants[precision]
         return Variant(name, precision, safe_member(self.root, rec.file, name), rec)
+
+    def tensorrt_source(self, name: str, precision: str) -> tuple[Path, str | None]:
+        """The graph TensorRT builds ``name``'s ``precision`` engine from, and its sha256: the
+        variant's TensorRT form where it has one (INT8), else its plain graph."""
+        variant = self.variant(name, precision)
+        form = variant.record.forms.get(TENSORRT_FORM)
+        if form is None:
+            return variant.path, variant.record.sha256
+        path = safe_member(self.root, form.file, f"{name} ({precision}) {TENSORRT_FORM} form")
+        own = next((f for f in form.files if f.path == form.file), None)
+        return path, own.sha256 if own else None
 
     @property
     def tokenizer_path(self) -> Path:

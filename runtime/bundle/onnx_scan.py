@@ -403,3 +403,12 @@ def graph_nodes(path: str | Path) -> list[dict]:
                             node["ints"][name] = value
                 out.append(node)
         return out
+
+
+def int32_dequantize(path: str | Path) -> list[str]:
+    """The DequantizeLinear nodes of the main graph whose quantised input is an INT32
+    initializer (onnxruntime's int32 Conv/Gemm biases). TensorRT's ONNX parser refuses them
+    (it dequantizes only 8-bit and narrower types), so no graph holding one is handed to it."""
+    int32 = {name for name, (dtype, _) in initializer_dtypes(path).items() if dtype == "int32"}
+    return [n["name"] or n["outputs"][0] for n in graph_nodes(path)
+            if n["op"] == "DequantizeLinear" and n["inputs"] and n["inputs"][0] in int32]

@@ -163,11 +163,16 @@ class ModelRecord(Record):
 
 
 # -- components -------------------------------------------------------------------------------
+# The INT8 U-Net's form for TensorRT (calibration/trt_form.py): float biases (TensorRT's parser
+# dequantizes no INT32), symmetric activations, 8-bit weights; what `ldm-export engines` builds.
+TENSORRT_FORM = "tensorrt"
+
+
 @dataclass
 class FormRecord(Record):
     """Another form of a variant's graph for one backend (``"ort-mha"``: attention fused into
-    onnxruntime's MultiHeadAttention, bundletools/forms.py), checked against the plain graph
-    when it was made; ``check`` is that comparison's record."""
+    onnxruntime's MultiHeadAttention, bundletools/forms.py; ``TENSORRT_FORM``: the INT8 graph
+    TensorRT can parse), checked when it was made; ``check`` is that check's record."""
 
     file: str | None = None
     files: list[FileRecord] = field(default_factory=list)

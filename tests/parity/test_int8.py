@@ -45,6 +45,12 @@ MIN_SANE_PSNR_DB = {VNNI: 40.0, NO_VNNI: 36.0}.get(int8_kernels(), 36.0)
 # times too wide give 0.9876-0.9911, clipped ones 0.62-0.71. 0.995 leaves 3x headroom on
 # 1 - cosine above the measured and still catches the 2-bits-lost case.
 MIN_UNET_COSINE = 0.995
+# The TensorRT form is measured without integer kernels (DequantizeLinear, then float layers:
+# exact sums on every CPU kind). Measured, tiny SD1, PNDM: 43.9 dB (44.5 dB with onnxruntime's
+# optimisations on), the same prompts as the INT8 graph's 45.7 dB; 6 dB under it allows for
+# calibration drift across onnxruntime and numpy versions, and a form with one bit lost to
+# mis-scaled activations (~6 dB) sits at its edge.
+MIN_TENSORRT_FORM_PSNR_DB = 38.0
 OWN = "pndm"  # the tiny models' own scheduler (what diffusers' SD pipelines ship with)
 DEFAULT_SCHEDULERS = [OWN, "ddim", "euler", "dpm++2m"]
 # Rules every SD U-Net must hit (reason -> a substring of one of its node names).
@@ -273,7 +279,7 @@ def test_eight_bit_weights_on_request(bundle):
                        fused_form=False, progress=_quiet)
     v = m.components["unet"].variants["int8"]
     assert "bit" not in v.weights
-    assert not v.forms and not list(bundle.glob("*int8*ort-mha*"))  # --no-fused-form
+    assert "ort-mha" not in v.forms and not list(bundle.glob("*int8*ort-mha*"))  # --no-fused-form
     mm, g = _graph(bundle)
     inits = {t.name: t for t in g.graph.initializer}
     prod, nodes = _producers(g), {n.name: n for n in g.graph.node}
@@ -358,6 +364,30 @@ def test_cli_writes_the_variant_and_summarises(tiny_bundles, tmp_path):
     assert res.exit_code == 0, res.output
     assert "int8 end to end: PSNR" in res.output and "calibration pass" in res.output
     assert open_bundle(dst).variant("unet", "int8").record.method == "minmax"
+    assert "TensorRT form" in res.output
+
+
+def test_without_the_tensorrt_form_engines_refuse_int8_before_asking_tensorrt(tiny_bundles,
+                                                                              tmp_path):
+    """--no-tensorrt-form (and INT8 variants made before the form existed): the onnxruntime
+    graph's INT32 biases are refused by `ldm-export engines` in one line, TensorRT or not."""
+    from click.testing import CliRunner
+
+    from ldm_edge.calibration.cli_int8 import int8_cmd
+    from helpers import run_cli
+
+    dst = tmp_path / "b"
+    shutil.copytree(tiny_bundles["sd1"], dst)
+    res = CliRunner().invoke(int8_cmd, [str(dst), "--num-prompts", "1", "--calib-steps", "2",
+                                        "--no-tensorrt-form", "--schedulers", OWN])
+    assert res.exit_code == 0, res.output
+    assert "tensorrt" not in open_bundle(dst).variant("unet", "int8").record.forms
+    r = run_cli("-m", "ldm_edge.export.cli", "engines", str(dst), "--precision", "int8",
+                "--components", "unet")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1, r.stderr
+    assert "DequantizeLinear" in lines[0] and "INT32" in lines[0] and "ldm-export int8" in lines[0]
+    assert not (dst / "engines").exists()
 
 
 def test_range_methods_on_outliers():
@@ -458,3 +488,91 @@ def test_symmetric_activations_for_tensorrt(tiny_bundles, tmp_path):
     assert asymmetric_qdq(path) == 0
     assert m.quality["int8"].per_scheduler[OWN]["psnr_db"] > MIN_SANE_PSNR_DB
     assert m.quality["int8"].unet_cosine_min > MIN_UNET_COSINE
+
+
+# -- the TensorRT form (calibration/trt_form.py) ------------------------------------------------
+def _inits(g):
+    return {t.name: numpy_helper.to_array(t) for t in g.graph.initializer}
+
+
+def test_tensorrt_form_is_a_graph_tensorrts_parser_reads(int8_bundle):
+    """The form: the same quantised layers as the onnxruntime graph, int8 per-channel weights
+    over the full 8-bit range, float biases (the FP32 graph's own), symmetric activations and
+    no DequantizeLinear on INT32 anywhere; the onnxruntime graph keeps its INT32 biases."""
+    from ldm_edge.export.engines import asymmetric_qdq
+    from ldm_edge.runtime.bundle.onnx_scan import int32_dequantize
+
+    m = open_bundle(int8_bundle)
+    v = m.variant("unet", "int8")
+    form = v.record.forms["tensorrt"]
+    path = int8_bundle / form.file
+    assert int32_dequantize(v.path), "onnxruntime's graph lost its int32 biases"
+    assert int32_dequantize(path) == [] and asymmetric_qdq(path) == 0
+    g, fp32 = onnx.load(str(path)), onnx.load(str(m.variant("unet", "fp32").path))
+    inits, fp32_inits, prod = _inits(g), _inits(fp32), _producers(g)
+    nodes = {n.name: n for n in g.graph.node}
+    biased = 0
+    for name in v.record.quantized_nodes:
+        node = nodes[name]
+        wdq = prod[node.input[1]]
+        assert wdq.op_type == "DequantizeLinear" and inits[wdq.input[0]].dtype == np.int8
+        assert np.abs(inits[wdq.input[0]]).max() == 127  # full range: per channel, the max
+        assert prod[node.input[0]].op_type == "DequantizeLinear"
+        if len(node.input) > 2 and node.input[2]:
+            biased += 1
+            bias = inits[node.input[2]]
+            assert bias.dtype == np.float32
+            np.testing.assert_array_equal(bias, fp32_inits[node.input[2]])
+    assert biased > 10
+    assert [o.name for o in g.graph.output] == [o.name for o in fp32.graph.output]
+
+
+def test_tensorrt_form_is_measured_against_fp32_and_the_figure_holds(int8_bundle):
+    """Recorded end to end under every scheduler of the INT8 check, and equal to a fresh
+    measurement of a manifest whose INT8 U-Net is the form (onnxruntime without graph
+    optimisations runs its DQ nodes, then float layers: no CPU-kind dependence)."""
+    from ldm_edge.bundletools.quality import Reference, measure_precision
+    from ldm_edge.calibration.trt_form import tensorrt_like
+    from ldm_edge.runtime.bundle.manifest import Manifest
+    from ldm_edge.runtime.bundle.schema import VariantRecord
+
+    m = open_bundle(int8_bundle)
+    q = m.schema.quality["int8"]
+    form = m.variant("unet", "int8").record.forms["tensorrt"]
+    check = form.check
+    assert list(check["per_scheduler_db"]) == list(q.per_scheduler)
+    assert check["psnr_db"] == min(check["per_scheduler_db"].values())
+    assert check["unet_cosine_min"] > MIN_UNET_COSINE
+    assert check["per_scheduler_db"][OWN] > MIN_TENSORRT_FORM_PSNR_DB
+    schema = m.schema
+    schema.components["unet"].variants["int8"] = VariantRecord(file=form.file, files=form.files)
+    trial = Manifest(int8_bundle, schema)
+    ref = Reference(trial, q.prompts, steps=q.steps, seed=q.seed, schedulers=list(q.per_scheduler))
+    fresh = measure_precision(ref, trial, "int8", tensorrt_like)
+    assert fresh["psnr_db"] == pytest.approx(check["psnr_db"], abs=1e-6)
+
+
+def test_engines_build_int8_from_the_tensorrt_form(int8_bundle):
+    """`ldm-export engines --precision int8` hands TensorRT the form and records its sha256,
+    which the runtime matches the engine against."""
+    from ldm_edge.export.engines import ProfileOptions, plan_builds, tensorrt_graph
+
+    m = open_bundle(int8_bundle)
+    form = m.variant("unet", "int8").record.forms["tensorrt"]
+    assert tensorrt_graph(m, "unet", "int8") == int8_bundle / form.file
+    (name, prec, source, _), = plan_builds(m, "int8", ProfileOptions(), ("unet",))
+    assert (name, prec, source.path) == ("unet", "int8", int8_bundle / form.file)
+    assert source.sha256 == form.files[0].sha256 != m.variant("unet", "int8").record.sha256
+
+
+def test_int32_dequantize_is_refused_in_one_line_before_tensorrt(int8_bundle):
+    """The pre-check: the onnxruntime INT8 graph (INT32 biases) is never handed to TensorRT."""
+    from ldm_edge.export.engines import check_for_tensorrt
+    from ldm_edge.runtime.errors import UsageError
+
+    plain = open_bundle(int8_bundle).variant("unet", "int8").path
+    with pytest.raises(UsageError) as e:
+        check_for_tensorrt("unet", "int8", plain)
+    msg = str(e.value)
+    assert "\n" not in msg and "DequantizeLinear" in msg and "INT32" in msg
+    assert "ldm-export int8 BUNDLE" in msg
