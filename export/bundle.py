@@ -28,7 +28,8 @@ from ldm_edge.runtime.fsutil import atomic_write_bytes
 from ldm_edge.runtime.tasks import task_specs
 
 from .load import LoadedModel
-from .onnx_export import DEFAULT_OPSET, check_component, export_component, worst
+from .onnx_export import (DEFAULT_OPSET, check_component, check_inputs_read, export_component,
+                          worst)
 from .weights_map import MAPPED, write_weights_map
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,8 @@ def export_bundle(model: LoadedModel, out: str | Path, opts: ExportOptions,
                      text_hidden_size=model.text_hidden_size,
                      text_max_length=model.tokenizer_max_length,
                      use_attention_mask=model.use_attention_mask, min_size=opts.min_size,
-                     max_size=opts.max_size, max_batch=opts.max_batch)
+                     max_size=opts.max_size, max_batch=opts.max_batch,
+                     time_cond_proj_dim=model.time_cond_proj_dim)
     specs = task_specs(describe(dims), model.task, model.unet_in_channels)
     out = Path(out)
     with staged_dir(out, opts.force) as stage:
@@ -87,6 +89,7 @@ def export_bundle(model: LoadedModel, out: str | Path, opts: ExportOptions,
                                      exporter=opts.exporter,
                                      height=int(model.defaults["height"]),
                                      width=int(model.defaults["width"]))
+            check_inputs_read(files[0], specs[name])
             progress(f"{name}: checking against PyTorch in onnxruntime")
             results = check_component(model, specs[name], files[0])
             for r in results:

@@ -31,6 +31,20 @@ class UNet(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
+class GuidanceEmbedUNet(torch.nn.Module):
+    """An LCM-distilled U-Net: the guidance scale enters as an embedding (``timestep_cond``),
+    not as a second, unconditioned batch. diffusers skips the embedding when it is not
+    passed, so it must be an input of the graph (checked: onnx_export.check_inputs_read)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond):
+        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
+                         return_dict=False)[0]
+
+
 class UpscaleUNet(torch.nn.Module):
     """The SD x4 upscaler's U-Net: class-conditioned on the low-resolution image's noise level."""
 
@@ -115,6 +129,8 @@ def wrap(model: LoadedModel, name: str) -> torch.nn.Module:
     if name == "unet":
         if model.upscaler is not None:
             return UpscaleUNet(model.unet).eval()
+        if model.time_cond_proj_dim:
+            return GuidanceEmbedUNet(model.unet).eval()
         return (UNet(model.unet) if model.text_encoder is not None
                 else UncondUNet(model.unet)).eval()
     if name == "vae_decoder":
@@ -162,6 +178,9 @@ def sample_inputs(spec: ComponentSpec, model: LoadedModel, batch: int, height: i
         if "encoder_hidden_states" in spec.input_names:
             feeds["encoder_hidden_states"] = rng.standard_normal(
                 (batch, L, model.text_hidden_size), dtype=np.float32)
+        if "timestep_cond" in spec.input_names:  # sin/cos of the guidance embedding: [-1, 1]
+            feeds["timestep_cond"] = rng.uniform(
+                -1, 1, size=(batch, model.time_cond_proj_dim)).astype(np.float32)
         return feeds
     if spec.name == "vae_decoder":
         return {"latent": rng.standard_normal((batch, c, h, w), dtype=np.float32)}

@@ -53,6 +53,11 @@ class LoadedModel:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
     @property
+    def time_cond_proj_dim(self) -> int | None:
+        """An LCM-distilled U-Net's guidance embedding width (its `timestep_cond` input)."""
+        return int(self.unet.config.get("time_cond_proj_dim") or 0) or None
+
+    @property
     def latent_channels(self) -> int:
         return int(self.vae.config.latent_channels)
 
@@ -81,15 +86,42 @@ def hash_files(paths) -> str:
     return h.hexdigest()
 
 
+# U-Net config keys (UNet2DConditionModel / UNet2DModel, diffusers 0.42) whose other values
+# make forward() want an input the exported graph does not take: key -> (values taken, what it
+# would need). diffusers skips such a path silently when the input is not passed (an LCM U-Net
+# without `timestep_cond` drew a picture 23.6 dB from its own pipeline), so each is refused by
+# name. Wired: `time_cond_proj_dim` (the `timestep_cond` input), and the x4 upscaler's class
+# labels (its noise level). Every other key shapes the network only, which the trace records.
+UNWIRED_UNET_KEYS = {
+    "addition_embed_type": ((None,), "added_cond_kwargs (SDXL's text_embeds and time_ids)"),
+    "class_embed_type": ((None,), "class_labels"),
+    "num_class_embeds": ((None,), "class_labels"),
+    "encoder_hid_dim_type": ((None, "text_proj"), "image_embeds in added_cond_kwargs"),
+    "attention_type": (("default", None), "GLIGEN's grounding inputs (cross_attention_kwargs)"),
+    "dual_cross_attention": ((False, None), "two concatenated conditionings (Versatile "
+                                           "Diffusion)"),
+}
+NOISE_LEVEL_CLASSES = ("class_embed_type", "num_class_embeds")
+
+
+# diffusers' LatentConsistencyModelPipeline defaults (an LCM U-Net's bundle records them)
+LCM_STEPS = 4
+LCM_GUIDANCE = 8.5
+
+
 def check_unet(unet, noise_level_classes: bool = False) -> None:
-    """``noise_level_classes``: the SD x4 upscaler's U-Net, class-conditioned on the noise
+    """Refuse, by name, a U-Net config key this exporter does not wire (UNWIRED_UNET_KEYS).
+    ``noise_level_classes``: the SD x4 upscaler's U-Net, class-conditioned on the noise
     level, is taken; other class-conditioned U-Nets are not."""
     cfg = unet.config
-    if cfg.get("addition_embed_type"):
-        raise ModelLoadError(f"U-Net with addition_embed_type={cfg['addition_embed_type']!r} "
-                             f"(SDXL-style) is not supported; SD1.x/SD2.x/LDM U-Nets are")
-    if (cfg.get("class_embed_type") or cfg.get("num_class_embeds")) and not noise_level_classes:
-        raise ModelLoadError("class-conditioned U-Nets (e.g. upscalers) are not supported")
+    for key, (taken, needs) in UNWIRED_UNET_KEYS.items():
+        value = cfg.get(key)
+        if value in taken or (noise_level_classes and key in NOISE_LEVEL_CLASSES):
+            continue
+        what = " (SDXL-style; see the SDXL support plan)" if key == "addition_embed_type" else ""
+        raise ModelLoadError(f"U-Net with {key}={value!r}{what} needs {needs}, which the "
+                             f"exported graph does not take; such U-Nets are not supported "
+                             f"(SD1.x/SD2.x/LDM/LCM U-Nets are)")
 
 
 def tokenizer_facts(tokenizer, text_encoder) -> dict:
@@ -130,5 +162,8 @@ def model_defaults(unet, vae, sched: dict) -> dict:
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     size = int(unet.config.sample_size) * f
     v = sched.get("prediction_type") == "v_prediction"
+    if unet.config.get("time_cond_proj_dim"):  # LatentConsistencyModelPipeline's own defaults
+        return {"height": size, "width": size, "guidance_scale": LCM_GUIDANCE,
+                "num_inference_steps": LCM_STEPS}
     return {"height": size, "width": size, "guidance_scale": 7.5,
             "num_inference_steps": 50 if not v else 25}

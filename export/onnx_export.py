@@ -113,6 +113,21 @@ def _finalise(raw: Path, dest: Path, large: bool) -> list[Path]:
     return [dest]
 
 
+def check_inputs_read(onnx_path: Path, spec: ComponentSpec) -> None:
+    """ExportError naming each input of ``spec`` the graph lacks or never reads: a traced
+    module that ignored an input (diffusers skips an LCM U-Net's guidance embedding when
+    ``timestep_cond`` is not passed) draws another picture, and the check against the same
+    module would not see it."""
+    from ldm_edge.runtime.bundle.onnx_scan import graph_io, graph_nodes
+
+    inputs, _ = graph_io(onnx_path)
+    read = {i for n in graph_nodes(onnx_path) for i in n["inputs"]}
+    unread = [t for t in spec.input_names if t not in inputs or t not in read]
+    if unread:
+        raise ExportError(f"{spec.name}: the exported graph does not read {', '.join(unread)} "
+                          f"(traced without it); nothing was written")
+
+
 def check_shapes(model: LoadedModel, spec: ComponentSpec) -> list[tuple[int, int, int]]:
     """(batch, height, width) in pixels for the self-check: batch 1 square at the
     model's default size, batch 2 non-square — two shapes prove the dynamic axes."""

@@ -3,7 +3,9 @@ the whole loop. One class a kind, picked by ``conditioning_for`` from what the b
 
 * ``PromptConditioning``: one text encoder (CLIP for SD1/SD2, LDM-BERT for the paper's
   text-to-image model) -> ``encoder_hidden_states``, [negatives; prompts] under guidance;
-* ``NoConditioning``: a model without a text encoder (unconditional, super-resolution).
+* ``NoConditioning``: a model without a text encoder (unconditional, super-resolution);
+* ``GuidanceEmbedding``: an LCM-distilled U-Net: the prompts (no negatives: no guidance batch)
+  and the guidance scale's embedding as ``timestep_cond``.
 
 A family with more (two encoders and pooled embeddings, a guidance embedding) adds a class and
 a line in ``conditioning_for``; the denoise loop binds whatever ``feeds`` holds.
@@ -53,6 +55,40 @@ class PromptConditioning:
         return Conditioned({"encoder_hidden_states": emb.astype(np.float32)}, dropped[::n])
 
 
+class GuidanceEmbedding(PromptConditioning):
+    """An LCM-distilled U-Net (``time_cond_proj_dim``): the guidance scale w enters the U-Net
+    as a sinusoidal embedding of (w - 1) * 1000, one per image, as diffusers'
+    LatentConsistencyModelPipeline makes it; the request is never a guidance batch."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+
+    def encode(self, pipe, req) -> Conditioned:
+        out = super().encode(pipe, req)
+        out.feeds["timestep_cond"] = guidance_embedding(
+            np.full(req.num_images, req.guidance_scale - 1.0), self.dim)
+        return out
+
+
+# the sinusoid's frequencies run from 1 down to 1 / GUIDANCE_MAX_PERIOD (diffusers' value)
+GUIDANCE_MAX_PERIOD = 10000.0
+GUIDANCE_SCALE_FACTOR = 1000.0  # w is scaled as a timestep is before its embedding
+
+
+def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
+    """[len(w), dim] float32: sin then cos of (w * 1000) times ``dim // 2`` geometric
+    frequencies, a zero column appended when ``dim`` is odd (computed in float32, as torch
+    does it in the reference pipeline)."""
+    half = dim // 2
+    step = np.float32(np.log(np.float32(GUIDANCE_MAX_PERIOD)) / (half - 1))
+    freqs = np.exp(np.arange(half, dtype=np.float32) * -step)
+    args = (np.asarray(w, np.float32) * np.float32(GUIDANCE_SCALE_FACTOR))[:, None] * freqs[None]
+    emb = np.concatenate([np.sin(args), np.cos(args)], axis=1)
+    if dim % 2:
+        emb = np.pad(emb, ((0, 0), (0, 1)))
+    return emb.astype(np.float32)
+
+
 def _warn_truncated(pipe, label: str, dropped: list[int]) -> None:
     for i, k in enumerate(dropped):
         if k:
@@ -62,4 +98,7 @@ def _warn_truncated(pipe, label: str, dropped: list[int]) -> None:
 
 def conditioning_for(manifest):
     """The conditioning of a bundle's model family."""
-    return PromptConditioning() if manifest.has("text_encoder") else NoConditioning()
+    if not manifest.has("text_encoder"):
+        return NoConditioning()
+    cond = {t.name: t for t in manifest.spec("unet").inputs}.get("timestep_cond")
+    return GuidanceEmbedding(int(cond.shape[1])) if cond is not None else PromptConditioning()

@@ -58,6 +58,8 @@ class BundleDefaults:
     task: str | None = None  # the bundle's (runtime/tasks/); None: text-to-image
     max_noise_level: int | None = None  # the SD x4 upscaler's
     default_noise_level: int | None = None
+    # an LCM-distilled U-Net: guidance is an input (`timestep_cond`), not a CFG batch
+    guidance_embedded: bool = False
 
     @classmethod
     def from_manifest(cls, manifest: BundleManifest) -> "BundleDefaults":
@@ -70,7 +72,13 @@ class BundleDefaults:
                    max_size=dims.max_size, max_batch=dims.max_batch,
                    vae_scale_factor=int(manifest.vae_scale_factor),
                    latent_channels=int(manifest.latent_channels), task=manifest.task,
+                   guidance_embedded=_guidance_embedded(manifest),
                    **_noise_levels(manifest.upscaler))
+
+
+def _guidance_embedded(manifest: BundleManifest) -> bool:
+    unet = manifest.components.get("unet")
+    return unet is not None and "timestep_cond" in unet.spec.input_names
 
 
 def _noise_levels(upscaler: dict | None) -> dict:
@@ -101,11 +109,13 @@ class GenerationRequest:
     task: str = TEXT_TO_IMAGE  # runtime/tasks/
     mask: object | None = None  # inpaint: runtime/inpaint.Mask
     noise_level: int | None = None  # upscale: the low-resolution image's noise level
+    guidance_embedded: bool = False  # the U-Net takes the guidance scale (LCM): no CFG batch
 
     @property
     def guided(self) -> bool:
-        """Classifier-free guidance: the U-Net runs on [negative, positive] each step."""
-        return self.guidance_scale > 1.0
+        """Classifier-free guidance: the U-Net runs on [negative, positive] each step (not
+        for a U-Net that takes the guidance scale as an input)."""
+        return self.guidance_scale > 1.0 and not self.guidance_embedded
 
     @property
     def num_images(self) -> int:
@@ -127,7 +137,7 @@ class GenerationRequest:
                 "init_image": self.init_image.to_dict() if self.init_image else None,
                 "latents_sha256": None if self.latents is None else sha256_of(self.latents),
                 "task": self.task, "mask": self.mask.to_dict() if self.mask else None,
-                "noise_level": self.noise_level}
+                "noise_level": self.noise_level, "guidance_embedded": self.guidance_embedded}
 
 
 @dataclass(frozen=True)
@@ -171,6 +181,9 @@ def resolve_request(bundle: BundleDefaults, *, prompt, negative_prompt=None,
     plan = plan_of(task)
     if plan.takes_prompt:
         prompts, negs, g = _prompts(prompt, negative_prompt, guidance_scale, bundle)
+        if bundle.guidance_embedded and any(negs):
+            raise UsageError("this bundle's U-Net is LCM-distilled: guidance is built into it "
+                             "(--guidance-scale) and it takes no negative prompt; drop it")
     else:
         prompts, negs, g = _no_prompt(task, bundle.task, prompt, negative_prompt, guidance_scale)
     steps = validate.steps(_given(num_inference_steps, bundle.num_inference_steps))
@@ -185,7 +198,8 @@ def resolve_request(bundle: BundleDefaults, *, prompt, negative_prompt=None,
         validate.latents(latents, (len(prompts) * n, bundle.latent_channels, h // f, w // f), f)
         latents = frozen(latents)
     return GenerationRequest(prompts, negs, steps, g, name, h, w, n, seed, pics.strength,
-                             pics.init, latents, task, pics.mask, level)
+                             pics.init, latents, task, pics.mask, level,
+                             bundle.guidance_embedded)
 
 
 def _prompts(prompt, negative_prompt, guidance_scale, bundle: BundleDefaults):

@@ -432,6 +432,7 @@ class DimsRecord(_GivenKeys):
     min_size: int | None = None
     max_size: int = 1 << 16
     max_batch: int = 1 << 16
+    time_cond_proj_dim: int | None = None  # an LCM U-Net's (spec.ModelDims)
 
 
 @dataclass

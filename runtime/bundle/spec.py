@@ -94,6 +94,8 @@ class ModelDims:
     min_size: int = 32  # pixels
     max_size: int = 1024  # pixels
     max_batch: int = 4  # images per call; the U-Net sees twice that under guidance
+    # an LCM-distilled U-Net's guidance embedding width (its `timestep_cond` input), or None
+    time_cond_proj_dim: int | None = None
 
     def asdict(self) -> dict:
         return asdict(self)
@@ -109,6 +111,12 @@ def describe(dims: ModelDims) -> dict[str, ComponentSpec]:
     if dims.use_attention_mask:
         text_in.append(TensorSpec("attention_mask", "int64", ("batch", dims.text_max_length)))
     batch = (1, dims.max_batch)
+    unet_in = [TensorSpec("sample", "float32", ("batch", c, "latent_height", "latent_width")),
+               TensorSpec("timestep", TIMESTEP_DTYPE, ("batch",)),
+               TensorSpec("encoder_hidden_states", "float32",
+                          ("batch", dims.text_max_length, dims.text_hidden_size))]
+    if dims.time_cond_proj_dim:  # LCM: the guidance scale's embedding (runtime/conditioning.py)
+        unet_in.append(TensorSpec("timestep_cond", "float32", ("batch", dims.time_cond_proj_dim)))
     return {
         "text_encoder": ComponentSpec(
             "text_encoder",
@@ -119,12 +127,7 @@ def describe(dims: ModelDims) -> dict[str, ComponentSpec]:
         ),
         "unet": ComponentSpec(
             "unet",
-            (
-                TensorSpec("sample", "float32", ("batch", c, "latent_height", "latent_width")),
-                TensorSpec("timestep", TIMESTEP_DTYPE, ("batch",)),
-                TensorSpec("encoder_hidden_states", "float32",
-                           ("batch", dims.text_max_length, dims.text_hidden_size)),
-            ),
+            tuple(unet_in),
             (TensorSpec("model_output", "float32", ("batch", c, "latent_height", "latent_width")),),
             {"batch": (1, 2 * dims.max_batch), "latent_height": lat, "latent_width": lat},
         ),
