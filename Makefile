@@ -53,7 +53,8 @@ eval-demo-torch: install
 bench: install
 	env -u OMP_NUM_THREADS $(BIN)/python benchmarks/bench.py $(if $(QUICK),--quick,)
 
-# a CUDA machine with TensorRT: FP16/INT8 engines, pytest -m gpu, short benchmark -> out/gpu-check/
+# a CUDA machine with TensorRT, < 10 min: FP16/INT8 engines for the demo and tiny SD1, ldm-run on
+# them vs onnxruntime (PSNR, timings), the demo LoRA refitted -> out/gpu-check/report.md
 gpu-check: install
 	$(BIN)/python benchmarks/gpu_check.py --out $(OUT)/gpu-check
 

@@ -19,9 +19,9 @@ from ldm_edge.bundletools.files import file_record
 from ldm_edge.bundletools.forms import ATTENTION_COMPONENTS, FORM, make_form
 from ldm_edge.bundletools.staging import staged_dir
 from ldm_edge.runtime.bundle.schema import (FORMAT_VERSION, BundleManifest, ComponentRecord,
-                                            ModelRecord, TokenizerRecord, VariantRecord,
-                                            write_manifest_json)
-from ldm_edge.runtime.bundle.spec import ModelDims, describe
+                                            ModelRecord, TinyVaeRecord, TokenizerRecord,
+                                            VariantRecord, write_manifest_json)
+from ldm_edge.runtime.bundle.spec import TINY_VAE, ModelDims, describe
 from ldm_edge.runtime.compare import summarise
 from ldm_edge.runtime.errors import ExportError
 from ldm_edge.runtime.fsutil import atomic_write_bytes
@@ -138,7 +138,8 @@ def build_manifest(model: LoadedModel, dims: ModelDims, components: dict, tok_pa
         latent_channels=model.latent_channels,
         vae_scale_factor=model.vae_scale_factor,
         scaling_factor=model.latent_scaling_factor,
-        shift_factor=model.vae.config.get("shift_factor"),
+        shift_factor=model.vae.config.get("shift_factor") if model.has_full_vae else None,
+        tiny_vae=_tiny_vae_record(model),
         size_multiple=max(8, model.vae_scale_factor),
         dims=dims.asdict(),
         defaults=model.defaults,
@@ -158,12 +159,28 @@ def _tokenizer_record(model: LoadedModel, tok_path: Path | None, root: Path):
                            truncation="longest_first")
 
 
+def _tiny_vae_record(model: LoadedModel) -> TinyVaeRecord | None:
+    if model.tiny_vae is None:
+        return None
+    return TinyVaeRecord(source=model.tiny_vae_source, sha256=model.tiny_vae_sha256,
+                         scaling_factor=float(model.tiny_vae.config.scaling_factor))
+
+
 def exported_components(model: LoadedModel, opts: ExportOptions, specs: dict) -> list[str]:
     """The asked components this model has: none of a text encoder for an unconditional
-    model; no VAE encoder for a VQ autoencoder (no task here encodes images with one)."""
+    model; no VAE encoder for a VQ autoencoder (no task here encodes images with one). Asking
+    for the VAE's decoder or encoder asks for the tiny VAE's too, where the model has one
+    (TAESD: ``--tiny-vae``), and only for that where it is the model's only VAE."""
     from .components import _is_vq
 
-    return [n for n in opts.components
+    names = []
+    for n in opts.components:
+        if n in TINY_VAE:
+            names += [n] if model.has_full_vae else []
+            names += [TINY_VAE[n]] if model.tiny_vae is not None else []
+        else:
+            names.append(n)
+    return [n for n in names
             if n in specs and not (n == "vae_encoder" and _is_vq(model.vae))]
 
 

@@ -52,9 +52,12 @@ def main(ctx, debug):
 @click.option("--config", type=click.Path(exists=True, file_okay=False),
               help="For an original-layout SD checkpoint: a diffusers folder of the same architecture.")
 @click.option("--skip-vae-encoder", is_flag=True, help="Do not export the VAE encoder (no img2img).")
+@click.option("--tiny-vae", type=click.Path(), default=None, metavar="DIR",
+              help="Also export this TAESD (a diffusers AutoencoderTiny folder: config.json + "
+                   "weights) as the tiny VAE beside the full one (ldm-run --vae tiny, --preview).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 def onnx_cmd(source, out, opset, min_size, max_size, max_batch, exporter, config,
-             skip_vae_encoder, force):
+             skip_vae_encoder, tiny_vae, force):
     """Export SOURCE (a diffusers folder, a .safetensors/.ckpt file; default: the bundled
     demo model) to ONNX, check every component against PyTorch, write the bundle."""
     from .bundle import ExportOptions, export_bundle
@@ -67,6 +70,10 @@ def onnx_cmd(source, out, opset, min_size, max_size, max_batch, exporter, config
             fail("no SOURCE given and the bundled demo model is not installed", 2)
     click.echo(f"loading {source}", err=True)
     model = load_model(source, config=config)
+    if tiny_vae is not None:
+        from .load import attach_tiny_vae
+
+        attach_tiny_vae(model, tiny_vae)
     comps = ("text_encoder", "unet", "vae_decoder") + (() if skip_vae_encoder else ("vae_encoder",))
     opts = ExportOptions(opset=opset, min_size=min_size, max_size=max_size, max_batch=max_batch,
                          exporter=exporter, components=comps, force=force)
@@ -185,9 +192,12 @@ def import_optimum_cmd(folder, out, force):
 @click.option("--refittable", is_flag=True,
               help="Keep the U-Net's and text encoder's LoRA-targetable weights refittable "
                    "(only those), so `ldm-run --lora` works on the engines.")
+@click.option("--tf32", is_flag=True,
+              help="Let FP32 convolutions and matrix products use TF32 (Ampere and later: "
+                   "faster, 10-bit mantissa inputs). Default off: FP32 as the ONNX graph.")
 @click.pass_context
 def engines_cmd(ctx, bundle, precision, static, min_size, opt_size, max_size, max_batch,
-                workspace_mb, timing_cache, optimization_level, components, refittable):
+                workspace_mb, timing_cache, optimization_level, components, refittable, tf32):
     """Build TensorRT engines for BUNDLE on this GPU and record them in its manifest.
     Needs TensorRT (10.3+: JetPack 6.1, or 11.x), Polygraphy, cuda-python and a CUDA GPU."""
     from .engines import ProfileOptions, build_engines
@@ -199,7 +209,7 @@ def engines_cmd(ctx, bundle, precision, static, min_size, opt_size, max_size, ma
     records = build_engines(
         bundle, precision=precision, options=opts, components=names, workspace_mb=workspace_mb,
         timing_cache=timing_cache, optimization_level=optimization_level,
-        debug=bool(ctx.obj and ctx.obj.get("debug")), refittable=refittable,
+        debug=bool(ctx.obj and ctx.obj.get("debug")), refittable=refittable, tf32=tf32,
         progress=lambda m: click.echo(f"  [{time.perf_counter() - t0:6.1f}s] {m}", err=True))
     for r in records:
         shapes = ", ".join(f"{k} {p['min']}..{p['max']}" for k, p in r["profile"].items())

@@ -102,7 +102,9 @@ class CodebookLookUp(torch.nn.Module):
 
 class VaeDecoder(torch.nn.Module):
     """latents already divided by the scaling factor -> image in [-1, 1] (unclipped). On a
-    VQModel, ``decode`` quantizes first: what the VQ decoder graph is checked against."""
+    VQModel, ``decode`` quantizes first: what the VQ decoder graph is checked against. On an
+    AutoencoderTiny (TAESD, ``vae_decoder_tiny``) ``decode`` soft-clamps the latents
+    (3 tanh(z / 3)) and maps its [0, 1] picture to [-1, 1]; its scaling factor is 1.0."""
 
     def __init__(self, vae):
         super().__init__()
@@ -123,6 +125,18 @@ class VaeEncoder(torch.nn.Module):
         return self.vae.encode(image, return_dict=True).latent_dist.parameters
 
 
+class TinyVaeEncoder(torch.nn.Module):
+    """AutoencoderTiny (TAESD): image in [-1, 1] -> the latent itself, before scaling (no
+    distribution: diffusers' ``retrieve_latents`` takes ``encode(...).latents`` as it is)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image):
+        return self.vae.encode(image, return_dict=False)[0]
+
+
 def wrap(model: LoadedModel, name: str) -> torch.nn.Module:
     if name == "text_encoder":
         return TextEncoder(model.text_encoder, model.use_attention_mask).eval()
@@ -137,6 +151,10 @@ def wrap(model: LoadedModel, name: str) -> torch.nn.Module:
         return (VqDecoder(model.vae) if _is_vq(model.vae) else VaeDecoder(model.vae)).eval()
     if name == "vae_encoder":
         return VaeEncoder(model.vae).eval()
+    if name == "vae_decoder_tiny":
+        return VaeDecoder(model.tiny_vae).eval()
+    if name == "vae_encoder_tiny":
+        return TinyVaeEncoder(model.tiny_vae).eval()
     raise KeyError(name)
 
 
@@ -182,9 +200,9 @@ def sample_inputs(spec: ComponentSpec, model: LoadedModel, batch: int, height: i
             feeds["timestep_cond"] = rng.uniform(
                 -1, 1, size=(batch, model.time_cond_proj_dim)).astype(np.float32)
         return feeds
-    if spec.name == "vae_decoder":
+    if spec.name in ("vae_decoder", "vae_decoder_tiny"):
         return {"latent": rng.standard_normal((batch, c, h, w), dtype=np.float32)}
-    if spec.name == "vae_encoder":
+    if spec.name in ("vae_encoder", "vae_encoder_tiny"):
         return {"image": rng.uniform(-1, 1, size=(batch, 3, height, width)).astype(np.float32)}
     raise KeyError(spec.name)
 

@@ -204,10 +204,11 @@ def build_engines(bundle, *, precision: str = "fp16", options: ProfileOptions = 
                   components: tuple[str, ...] | None = None, workspace_mb: int | None = None,
                   timing_cache: str | None = None, optimization_level: int | None = None,
                   debug: bool = False, progress: Callable[[str], None] = lambda m: None,
-                  refittable: bool = False) -> list[dict]:
+                  refittable: bool = False, tf32: bool = False) -> list[dict]:
     """Build and record one engine per component; return the records written.
     ``refittable``: the weights of each component's weights map stay refittable, for LoRA
-    (runtime/backends/trt_refit.py); components without a map are built as usual."""
+    (runtime/backends/trt_refit.py); components without a map are built as usual. ``tf32``:
+    FP32 convolutions and matrix products may use TF32 (off: FP32 as the ONNX graph)."""
     root = Path(bundle)
     manifest = open_bundle(root)
     if not (root / MANIFEST_NAME).is_file():
@@ -227,7 +228,7 @@ def build_engines(bundle, *, precision: str = "fp16", options: ProfileOptions = 
         out = root / rel
         _build_one(poly, name, source.path, profile, out, workspace_mb=workspace_mb,
                    timing_cache=timing_cache, optimization_level=optimization_level, debug=debug,
-                   refit=refit.get(name))
+                   refit=refit.get(name), tf32=tf32)
         rec = EngineRecord(
             backend=ENGINE_BACKEND, precision=prec, trt_version=facts.trt_version,
             device_name=facts.device_name, compute_capability=facts.compute_capability,
@@ -235,7 +236,7 @@ def build_engines(bundle, *, precision: str = "fp16", options: ProfileOptions = 
             file=rel, size=out.stat().st_size, sha256=sha256_file(out),
             build_seconds=round(time.perf_counter() - t0, 1), workspace_mb=workspace_mb,
             optimization_level=optimization_level,
-            refittable=REFIT_KIND if name in refit else None)
+            refittable=REFIT_KIND if name in refit else None, tf32=bool(tf32))
         edit_manifest(root, lambda m, n=name, r=rec: _put_record(m.components[n], r))
         progress(f"{name} ({prec}): {rec.size / 1e6:.1f} MB in {rec.build_seconds} s")
         written.append({"component": name, **rec.to_json()})
@@ -244,15 +245,16 @@ def build_engines(bundle, *, precision: str = "fp16", options: ProfileOptions = 
 
 def _build_one(poly, component: str, onnx_path: Path, profile: dict, out: Path, *,
                workspace_mb, timing_cache, optimization_level, debug: bool,
-               refit: list[str] | None = None) -> None:
+               refit: list[str] | None = None, tf32: bool = False) -> None:
     """Polygraphy: parse strongly typed, configure one profile, build, save (atomically).
-    ``refit``: weight names to keep refittable (REFIT_INDIVIDUAL), or None."""
+    ``refit``: weight names to keep refittable (REFIT_INDIVIDUAL), or None. ``tf32``: set
+    BuilderFlag.TF32 (given either way: Polygraphy clears it unless told, TensorRT sets it)."""
     trt = import_tensorrt()
     poly_trt, G_LOGGER = poly
     prof = poly_trt.Profile()
     for name, p in profile.items():
         prof.add(name, min=p["min"], opt=p["opt"], max=p["max"])
-    config = {"profiles": [prof]}
+    config = {"profiles": [prof], "tf32": bool(tf32)}
     if workspace_mb:
         config["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: int(workspace_mb) << 20}
     if timing_cache:

@@ -16,7 +16,8 @@ from ldm_edge.runtime.tasks import INPAINT, UPSCALE
 
 # LoadedModel, ModelLoadError and hash_files are imported from here by the rest of export/
 from .model_facts import (LoadedModel, ModelLoadError, check_unet, family_of, hash_files,  # noqa: F401
-                          model_defaults, tokenizer_facts, uses_attention_mask)
+                          is_tiny_vae, model_defaults, tiny_vae_factor, tokenizer_facts,
+                          uses_attention_mask)
 
 # StableDiffusionUpscalePipeline's default noise_level
 UPSCALE_NOISE_LEVEL = 20
@@ -77,7 +78,7 @@ def _load_folder(p: Path) -> LoadedModel:
         raise ModelLoadError(f"text encoder class {te_cls} is not in transformers")
     try:
         unet = UNet2DConditionModel.from_pretrained(p / "unet")
-        vae = AutoencoderKL.from_pretrained(p / "vae")
+        vae = _vae_class(p / "vae", AutoencoderKL).from_pretrained(p / "vae")
         text_encoder = getattr(transformers, te_cls).from_pretrained(p / "text_encoder")
         tokenizer = transformers.AutoTokenizer.from_pretrained(p / "tokenizer")
     except (OSError, ValueError, KeyError) as e:
@@ -93,7 +94,57 @@ def _load_folder(p: Path) -> LoadedModel:
         unet=unet.eval(), vae=vae.eval(), use_attention_mask=uses_attention_mask(text_encoder),
         scheduler_config=sched, defaults=model_defaults(unet, vae, sched),
         task=UPSCALE if upscale else (INPAINT if inpaint else None),
-        upscaler=_upscaler(p, index) if upscale else None, **tokenizer_facts(tokenizer, text_encoder))
+        upscaler=_upscaler(p, index) if upscale else None, **_own_tiny_vae(p, vae),
+        **tokenizer_facts(tokenizer, text_encoder))
+
+
+def _vae_class(folder: Path, default):
+    """diffusers' AutoencoderTiny when ``folder``'s config names it (TAESD as the pipeline's
+    only VAE, loaded as it is), else ``default``."""
+    cfg = folder / "config.json"
+    name = json.loads(cfg.read_text()).get("_class_name") if cfg.is_file() else None
+    if name == "AutoencoderTiny":
+        from diffusers import AutoencoderTiny
+
+        return AutoencoderTiny
+    return default
+
+
+def _own_tiny_vae(p: Path, vae) -> dict:
+    """A folder whose vae/ is an AutoencoderTiny: that is its tiny VAE, and its only VAE."""
+    if not is_tiny_vae(vae):
+        return {}
+    return {"tiny_vae": vae.eval(), "tiny_vae_source": f"{p.name}/vae",
+            "tiny_vae_sha256": hash_files(_weight_files(p / "vae"))}
+
+
+def attach_tiny_vae(model: LoadedModel, folder: str | os.PathLike) -> LoadedModel:
+    """``ldm-export onnx --tiny-vae DIR``: DIR's AutoencoderTiny (TAESD) beside the model's
+    VAE, exported as the *_tiny components. Refused, naming why, when it cannot work on the
+    model's latents (another channel count or scale factor, a VQ or tiny autoencoder)."""
+    from diffusers import AutoencoderTiny
+
+    p, what = Path(folder), f"--tiny-vae {folder}"
+    if not (p / "config.json").is_file():
+        raise ModelLoadError(f"{what}: not a diffusers model folder (no config.json)")
+    if _vae_class(p, None) is not AutoencoderTiny:
+        raise ModelLoadError(f"{what}: its config.json is not an AutoencoderTiny's (TAESD)")
+    try:
+        vae = AutoencoderTiny.from_pretrained(p)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"{what}: cannot load ({first_line(e, 300)})")
+    if not model.has_full_vae or hasattr(model.vae, "quantize"):
+        kind = "is already an AutoencoderTiny" if not model.has_full_vae else "is a VQModel"
+        raise ModelLoadError(f"{what}: the model's own VAE {kind}; TAESD stands beside an SD "
+                             f"KL autoencoder")
+    have = (int(vae.config.latent_channels), tiny_vae_factor(vae))
+    want = (model.latent_channels, model.vae_scale_factor)
+    if have != want:
+        raise ModelLoadError(f"{what}: {have[0]} latent channels at 1/{have[1]} scale, the "
+                             f"model's VAE has {want[0]} at 1/{want[1]}: not its latent space")
+    model.tiny_vae, model.tiny_vae_source = vae.eval(), p.name
+    model.tiny_vae_sha256 = hash_files(_weight_files(p))
+    return model
 
 
 def _upscaler(p: Path, index: dict) -> dict:

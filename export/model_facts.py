@@ -41,6 +41,16 @@ class LoadedModel:
     scaling_factor: float | None = None
     # StableDiffusionUpscalePipeline: noise levels and the low-resolution image's scheduler
     upscaler: dict | None = None
+    # TAESD (diffusers' AutoencoderTiny), exported as the *_tiny components: given with
+    # `--tiny-vae DIR` (load.attach_tiny_vae), or the folder's own vae/ (then `vae` is it too)
+    tiny_vae: object | None = None
+    tiny_vae_source: str | None = None
+    tiny_vae_sha256: str | None = None
+
+    @property
+    def has_full_vae(self) -> bool:
+        """False when the model's only VAE is a tiny one (its vae/ is an AutoencoderTiny)."""
+        return not is_tiny_vae(self.vae)
 
     @property
     def latent_scaling_factor(self) -> float:
@@ -75,6 +85,18 @@ class LoadedModel:
         if self.text_encoder is None:  # unconditional: no text encoder
             return 0
         return int(self.text_encoder.config.hidden_size)
+
+
+def is_tiny_vae(vae) -> bool:
+    from diffusers import AutoencoderTiny
+
+    return isinstance(vae, AutoencoderTiny)
+
+
+def tiny_vae_factor(vae) -> int:
+    """Pixels per latent cell of an AutoencoderTiny: its decoder upsamples between blocks."""
+    cfg = vae.config
+    return int(cfg.upsampling_scaling_factor) ** (len(cfg.decoder_block_out_channels) - 1)
 
 
 def hash_files(paths) -> str:

@@ -42,6 +42,7 @@ FIELDS = (
           default=1),
     sent("init_image", "--init-image", "init_image", "init_image", "BYTES", file=True),
     sent("strength", "--strength", "strength", "strength", "FP64"),
+    sent("eta", "--eta", "eta", "eta", "FP64"),
     # each task's own (the inpainting mask, the upscaler's noise level): its plan declares them
     *TASK_FIELDS,
     # a local run's only: refused with --server unless left at the default
@@ -54,6 +55,8 @@ FIELDS = (
     Field("low_memory", "--low-memory", None, default=False),
     Field("vae_tiling", "--vae-tiling", None, default=False),
     Field("vae_tile_size", "--vae-tile-size", None),
+    Field("vae", "--vae", None),  # a Pipeline option (recorded in the PNG), like --precision
+    Field("preview", "--preview", None),  # decoded here, during the run
     Field("loras", "--lora", None, default=()),
     Field("no_verify", "--no-verify", None, default=False),
     Field("check_lora_int8", "--check-lora-int8", None, default=False),

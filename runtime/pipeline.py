@@ -21,6 +21,7 @@ from . import validate
 from .backends.choose import DRAWN_LATENT, open_backend
 from .bundle.manifest import Manifest
 from .bundle.opener import open_bundle
+from .bundle.spec import TINY_VAE
 from .conditioning import conditioning_for
 from .errors import NumericsError, UsageError
 from .request import BundleDefaults, GenerationRequest, Provenance, resolve_request
@@ -48,7 +49,9 @@ class Timings:
     steps: int = 0
 
     def add(self, stage: str, seconds: float) -> None:
-        """Add to a stage's seconds (a component's name, or "lora")."""
+        """Add to a stage's seconds (a component's name, or "lora"; the tiny VAE's graphs
+        count as the VAE's stages)."""
+        stage = stage.removesuffix("_tiny")
         setattr(self, stage, (getattr(self, stage) or 0.0) + seconds)
 
     @property
@@ -88,6 +91,30 @@ class ComponentCall:
 # a call hook: sees every component call after it ran; may return an array to use instead of
 # the output (a perturbation study) or raise to stop the run
 CallHook = Callable[[ComponentCall], "np.ndarray | None"]
+# a step hook: hook(steps done, steps in all, the scheduler's latents after that step)
+StepHook = Callable[[int, int, np.ndarray], None]
+# the VAE a pipeline decodes and encodes with: the model's ("full") or TAESD ("tiny")
+VAES = ("full", "tiny")
+
+
+def pick_vae(manifest: Manifest, vae: str | None, tiling: bool) -> str:
+    """``vae`` checked against what the bundle has; not said: the full VAE where the bundle
+    has it, else the tiny one (a model whose only VAE is TAESD)."""
+    full, tiny = manifest.has("vae_decoder"), manifest.has("vae_decoder_tiny")
+    if vae is None:
+        vae = "full" if full or not tiny else "tiny"
+    if vae not in VAES:
+        raise UsageError(f"--vae {vae!r}: use one of {', '.join(VAES)}")
+    if vae == "tiny" and not tiny:
+        raise UsageError("--vae tiny: this bundle has no tiny VAE; export it with "
+                         "`ldm-export onnx SOURCE --tiny-vae DIR` (DIR: a TAESD folder)")
+    if vae == "full" and not full:
+        raise UsageError("--vae full: this bundle's only VAE is the tiny one (TAESD); "
+                         "drop --vae full")
+    if vae == "tiny" and tiling:
+        raise UsageError("--vae-tiling tiles the full VAE's decoder; the tiny one decodes "
+                         "whole: drop --vae-tiling or --vae tiny")
+    return vae
 
 
 class Pipeline:
@@ -105,18 +132,22 @@ class Pipeline:
     ``loras``: [(file, scale), ...] merged into the U-Net's and text encoder's weights when
     their sessions open (runtime/lora/apply.py); ``set_loras`` switches them.
 
+    ``vae``: "full" (the model's VAE) or "tiny" (TAESD, where the bundle has one: faster,
+    rougher); not said, the full one where the bundle has it. Recorded in the provenance.
+
     The public seam, for code that runs this pipeline's loop its own way:
     ``components(manifest, name, options, lora)`` provides a component's backend instead of
     opening the bundle's (the served pipeline calls its components over Triton this way), and
     ``add_call_hook`` observes every component call (calibration capture, the quality check,
-    benchmarks). ``options`` is read-only; ``open_components`` shows what is open."""
+    benchmarks); ``add_step_hook`` sees the latents after every step (--preview).
+    ``options`` is read-only; ``open_components`` shows what is open."""
 
     def __init__(self, bundle, *, backend: str = "auto", precision: str = "fp32",
                  device: str = "auto", threads: int = 0, verify: bool = True,
                  ort_cache: bool | None = None, low_memory: bool = False,
                  vae_tiling: bool = False, vae_tile_size: int | None = None,
                  vae_tile_overlap: float | None = None, loras=None,
-                 components: Callable | None = None):
+                 components: Callable | None = None, vae: str | None = None):
         if not vae_tiling and (vae_tile_size is not None or vae_tile_overlap is not None):
             raise UsageError("--vae-tile-size needs --vae-tiling (it is the size of the tiles "
                              "the VAE decodes); add --vae-tiling or drop --vae-tile-size")
@@ -136,6 +167,8 @@ class Pipeline:
         self.options = MappingProxyType(options)
         self._provide = components or open_bundle_component
         self._hooks: list[CallHook] = []
+        self._step_hooks: list[StepHook] = []
+        self.vae = pick_vae(self.manifest, vae, vae_tiling)
         self.conditioning = conditioning_for(self.manifest)
         self.vae_tiling = (self._tiling(vae_tile_size, vae_tile_overlap) if vae_tiling
                            else None)
@@ -190,6 +223,16 @@ class Pipeline:
         """Call ``hook(ComponentCall)`` after every component call; returns its remover."""
         self._hooks.append(hook)
         return lambda: self._hooks.remove(hook)
+
+    def add_step_hook(self, hook: StepHook) -> Callable[[], None]:
+        """Call ``hook(done, total, latents)`` after every denoising step, with the
+        scheduler's latents (the loop's own array: copy what you keep); returns its remover."""
+        self._step_hooks.append(hook)
+        return lambda: self._step_hooks.remove(hook)
+
+    def _vae_component(self, kind: str, vae: str | None = None) -> str:
+        """"vae_decoder" / "vae_encoder", or the tiny VAE's one for ``vae`` (the pipeline's)."""
+        return TINY_VAE[kind] if (vae or self.vae) == "tiny" else kind
 
     def _merged(self, name: str):
         """The component's merged LoRA weights (timed as "lora"), or None."""
@@ -275,14 +318,17 @@ class Pipeline:
                 spec.input("attention_mask").dtype, copy=False)
         return self.call_component("text_encoder", feeds), tokens.dropped
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        m = self.manifest.schema
-        z = latents / np.float32(m.scaling_factor)
-        if m.shift_factor:
-            z = z + np.float32(m.shift_factor)
+    def decode(self, latents: np.ndarray, vae: str | None = None) -> np.ndarray:
+        """Latents -> uint8 [n, H, W, 3], with the pipeline's VAE or ``vae`` ("tiny": TAESD,
+        as --preview draws); tiling is the full decoder's only."""
+        name = self._vae_component("vae_decoder", vae)
+        scale, shift = self.manifest.schema.vae_scaling(name != "vae_decoder")
+        z = latents / np.float32(scale)
+        if shift:
+            z = z + np.float32(shift)
         z = z.astype(np.float32)
-        if self.vae_tiling is None:
-            image = self.call_component("vae_decoder", {"latent": z})
+        if self.vae_tiling is None or name != "vae_decoder":
+            image = self.call_component(name, {"latent": z})
         else:
             image = self.vae_tiling.decode(
                 z, lambda t: self.call_component("vae_decoder", {"latent": t}))
@@ -298,19 +344,21 @@ class Pipeline:
     def encode_pixels(self, x: np.ndarray, generator) -> np.ndarray:
         """float32 [n, 3, H, W] in [-1, 1] -> scaled latents, sampled from the posterior."""
         image = np.ascontiguousarray(x, dtype=np.float32)
-        params = self.call_component("vae_encoder", {"image": image})
-        m = self.manifest.schema
-        if self.backend("vae_encoder").spec.output_names[0] == DRAWN_LATENT:
-            # older Optimum / diffusers' script: the graph drew the latent itself (its own RNG)
+        name = self._vae_component("vae_encoder")
+        params = self.call_component(name, {"image": image})
+        scale, shift = self.manifest.schema.vae_scaling(name != "vae_encoder")
+        if self.backend(name).spec.output_names[0] == DRAWN_LATENT:
+            # the graph gives the latent itself: TAESD's encoder (diffusers' retrieve_latents
+            # takes it as it is, drawing nothing), older Optimum graphs (drawn by their RNG)
             latents = params
         else:
             c = params.shape[1] // 2
             mean, logvar = params[:, :c], np.clip(params[:, c:], -30.0, 20.0)
             noise = generator.standard_normal(size=mean.shape, dtype=np.float32)
             latents = mean + np.exp(0.5 * logvar) * noise
-        if m.shift_factor:
-            latents = latents - np.float32(m.shift_factor)
-        return (np.float32(m.scaling_factor) * latents).astype(np.float32)
+        if shift:
+            latents = latents - np.float32(shift)
+        return (np.float32(scale) * latents).astype(np.float32)
 
     # -- the whole thing ----------------------------------------------------------
     def request(self, **keywords) -> GenerationRequest:
@@ -327,7 +375,7 @@ class Pipeline:
                  seed: int | None = None, generator=None, latents: np.ndarray | None = None,
                  init_image: np.ndarray | str | None = None, strength: float | None = None,
                  task: str | None = None, mask=None, noise_level: int | None = None,
-                 progress=None) -> Result:
+                 eta: float | None = None, progress=None) -> Result:
         """Run ``request``, or the one the keywords resolve to. ``generator``: the caller's
         noise source (then no seed); ``progress(done, total)``: called from step 0 on."""
         if request is None:
@@ -337,7 +385,7 @@ class Pipeline:
                 scheduler=scheduler, height=height, width=width,
                 num_images_per_prompt=num_images_per_prompt, seed=seed,
                 draw_seed=generator is None, latents=latents, init_image=init_image,
-                strength=strength, task=task, mask=mask, noise_level=noise_level)
+                strength=strength, task=task, mask=mask, noise_level=noise_level, eta=eta)
         if generator is not None and request.seed is not None:
             raise UsageError("give a seed or a generator, not both")
         return self._run_stages(request, generator or np.random.default_rng(request.seed), progress)
@@ -349,17 +397,17 @@ class Pipeline:
         self.timings = Timings()
         t_start = time.perf_counter()
         plan = plan_of(req.task).for_request(req)
-        sched = make_scheduler(req.scheduler, self.manifest.schema.scheduler)
+        sched = make_scheduler(req.scheduler, self.manifest.schema.scheduler, eta=req.eta)
         cond = self.conditioning.encode(self, req)
         self._release("text_encoder")
         timesteps = plan.timesteps(sched, req)
         start = plan.start(self, sched, timesteps, req, gen)
-        self._release("vae_encoder")
+        self._release(self._vae_component("vae_encoder"))
         lat = self._denoise(sched, plan, start, cond.feeds, timesteps, req, gen, progress)
         provenance = self._provenance(lat.shape)
         self._release("unet")
         images = self.decode(lat)
-        self._release("vae_decoder")
+        self._release(self._vae_component("vae_decoder"))
         self.timings.total = time.perf_counter() - t_start
         self.timings.steps = len(timesteps)
         # the run's own copy: later calls (a LoRA reopen, a quality check) add to the pipeline's
@@ -371,7 +419,7 @@ class Pipeline:
         loras = tuple(self._loras.provenance()) if self._loras is not None else None
         return Provenance(backend=unet.name, precision=unet.precision,
                           model=model.source, model_sha256=model.sha256, vae_tiling=tiling,
-                          loras=loras)
+                          loras=loras, vae=self.vae)
 
     def _unet_max_batch(self) -> int:
         """Largest batch one U-Net call takes: a fixed engine batch, or the exported range."""
@@ -420,6 +468,8 @@ class Pipeline:
                     uncond, text = np.split(out, 2)
                     out = uncond + np.float32(req.guidance_scale) * (text - uncond)
                 lat = sched.step(out, t, lat, generator=gen).astype(np.float32)
+                for hook in list(self._step_hooks):
+                    hook(i + 1, len(timesteps), lat)
                 if progress is not None:
                     progress(i + 1, len(timesteps))
         finally:

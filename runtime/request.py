@@ -110,6 +110,7 @@ class GenerationRequest:
     mask: object | None = None  # inpaint: runtime/inpaint.Mask
     noise_level: int | None = None  # upscale: the low-resolution image's noise level
     guidance_embedded: bool = False  # the U-Net takes the guidance scale (LCM): no CFG batch
+    eta: float | None = None  # tcd's stochasticity (None: the scheduler's default)
 
     @property
     def guided(self) -> bool:
@@ -137,14 +138,16 @@ class GenerationRequest:
                 "init_image": self.init_image.to_dict() if self.init_image else None,
                 "latents_sha256": None if self.latents is None else sha256_of(self.latents),
                 "task": self.task, "mask": self.mask.to_dict() if self.mask else None,
-                "noise_level": self.noise_level, "guidance_embedded": self.guidance_embedded}
+                "noise_level": self.noise_level, "guidance_embedded": self.guidance_embedded,
+                "eta": self.eta}
 
 
 @dataclass(frozen=True)
 class Provenance:
     """What ran a request: the U-Net's backend and precision, the model it came from, and
     the VAE tiling when it was on (tile size, overlap, tiles: it changes the picture), and
-    the LoRAs applied (name, sha256, scale of each; recorded only when there are some)."""
+    the LoRAs applied (name, sha256, scale of each; recorded only when there are some), and
+    the VAE that decoded ("full", or "tiny": TAESD)."""
 
     backend: str
     precision: str
@@ -152,10 +155,11 @@ class Provenance:
     model_sha256: str | None
     vae_tiling: dict | None = None
     loras: tuple | None = None  # ({"name", "sha256", "scale"}, ...)
+    vae: str = "full"
 
     def to_dict(self) -> dict:
         out = {"backend": self.backend, "precision": self.precision, "model": self.model,
-               "model_sha256": self.model_sha256, "vae_tiling": self.vae_tiling}
+               "model_sha256": self.model_sha256, "vae": self.vae, "vae_tiling": self.vae_tiling}
         if self.loras:
             out["loras"] = [dict(x) for x in self.loras]
         return out
@@ -168,7 +172,8 @@ def resolve_request(bundle: BundleDefaults, *, prompt, negative_prompt=None,
                     seed: int | None = None, draw_seed: bool = True,
                     latents: np.ndarray | None = None, init_image=None,
                     strength: float | None = None, task: str | None = None,
-                    mask=None, noise_level: int | None = None) -> GenerationRequest:
+                    mask=None, noise_level: int | None = None,
+                    eta: float | None = None) -> GenerationRequest:
     """Fill what is not given from ``bundle`` and check everything (one-line UsageErrors);
     the task's plan (runtime/tasks/) resolves what is its own: size, pictures, noise level.
 
@@ -188,6 +193,10 @@ def resolve_request(bundle: BundleDefaults, *, prompt, negative_prompt=None,
         prompts, negs, g = _no_prompt(task, bundle.task, prompt, negative_prompt, guidance_scale)
     steps = validate.steps(_given(num_inference_steps, bundle.num_inference_steps))
     name = validate.scheduler(scheduler or bundle.scheduler, scheduler_names())
+    if eta is not None:
+        from .schedulers import make_scheduler
+
+        make_scheduler(name, {}, eta=eta)  # a scheduler without eta, or one out of range: refused
     n = validate.batch(len(prompts), num_images_per_prompt, bundle.max_batch)
     level = plan.noise_level(noise_level, bundle)
     h, w = plan.size(bundle, height, width, init_image, strength, mask)
@@ -199,7 +208,7 @@ def resolve_request(bundle: BundleDefaults, *, prompt, negative_prompt=None,
         latents = frozen(latents)
     return GenerationRequest(prompts, negs, steps, g, name, h, w, n, seed, pics.strength,
                              pics.init, latents, task, pics.mask, level,
-                             bundle.guidance_embedded)
+                             bundle.guidance_embedded, eta)
 
 
 def _prompts(prompt, negative_prompt, guidance_scale, bundle: BundleDefaults):

@@ -40,10 +40,18 @@ def repository_options(f):
         click.option("--max-prompt-chars", type=click.IntRange(1),
                      default=DEFAULT_MAX_PROMPT_CHARS, show_default=True,
                      help="Per-request limit on each prompt's length."),
+        click.option("--trt-version", default=None, metavar="X.Y.Z",
+                     help="With --components tensorrt: the serving container's TensorRT "
+                          "release; engines another release built are refused (default: "
+                          "not checked; a note says what the engines need)."),
     ]
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def _note(message: str) -> None:
+    click.echo(f"note: {message}", err=True)
 
 
 def _limits(kw: dict) -> ServeLimits:
@@ -67,7 +75,8 @@ def triton_cmd(bundle, out, components, force, **kw):
     `ldm_pipeline`, our sampling loop as a Python-backend model calling them (BLS)."""
     path = write_repository(bundle, out, components=components, precision=kw["precision"],
                             instances=kw["instances"], limits=_limits(kw),
-                            batch_delay_us=kw["batch_delay_us"], force=force)
+                            batch_delay_us=kw["batch_delay_us"], force=force,
+                            trt_version=kw["trt_version"], note=_note)
     click.echo(str(path))
 
 
@@ -115,7 +124,8 @@ def serve_main(bundle, host, http_port, grpc_port, metrics_port, components, rep
         repo = Path(repository) if repository else Path(tmp) / "repository"
         write_repository(bundle, repo, components=kind, precision=kw["precision"],
                          instances=kw["instances"], limits=_limits(kw),
-                         batch_delay_us=kw["batch_delay_us"], force=bool(repository))
+                         batch_delay_us=kw["batch_delay_us"], force=bool(repository),
+                         trt_version=kw["trt_version"], note=_note)
         server = TritonServer(install, repo, host=host, http_port=http_port,
                               grpc_port=grpc_port, metrics_port=metrics_port,
                               log_path=Path(log_path or Path(tmp) / "tritonserver.log"),

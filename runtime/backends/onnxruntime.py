@@ -1,7 +1,10 @@
-"""onnxruntime backend: TensorRT / CUDA / CPU execution providers, whichever is installed."""
+"""onnxruntime backend: CUDA / CPU execution providers, whichever is installed (and
+onnxruntime's TensorRT provider when asked for: ``--device tensorrt``)."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -12,13 +15,21 @@ from ..errors import BundleError, UsageError, first_line
 from .base import Backend
 from .sessions import SessionFromOnnx
 
-PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+log = logging.getLogger(__name__)
+
+TRT_PROVIDER = "TensorrtExecutionProvider"
+# --device auto: CUDA, else the CPU. onnxruntime's TensorRT provider builds TensorRT engines of
+# its own when a session opens (minutes for a U-Net), so it runs only when asked for
+# (--device tensorrt); engines built once are `ldm-export engines` + --backend tensorrt.
+PROVIDER_ORDER = ("CUDAExecutionProvider", "CPUExecutionProvider")
 DEVICE_PROVIDERS = {
     "auto": PROVIDER_ORDER,
     "cpu": ("CPUExecutionProvider",),
     "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
-    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+    "tensorrt": (TRT_PROVIDER, "CUDAExecutionProvider", "CPUExecutionProvider"),
 }
+# where the TensorRT provider keeps its engines and tactic timings, under fsutil.cache_dir()
+TRT_CACHE_SUBDIR = "ort-tensorrt"
 
 
 # Providers with a MultiHeadAttention kernel: they open a variant's "ort-mha" form (attention
@@ -35,6 +46,32 @@ def fused_attention_wanted(flag: bool | None = None) -> bool:
     return os.environ.get(FUSED_ATTENTION_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def provider_settings(providers: list[str], graph: Path, weights_key: str = "") -> list:
+    """``providers`` as onnxruntime takes them: TensorRT's with its engine and timing caches
+    on, so a session builds an engine once per graph and shape range, not at every start.
+    onnxruntime keys a cached engine by the graph's file name and tensor names, not its
+    weights (TRTGenerateId), so each graph gets a folder of its own: its files' sha256, the
+    onnxruntime version and the merged LoRA weights (``weights_key``) name it."""
+    if TRT_PROVIDER not in providers:
+        return list(providers)
+    from ..fsutil import cache_dir
+    from .ort_cache import graph_key
+
+    root = cache_dir() / TRT_CACHE_SUBDIR
+    try:
+        key = graph_key(Path(graph))
+        engines = root / hashlib.sha256(f"{key}\0{weights_key}".encode()).hexdigest()[:40]
+        for folder in (engines, root / "timing"):
+            folder.mkdir(parents=True, exist_ok=True)
+    except Exception as e:  # an unreadable graph (the session says it better), a full disk
+        log.warning("onnxruntime's TensorRT provider runs without its engine cache (%s)",
+                    first_line(e))
+        return list(providers)
+    options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(engines),
+               "trt_timing_cache_enable": True, "trt_timing_cache_path": str(root / "timing")}
+    return [(p, options) if p == TRT_PROVIDER else p for p in providers]
+
+
 def choose_providers(device: str = "auto") -> list[str]:
     import onnxruntime as ort
 
@@ -44,7 +81,8 @@ def choose_providers(device: str = "auto") -> list[str]:
     chosen = [p for p in DEVICE_PROVIDERS[device] if p in available]
     if device != "auto" and device != "cpu" and chosen[:1] != [DEVICE_PROVIDERS[device][0]]:
         raise UsageError(f"onnxruntime here has no {DEVICE_PROVIDERS[device][0]} "
-                         f"(has {', '.join(sorted(available))}); install onnxruntime-gpu")
+                         f"(has {', '.join(sorted(available))}); pip install "
+                         f"'ldm-edge[gpu-cu12]' or 'ldm-edge[gpu-cu13]', for the driver's CUDA")
     return chosen
 
 
@@ -69,7 +107,8 @@ class OnnxRuntimeBackend(Backend):
         self.path = Path(path)
         # lora: runtime/lora_apply.GraphWeights, the merged weights this graph opens with
         weights, external = lora.for_graph(path) if lora is not None else ({}, set())
-        loader = SessionFromOnnx(path, threads=threads, providers=self.providers,
+        providers = provider_settings(self.providers, path, lora.key if lora is not None else "")
+        loader = SessionFromOnnx(path, threads=threads, providers=providers,
                                  cache=graph_cache, label=spec.name, memory_arena=memory_arena,
                                  weights=weights, external=external, optimise=optimise,
                                  weights_key=lora.key if lora is not None else "")

@@ -131,16 +131,11 @@ class SharedScratch:
 
 
 def _set_device_memory(context, ptr: int, size: int) -> None:
-    if hasattr(context, "set_device_memory"):  # TensorRT 10.1+ (setDeviceMemoryV2)
-        context.set_device_memory(ptr, size)
-    else:
-        context.device_memory = ptr
+    context.set_device_memory(ptr, size)  # TensorRT 10.1+ (the floor is 10.3)
 
 
 def _device_memory_size(engine) -> int:
-    if hasattr(engine, "device_memory_size_v2"):  # 10.1+; the only one left in 11
-        return int(engine.device_memory_size_v2)
-    return int(engine.device_memory_size)
+    return int(engine.device_memory_size_v2)  # 10.1+; the only one left in 11
 
 
 _TRT_LOGGER = (None, None)  # (the tensorrt module it belongs to, the logger)

@@ -30,12 +30,21 @@ ENGINES_DIR = "engines"
 # ships 11.x. 10.3 is the oldest release this is written against.
 MIN_TRT_VERSION = (10, 3)
 
-NO_TENSORRT = ("TensorRT is not installed (pip install tensorrt from NVIDIA's index, or use "
-               "JetPack's python3-libnvinfer); onnxruntime runs this bundle on the CPU meanwhile")
-NO_CUDA_PYTHON = ("cuda-python is not installed (pip install cuda-python; the TensorRT backend "
-                  "reaches CUDA through it); onnxruntime runs this bundle meanwhile")
+# The install extra per CUDA major of the driver (pyproject.toml; docs/tensorrt.md#install).
+TRT_EXTRAS = {12: "trt-cu12", 13: "trt-cu13"}
+NO_TENSORRT = ("TensorRT is not installed (pip install 'ldm-edge[trt-cu12]' or "
+               "'ldm-edge[trt-cu13]', for the CUDA major nvidia-smi shows; on Jetson, JetPack's "
+               "python3-libnvinfer); onnxruntime runs this bundle on the CPU meanwhile")
+NO_CUDA_PYTHON = ("cuda-python is not installed (pip install 'cuda-python<13' for a CUDA 12 "
+                  "driver, 'cuda-python>=13,<14' for CUDA 13; the TensorRT backend reaches CUDA "
+                  "through it); onnxruntime runs this bundle meanwhile")
 NO_GPU = ("no CUDA GPU is visible here ({why}); TensorRT engines are built and run on the GPU "
           "they are for — onnxruntime runs this bundle on the CPU meanwhile")
+OLD_DRIVER = ("the CUDA runtime of {runtime} (CUDA {needs}) needs a newer driver than this one "
+              "(CUDA {has}): {fix}; onnxruntime runs this bundle meanwhile")
+# cudaErrorInsufficientDriver: the driver is older than the CUDA runtime calling it (a CUDA 13
+# cuda-python on a CUDA 12 driver, the trap of unpinned installs)
+CUDA_ERROR_INSUFFICIENT_DRIVER = 35
 
 
 class TensorRTUnavailable(UsageError):
@@ -139,6 +148,8 @@ class TensorRTEnvironment:
         trt, cudart = self.tensorrt(), self.cudart()
         ok = cudart.cudaError_t.cudaSuccess
         err, count = cudart.cudaGetDeviceCount()
+        if err != ok and (problem := driver_problem(cudart, err)):
+            raise TensorRTUnavailable(problem)
         if err != ok or count <= device:
             why = cuda_error(cudart, err) if err != ok else "the CUDA driver sees no device"
             raise TensorRTUnavailable(NO_GPU.format(why=why))
@@ -189,6 +200,52 @@ def cuda_error(cudart, err) -> str:
         return msg.decode() if isinstance(msg, bytes) else str(msg)
     except Exception:
         return str(err)
+
+
+def driver_problem(cudart, err) -> str | None:
+    """One line naming the driver when it is why CUDA failed with ``err``: none loaded (which
+    the runtime also reports as cudaErrorInsufficientDriver), or one that refused
+    cuda-python's runtime (cudaErrorInsufficientDriver) or is of an older CUDA major than it:
+    the CUDA-major mismatch, with the extra to install. None when the driver is not the cause."""
+    ok = cudart.cudaError_t.cudaSuccess
+    try:
+        derr, driver = cudart.cudaDriverGetVersion()
+        rerr, runtime = cudart.cudaRuntimeGetVersion()
+        refused = int(err) == CUDA_ERROR_INSUFFICIENT_DRIVER
+    except Exception:  # an older binding without these calls: the plain message will do
+        return None
+    if derr != ok or rerr != ok or not runtime:
+        return None
+    if not driver:  # cudaDriverGetVersion's 0: no libcuda
+        return NO_GPU.format(why="no NVIDIA driver is loaded")
+    (dmaj, dmin), (rmaj, _) = cuda_version(driver), cuda_version(runtime)
+    if not (refused or dmaj < rmaj) or (dmaj, dmin) >= cuda_version(runtime):
+        return None
+    if dmaj == rmaj:  # a newer minor than this driver takes
+        fix = f"pip install 'cuda-python<{dmaj}.{dmin + 1}' (or upgrade the driver)"
+    elif dmaj in TRT_EXTRAS:
+        fix = f"install 'ldm-edge[{TRT_EXTRAS[dmaj]}]' in a fresh venv (or upgrade the driver)"
+    else:
+        fix = f"upgrade the driver (ldm-edge's TensorRT needs CUDA {min(TRT_EXTRAS)} or newer)"
+    needs = ".".join(map(str, cuda_version(runtime)))
+    return OLD_DRIVER.format(runtime=_cuda_python(), has=f"{dmaj}.{dmin}", needs=needs, fix=fix)
+
+
+def cuda_version(encoded: int) -> tuple[int, int]:
+    """(major, minor) of CUDA's encoded version (1000 * major + 10 * minor: 12060 is 12.6)."""
+    return int(encoded) // 1000, int(encoded) % 1000 // 10
+
+
+def _cuda_python() -> str:
+    """``cuda-python X.Y.Z`` as installed (just ``cuda-python`` when pip has no record)."""
+    from importlib import metadata
+
+    for dist in ("cuda-python", "cuda-bindings"):
+        try:
+            return f"{dist} {metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return "cuda-python"
 
 
 def version_major(version: str) -> int:

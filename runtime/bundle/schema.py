@@ -22,7 +22,7 @@ from typing import ClassVar
 from ..errors import BundleError
 from ..fsutil import atomic_write_json
 from ..tasks import TASKS, takes_prompt
-from .spec import COMPONENTS, ComponentSpec
+from .spec import COMPONENTS, TINY_VAE, ComponentSpec
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -162,6 +162,25 @@ class ModelRecord(Record):
         return cls._from(_object(d, "model"))
 
 
+@dataclass
+class TinyVaeRecord(Record):
+    """The tiny VAE (TAESD: diffusers' AutoencoderTiny) whose graphs are ``vae_decoder_tiny``
+    and ``vae_encoder_tiny``: where it came from (``ldm-export onnx --tiny-vae DIR``, or the
+    model's own ``vae/``), and its config's scaling factor, which latents are divided by
+    before its decoder and multiplied by after its encoder, as diffusers' pipelines do with
+    ``vae.config.scaling_factor`` (1.0 for TAESD: it works on the U-Net's latents as they are)."""
+
+    source: str | None = None
+    sha256: str | None = None
+    scaling_factor: float = 1.0
+
+    @classmethod
+    def from_json(cls, d) -> "TinyVaeRecord":
+        d = _object(d, "tiny_vae")
+        need(d.get("scaling_factor", 1.0), (int, float), "tiny_vae.scaling_factor", positive=True)
+        return cls._from(d)
+
+
 # -- components -------------------------------------------------------------------------------
 # The INT8 U-Net's form for TensorRT (calibration/trt_form.py): float biases (TensorRT's parser
 # dequantizes no INT32), symmetric activations, 8-bit weights; what `ldm-export engines` builds.
@@ -280,6 +299,9 @@ class EngineRecord(Record):
     optimization_level: int | None = None
     # "lora-weights": built --refittable, the weights map's weights can be refitted (LoRA)
     refittable: str | None = None
+    # built --tf32: FP32 convolutions/matrix products may round inputs to TF32 (False: FP32,
+    # as the ONNX graph; None: built before this was recorded, i.e. without TF32)
+    tf32: bool | None = None
 
     @classmethod
     def from_json(cls, d, what: str) -> "EngineRecord":
@@ -452,6 +474,8 @@ class BundleManifest(Record):
     # the SD x4 upscaler (task "upscale"): max_noise_level, default_noise_level and the
     # low_res_scheduler config (as diffusers writes it) that noises the low-resolution image
     upscaler: dict | None = None
+    # the tiny VAE (TAESD) of the *_tiny components; written only when the bundle has one
+    tiny_vae: TinyVaeRecord | None = None
     prediction_type: str = "epsilon"
     latent_channels: int = 4
     vae_scale_factor: int = 8
@@ -491,14 +515,19 @@ class BundleManifest(Record):
         comps = d["components"]
         if not isinstance(comps, dict):
             raise BundleError("manifest components is not an object; re-export the bundle")
-        for name in REQUIRED_COMPONENTS:
-            if name not in comps and (prompted or name != "text_encoder"):
+        for name in REQUIRED_COMPONENTS:  # a tiny VAE's decoder may stand for the VAE's
+            if name not in comps and TINY_VAE.get(name) not in comps \
+                    and (prompted or name != "text_encoder"):
                 raise BundleError(f"bundle has no {name}; re-export it")
+        if "tiny_vae" not in d and any(n in comps for n in TINY_VAE.values()):
+            raise BundleError("manifest has tiny VAE graphs but no tiny_vae record; "
+                              "re-export the bundle")
         quality = _object(d.get("quality", {}), "quality")
         return cls._from(
             d, model=ModelRecord.from_json(d["model"]),
             dims=DimsRecord.of(d.get("dims")), defaults=DefaultsRecord.of(d.get("defaults")),
             tokenizer=TokenizerRecord.from_json(d["tokenizer"]) if "tokenizer" in d else None,
+            tiny_vae=TinyVaeRecord.from_json(d["tiny_vae"]) if "tiny_vae" in d else None,
             components={n: ComponentRecord.from_json(n, r) for n, r in comps.items()},
             quality={p: QUALITY_RECORDS.get(p, QualityRecord).from_json(q, f"quality.{p}")
                      for p, q in quality.items()})
@@ -524,6 +553,13 @@ class BundleManifest(Record):
 
     def precisions(self, component: str) -> list[str]:
         return list(self.components[component].variants)
+
+    def vae_scaling(self, tiny: bool) -> tuple[float, float | None]:
+        """(scaling factor, shift factor) of the VAE's latents, or of the tiny VAE's (never
+        shifted: diffusers' SD pipelines apply no shift factor)."""
+        if tiny:
+            return float(self.tiny_vae.scaling_factor), None
+        return float(self.scaling_factor), self.shift_factor
 
 
 def _check_scalars(d: dict) -> None:

@@ -62,6 +62,9 @@ def _list_schedulers(ctx, _param, value):
                    "(default: the bundle's, 20).")
 @click.option("--strength", type=float, default=None,
               help="With --init-image: how much of the schedule to run (0..1], default 0.8.")
+@click.option("--eta", type=float, default=None,
+              help="tcd's stochasticity in [0, 1] (gamma in the TCD paper; default 0.3; 0: "
+                   "deterministic); other schedulers refuse it.")
 @click.option("--latents", "latents_path", type=click.Path(), default=None,
               help="float32 .npy [num_images, C, H/f, W/f] of initial noise (as diffusers' latents=).")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]),
@@ -89,6 +92,13 @@ def _list_schedulers(ctx, _param, value):
 @click.option("--vae-tile-size", type=int, default=None,
               help="With --vae-tiling: tile side in pixels, a multiple of 8 in the decoder's "
                    "exported range (default: the bundle's default image size).")
+@click.option("--vae", type=click.Choice(["full", "tiny"]), default=None,
+              help="Decode (and encode) with the model's VAE or the tiny one, TAESD, where the "
+                   "bundle has it (ldm-export onnx --tiny-vae): faster, rougher. Default: full, "
+                   "or tiny where that is the bundle's only VAE. Recorded in the PNG.")
+@click.option("--preview", type=int, default=None, metavar="N",
+              help="Every N steps, decode the latents with the tiny VAE and write them to "
+                   "OUT.preview.png (replaced each time): the picture forming.")
 @click.option("--lora", "loras", multiple=True, metavar="FILE:SCALE",
               help="Apply a LoRA (diffusers/PEFT or kohya safetensors) at this scale "
                    "(default 1); repeat to blend several. The bundle is not changed.")
@@ -135,9 +145,13 @@ def _run_local(options: dict, paths, t_proc: float) -> None:
               device=options["device"], threads=options["threads"],
               verify=not options["no_verify"], ort_cache=options["ort_cache"],
               low_memory=options["low_memory"], vae_tiling=options["vae_tiling"],
-              vae_tile_size=options["vae_tile_size"],
+              vae_tile_size=options["vae_tile_size"], vae=options["vae"],
               loras=[parse_lora_arg(x) for x in options["loras"]])
     pipe = Pipeline(options["bundle"], **kw)
+    if options["preview"] is not None:  # refused here, before the run, without a tiny VAE
+        from ..preview import Preview, preview_path
+
+        pipe.add_step_hook(Preview(pipe, preview_path(options["out"]), options["preview"]))
     if options["check_lora_int8"]:
         from ..lora.check import refuse_unless_int8_lora
 

@@ -7,6 +7,9 @@
         eps = unet(sched.scale_model_input(x, t), t)
         x = sched.step(eps, t, x, generator=rng)
 
+A scheduler's sampling options (diffusers' step() arguments; tcd's eta) are given when it is
+made: ``make_scheduler("tcd", scheduler_config, eta=0.5)``.
+
 Never imports torch or diffusers.
 """
 
@@ -20,6 +23,7 @@ from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .lcm import LCMScheduler
 from .pndm import PNDMScheduler
+from .tcd import TCDScheduler
 
 
 class DPMSolverMultistepKarrasScheduler(DPMSolverMultistepScheduler):
@@ -40,6 +44,7 @@ SCHEDULERS: dict[str, type[Scheduler]] = {
         DPMSolverMultistepScheduler,
         DPMSolverMultistepKarrasScheduler,
         LCMScheduler,
+        TCDScheduler,
     )
 }
 
@@ -49,15 +54,27 @@ def scheduler_names() -> list[str]:
     return list(SCHEDULERS)
 
 
-def make_scheduler(name: str, config: dict) -> Scheduler:
-    """Build scheduler `name` from a diffusers scheduler config (unknown keys are ignored)."""
+def make_scheduler(name: str, config: dict, **options) -> Scheduler:
+    """Build scheduler `name` from a diffusers scheduler config (unknown keys are ignored).
+
+    ``options``: sampling options that diffusers passes to step() and this runtime gives the
+    scheduler once (tcd: eta); None means not given (the scheduler's default). One the
+    scheduler does not take is refused, not ignored."""
     try:
         cls = SCHEDULERS[name]
     except KeyError:
         raise SchedulerConfigError(
             f"unknown scheduler {name!r}; valid names: {', '.join(scheduler_names())}"
         ) from None
-    return cls.from_config(config)
+    given = {k: v for k, v in options.items() if v is not None}
+    for key in given:
+        if key not in getattr(cls, "OPTIONS", {}):
+            takers = [n for n, c in SCHEDULERS.items() if key in getattr(c, "OPTIONS", {})]
+            raise SchedulerConfigError(
+                f"scheduler {name!r} takes no {key} "
+                f"(it is an option of {', '.join(takers) or 'no scheduler'})"
+            )
+    return cls.from_config(config, **given)
 
 
 __all__ = [
@@ -74,4 +91,5 @@ __all__ = [
     "DPMSolverMultistepScheduler",
     "DPMSolverMultistepKarrasScheduler",
     "LCMScheduler",
+    "TCDScheduler",
 ]

@@ -109,6 +109,8 @@ CASES = [
     ("strength without an init image", None, ["BUNDLE", "--strength", "0.5"] + P, 2, "--strength 0.5 needs --init-image"),
     ("negative seed", None, ["BUNDLE", "--seed", "-5"] + P, 2, "--seed -5 must be an integer from 0 to 18446744073709551615"),
     ("unknown scheduler", None, ["BUNDLE", "--scheduler", "dpm++3m"] + P, 2, "unknown scheduler 'dpm++3m'"),
+    ("eta for a scheduler without one", None, ["BUNDLE", "--scheduler", "ddim", "--eta", "0.5"] + P, 2, "scheduler 'ddim' takes no eta (it is an option of tcd)"),
+    ("eta out of range", None, ["BUNDLE", "--scheduler", "tcd", "--eta", "2"] + P, 2, "tcd: eta=2.0 must be between 0 (deterministic) and 1"),
     ("too many images for the exported batch", None, ["BUNDLE", "--num-images", "5"] + P, 2, "exported for at most 4"),
     ("latents of the wrong shape", _files, ["BUNDLE", "--latents", "TMP/lat_wrong.npy"] + P, 2, "--latents has shape [1, 4, 8, 8], expected [1, 4, 16, 16]"),
     ("latents not float32", _files, ["BUNDLE", "--latents", "TMP/lat_f64.npy"] + P, 2, "--latents must be float32"),

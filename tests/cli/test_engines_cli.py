@@ -52,7 +52,8 @@ def test_engines_without_tensorrt_is_one_line_and_writes_nothing(bundle):
                 "--precision", "fp32")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
-    assert lines[0].startswith("ldm-export: error: TensorRT is not installed (pip install tensorrt")
+    assert lines[0].startswith("ldm-export: error: TensorRT is not installed (pip install "
+                               "'ldm-edge[trt-cu12]' or 'ldm-edge[trt-cu13]'")
     assert "onnxruntime" in lines[0] and "Traceback" not in r.stderr
     assert snapshot(bundle) == before and not (bundle / "engines").exists()
 
@@ -76,6 +77,21 @@ def test_run_backend_tensorrt_without_tensorrt_is_one_line(bundle, tmp_path):
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith("ldm-run: error: TensorRT is not installed")
     assert not out.exists()
+
+
+def test_tf32_flag_reaches_the_build(monkeypatch, tmp_path):
+    """`--tf32` is passed on as tf32=True, and its absence as tf32=False (never left unsaid:
+    Polygraphy and TensorRT disagree on the default)."""
+    from click.testing import CliRunner
+
+    from ldm_edge.export import cli, engines
+
+    seen = {}
+    monkeypatch.setattr(engines, "build_engines", lambda bundle, **kw: seen.update(kw) or [])
+    for args, want in (([], False), (["--tf32"], True)):
+        r = CliRunner().invoke(cli.main, ["engines", str(tmp_path), *args])
+        assert r.exit_code == 0, r.output
+        assert seen.pop("tf32") is want
 
 
 def test_help_lists_engines_command():

@@ -103,7 +103,7 @@ def test_long_prompt_warns_how_many_tokens_dropped(tiny_bundles, tmp_path):
     (["--init-image", "INIT", "--strength", "0"], "--strength 0.0 must be in (0, 1]"),
     (["-o", "out.jpg"], "must end in .png"),
     (["-o", "/nonexistent-dir/x.png"], "does not exist"),
-    (["--backend", "tensorrt"], "tensorrt"),
+    (["--backend", "tensorrt"], "TensorRT is not installed"),
     (["--precision", "fp16"], "no fp16 variant"),
 ])
 def test_bad_arguments_one_line_no_traceback(args, needle, tiny_bundles, tmp_path):

@@ -1,7 +1,8 @@
 """GPU tier: FP16 TensorRT engines built for a tiny bundle, run through the pipeline.
 
 Skipped, with the reason printed, where TensorRT, cuda-python, Polygraphy or a CUDA GPU is
-missing (this project's build and CI machines have none of them); `make gpu-check` runs it.
+missing (this project's build and CI machines have none of them); `make gpu-check --pytest`
+(benchmarks/gpu_check.py --pytest) runs it.
 """
 
 from __future__ import annotations
@@ -133,3 +134,31 @@ def test_ldm_run_backend_tensorrt_writes_png(trt_bundle, tmp_path):
                 "--backend", "tensorrt", "--precision", "fp16", "-q", "-o", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     assert out.is_file()
+
+
+# The INT8 engine (built from the U-Net's TensorRT form) against that form in onnxruntime on
+# the CPU without graph optimisations (calibration/trt_form.tensorrt_like: each DequantizeLinear,
+# then float layers): the same quantisation, so only kernel accumulation order differs. The
+# form itself is measured against FP32 when it is made (tests/parity/test_int8.py).
+MIN_INT8_ENGINE_PSNR_DB = 35.0
+
+
+def test_tensorrt_int8_engine_from_the_tensorrt_form(trt_bundle, tmp_path):
+    from ldm_edge.calibration.int8 import make_int8
+    from ldm_edge.calibration.trt_form import tensorrt_like
+
+    b = tmp_path / "int8"
+    shutil.copytree(trt_bundle, b)
+    m = make_int8(b, ["a red cat", "a blue dog"], calib_steps=4, schedulers=["ddim"],
+                  progress=lambda *_: None)
+    assert "tensorrt" in m.components["unet"].variants["int8"].forms
+    r = run_cli("-m", "ldm_edge.export.cli", "engines", str(b), "--precision", "int8",
+                "--components", "unet", *SIZES, timeout=3600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = Pipeline(b, precision="int8", components=tensorrt_like)("a red cat",
+                                                                   latents=_latents(), **KW)
+    pipe = Pipeline(b, backend="tensorrt", precision="int8")
+    out = pipe("a red cat", latents=_latents(), **KW)
+    assert type(pipe.backend("unet")).__name__ == "TensorRTBackend"
+    assert psnr(out.images, ref.images) >= MIN_INT8_ENGINE_PSNR_DB
+    pipe.close()

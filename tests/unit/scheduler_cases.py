@@ -1,7 +1,7 @@
 """The scheduler cases shared by the live diffusers comparisons (test_schedulers.py), the
 stored-value tests (test_scheduler_refs.py) and the script that stores the values
-(make_scheduler_refs.py): configs, overrides, the fake model and the initial sample.
-Torch-free."""
+(make_scheduler_refs.py): configs, overrides, sampling options (tcd's eta), loop step counts,
+the fake model and the initial sample. Torch-free."""
 
 from __future__ import annotations
 
@@ -69,7 +69,53 @@ CASES = {
     ),
     "lcm": ("lcm", "LCMScheduler", {}),
     "lcm-orig25": ("lcm", "LCMScheduler", {"original_inference_steps": 25, "timestep_scaling": 5.0}),
+    # TCD: eta (its stochasticity) comes from SAMPLING_OPTIONS, the step count from LOOP_STEPS
+    "tcd": ("tcd", "TCDScheduler", {}),  # eta not given: both sides' default, 0.3
+    "tcd-1": ("tcd", "TCDScheduler", {}),
+    "tcd-2": ("tcd", "TCDScheduler", {}),
+    "tcd-4": ("tcd", "TCDScheduler", {}),
+    "tcd-8": ("tcd", "TCDScheduler", {}),
+    "tcd-4-eta0": ("tcd", "TCDScheduler", {}),
+    "tcd-8-eta0": ("tcd", "TCDScheduler", {}),
+    "tcd-8-eta1": ("tcd", "TCDScheduler", {}),
+    # original_inference_steps from the config: k = 40 and k = 10 training steps apart
+    "tcd-orig25-eta0.5": ("tcd", "TCDScheduler", {"original_inference_steps": 25}),
+    "tcd-orig100-eta0.7": ("tcd", "TCDScheduler", {"original_inference_steps": 100}),
 }
+# case id -> sampling options: our scheduler is made with them (make_scheduler(name, config,
+# **options)), diffusers' takes them at every step() call
+SAMPLING_OPTIONS = {
+    "tcd-1": {"eta": 0.3},
+    "tcd-2": {"eta": 0.3},
+    "tcd-4": {"eta": 0.3},
+    "tcd-8": {"eta": 0.3},
+    "tcd-4-eta0": {"eta": 0.0},
+    "tcd-8-eta0": {"eta": 0.0},
+    "tcd-8-eta1": {"eta": 1.0},
+    "tcd-orig25-eta0.5": {"eta": 0.5},
+    "tcd-orig100-eta0.7": {"eta": 0.7},
+}
+# case id -> steps of the full sampling loop (any other case: STEPS); TCD is run at the few
+# steps it is distilled for
+LOOP_STEPS = {
+    "tcd-1": 1,
+    "tcd-2": 2,
+    "tcd-4": 4,
+    "tcd-8": 8,
+    "tcd-4-eta0": 4,
+    "tcd-8-eta0": 8,
+    "tcd-8-eta1": 8,
+    "tcd-orig25-eta0.5": 8,
+    "tcd-orig100-eta0.7": 4,
+}
+
+
+def sampling_options(case: str) -> dict:
+    return dict(SAMPLING_OPTIONS.get(case, {}))
+
+
+def loop_steps(case: str) -> int:
+    return LOOP_STEPS.get(case, STEPS)
 
 
 def fake_model(model_input: np.ndarray, t) -> np.ndarray:

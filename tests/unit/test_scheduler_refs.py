@@ -2,9 +2,11 @@
 no diffusers (the lean runtime install runs these).
 
 tests/unit/data/scheduler_refs.json holds, for every case x config of scheduler_cases.py,
-diffusers' timesteps, sigmas and init_noise_sigma at STEPS steps and a few numbers of the
-sample after a full loop with the fake model; make_scheduler_refs.py wrote it (rerun it when
-a case is added). test_schedulers.py makes the same comparisons live where diffusers is here.
+diffusers' timesteps, sigmas and init_noise_sigma at the case's loop step count (STEPS unless
+LOOP_STEPS says otherwise) and a few numbers of the sample after a full loop with the fake
+model and the case's sampling options (tcd's eta); make_scheduler_refs.py wrote it (rerun it
+for a case added or changed). test_schedulers.py makes the same comparisons live where
+diffusers is here.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scheduler_cases import CASES, CONFIGS, SD15, SHAPE, STEPS, fake_model, initial_sample
+from scheduler_cases import (CASES, CONFIGS, LOOP_STEPS, SAMPLING_OPTIONS, SD15, SHAPE, STEPS,
+                             fake_model, initial_sample, loop_steps, sampling_options)
 
 from ldm_edge.runtime.schedulers import SCHEDULERS, Scheduler, make_scheduler, scheduler_names
 
@@ -41,8 +44,8 @@ def check_case(key: str, ref: dict) -> None:
     """Assert our scheduler of ``key`` ("case/config") reproduces the stored diffusers values."""
     case, config_id = key.split("/")
     name, _, overrides = CASES[case]
-    sched = SCHEDULERS[name].from_config(CONFIGS[config_id], **overrides)
-    sched.set_timesteps(STEPS)
+    sched = SCHEDULERS[name].from_config(CONFIGS[config_id], **overrides, **sampling_options(case))
+    sched.set_timesteps(loop_steps(case))
     assert str(sched.timesteps.dtype) == ref["timesteps_dtype"], key
     if sched.timesteps.dtype.kind == "f":  # Karras: interpolated in log-sigma, inherits its error
         np.testing.assert_allclose(sched.timesteps, ref["timesteps"], rtol=REF_RTOL, err_msg=key)
@@ -74,6 +77,9 @@ def test_stored_values_cover_every_case():
     want = {f"{c}/{k}" for c in CASES for k in CONFIGS}
     assert set(STORED["cases"]) == want, "rerun tests/unit/make_scheduler_refs.py"
     assert tuple(STORED["meta"]["probes"]) == PROBES and STORED["meta"]["steps"] == STEPS
+    # a case whose step count or eta changed since the values were stored must be re-stored
+    assert STORED["meta"]["loop_steps"] == LOOP_STEPS, "rerun tests/unit/make_scheduler_refs.py"
+    assert STORED["meta"]["sampling_options"] == SAMPLING_OPTIONS, "rerun make_scheduler_refs.py"
 
 
 @pytest.mark.parametrize("key", sorted(STORED["cases"]))
@@ -83,7 +89,8 @@ def test_matches_stored_diffusers_values(key):
 
 def test_registry():
     assert scheduler_names() == list(SCHEDULERS)
-    assert set(scheduler_names()) == {"ddim", "ddpm", "pndm", "euler", "euler-a", "dpm++2m", "dpm++2m-karras", "lcm"}
+    assert set(scheduler_names()) == {"ddim", "ddpm", "pndm", "euler", "euler-a", "dpm++2m",
+                                      "dpm++2m-karras", "lcm", "tcd"}
     for name, cls in SCHEDULERS.items():
         assert cls.name == name
         params = list(inspect.signature(cls.step).parameters)
@@ -107,7 +114,8 @@ class CountingNormal:
 
 @pytest.mark.parametrize(
     "name,draws",
-    [("ddpm", STEPS), ("euler-a", STEPS), ("lcm", STEPS - 1), ("ddim", 0), ("euler", 0), ("dpm++2m", 0)],
+    [("ddpm", STEPS), ("euler-a", STEPS), ("lcm", STEPS - 1), ("tcd", STEPS - 1), ("ddim", 0),
+     ("euler", 0), ("dpm++2m", 0)],
 )
 def test_noise_draws_one_call_per_stochastic_step(name, draws):
     sched = make_scheduler(name, SD15)
@@ -149,6 +157,7 @@ def test_unknown_name_lists_valid_names():
         ("euler", {"interpolation_type": "log_linear"}),
         ("euler", {"timestep_type": "continuous", "prediction_type": "v_prediction"}),
         ("euler-a", {"prediction_type": "sample"}),
+        ("tcd", {"prediction_type": "flow_prediction"}),
         ("dpm++2m", {"use_lu_lambdas": True}),
         ("dpm++2m-karras", {"use_beta_sigmas": True}),
     ],
@@ -171,3 +180,50 @@ def test_runtime_never_imports_torch():
         "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_tcd_eta_is_a_sampling_option():
+    """eta is given when the scheduler is made (diffusers takes it at step()): default 0.3,
+    not a config key, checked, and refused by a scheduler that has no use for it."""
+    assert make_scheduler("tcd", SD15).eta == 0.3
+    assert make_scheduler("tcd", SD15, eta=None).eta == 0.3  # None: not given
+    assert make_scheduler("tcd", SD15, eta=0).eta == 0.0
+    assert "eta" not in make_scheduler("tcd", SD15, eta=0.7).config
+    for bad in (-0.1, 1.5, float("nan"), "x"):
+        with pytest.raises(ValueError, match="eta=.* between 0 .* and 1"):
+            make_scheduler("tcd", SD15, eta=bad)
+    assert make_scheduler("ddim", SD15, eta=None).name == "ddim"
+    with pytest.raises(ValueError, match="'ddim' takes no eta .*option of tcd"):
+        make_scheduler("ddim", SD15, eta=0.3)
+
+
+def test_tcd_eta0_draws_nothing():
+    sched = make_scheduler("tcd", SD15, eta=0.0)
+    sched.set_timesteps(8)
+    gen = CountingNormal()
+    run_ours_with(sched, gen)
+    assert gen.sizes == []
+
+
+def test_tcd_landing_timestep_spot_values():
+    """diffusers' floor((1 - eta) * t') is a float32 product (values read from torch 2.13);
+    a float64 one gives 62, 118 and 0 here."""
+    from ldm_edge.runtime.schedulers.tcd import landing_timestep
+
+    got = [landing_timestep(90, 0.3), landing_timestep(170, 0.3), landing_timestep(5, 0.8)]
+    assert got == [63, 119, 1]
+    assert landing_timestep(0, 0.3) == 0 and landing_timestep(999, 0.0) == 999
+    assert landing_timestep(999, 1.0) == 0
+
+
+def test_tcd_ignores_clipping_and_thresholding_like_diffusers():
+    """diffusers' TCD step never clips or thresholds x_0 (LCM's does): the keys are accepted
+    and change nothing."""
+    plain = make_scheduler("tcd", SD15, eta=0.3)
+    keys = {"clip_sample": True, "clip_sample_range": 0.05, "thresholding": True}
+    tight = make_scheduler("tcd", {**SD15, **keys}, eta=0.3)
+    for sched in (plain, tight):
+        sched.set_timesteps(4)
+    a = run_ours_with(plain, np.random.default_rng(3))
+    b = run_ours_with(tight, np.random.default_rng(3))
+    np.testing.assert_array_equal(a, b)

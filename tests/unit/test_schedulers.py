@@ -19,7 +19,7 @@ diffusers = pytest.importorskip("diffusers", reason="the live diffusers comparis
                                 "diffusers; test_scheduler_refs.py checks the stored values instead")
 
 from scheduler_cases import (CASES, CONFIGS, SD15, SHAPE, STEPS, STRENGTH,  # noqa: E402
-                             fake_model, initial_sample)
+                             fake_model, initial_sample, loop_steps, sampling_options)
 
 from ldm_edge.runtime.schedulers import SCHEDULERS  # noqa: E402
 
@@ -55,9 +55,11 @@ class TorchNormal:
 
 
 def build_pair(case: str, config: dict):
+    """Ours made with the case's sampling options; diffusers' takes them at step() (run_theirs)."""
     name, cls_name, overrides = CASES[case]
-    ours = SCHEDULERS[name].from_config(config, **overrides)
+    ours = SCHEDULERS[name].from_config(config, **overrides, **sampling_options(case))
     theirs = getattr(diffusers, cls_name).from_config(config, **overrides)
+    theirs.step_options = sampling_options(case)
     return ours, theirs
 
 
@@ -72,6 +74,7 @@ def run_ours(sched, x, timesteps, seed: int = 0) -> np.ndarray:
 def run_theirs(sched, x, timesteps, seed: int = 0) -> np.ndarray:
     gen = torch.Generator().manual_seed(seed)
     extra = {"generator": gen} if "generator" in inspect.signature(sched.step).parameters else {}
+    extra.update(getattr(sched, "step_options", {}))  # build_pair's: the case's eta
     x = torch.from_numpy(x)
     for t in timesteps:
         out = torch.from_numpy(fake_model(sched.scale_model_input(x, t).numpy(), t))
@@ -119,8 +122,8 @@ def test_timesteps_and_sigmas(case, config, n):
 @pair_params
 def test_full_loop_matches(case, config):
     ours, theirs = build_pair(case, CONFIGS[config])
-    ours.set_timesteps(STEPS)
-    theirs.set_timesteps(STEPS)
+    ours.set_timesteps(loop_steps(case))
+    theirs.set_timesteps(loop_steps(case))
     x0 = initial_sample()
     x_ours = run_ours(ours, x0 * np.float32(ours.init_noise_sigma), ours.timesteps)
     x_theirs = run_theirs(theirs, (torch.from_numpy(x0) * theirs.init_noise_sigma).numpy(), theirs.timesteps)
@@ -183,3 +186,32 @@ def test_saved_diffusers_config_defaults_follow_target_class(case):
     theirs.set_timesteps(25)
     assert ours.timesteps.dtype == theirs.timesteps.numpy().dtype
     np.testing.assert_allclose(ours.timesteps, theirs.timesteps.numpy(), rtol=FRACTIONAL_T_RTOL)
+
+
+def test_tcd_landing_timestep_is_diffusers_float32_floor():
+    """s = floor((1 - eta) * t') as diffusers computes it (a float32 product), for every
+    training timestep and a grid of eta; a float64 product differs on ~1 % of these."""
+    from ldm_edge.runtime.schedulers.tcd import landing_timestep
+
+    for eta in np.round(np.arange(0.0, 1.0001, 0.05), 2).tolist() + [1 / 3, 0.123456]:
+        want = torch.floor((1 - eta) * torch.arange(1000)).long().numpy()
+        got = [landing_timestep(p, eta) for p in range(1000)]
+        np.testing.assert_array_equal(got, want, err_msg=f"eta={eta}")
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
+def test_tcd_eta_reaches_every_step(eta):
+    """Our eta, given once, against diffusers' eta given at each step: same loop, and the loop
+    at another eta is far from it (so the comparison would see a dropped or misused eta)."""
+    ours = SCHEDULERS["tcd"].from_config(SD15, eta=eta)
+    theirs = diffusers.TCDScheduler.from_config(SD15)
+    theirs.step_options = {"eta": eta}
+    ours.set_timesteps(4)
+    theirs.set_timesteps(4)
+    x0 = initial_sample()
+    got = run_ours(ours, x0, ours.timesteps)
+    want = run_theirs(theirs, x0, theirs.timesteps)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+    other = SCHEDULERS["tcd"].from_config(SD15, eta=0.5)
+    other.set_timesteps(4)
+    assert np.abs(run_ours(other, x0, other.timesteps) - want).max() > 1e3 * ATOL

@@ -10,6 +10,13 @@ the installed Polygraphy's own signature (a misspelt keyword fails), an executio
 refuses input shapes outside the profile its engine was built with (set_input_shape returns
 False, as TensorRT's does), and the fakes are installed as the one TensorRT environment
 (``trt_engines.set_environment``), which every module asks.
+
+The fake ``tensorrt`` module and every object it hands out are held to the real API surface
+of the TensorRT release they claim to be (tests/trt_surface.py, recorded from NVIDIA's
+bindings wheels in tests/data/tensorrt_api.json): a name, keyword or arity that release does
+not have fails as the bindings fail, enums are enum members, and the key tests run against
+both the floor (10.3, JetPack 6.1) and the newest 11.x. A refusal the code under test
+swallows still fails the test (``no_refusals``).
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ import types
 
 import numpy as np
 import pytest
+import trt_surface
+from trt_surface import FLOOR, member
 
 from ldm_edge.export import engines
 from ldm_edge.export.engines import EngineBuildError, ProfileOptions, build_engines
@@ -45,7 +54,9 @@ except ImportError:
     print("Polygraphy is not installed: the Polygraphy fakes record calls without binding them "
           "to its signatures (pip install 'polygraphy>=0.49.24')")
 
-FACTS = DeviceFacts("Fake GPU", "8.7", "10.3.0")
+FACTS = DeviceFacts("Fake GPU", "8.7", FLOOR)
+# the releases the key tests run against: the floor and the newest 11.x recorded
+VERSIONS = (FLOOR, trt_surface.newest(11))
 MEMORY = {"unet": 4096, "text_encoder": 1024}  # scratch bytes each fake engine asks for
 
 
@@ -134,6 +145,10 @@ class FakeContext:
         return True
 
 
+STATIC = member("ExecutionContextAllocationStrategy.STATIC")
+USER_MANAGED = member("ExecutionContextAllocationStrategy.USER_MANAGED")
+
+
 class FakeEngine:
     def __init__(self, kind, cudart, profile):
         self.kind, self.cudart = kind, cudart
@@ -150,48 +165,100 @@ class FakeEngine:
         return list(self.names)[i]
 
     def get_tensor_mode(self, name):
-        return "IN" if name in dict(self.inputs) else "OUT"
+        return member("TensorIOMode.INPUT" if name in dict(self.inputs) else "TensorIOMode.OUTPUT")
 
     def get_tensor_dtype(self, name):
-        return self.names[name]
+        return TRT_TYPE[np.dtype(self.names[name])]
 
-    def create_execution_context(self, strategy):
-        assert strategy == "USER_MANAGED"
+    def create_execution_context(self, strategy=STATIC):
+        assert strategy == USER_MANAGED
         return FakeContext(self)
 
 
-# what the real bindings' nptype refuses: TensorRT types numpy has no type for
-NO_NUMPY_TYPE = ("BF16", "FP8", "INT4", "FP4")
+# what the real bindings' nptype maps (tensorrt/__init__.py); every other DataType (BF16, FP8,
+# INT4, FP4, E8M0) is a TypeError
+NUMPY_TYPE = {member(f"DataType.{k}"): v for k, v in (
+    ("FLOAT", np.float32), ("HALF", np.float16), ("INT8", np.int8), ("INT32", np.int32),
+    ("INT64", np.int64), ("BOOL", np.bool_), ("UINT8", np.uint8))}
+TRT_TYPE = {np.dtype(v): k for k, v in NUMPY_TYPE.items()}
+NO_NUMPY_TYPE = ("BF16", "FP8", "INT4", "FP4", "E8M0")  # those a release has of these
 
 
-def fake_tensorrt(cudart, runtime_fails: bool = False):
-    """``runtime_fails``: ``Runtime`` fails as the real one does where TensorRT cannot start
-    (its factory returns nullptr, which the bindings raise as TypeError)."""
-    def deserialize(buf):
-        data = bytes(buf)
-        if not data.startswith(b"FAKE:"):
-            return None
-        plan = json.loads(data[5:])
-        return FakeEngine(plan["kind"], cudart, plan["profile"])
+class FakeWeights:
+    """``trt.Weights(a)``: a view of the array, not a copy; ValueError, with the bindings' own
+    messages (10.3 and 11.4 over stub libraries), for an array TensorRT has no weights type
+    for (float64) or one that is not contiguous."""
+
+    def __init__(self, a):
+        if not isinstance(a, np.ndarray):
+            raise trt_surface.FakeGap("the fake Weights implements only Weights(a: ndarray)")
+        if a.dtype not in TRT_TYPE:
+            raise ValueError(f"[TRT] [E] Could not implicitly convert NumPy data type: "
+                             f"{a.dtype.kind}{8 * a.dtype.itemsize} to TensorRT.")
+        if not a.flags["C_CONTIGUOUS"]:
+            raise ValueError("Could not convert non-contiguous NumPy array to Weights. Please "
+                             "use numpy.ascontiguousarray() to fix this.")
+        self.array = a
+        self.dtype, self.size, self.nbytes = TRT_TYPE[a.dtype], int(a.size), int(a.nbytes)
+
+    def numpy(self):
+        return self.array
+
+
+MADE: list = []  # every fake tensorrt module made in this test (no_refusals checks them)
+
+
+def fake_tensorrt(cudart, runtime_fails: bool = False, *, version: str = FLOOR,
+                  make_engine=None, **impl):
+    """A fake ``tensorrt`` module of release ``version``, held to its recorded API surface.
+
+    ``runtime_fails``: ``Runtime`` fails as the real one does where TensorRT cannot start
+    (its factory returns nullptr, which the bindings raise as TypeError). ``make_engine(plan,
+    cudart)``: the fake engine a plan deserialises to (default :class:`FakeEngine`); ``impl``:
+    more implementations by TensorRT name (``Refitter=...``)."""
+    make_engine = make_engine or (lambda plan, rt: FakeEngine(plan["kind"], rt, plan["profile"]))
+
     class Logger:
-        WARNING, ERROR = 2, 1
+        def __init__(self, min_severity=member("ILogger.Severity.WARNING")):
+            self.min_severity = min_severity
 
-        def __init__(self, severity):
-            self.severity = severity
-    def runtime(logger):
-        if runtime_fails:
-            raise TypeError("pybind11::init(): factory function returned nullptr")
-        return types.SimpleNamespace(deserialize_cuda_engine=deserialize)
+    class Runtime:
+        def __init__(self, logger):
+            if runtime_fails:
+                raise TypeError("pybind11::init(): factory function returned nullptr")
 
-    def nptype(dtype):
-        if dtype in NO_NUMPY_TYPE:
+        def deserialize_cuda_engine(self, serialized_engine):
+            """None for bytes that are not a plan, as TensorRT answers."""
+            data = bytes(serialized_engine)
+            if not data.startswith(b"FAKE:"):
+                return None
+            return make_engine(json.loads(data[5:]), cudart)
+
+    def nptype(trt_type):
+        if trt_type not in NUMPY_TYPE:
             raise TypeError("Could not resolve TensorRT datatype to an equivalent numpy datatype.")
-        return dtype
-    return types.SimpleNamespace(
-        __version__="10.3.0", Logger=Logger, Runtime=runtime,
-        TensorIOMode=types.SimpleNamespace(INPUT="IN", OUTPUT="OUT"),
-        ExecutionContextAllocationStrategy=types.SimpleNamespace(USER_MANAGED="USER_MANAGED"),
-        MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"), nptype=nptype)
+        return NUMPY_TYPE[trt_type]
+    trt = trt_surface.surface(version).module(
+        Logger=Logger, Runtime=Runtime, nptype=nptype, Weights=FakeWeights, **impl)
+    MADE.append(trt)
+    return trt
+
+
+def take_refusals() -> list:
+    """What the guard refused in this test's fake modules (and forget it)."""
+    out = [r for trt in MADE for r in trt_surface.refusals(trt)]
+    for trt in MADE:
+        trt_surface.refusals(trt).clear()
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_refusals():
+    """A name, keyword or arity the claimed TensorRT release does not have fails the test even
+    where the code under test caught the bindings' TypeError/AttributeError."""
+    MADE.clear()
+    yield
+    assert take_refusals() == []
 
 
 def bind_real(real, args, kwargs) -> None:
@@ -261,17 +328,24 @@ def fake_polygraphy(calls, fail=False):
     return poly, types.SimpleNamespace(verbosity=verbosity, INFO=20, ERROR=40)
 
 
-@pytest.fixture
-def fakes(monkeypatch, tiny_bundles, tmp_path, fake_trt):
+def facts_for(version: str) -> DeviceFacts:
+    return DeviceFacts(FACTS.device_name, FACTS.compute_capability, version)
+
+
+@pytest.fixture(params=VERSIONS, ids=lambda v: f"trt{v}")
+def fakes(request, monkeypatch, tiny_bundles, tmp_path, fake_trt):
+    """A bundle and the fakes of one TensorRT release (each key test runs on the floor and on
+    the newest 11.x)."""
     b = tmp_path / "bundle"
     shutil.copytree(tiny_bundles["sd1"], b)
     cudart = FakeCudart()
-    trt = fake_tensorrt(cudart)
+    trt = fake_tensorrt(cudart, version=request.param)
     calls = []
-    env = fake_trt(facts=FACTS, tensorrt=trt, cudart=cudart,
+    env = fake_trt(facts=facts_for(request.param), tensorrt=trt, cudart=cudart,
                    polygraphy=fake_polygraphy(calls))
     monkeypatch.setattr(backend_tensorrt.SharedScratch, "_instance", None)
-    return types.SimpleNamespace(bundle=b, cudart=cudart, calls=calls, env=env, trt=trt)
+    return types.SimpleNamespace(bundle=b, cudart=cudart, calls=calls, env=env, trt=trt,
+                                 version=request.param)
 
 
 OPTS = ProfileOptions(min_size=64, max_size=256, max_batch=2)
@@ -288,7 +362,7 @@ def test_build_records_engines_in_manifest(fakes):
     unet = m["components"]["unet"]["engines"]
     onnx = m["components"]["unet"]["variants"]["fp32"]["files"][0]
     assert len(unet) == 1
-    assert unet[0]["file"].startswith("engines/fake-gpu-sm87-trt10.3.0/unet.fp32.")
+    assert unet[0]["file"].startswith(f"engines/fake-gpu-sm87-trt{fakes.version}/unet.fp32.")
     assert unet[0]["onnx_sha256"] == onnx["sha256"]
     assert unet[0]["profile"]["sample"]["max"] == [4, 4, 32, 32]
     plan = json.loads((fakes.bundle / unet[0]["file"]).read_bytes()[5:])
@@ -300,7 +374,7 @@ def test_build_records_engines_in_manifest(fakes):
     network = [c for c in fakes.calls if c[0] == "network"]
     assert all(c[2] == {"strongly_typed": True} for c in network)
     config = [c[2] for c in fakes.calls if c[0] == "config"][0]
-    assert config["memory_pool_limits"] == {"WORKSPACE": 512 << 20}
+    assert config["memory_pool_limits"] == {fakes.trt.MemoryPoolType.WORKSPACE: 512 << 20}
     assert config["builder_optimization_level"] == 2 and "fp16" not in config
     assert [r["component"] for r in recs] == ["text_encoder", "unet"]
     build(fakes)  # the same machine, precision and profile: replaced, not added
@@ -331,7 +405,8 @@ def test_built_engines_run_bind_once_and_share_scratch(fakes):
     assert unet.spec.ranges["latent_height"] == (8, 32)
     shared = backend_tensorrt.SharedScratch._instance
     assert shared.size == max(MEMORY.values())
-    assert unet.context.memory == text.context.memory == (shared.ptr, shared.size)
+    memory = [trt_surface.unwrap(b.context).memory for b in (unet, text)]
+    assert memory == [(shared.ptr, shared.size)] * 2
     ids = np.arange(2 * 77, dtype=np.int64).reshape(2, 77)
     np.testing.assert_array_equal(text.run({"input_ids": ids})["last_hidden_state"][..., 0], ids)
     rng = np.random.default_rng(0)
@@ -442,11 +517,12 @@ def test_engine_that_refuses_the_shape_is_named(fakes):
 def test_one_environment_reaches_every_importer(fakes):
     from ldm_edge.runtime.backends import choose as backends
 
-    assert captured_device_facts() == FACTS  # imported before the fake was installed
+    facts = facts_for(fakes.version)
+    assert captured_device_facts() == facts  # imported before the fake was installed
     assert captured_import_tensorrt() is fakes.trt
     assert trt_engines.import_cudart() is fakes.cudart
     assert engines.import_polygraphy()[0].CreateConfig.__qualname__.startswith("fake_polygraphy")
-    assert backend_tensorrt.device_facts() == FACTS and engines.device_facts() == FACTS
+    assert backend_tensorrt.device_facts() == facts and engines.device_facts() == facts
     assert backends.__name__  # runtime/backends/choose.py asks trt_engines at call time too
     fakes.env.parts["facts"] = None  # a part a test did not give is missing, never the real one
     with pytest.raises(trt_engines.TensorRTUnavailable, match="fake TensorRT environment"):
@@ -484,7 +560,8 @@ def test_tensorrt_that_cannot_start_is_one_line_and_auto_falls_back(fakes, caplo
     from ldm_edge.runtime.backends.choose import open_backend
 
     build(fakes)
-    fakes.env.parts["tensorrt"] = fake_tensorrt(fakes.cudart, runtime_fails=True)
+    fakes.env.parts["tensorrt"] = fake_tensorrt(fakes.cudart, runtime_fails=True,
+                                                version=fakes.version)
     m = open_bundle(fakes.bundle)
     with pytest.raises(backend_tensorrt.GpuError) as e:
         open_backend(m, "unet", backend="tensorrt")
@@ -498,15 +575,38 @@ def test_tensorrt_that_cannot_start_is_one_line_and_auto_falls_back(fakes, caplo
 
 
 def test_an_io_dtype_without_a_numpy_type_is_named(fakes, monkeypatch):
+    """Each DataType the release has and ``trt.nptype`` refuses (BF16, FP8, INT4; FP4 and E8M0
+    in releases after 10.3) is named, not a TypeError."""
     from ldm_edge.runtime.backends.choose import open_backend
 
     build(fakes)
     real = FakeEngine.get_tensor_dtype
-    monkeypatch.setattr(FakeEngine, "get_tensor_dtype",
-                        lambda self, n: "BF16" if n == "model_output" else real(self, n))
-    with pytest.raises(BundleError, match="'model_output' is BF16, which has no numpy type; "
-                                          "rebuild the engine with `ldm-export engines"):
-        open_backend(open_bundle(fakes.bundle), "unet", backend="tensorrt")
+    dtypes = [t for t in NO_NUMPY_TYPE if t in fakes.trt.DataType.__members__]
+    assert {"BF16", "FP8", "INT4"} <= set(dtypes)
+    for t in dtypes:
+        dtype = getattr(fakes.trt.DataType, t)
+        monkeypatch.setattr(FakeEngine, "get_tensor_dtype",
+                            lambda self, n: dtype if n == "model_output" else real(self, n))
+        with pytest.raises(BundleError, match=f"'model_output' is DataType.{t}, which has no "
+                                              f"numpy type; rebuild the engine with `ldm-export"):
+            open_backend(open_bundle(fakes.bundle), "unet", backend="tensorrt")
+
+
+def test_an_execution_context_tensorrt_cannot_make_is_one_line(fakes, monkeypatch, caplog):
+    """``create_execution_context`` returns None (no memory for it): one line under
+    --backend tensorrt, onnxruntime with the reason under auto."""
+    from ldm_edge.runtime.backends.choose import open_backend
+
+    build(fakes)
+    monkeypatch.setattr(FakeEngine, "create_execution_context", lambda self, strategy: None)
+    m = open_bundle(fakes.bundle)
+    with pytest.raises(backend_tensorrt.GpuError, match="^unet: TensorRT could not create an "
+                                                        "execution context"):
+        open_backend(m, "unet", backend="tensorrt")
+    with caplog.at_level("WARNING"):
+        auto = open_backend(m, "unet", backend="auto")
+    assert auto.name == "onnxruntime" and "could not create an execution context" in caplog.text
+    auto.close()
 
 
 def test_a_refused_tensor_address_is_named(fakes, monkeypatch):
@@ -551,3 +651,71 @@ def test_tensorrt_older_than_the_floor_is_refused_up_front(monkeypatch, version,
         with pytest.raises(TensorRTUnavailable, match=f"TensorRT {version} is too old; ldm-edge "
                                                       f"needs TensorRT 10.3 or newer"):
             TensorRTEnvironment().tensorrt()
+
+
+def test_tf32_is_given_to_polygraphy_both_ways_and_recorded(fakes):
+    """Polygraphy's CreateConfig clears TensorRT's default-on TF32 unless told: the build says
+    which, off unless --tf32 (FP32 as the ONNX graph computes it), and the record keeps it."""
+    from ldm_edge.runtime.bundle.schema import EngineRecord
+
+    for tf32 in (False, True):
+        fakes.calls.clear()
+        build(fakes, tf32=tf32)
+        configs = [c[2] for c in fakes.calls if c[0] == "config"]
+        assert len(configs) == 2 and all(c["tf32"] is tf32 for c in configs)
+        rec = json.loads((fakes.bundle / "manifest.json").read_text())["components"]["unet"]
+        assert [e["tf32"] for e in rec["engines"]] == [tf32]
+        assert EngineRecord.from_json(rec["engines"][0], "e").to_json() == rec["engines"][0]
+    older = {k: v for k, v in rec["engines"][0].items() if k != "tf32"}  # before it was recorded
+    assert EngineRecord.from_json(older, "e").to_json() == older
+
+
+class DriverCudart:
+    """cuda-python's runtime as a machine whose driver is the problem answers it: device count
+    fails with ``err``, the driver and runtime report their encoded CUDA versions (0: no
+    driver loaded, as cuda-bindings 12.9 answered on this GPU-less machine: error 35, 0)."""
+
+    class cudaError_t:
+        cudaSuccess = 0
+
+    def __init__(self, err, driver, runtime):
+        self.err, self.driver, self.runtime = err, driver, runtime
+
+    def cudaGetDeviceCount(self):
+        return self.err, None
+
+    def cudaDriverGetVersion(self):
+        return 0, self.driver
+
+    def cudaRuntimeGetVersion(self):
+        return 0, self.runtime
+
+    def cudaGetErrorString(self, err):
+        return 0, b"fake error %d" % err
+
+
+@pytest.mark.parametrize("err, driver, runtime, says", [
+    (35, 12060, 13000, r"the CUDA runtime of cuda-python\S* \S*\(CUDA 13\.0\) needs a newer "
+                       r"driver than this one \(CUDA 12\.6\): install 'ldm-edge\[trt-cu12\]' in "
+                       r"a fresh venv \(or upgrade the driver\)"),
+    (35, 12020, 12090, r"\(CUDA 12\.9\) needs a newer driver than this one \(CUDA 12\.2\): "
+                       r"pip install 'cuda-python<12\.3' \(or upgrade the driver\)"),
+    (35, 11080, 12090, r"\(CUDA 11\.8\): upgrade the driver \(ldm-edge's TensorRT needs CUDA 12"),
+    (35, 0, 12090, r"^no CUDA GPU is visible here \(no NVIDIA driver is loaded\)"),
+    (100, 12060, 12060, r"^no CUDA GPU is visible here \(fake error 100\)"),
+], ids=["cu13-on-cu12-driver", "newer-minor", "cuda11-driver", "no-driver", "no-device"])
+def test_a_driver_older_than_cuda_pythons_runtime_is_named(monkeypatch, err, driver, runtime,
+                                                           says):
+    """A CUDA 13 cuda-python on a CUDA 12 driver (what unpinned installs got) is one line
+    naming both CUDA versions and the extra that fits the driver, not "no CUDA GPU"."""
+    import re
+
+    env = trt_engines.TensorRTEnvironment()
+    monkeypatch.setattr(env, "tensorrt", lambda: types.SimpleNamespace(__version__=FLOOR))
+    monkeypatch.setattr(env, "cudart", lambda: DriverCudart(err, driver, runtime))
+    with pytest.raises(trt_engines.TensorRTUnavailable) as e:
+        env.facts()
+    msg = str(e.value)
+    assert re.search(says, msg) and "\n" not in msg, msg
+    assert msg.endswith("onnxruntime runs this bundle on the CPU meanwhile") or \
+        msg.endswith("onnxruntime runs this bundle meanwhile")
