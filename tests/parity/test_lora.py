@@ -318,3 +318,29 @@ def test_external_data_graphs_take_external_initializers(tiny_models, loras, mon
                    scheduler=SCHEDULER, latents=_latents(None)).images
         assert pipe.backend("unet").cache_state == state
         assert psnr(got, ref) >= MIN_PSNR_DB
+
+
+def test_lcm_lora_with_the_lcm_scheduler_matches_diffusers(tiny_models, tiny_bundles, loras):
+    """The LCM-LoRA recipe: a U-Net LoRA on a plain SD model, diffusers' LCMScheduler, 4 steps,
+    guidance 1.5 (a guidance batch, as diffusers' StableDiffusionPipeline runs it); the
+    scheduler's injected noise drawn from torch in diffusers' order (conftest.TorchNoise)."""
+    import diffusers
+    import torch
+    from conftest import TorchNoise
+
+    lora, steps, guidance = loras["sd1"]["b"], 4, 1.5
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+        tiny_models["sd1"], safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = diffusers.LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(lora), adapter_name="lcm")
+    pipe.fuse_lora(lora_scale=1.0, adapter_names=["lcm"])
+    ref = to_uint8(pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance,
+                        output_type="np", latents=torch.from_numpy(_latents(None)),
+                        generator=torch.Generator().manual_seed(3)).images)
+    kw = dict(num_inference_steps=steps, guidance_scale=guidance, scheduler="lcm",
+              latents=_latents(None))
+    got = Pipeline(tiny_bundles["sd1"], loras=[(lora, 1.0)])(PROMPT, generator=TorchNoise(3), **kw)
+    assert psnr(got.images, ref) >= MIN_PSNR_DB, psnr(got.images, ref)
+    base = Pipeline(tiny_bundles["sd1"])(PROMPT, generator=TorchNoise(3), **kw)
+    assert psnr(base.images, ref) < MAX_BASE_PSNR_DB
