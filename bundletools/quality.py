@@ -10,7 +10,8 @@ and the final latents' relative error.
 A variant's error reaches the picture differently under each sampler (a deterministic
 first-order DDIM step, PNDM's multistep blend, Euler's sigma steps), so a figure measured
 under one does not speak for the others. By default a variant is checked under the model's
-own scheduler and ``SUGGESTED_SCHEDULERS`` (what people deploy); ``ldm-export int8
+own scheduler and ``SUGGESTED_SCHEDULERS`` (what people deploy), or, for a few-step model,
+``FEW_STEP_SCHEDULERS``; ``ldm-export int8
 --schedulers`` names another list. ``bundle`` may be a folder or a ``Manifest`` not yet written to disk, so a
 new variant is measured before it is recorded.
 """
@@ -28,10 +29,29 @@ from .task_inputs import call_inputs, labels
 # what most users run besides the model's own (diffusers' SD pipelines and UIs' defaults):
 # ``ldm-export int8`` checks all of them unless told otherwise.
 SUGGESTED_SCHEDULERS = ("ddim", "euler", "dpm++2m")
+# what a few-step model (LCM-distilled, LCM-LoRA'd, TCD, Turbo) is sampled with instead: its
+# error reaches the picture in one to four large steps, which the many-step samplers above
+# do not show
+FEW_STEP_SCHEDULERS = ("lcm", "tcd", "euler-a")
+# a model whose recorded default is at most this many steps is a few-step one (the LCM and
+# Turbo pipelines default to 4 and 1; SD1/SD2's to 50 and 25)
+FEW_STEPS = 8
 
 
-def schedulers_to_check(manifest, extra=SUGGESTED_SCHEDULERS) -> list[str]:
-    """The model's own scheduler first, then ``extra``, each once."""
+def is_few_step(manifest) -> bool:
+    """An LCM-distilled U-Net (it takes ``timestep_cond``) or a bundle whose default steps say
+    so (``FEW_STEPS``)."""
+    from ldm_edge.runtime.request import BundleDefaults
+
+    d = BundleDefaults.from_manifest(manifest.schema)
+    return d.guidance_embedded or d.num_inference_steps <= FEW_STEPS
+
+
+def schedulers_to_check(manifest, extra=None) -> list[str]:
+    """The model's own scheduler first, then ``extra`` (default: ``FEW_STEP_SCHEDULERS`` for a
+    few-step model, else ``SUGGESTED_SCHEDULERS``), each once."""
+    if extra is None:
+        extra = FEW_STEP_SCHEDULERS if is_few_step(manifest) else SUGGESTED_SCHEDULERS
     own = default_scheduler_name(manifest.schema.scheduler)
     return list(dict.fromkeys([own, *extra]))
 

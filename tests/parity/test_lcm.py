@@ -24,6 +24,10 @@ MIN_PSNR_DB = 50.0
 # embedded fails the parity bar.
 OTHER_GUIDANCE_MAX_PSNR_DB = 40.0
 PROMPT = "a red cat"
+# INT8 U-Net output vs FP32's on the FP32 trajectory, every step of every few-step sampler: the
+# bar of tests/parity/test_int8.py (MIN_UNET_COSINE, its reasons); measured on the tiny LCM
+# model, 4 steps: 0.9989 under each of lcm, tcd, euler-a (pictures 52-53 dB; AMD EPYC, VNNI).
+MIN_INT8_UNET_COSINE = 0.995
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +144,23 @@ def test_every_unwired_unet_key_is_refused_by_name(key, value):
     with pytest.raises(ModelLoadError, match=f"{key}={value!r}"):
         check_unet(SimpleNamespace(config={key: value}))
     check_unet(SimpleNamespace(config={"time_cond_proj_dim": 256}))  # wired: taken
+
+
+def test_int8_is_calibrated_and_checked_with_the_few_step_samplers(lcm_bundle, tmp_path):
+    """A few-step model's INT8 variant: calibration runs and the quality check use lcm, tcd and
+    euler-a (bundletools/quality.py FEW_STEP_SCHEDULERS), the guidance embedding fed as the
+    model takes it (one image a call), and every figure is recorded."""
+    import shutil
+
+    from ldm_edge.bundletools.quality import FEW_STEP_SCHEDULERS
+    from ldm_edge.calibration.int8 import make_int8
+
+    b = tmp_path / "b"
+    shutil.copytree(lcm_bundle, b)
+    m = make_int8(b, num_prompts=2, calib_steps=4, progress=lambda *_: None)
+    q = m.quality["int8"]
+    assert list(q.per_scheduler) == list(dict.fromkeys(["lcm", *FEW_STEP_SCHEDULERS]))
+    assert m.components["unet"].variants["int8"].calibration.schedulers == list(q.per_scheduler)
+    assert q.unet_cosine_min > MIN_INT8_UNET_COSINE, q.per_scheduler
+    form = m.components["unet"].variants["int8"].forms["tensorrt"]
+    assert list(form.check["per_scheduler_db"]) == list(q.per_scheduler)
