@@ -28,6 +28,7 @@ from ldm_edge.runtime.bundle.manifest import Manifest
 from ldm_edge.runtime.bundle.opener import open_bundle
 from ldm_edge.runtime.bundle.schema import (BundleManifest, QualityRecord, VariantRecord,
                                             read_manifest_json)
+from ldm_edge.runtime.bundle.spec import TINY_VAE
 from ldm_edge.runtime.compare import compare
 from ldm_edge.runtime.errors import ExportError, first_line
 from ldm_edge.runtime.tasks import takes_prompt
@@ -182,15 +183,32 @@ def convert_component(manifest: Manifest, name: str, samples: list[dict], progre
     return None
 
 
-def encoder_samples(manifest: Manifest, records: dict) -> list[dict]:
-    """Real images for the VAE encoder: the FP32 decoder's outputs on captured latents."""
-    dec = SessionFromOnnx(manifest.variant("vae_decoder", "fp32").path)()
-    comp = manifest.component("vae_decoder")
+def encoder_samples(manifest: Manifest, records: dict, decoder: str = "vae_decoder") -> list[dict]:
+    """Real images for a VAE encoder: the FP32 decoder's outputs on captured latents."""
+    dec = SessionFromOnnx(manifest.variant(decoder, "fp32").path)()
+    comp = manifest.component(decoder)
     out = []
-    for feeds in records.get("vae_decoder", [])[:MAX_SAMPLES]:
+    for feeds in records.get(decoder, [])[:MAX_SAMPLES]:
         img = dec.run(None, {comp.graph_name(k): v for k, v in feeds.items()})[0]
         out.append({"image": np.clip(img, -1, 1).astype(np.float32)})
     return out
+
+
+def add_vae_samples(manifest: Manifest, records: dict) -> None:
+    """Inputs for the VAE graphs the capture run did not call: a bundle with both VAEs (TAESD
+    beside the full one) decodes with one, so the other decoder gets the same latents at its
+    own scaling; the encoders get real images (``encoder_samples``)."""
+    ran = "vae_decoder" if "vae_decoder" in records else "vae_decoder_tiny"
+    other = TINY_VAE["vae_decoder"] if ran == "vae_decoder" else "vae_decoder"
+    if manifest.has(other):
+        s_ran, shift_ran = manifest.schema.vae_scaling(ran != "vae_decoder")
+        s_other, shift_other = manifest.schema.vae_scaling(other != "vae_decoder")
+        records[other] = [{"latent": (((f["latent"] - (shift_ran or 0.0)) * s_ran / s_other)
+                                      + (shift_other or 0.0)).astype(np.float32)}
+                          for f in records.get(ran, [])]
+    for encoder in ("vae_encoder", TINY_VAE["vae_encoder"]):
+        if manifest.has(encoder):
+            records[encoder] = encoder_samples(manifest, records, ran)
 
 
 def make_fp16(bundle, prompts: list[str] | None = None, steps: int = 10,
@@ -207,8 +225,7 @@ def make_fp16(bundle, prompts: list[str] | None = None, steps: int = 10,
              + (f" (the model takes no prompt: {prompts[0]}, ...)"
                 if not takes_prompt(manifest.schema.task) else ""))
     records = capture(bundle, prompts, steps=steps)
-    if manifest.has("vae_encoder"):
-        records["vae_encoder"] = encoder_samples(manifest, records)
+    add_vae_samples(manifest, records)
     with VariantTransaction(bundle) as txn:
         txn.forget("fp16")  # its files are about to be replaced
         converted = _convert_all(manifest, records, progress, txn)

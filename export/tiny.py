@@ -314,3 +314,53 @@ def save_tiny_lcm(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+# -- TAESD: diffusers' AutoencoderTiny, a distilled VAE working on the SD VAE's latents ------
+TINY_TAESD_CHANNELS = (16, 16, 16, 16)  # four blocks: three 2x upsamplings, f = 8 as SD's VAE
+# A random AutoencoderTiny at PyTorch's default conv init decodes every latent to about -1 (a
+# black picture: -1.03 +- 0.07 measured), which any decoder would match. He-normal init (a
+# ReLU network) keeps the activations O(1); the two output convs are then scaled so the picture
+# is about [-1, 1] (std 0.44 measured) and the encoder's latents about unit scale (std 0.5).
+TAESD_DECODER_OUT_STD = 0.01
+TAESD_ENCODER_OUT_STD = 0.1
+
+
+def tiny_taesd(seed: int = 0, latent_channels: int = 4):
+    """A tiny random AutoencoderTiny (TAESD's architecture, ~70 k parameters, f = 8)."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    vae = AutoencoderTiny(encoder_block_out_channels=TINY_TAESD_CHANNELS,
+                          decoder_block_out_channels=TINY_TAESD_CHANNELS,
+                          num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1),
+                          latent_channels=latent_channels)
+    with torch.no_grad():
+        for m in vae.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        vae.decoder.layers[-1].weight.normal_(0.0, TAESD_DECODER_OUT_STD)
+        vae.decoder.layers[-1].bias.fill_(0.5)  # its [0, 1] picture centred before x * 2 - 1
+        vae.encoder.layers[-1].weight.normal_(0.0, TAESD_ENCODER_OUT_STD)
+    return vae.eval()
+
+
+def save_tiny_taesd(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny AutoencoderTiny as a diffusers model folder (config.json + weights)."""
+    path = Path(path)
+    tiny_taesd(seed).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def save_tiny_with_taesd(path: str | Path, seed: int = 0) -> Path:
+    """The tiny SD1 pipeline with an AutoencoderTiny as its ``vae/`` (TAESD its only VAE)."""
+    from diffusers import StableDiffusionPipeline
+
+    base = tiny_pipeline("sd1", seed)
+    pipe = StableDiffusionPipeline(
+        vae=tiny_taesd(seed), text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+        unet=base.unet, scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    path = Path(path)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path

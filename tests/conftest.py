@@ -96,6 +96,31 @@ def ldm_bundles(ldm_models, tmp_path_factory) -> dict[str, Path]:
     return _export_all(ldm_models, tmp_path_factory.mktemp("ldm_bundles"))
 
 
+@pytest.fixture(scope="session")
+def taesd_models(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    """A tiny random TAESD (AutoencoderTiny folder, key "taesd") and the tiny SD1 pipeline
+    with it as its only VAE (key "only")."""
+    from ldm_edge.export.tiny import save_tiny_taesd, save_tiny_with_taesd
+
+    root = tmp_path_factory.mktemp("taesd")
+    return {"taesd": save_tiny_taesd(root / "taesd", seed=0),
+            "only": save_tiny_with_taesd(root / "tiny_sd1_taesd", seed=0)}
+
+
+@pytest.fixture(scope="session")
+def taesd_bundles(tiny_models, taesd_models, tmp_path_factory) -> dict[str, Path]:
+    """"beside": the tiny SD1 model exported with `--tiny-vae` (both VAEs); "only": the model
+    whose vae/ is the AutoencoderTiny (the tiny VAE alone)."""
+    from ldm_edge.export.bundle import ExportOptions, export_bundle
+    from ldm_edge.export.load import attach_tiny_vae, load_model
+
+    root = tmp_path_factory.mktemp("taesd_bundles")
+    beside = attach_tiny_vae(load_model(tiny_models["sd1"]), taesd_models["taesd"])
+    export_bundle(beside, root / "beside", ExportOptions())
+    export_bundle(load_model(taesd_models["only"]), root / "only", ExportOptions())
+    return {"beside": root / "beside", "only": root / "only"}
+
+
 @pytest.fixture
 def bundle(tiny_bundles, tmp_path):
     """A private copy of the tiny SD1 bundle, for commands that add to it."""

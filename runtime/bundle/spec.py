@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "vae_decoder_tiny",
+              "vae_encoder_tiny")
+# A tiny VAE (TAESD, diffusers' AutoencoderTiny) works on the same latents as the model's
+# VAE, so it has graphs of its own beside the VAE's: each VAE component -> its tiny one.
+TINY_VAE = {"vae_decoder": "vae_decoder_tiny", "vae_encoder": "vae_encoder_tiny"}
 
 # The timestep input: float32 of shape [batch]. Float because Euler-family schedulers
 # produce fractional timesteps; [batch] because that is what every exporter traces
@@ -82,6 +86,10 @@ class ComponentSpec:
         )
 
 
+# dimensions only some models have (left out of the manifest when absent)
+OPTIONAL_DIMS = ("time_cond_proj_dim",)
+
+
 @dataclass(frozen=True)
 class ModelDims:
     """The few numbers of a model that fix its components' interfaces."""
@@ -98,11 +106,14 @@ class ModelDims:
     time_cond_proj_dim: int | None = None
 
     def asdict(self) -> dict:
-        return asdict(self)
+        """As the manifest records it: an optional dimension the model lacks (None) is left
+        out, so a bundle without it reads and writes as before it existed."""
+        return {k: v for k, v in asdict(self).items()
+                if v is not None or k not in OPTIONAL_DIMS}
 
 
 def describe(dims: ModelDims) -> dict[str, ComponentSpec]:
-    """The four component descriptions for a model with these dimensions."""
+    """The component descriptions for a model with these dimensions."""
     f = dims.vae_scale_factor
     c = dims.latent_channels
     lat = (dims.min_size // f, dims.max_size // f)
@@ -143,6 +154,21 @@ def describe(dims: ModelDims) -> dict[str, ComponentSpec]:
             # mean and log-variance stacked on channels, as diffusers' DiagonalGaussian reads them
             (TensorSpec("latent_parameters", "float32",
                         ("batch", 2 * c, "latent_height", "latent_width")),),
+            {"batch": batch, "height": pix, "width": pix},
+        ),
+        # TAESD's decoder: latents divided by its own scaling factor (manifest tiny_vae) ->
+        # image in [-1, 1] (unclipped), as the VAE decoder
+        "vae_decoder_tiny": ComponentSpec(
+            "vae_decoder_tiny",
+            (TensorSpec("latent", "float32", ("batch", c, "latent_height", "latent_width")),),
+            (TensorSpec("image", "float32", ("batch", 3, "height", "width")),),
+            {"batch": batch, "latent_height": lat, "latent_width": lat},
+        ),
+        # TAESD's encoder: the latent itself (no distribution to sample), before scaling
+        "vae_encoder_tiny": ComponentSpec(
+            "vae_encoder_tiny",
+            (TensorSpec("image", "float32", ("batch", 3, "height", "width")),),
+            (TensorSpec("latent", "float32", ("batch", c, "latent_height", "latent_width")),),
             {"batch": batch, "height": pix, "width": pix},
         ),
     }

@@ -86,6 +86,13 @@ def _loras(b, tmp):
     (tmp / "text.safetensors").write_text("not a safetensors file")
 
 
+def _tiny_only(m, b, tmp):
+    """The bundle as one whose only VAE is TAESD: its decoder recorded as the tiny one."""
+    m["components"]["vae_decoder_tiny"] = m["components"].pop("vae_decoder")
+    m["components"].pop("vae_encoder")
+    m["tiny_vae"] = {"source": "stand-in", "scaling_factor": 1.0}
+
+
 P = ["-p", "a red cat", "--steps", "2"]
 CASES = [
     ("bundle folder missing", None, ["TMP/nope"] + P, 3, "not found"),
@@ -155,6 +162,9 @@ CASES = [
     ("right-to-left prompt (accepted)", None, ["BUNDLE", "-p", "قطة حمراء على دراجة", "--steps", "1", "-q"], 0, ""),
     ("very long prompt (accepted, truncated with a warning)", None, ["BUNDLE", "-p", "cat " * 200, "--steps", "1", "-q"], 0, "prompt 1 is longer than the text encoder's 77 tokens: 125 tokens dropped"),
     ("no BUNDLE (and no --server)", None, P, 2, "give BUNDLE (a folder written by ldm-export onnx), or --server URL"),
+    ("--vae tiny on a bundle without a tiny VAE", None, ["BUNDLE", "--vae", "tiny"] + P, 2, "--vae tiny: this bundle has no tiny VAE; export it with `ldm-export onnx SOURCE --tiny-vae DIR` (DIR: a TAESD folder)"),
+    ("--vae full on a bundle whose only VAE is TAESD", _m(_tiny_only), ["BUNDLE", "--vae", "full"] + P, 2, "--vae full: this bundle's only VAE is the tiny one (TAESD); drop --vae full"),
+    ("--preview without a tiny VAE", None, ["BUNDLE", "--preview", "1"] + P, 2, "--preview decodes with the tiny VAE (TAESD), which this bundle has not; export it with `ldm-export onnx SOURCE --tiny-vae DIR` or drop --preview"),
 ]
 
 
