@@ -55,21 +55,34 @@ def main(ctx, debug):
 @click.option("--tiny-vae", type=click.Path(), default=None, metavar="DIR",
               help="Also export this TAESD (a diffusers AutoencoderTiny folder: config.json + "
                    "weights) as the tiny VAE beside the full one (ldm-run --vae tiny, --preview).")
+@click.option("--default-steps", type=int, default=None,
+              help="Record this many steps as the bundle's default (what the model's makers "
+                   "recommend, e.g. SD-Turbo 1; default: the pipeline's own).")
+@click.option("--default-guidance-scale", type=float, default=None,
+              help="Record this guidance scale as the bundle's default (SD-Turbo: 0, no "
+                   "classifier-free guidance).")
+@click.option("--default-scheduler", default=None,
+              help="Record this sampler (ldm-run --list-schedulers) as the bundle's default "
+                   "(default: the one the model's scheduler config names).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 def onnx_cmd(source, out, opset, min_size, max_size, max_batch, exporter, config,
-             skip_vae_encoder, tiny_vae, force):
+             skip_vae_encoder, tiny_vae, default_steps, default_guidance_scale,
+             default_scheduler, force):
     """Export SOURCE (a diffusers folder, a .safetensors/.ckpt file; default: the bundled
     demo model) to ONNX, check every component against PyTorch, write the bundle."""
     from .bundle import ExportOptions, export_bundle
     from .load import default_source, load_model
+    from .model_facts import recommend_defaults
 
     t0 = time.perf_counter()
     if source is None:
         source = default_source()
         if source is None:
             fail("no SOURCE given and the bundled demo model is not installed", 2)
+    recommended = recommend_defaults(default_steps, default_guidance_scale, default_scheduler)
     click.echo(f"loading {source}", err=True)
     model = load_model(source, config=config)
+    model.defaults.update(recommended)
     if tiny_vae is not None:
         from .load import attach_tiny_vae
 

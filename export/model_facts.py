@@ -131,6 +131,30 @@ LCM_STEPS = 4
 LCM_GUIDANCE = 8.5
 
 
+def recommend_defaults(steps: int | None = None, guidance_scale: float | None = None,
+                       scheduler: str | None = None) -> dict:
+    """What the model's makers recommend, for the bundle's defaults (SD-Turbo: 1 step,
+    guidance 0; SDXL-Turbo: 1-4 steps, guidance 0), so `ldm-run BUNDLE -p ...` uses them:
+    ``LoadedModel.defaults.update()`` takes the result. Each is checked here: a bad value is a
+    one-line error before the model is loaded."""
+    import math
+
+    from ldm_edge.runtime.schedulers import scheduler_names
+
+    if steps is not None and not 1 <= steps <= 1000:
+        raise ModelLoadError(f"--default-steps {steps} must be between 1 and 1000")
+    if guidance_scale is not None and not (math.isfinite(guidance_scale) and
+                                           0 <= guidance_scale <= 100):
+        raise ModelLoadError(f"--default-guidance-scale {guidance_scale} must be between 0 "
+                             f"and 100 (0 or 1: no classifier-free guidance)")
+    if scheduler is not None and scheduler not in scheduler_names():
+        raise ModelLoadError(f"--default-scheduler {scheduler!r} is not one of "
+                             f"{', '.join(scheduler_names())}")
+    given = {"num_inference_steps": steps, "guidance_scale": guidance_scale,
+             "scheduler": scheduler}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def check_unet(unet, noise_level_classes: bool = False) -> None:
     """Refuse, by name, a U-Net config key this exporter does not wire (UNWIRED_UNET_KEYS).
     ``noise_level_classes``: the SD x4 upscaler's U-Net, class-conditioned on the noise

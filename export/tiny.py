@@ -364,3 +364,16 @@ def save_tiny_with_taesd(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def save_tiny_turbo(path: str | Path, seed: int = 0) -> Path:
+    """A tiny SD-Turbo-shaped pipeline: the SD2 parts with SD-Turbo's sampler, Euler on
+    ``trailing`` timesteps (its first step starts at t = 999, so one step can draw a picture)."""
+    from diffusers import EulerDiscreteScheduler
+
+    pipe = tiny_pipeline("sd2", seed)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config,
+                                                        timestep_spacing="trailing")
+    path = Path(path)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path

@@ -67,7 +67,7 @@ class BundleDefaults:
         d, dims = manifest.defaults, manifest.dims
         return cls(height=d.height, width=d.width, num_inference_steps=d.num_inference_steps,
                    guidance_scale=float(d.guidance_scale),
-                   scheduler=default_scheduler_name(manifest.scheduler),
+                   scheduler=d.scheduler or default_scheduler_name(manifest.scheduler),
                    size_multiple=manifest.multiple, min_size=manifest.min_size,
                    max_size=dims.max_size, max_batch=dims.max_batch,
                    vae_scale_factor=int(manifest.vae_scale_factor),

@@ -438,6 +438,9 @@ class DefaultsRecord(_GivenKeys):
     width: int = 512
     num_inference_steps: int = 25
     guidance_scale: float = 7.5
+    # the runtime scheduler name to sample with by default, where it is not the one the model's
+    # scheduler config names (`ldm-export onnx --default-scheduler`); None: that one
+    scheduler: str | None = None
 
 
 @dataclass
