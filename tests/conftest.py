@@ -1,7 +1,7 @@
 """Shared fixtures: tiny random SD1/SD2 models (built here, nothing downloaded) and their bundles.
 
-Tiers are folders (unit/, parity/, cli/, gpu/, serve/) and markers (parity, cli, gpu, serve,
-slow).
+Tiers are folders (unit/, parity/, cli/, gpu/, serve/, rtx/) and markers (parity, cli, gpu,
+serve, rtx, slow). rtx/: a real TensorRT-RTX parser and builder on the CPU (docs/tensorrt.md).
 GPU tests are skipped on machines without CUDA/TensorRT, with the reason printed (-ra).
 """
 
@@ -35,7 +35,7 @@ FAMILIES = ("sd1", "sd2")
 def pytest_collection_modifyitems(config, items):
     for item in items:
         tier = Path(str(item.fspath)).parent.name
-        if tier in ("parity", "cli", "gpu", "serve"):
+        if tier in ("parity", "cli", "gpu", "serve", "rtx"):
             item.add_marker(getattr(pytest.mark, tier))
 
 
