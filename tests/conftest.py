@@ -31,23 +31,16 @@ sys.path.insert(0, str(TESTS / "cli"))
 
 FAMILIES = ("sd1", "sd2")
 
+# defined in helpers (a module no other file shadows: each tier's conftest.py is imported as
+# `conftest`), kept importable from here for the tests that take them from conftest
+from helpers import EXPORT_MODULES, TorchNoise, need_export_extra  # noqa: E402,F401
+
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         tier = Path(str(item.fspath)).parent.name
         if tier in ("parity", "cli", "gpu", "serve", "rtx"):
             item.add_marker(getattr(pytest.mark, tier))
-
-
-# What building the tiny models and their bundles imports: the export extra, absent on the
-# lean runtime install (`pip install .[test]`), where the tests that need them skip.
-EXPORT_MODULES = ("torch", "diffusers", "transformers", "onnx")
-
-
-def need_export_extra() -> None:
-    for mod in EXPORT_MODULES:
-        pytest.importorskip(mod, reason=f"needs {mod} (pip install .[export]) to build the "
-                                        f"tiny models; the lean runtime install has none")
 
 
 @pytest.fixture(scope="session")
@@ -129,21 +122,6 @@ def bundle(tiny_bundles, tmp_path):
     b = tmp_path / "bundle"
     shutil.copytree(tiny_bundles["sd1"], b)
     return b
-
-
-class TorchNoise:
-    """A numpy-Generator-shaped noise source that draws from torch's CPU generator, so the
-    runtime's stochastic schedulers and img2img draw exactly what diffusers draws."""
-
-    def __init__(self, seed: int):
-        import torch
-
-        self._torch = torch
-        self.g = torch.Generator().manual_seed(seed)
-
-    def standard_normal(self, size, dtype=np.float32):
-        t = self._torch.randn(tuple(size), generator=self.g, dtype=self._torch.float32)
-        return t.numpy().astype(dtype)
 
 
 class FakeTensorRTEnvironment:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 DIFFUSERS_SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}),
@@ -59,3 +60,29 @@ def imported_modules(importtime_stderr: str) -> set[str]:
         if line.startswith("import time:") and "|" in line:
             mods.add(line.rsplit("|", 1)[1].strip().split(".")[0])
     return mods
+
+
+# What building the tiny models and their bundles imports: the export extra, absent on the
+# lean runtime install (`pip install .[test]`), where the tests that need them skip.
+EXPORT_MODULES = ("torch", "diffusers", "transformers", "onnx")
+
+
+def need_export_extra() -> None:
+    for mod in EXPORT_MODULES:
+        pytest.importorskip(mod, reason=f"needs {mod} (pip install .[export]) to build the "
+                                        f"tiny models; the lean runtime install has none")
+
+
+class TorchNoise:
+    """A numpy-Generator-shaped noise source that draws from torch's CPU generator, so the
+    runtime's stochastic schedulers and img2img draw exactly what diffusers draws."""
+
+    def __init__(self, seed: int):
+        import torch
+
+        self._torch = torch
+        self.g = torch.Generator().manual_seed(seed)
+
+    def standard_normal(self, size, dtype=np.float32):
+        t = self._torch.randn(tuple(size), generator=self.g, dtype=self._torch.float32)
+        return t.numpy().astype(dtype)

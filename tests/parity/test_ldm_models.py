@@ -16,7 +16,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TorchNoise
+from helpers import TorchNoise
 from helpers import run_cli, to_uint8
 
 from ldm_edge.runtime.compare import psnr

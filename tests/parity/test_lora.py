@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers import diffusers_pipeline, run_cli, to_uint8  # noqa: F401
+from helpers import TorchNoise, diffusers_pipeline, run_cli, to_uint8  # noqa: F401
 
 from ldm_edge.runtime.compare import psnr
 from ldm_edge.runtime.pipeline import Pipeline
@@ -326,7 +326,6 @@ def test_lcm_lora_with_the_lcm_scheduler_matches_diffusers(tiny_models, tiny_bun
     scheduler's injected noise drawn from torch in diffusers' order (conftest.TorchNoise)."""
     import diffusers
     import torch
-    from conftest import TorchNoise
 
     lora, steps, guidance = loras["sd1"]["b"], 4, 1.5
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TorchNoise
+from helpers import TorchNoise
 from PIL import Image
 
 from ldm_edge.runtime.compare import psnr

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import DIFFUSERS_SCHEDULERS, diffusers_pipeline, to_uint8
-from conftest import TorchNoise
+from helpers import TorchNoise
 
 from ldm_edge.runtime.compare import psnr
 from ldm_edge.runtime.pipeline import Pipeline

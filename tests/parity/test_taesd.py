@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import TorchNoise
+from helpers import TorchNoise
 from helpers import to_uint8
 
 from ldm_edge.runtime.compare import psnr

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TorchNoise
+from helpers import TorchNoise
 from helpers import diffusers_pipeline, to_uint8
 
 from ldm_edge.runtime.compare import psnr

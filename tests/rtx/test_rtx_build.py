@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rtx_build
+from helpers import need_export_extra
 from rtx_build import Job, compile_graph, compile_graphs
 
 pytestmark = pytest.mark.rtx
@@ -57,8 +58,6 @@ def cases(rtx, request, tmp_path_factory) -> dict:
     would build from it, built. The suite's session bundles are reused as they are; FP16 and
     INT8 are added to copies by the CLI. The work goes to the workers as soon as it can start
     (a kind's FP32 graphs while the next kinds export, its FP16 graphs once made)."""
-    from conftest import need_export_extra
-
     need_export_extra()
     root = tmp_path_factory.mktemp("rtx-cases")
     futures = {}
