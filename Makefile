@@ -49,9 +49,10 @@ eval-demo: install
 eval-demo-torch: install
 	$(BIN)/python -m ldm_edge.demo.eval_bundle --reference diffusers --n $(N)
 
-# side-by-side benchmark vs diffusers; QUICK=1: demo + SD1.5 arch at 256², < 15 min
+# side-by-side benchmark vs diffusers; QUICK=1: demo + SD1.5 arch at 256², < 15 min;
+# FEW_STEP=1: then LCM SD1.5 at 4 steps and SD-Turbo-shaped SD2.1 at 1 step, 512² (~40 min fresh)
 bench: install
-	env -u OMP_NUM_THREADS $(BIN)/python benchmarks/bench.py $(if $(QUICK),--quick,)
+	env -u OMP_NUM_THREADS $(BIN)/python benchmarks/bench.py $(if $(QUICK),--quick,) $(if $(FEW_STEP),--few-step,)
 
 # a CUDA machine with TensorRT, < 10 min: FP16/INT8 engines for the demo and tiny SD1, ldm-run on
 # them vs onnxruntime (PSNR, timings), the demo LoRA refitted -> out/gpu-check/report.md

@@ -145,6 +145,10 @@ def main(argv=None) -> None:
                     help="do not make an INT8 U-Net for a bundle that has none")
     ap.add_argument("--no-lora", action="store_true",
                     help="skip the LoRA cost benchmark (bench_lora.py) on the first SD1.5 model")
+    ap.add_argument("--few-step", action="store_true",
+                    help="then time to a 512² picture with few-step models (bench_few_step.py: "
+                         "LCM SD1.5 and SD-Turbo-shaped SD2.1, full VAE and TAESD, FP32 and "
+                         "INT8; ~40 min from nothing, so not by default)")
     a = ap.parse_args(argv)
     a.models = (a.models or ("demo,sd15-256" if a.quick else "demo,sd15-256,sd15-512")).split(",")
     a.steps = a.steps or (4 if a.quick else 10)
@@ -174,6 +178,10 @@ def main(argv=None) -> None:
 
     write_reports(results, OUT, command=" ".join(["python benchmarks/bench.py", *(argv or sys.argv[1:])]),
                   wall_s=time.time() - t0)
+    if a.few_step:  # its own report: out/bench/few-step/results.md
+        from bench_few_step import main as few_step
+
+        few_step(["--threads", str(a.threads), "--repeats", str(a.repeats)])
 
 
 if __name__ == "__main__":
