@@ -94,17 +94,12 @@ def lcm_sd15_pipeline():
         LCMScheduler,
         UNet2DConditionModel,
     )
+    from bench_models import CLIP_L14, clip_text_model
     from ldm_edge.export.tiny import tiny_clip_tokenizer
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(SEED + 1)
     tok = tiny_clip_tokenizer()
-    # CLIP ViT-L/14's text tower, as bench_models.sd15_pipeline builds it
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                      num_attention_heads=12, num_hidden_layers=12,
-                                      max_position_embeddings=77, hidden_act="quick_gelu",
-                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                      pad_token_id=tok.pad_token_id, projection_dim=768))
+    te = clip_text_model(tok, CLIP_L14)  # as bench_models.sd15_pipeline builds it
     unet = UNet2DConditionModel(sample_size=SIZE // 8, cross_attention_dim=768,
                                 time_cond_proj_dim=LCM_TIME_COND_DIM)
     # LCM-Dreamshaper's scheduler config
@@ -127,16 +122,12 @@ def turbo_sd21_pipeline():
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
+    from bench_models import OPENCLIP_H14, clip_text_model
     from ldm_edge.export.tiny import tiny_clip_tokenizer
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(SEED + 2)
     tok = tiny_clip_tokenizer(pad_token="!")  # SD2's tokenizer pads with "!"
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096,
-                                      num_attention_heads=16, num_hidden_layers=23,
-                                      max_position_embeddings=77, hidden_act="gelu",
-                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                      pad_token_id=tok.pad_token_id, projection_dim=512))
+    te = clip_text_model(tok, OPENCLIP_H14)
     unet = UNet2DConditionModel(sample_size=SIZE // 8, cross_attention_dim=1024,
                                 attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
     sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,

@@ -10,23 +10,32 @@ from pathlib import Path
 import numpy as np
 
 SD15_SEED = 0
+# text towers at their real sizes: (hidden, intermediate, heads, layers, activation, projection)
+CLIP_L14 = (768, 3072, 12, 12, "quick_gelu", 768)  # CLIP ViT-L/14 (SD 1.x)
+OPENCLIP_H14 = (1024, 4096, 16, 23, "gelu", 512)  # OpenCLIP ViT-H/14, penultimate layer (SD 2.x)
+
+
+def clip_text_model(tok, arch=CLIP_L14):
+    """A random CLIPTextModel of ``arch`` with the ids of tokenizer ``tok``."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    hidden, inter, heads, layers, act, proj = arch
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
+        num_hidden_layers=layers, max_position_embeddings=77, hidden_act=act,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, projection_dim=proj))
 
 
 def sd15_pipeline():
     import torch
     from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionPipeline,
                            UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     from ldm_edge.export.tiny import tiny_clip_tokenizer
 
     torch.manual_seed(SD15_SEED)
     tok = tiny_clip_tokenizer()
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                      num_attention_heads=12, num_hidden_layers=12,
-                                      max_position_embeddings=77, hidden_act="quick_gelu",
-                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                      pad_token_id=tok.pad_token_id, projection_dim=768))
+    te = clip_text_model(tok, CLIP_L14)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # SD1.x otherwise
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                         down_block_types=("DownEncoderBlock2D",) * 4,

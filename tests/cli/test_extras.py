@@ -211,6 +211,7 @@ def resolve(extra: str, tmp_path: Path) -> list[tuple[str, str]]:
     return [(i["metadata"]["name"], i["metadata"]["version"]) for i in report["install"]]
 
 
+@pytest.mark.network
 @pytest.mark.parametrize("extra", EXTRAS)
 def test_extra_resolves_to_one_cuda_major_on_pypi(extra, tmp_path):
     why = index_reachable()
