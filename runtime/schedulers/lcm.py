@@ -45,6 +45,13 @@ class LCMScheduler(IndexedScheduler):
     }
 
     def set_timesteps(self, num_inference_steps: int) -> None:
+        self.set_timesteps_within(num_inference_steps, 1.0)
+
+    def set_timesteps_within(self, num_inference_steps: int, strength: float) -> None:
+        """``num_inference_steps`` steps picked from the first ``strength`` of the distillation
+        schedule (from the noisy end): the image-to-image schedule of diffusers'
+        LatentConsistencyModelImg2ImgPipeline (its LCMScheduler.set_timesteps(strength=));
+        strength 1: text-to-image's."""
         n_train = self.config["num_train_timesteps"]
         original = self.config["original_inference_steps"]
         n = int(num_inference_steps)
@@ -54,9 +61,15 @@ class LCMScheduler(IndexedScheduler):
             raise SchedulerConfigError(
                 f"{self.name}: num_inference_steps={n} must not exceed original_inference_steps={original}"
             )
+        window = int(original * strength)
+        if window < n:
+            raise SchedulerConfigError(
+                f"{self.name}: --strength {strength} keeps {window} of the model's {original} "
+                f"distillation steps, fewer than --steps {n}; raise --strength or lower --steps")
         # 1. the distillation schedule: every k-th training step, ending at k*original - 1
+        # (at k*window - 1 for image-to-image)
         k = n_train // original
-        origin = (np.arange(1, original + 1) * k - 1)[::-1]
+        origin = (np.arange(1, window + 1) * k - 1)[::-1]
         # 2. n evenly spaced (floored) picks from it, starting at the noisiest
         picks = np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)
         self.timesteps = origin[picks].astype(np.int64)

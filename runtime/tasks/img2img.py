@@ -14,6 +14,11 @@ class ImageToImage(TaskPlan):
     name = NAME
 
     def timesteps(self, sched, req):
+        if req.guidance_embedded and hasattr(sched, "set_timesteps_within"):
+            # an LCM-distilled model: LatentConsistencyModelImg2ImgPipeline's schedule, all
+            # of --steps inside the first --strength of the distillation schedule
+            sched.set_timesteps_within(req.num_inference_steps, req.strength)
+            return sched.timesteps
         return strength_timesteps(sched, req)
 
     def start(self, pipe, sched, timesteps, req, gen) -> TaskStart:

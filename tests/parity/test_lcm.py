@@ -164,3 +164,34 @@ def test_int8_is_calibrated_and_checked_with_the_few_step_samplers(lcm_bundle, t
     assert q.unet_cosine_min > MIN_INT8_UNET_COSINE, q.per_scheduler
     form = m.components["unet"].variants["int8"].forms["tensorrt"]
     assert list(form.check["per_scheduler_db"]) == list(q.per_scheduler)
+
+
+def test_img2img_matches_the_lcm_img2img_pipeline(lcm_bundle, lcm_model):
+    """An LCM-distilled model's image-to-image is LatentConsistencyModelImg2ImgPipeline's: all
+    of the steps inside the first `strength` of the distillation schedule (599, 459, 299, 159
+    for 4 steps at 0.6), not the last `strength` of the text-to-image schedule (20 dB apart)."""
+    import diffusers
+    from PIL import Image
+
+    init = np.random.default_rng(5).uniform(0, 255, (1, 128, 128, 3)).astype(np.uint8)
+    pipe = diffusers.LatentConsistencyModelImg2ImgPipeline.from_pretrained(
+        lcm_model, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    ref = to_uint8(pipe(PROMPT, image=Image.fromarray(init[0]), strength=0.6,
+                        num_inference_steps=4, guidance_scale=8.5, output_type="np",
+                        generator=torch.Generator().manual_seed(11)).images)
+    ours = Pipeline(lcm_bundle)
+    calls = []
+    ours.add_call_hook(lambda c: calls.append(float(np.ravel(c.feeds["timestep"])[0]))
+                       if c.name == "unet" else None)
+    out = ours(PROMPT, num_inference_steps=4, guidance_scale=8.5, init_image=init, strength=0.6,
+               generator=TorchNoise(11))
+    assert calls == [float(t) for t in pipe.scheduler.timesteps]
+    assert psnr(out.images, ref) >= MIN_PSNR_DB, psnr(out.images, ref)
+
+
+def test_a_strength_too_small_for_the_steps_is_one_line(lcm_bundle):
+    init = np.zeros((1, 128, 128, 3), np.uint8)
+    with pytest.raises(UsageError, match=r"--strength 0.05 keeps 2 of the model's 50") as e:
+        Pipeline(lcm_bundle)(PROMPT, num_inference_steps=4, init_image=init, strength=0.05, seed=0)
+    assert "\n" not in str(e.value)
