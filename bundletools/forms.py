@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ldm_edge.runtime.backends.sessions import SessionFromOnnx
+from ldm_edge.runtime.bundle.control_spec import level_dims
 from ldm_edge.runtime.bundle.schema import (BundleManifest, FormRecord, VariantRecord,
                                             read_manifest_json)
 from ldm_edge.runtime.bundle.spec import ComponentSpec
@@ -81,6 +82,7 @@ def sample_feeds(session, spec: ComponentSpec, batch: int, height: int, width: i
     rng = np.random.default_rng(seed)
     dims = {"batch": batch, "height": height, "width": width,
             "latent_height": height // factor, "latent_width": width // factor}
+    dims.update(level_dims(dims["latent_height"], dims["latent_width"]))  # ControlNet residuals
     types = {i.name: i.type for i in session.get_inputs()}
     feeds = {}
     for t in spec.inputs:

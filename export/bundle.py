@@ -18,7 +18,8 @@ import ldm_edge
 from ldm_edge.bundletools.files import file_record
 from ldm_edge.bundletools.forms import ATTENTION_COMPONENTS, FORM, make_form
 from ldm_edge.bundletools.staging import staged_dir
-from ldm_edge.runtime.bundle.schema import (FORMAT_VERSION, BundleManifest, ComponentRecord,
+from ldm_edge.runtime.bundle.schema import (FORMAT_VERSION, AddedConditioningRecord,
+                                            BundleManifest, ComponentRecord,
                                             ModelRecord, TinyVaeRecord, TokenizerRecord,
                                             VariantRecord, write_manifest_json)
 from ldm_edge.runtime.bundle.spec import TINY_VAE, ModelDims, describe
@@ -27,6 +28,7 @@ from ldm_edge.runtime.errors import ExportError
 from ldm_edge.runtime.fsutil import atomic_write_bytes
 from ldm_edge.runtime.tasks import task_specs
 
+from .controlnet import export_controlnets, prepare_controlnets
 from .load import LoadedModel
 from .onnx_export import (DEFAULT_OPSET, check_component, check_inputs_read, export_component,
                           worst)
@@ -50,6 +52,8 @@ class ExportOptions:
     force: bool = False
     # add each attention component's onnxruntime form (bundletools/forms.py)
     fused_forms: bool = True
+    # --controlnet DIR or NAME=DIR: the U-Net takes residuals, each its own graph
+    controlnets: tuple = ()
 
 
 def check_sizes(model: LoadedModel, opts: ExportOptions) -> None:
@@ -72,14 +76,9 @@ def export_bundle(model: LoadedModel, out: str | Path, opts: ExportOptions,
                   progress: Callable[[str], None] = lambda msg: None) -> BundleManifest:
     """Export, check and write the bundle; return the manifest written."""
     check_sizes(model, opts)
-    dims = ModelDims(latent_channels=model.latent_channels,
-                     vae_scale_factor=model.vae_scale_factor,
-                     text_hidden_size=model.text_hidden_size,
-                     text_max_length=model.tokenizer_max_length,
-                     use_attention_mask=model.use_attention_mask, min_size=opts.min_size,
-                     max_size=opts.max_size, max_batch=opts.max_batch,
-                     time_cond_proj_dim=model.time_cond_proj_dim)
+    dims = model_dims(model, opts)
     specs = task_specs(describe(dims), model.task, model.unet_in_channels)
+    nets = prepare_controlnets(model, opts.controlnets, specs)  # export/controlnet.py
     out = Path(out)
     with staged_dir(out, opts.force) as stage:
         components = {}
@@ -116,9 +115,32 @@ def export_bundle(model: LoadedModel, out: str | Path, opts: ExportOptions,
         if model.tokenizer_json:  # none for a model that takes no prompt
             tok_path = stage / "tokenizer.json"
             atomic_write_bytes(tok_path, model.tokenizer_json.encode())
-        manifest = build_manifest(model, dims, components, tok_path, stage)
+        nets = _controlnets(nets, model, specs, stage, opts, progress)
+        manifest = build_manifest(model, dims, {**components, **nets[0]}, tok_path, stage)
+        manifest.controlnets = nets[1]
+        _record_second_encoder(model, manifest, stage)
         write_manifest_json(stage, manifest)
     return manifest
+
+
+def _controlnets(nets, model: LoadedModel, specs: dict, stage: Path, opts: ExportOptions,
+                 progress) -> tuple[dict, dict]:
+    """Each --controlnet's graph, checked: (components, the manifest's controlnets records)."""
+    return export_controlnets(nets, specs["unet"], stage, family=model.family,
+                              factor=model.vae_scale_factor, height=int(model.defaults["height"]),
+                              width=int(model.defaults["width"]), opset=opts.opset,
+                              progress=progress)
+
+
+def model_dims(model: LoadedModel, opts: ExportOptions) -> ModelDims:
+    """The dimensions that fix the components' interfaces, and the exported ranges."""
+    given = dict(latent_channels=model.latent_channels, vae_scale_factor=model.vae_scale_factor,
+                 text_hidden_size=model.text_hidden_size,
+                 text_max_length=model.tokenizer_max_length,
+                 use_attention_mask=model.use_attention_mask, min_size=opts.min_size,
+                 max_size=opts.max_size, max_batch=opts.max_batch,
+                 time_cond_proj_dim=model.time_cond_proj_dim)
+    return ModelDims(**{**given, **_second_encoder_dims(model)})
 
 
 def build_manifest(model: LoadedModel, dims: ModelDims, components: dict, tok_path: Path,
@@ -159,6 +181,38 @@ def _tokenizer_record(model: LoadedModel, tok_path: Path | None, root: Path):
                            truncation="longest_first")
 
 
+def _second_encoder_dims(model: LoadedModel) -> dict:
+    """SDXL's ModelDims: the second encoder's width, its pooled width, the time ids."""
+    second = model.second_encoder
+    if second is None:
+        return {}
+    if model.text_encoder is not None and \
+            second.tokenizer["tokenizer_max_length"] != model.tokenizer_max_length:
+        raise ExportError("the two tokenizers pad to different lengths; SDXL's both pad to 77")
+    return dict(text_hidden_size_2=second.hidden_size, text_embeds_dim=second.projection_dim,
+                time_ids_dim=model.time_ids_dim,
+                text_max_length=second.tokenizer["tokenizer_max_length"])
+
+
+def _record_second_encoder(model: LoadedModel, manifest: BundleManifest, stage: Path) -> None:
+    """SDXL: tokenizer_2.json and the added conditioning's settings."""
+    second = model.second_encoder
+    if second is None:
+        return
+    path = stage / "tokenizer_2.json"
+    atomic_write_bytes(path, second.tokenizer["tokenizer_json"].encode())
+    tok = file_record(path, stage)
+    t = second.tokenizer
+    manifest.tokenizer_2 = TokenizerRecord(
+        size=tok.size, sha256=tok.sha256, file=tok.path, max_length=t["tokenizer_max_length"],
+        pad_id=t["pad_token_id"], pad_token=t["pad_token"], use_attention_mask=False,
+        truncation="longest_first")
+    manifest.added_conditioning = AddedConditioningRecord(
+        force_zeros_for_empty_prompt=second.force_zeros_for_empty_prompt,
+        requires_aesthetics_score=second.requires_aesthetics_score)
+    write_manifest_json(stage, manifest)
+
+
 def _tiny_vae_record(model: LoadedModel) -> TinyVaeRecord | None:
     if model.tiny_vae is None:
         return None
@@ -175,7 +229,9 @@ def exported_components(model: LoadedModel, opts: ExportOptions, specs: dict) ->
 
     names = []
     for n in opts.components:
-        if n in TINY_VAE:
+        if n == "text_encoder" and model.second_encoder is not None:  # SDXL: both encoders
+            names += ["text_encoder"] * (model.text_encoder is not None) + ["text_encoder_2"]
+        elif n in TINY_VAE:
             names += [n] if model.has_full_vae else []
             names += [TINY_VAE[n]] if model.tiny_vae is not None else []
         else:

@@ -64,10 +64,14 @@ def main(ctx, debug):
 @click.option("--default-scheduler", default=None,
               help="Record this sampler (ldm-run --list-schedulers) as the bundle's default "
                    "(default: the one the model's scheduler config names).")
+@click.option("--controlnet", "controlnets", multiple=True, metavar="DIR|NAME=DIR",
+              help="Also export this ControlNet (a diffusers ControlNetModel folder), named by its "
+                   "folder or NAME; repeatable. The U-Net then takes its residuals "
+                   "(ldm-run --control NAME:IMAGE; without --control, the plain picture).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 def onnx_cmd(source, out, opset, min_size, max_size, max_batch, exporter, config,
              skip_vae_encoder, tiny_vae, default_steps, default_guidance_scale,
-             default_scheduler, force):
+             default_scheduler, controlnets, force):
     """Export SOURCE (a diffusers folder, a .safetensors/.ckpt file; default: the bundled
     demo model) to ONNX, check every component against PyTorch, write the bundle."""
     from .bundle import ExportOptions, export_bundle
@@ -89,13 +93,29 @@ def onnx_cmd(source, out, opset, min_size, max_size, max_batch, exporter, config
         attach_tiny_vae(model, tiny_vae)
     comps = ("text_encoder", "unet", "vae_decoder") + (() if skip_vae_encoder else ("vae_encoder",))
     opts = ExportOptions(opset=opset, min_size=min_size, max_size=max_size, max_batch=max_batch,
-                         exporter=exporter, components=comps, force=force)
+                         exporter=exporter, components=comps, force=force,
+                         controlnets=tuple(controlnets))
     click.echo(f"family {model.family}, prediction {model.prediction_type}, "
                f"latents {model.latent_channels}ch /{model.vae_scale_factor}", err=True)
     manifest = export_bundle(model, out, opts,
                              progress=lambda m: click.echo(f"  [{time.perf_counter() - t0:6.1f}s] {m}", err=True))
     click.echo(summary_table(manifest))
     click.echo(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
+
+
+@main.command("controlnet")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.argument("controlnet", metavar="DIR|NAME=DIR")
+def controlnet_cmd(bundle, controlnet):
+    """Add a ControlNet (a diffusers ControlNetModel folder) to BUNDLE, whose U-Net must take
+    ControlNet residuals (exported with --controlnet); checked against PyTorch like the rest."""
+    from .controlnet import add_controlnet
+
+    t0 = time.perf_counter()
+    m = add_controlnet(bundle, controlnet,
+                       progress=lambda msg: click.echo(f"  [{time.perf_counter() - t0:6.1f}s] {msg}", err=True))
+    click.echo(summary_table(m))
+    click.echo(f"ControlNets in {bundle}: {', '.join(m.controlnets)}")
 
 
 @main.command("fp16")

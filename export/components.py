@@ -22,6 +22,37 @@ class TextEncoder(torch.nn.Module):
         return self.text_encoder(input_ids, attention_mask=mask, return_dict=True).last_hidden_state
 
 
+class PenultimateTextEncoder(torch.nn.Module):
+    """SDXL's text encoders: the penultimate layer's hidden state (``hidden_states[-2]``, no
+    final layer norm), and from the second (CLIPTextModelWithProjection) also its projected
+    pooled output, ``text_embeds``, as StableDiffusionXLPipeline.encode_prompt takes them."""
+
+    def __init__(self, text_encoder, pooled: bool):
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.pooled = pooled
+
+    def forward(self, input_ids):
+        out = self.text_encoder(input_ids, output_hidden_states=True, return_dict=True)
+        if self.pooled:
+            return out.hidden_states[-2], out.text_embeds
+        return out.hidden_states[-2]
+
+
+class AddedCondUNet(torch.nn.Module):
+    """An SDXL U-Net: the pooled text embeddings and the time ids (sizes and crop, or the
+    refiner's aesthetic score) enter through ``added_cond_kwargs``."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
+                         return_dict=False)[0]
+
+
 class UNet(torch.nn.Module):
     def __init__(self, unet):
         super().__init__()
@@ -138,6 +169,12 @@ class TinyVaeEncoder(torch.nn.Module):
 
 
 def wrap(model: LoadedModel, name: str) -> torch.nn.Module:
+    if name == "unet" and model.unet_residuals:  # ControlNet residuals as inputs
+        from .controlnet import ResidualUNet
+
+        return ResidualUNet(model.unet).eval()
+    if model.second_encoder is not None and name in ("text_encoder", "text_encoder_2", "unet"):
+        return _added_cond_wrap(model, name)
     if name == "text_encoder":
         return TextEncoder(model.text_encoder, model.use_attention_mask).eval()
     if name == "unet":
@@ -156,6 +193,14 @@ def wrap(model: LoadedModel, name: str) -> torch.nn.Module:
     if name == "vae_encoder_tiny":
         return TinyVaeEncoder(model.tiny_vae).eval()
     raise KeyError(name)
+
+
+def _added_cond_wrap(model: LoadedModel, name: str) -> torch.nn.Module:
+    if name == "unet":
+        return AddedCondUNet(model.unet).eval()
+    if name == "text_encoder_2":
+        return PenultimateTextEncoder(model.second_encoder.text_encoder, pooled=True).eval()
+    return PenultimateTextEncoder(model.text_encoder, pooled=False).eval()
 
 
 def reference(model: LoadedModel, name: str) -> torch.nn.Module:
@@ -178,8 +223,10 @@ def sample_inputs(spec: ComponentSpec, model: LoadedModel, batch: int, height: i
     c = model.latent_channels
     h, w = height // f, width // f
     L = model.tokenizer_max_length
-    if spec.name == "text_encoder":
-        vocab = int(model.text_encoder.config.vocab_size)
+    if spec.name in ("text_encoder", "text_encoder_2"):
+        te = model.text_encoder if spec.name == "text_encoder" else model.second_encoder.text_encoder
+        L = int(spec.input("input_ids").shape[1])
+        vocab = int(te.config.vocab_size)
         ids = rng.integers(0, vocab, size=(batch, L), dtype=np.int64)
         feeds = {"input_ids": ids}
         if "attention_mask" in spec.input_names:
@@ -195,10 +242,19 @@ def sample_inputs(spec: ComponentSpec, model: LoadedModel, batch: int, height: i
             feeds["noise_level"] = rng.integers(0, 351, size=(batch,), dtype=np.int64)
         if "encoder_hidden_states" in spec.input_names:
             feeds["encoder_hidden_states"] = rng.standard_normal(
-                (batch, L, model.text_hidden_size), dtype=np.float32)
+                (batch, L, model.cross_attention_dim), dtype=np.float32)
         if "timestep_cond" in spec.input_names:  # sin/cos of the guidance embedding: [-1, 1]
             feeds["timestep_cond"] = rng.uniform(
                 -1, 1, size=(batch, model.time_cond_proj_dim)).astype(np.float32)
+        if "time_ids" in spec.input_names:  # SDXL: pooled text embeddings; sizes in pixels
+            feeds["text_embeds"] = rng.standard_normal(
+                (batch, model.second_encoder.projection_dim), dtype=np.float32)
+            feeds["time_ids"] = rng.integers(0, 1024, size=(batch, model.time_ids_dim)
+                                             ).astype(np.float32)
+        if model.unet_residuals:  # ControlNet residuals (export/controlnet.py)
+            from .controlnet import residual_feeds
+
+            feeds.update(residual_feeds(spec, batch, h, w, rng))
         return feeds
     if spec.name in ("vae_decoder", "vae_decoder_tiny"):
         return {"latent": rng.standard_normal((batch, c, h, w), dtype=np.float32)}
@@ -208,6 +264,9 @@ def sample_inputs(spec: ComponentSpec, model: LoadedModel, batch: int, height: i
 
 
 @torch.no_grad()
-def run_torch(module: torch.nn.Module, spec: ComponentSpec, feeds: dict) -> np.ndarray:
+def run_torch_all(module: torch.nn.Module, spec: ComponentSpec, feeds: dict) -> list[np.ndarray]:
+    """Every output of the module, in the order of ``spec.outputs``."""
     args = [torch.from_numpy(feeds[n]) for n in spec.input_names]
-    return module(*args).float().numpy()
+    out = module(*args)
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return [o.float().numpy() for o in outs]

@@ -68,6 +68,11 @@ def _load_folder(p: Path) -> LoadedModel:
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    from .sdxl_load import is_sdxl_folder, load_sdxl_folder
+
+    if is_sdxl_folder(p):
+        return load_sdxl_folder(p, _weight_files(p))
+
     missing = [part for part in PIPELINE_PARTS if not (p / part).is_dir()]
     if missing:
         raise ModelLoadError(f"{p.name}: not a StableDiffusionPipeline folder, missing "

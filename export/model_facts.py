@@ -20,6 +20,26 @@ class ModelLoadError(LdmEdgeError):
 
 
 @dataclass
+class SecondEncoder:
+    """SDXL's second text encoder (CLIPTextModelWithProjection: penultimate hidden state and
+    pooled projection) with its tokenizer's facts (tokenizer_facts), and the pipeline settings
+    of the U-Net's added conditioning (schema.AddedConditioningRecord)."""
+
+    text_encoder: object
+    tokenizer: dict
+    force_zeros_for_empty_prompt: bool = True
+    requires_aesthetics_score: bool = False
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.text_encoder.config.hidden_size)
+
+    @property
+    def projection_dim(self) -> int:
+        return int(self.text_encoder.config.projection_dim)
+
+
+@dataclass
 class LoadedModel:
     source: str
     source_sha256: str
@@ -46,6 +66,26 @@ class LoadedModel:
     tiny_vae: object | None = None
     tiny_vae_source: str | None = None
     tiny_vae_sha256: str | None = None
+    # SDXL: the second text encoder and the added conditioning (text_embeds, time_ids)
+    second_encoder: SecondEncoder | None = None
+    # the U-Net takes ControlNet residuals as inputs (`--controlnet`, export/controlnet.py)
+    unet_residuals: bool = False
+
+    @property
+    def time_ids_dim(self) -> int | None:
+        """SDXL: the number of time ids the U-Net's added embedding takes (6, the refiner's 5),
+        from its config: time ids x addition_time_embed_dim + the pooled width."""
+        if self.second_encoder is None:
+            return None
+        cfg = self.unet.config
+        rest = int(cfg.projection_class_embeddings_input_dim) - self.second_encoder.projection_dim
+        return rest // int(cfg.addition_time_embed_dim)
+
+    @property
+    def cross_attention_dim(self) -> int:
+        """The U-Net's encoder_hidden_states width (SDXL: both encoders' hidden states)."""
+        second = self.second_encoder.hidden_size if self.second_encoder else 0
+        return self.text_hidden_size + second
 
     @property
     def has_full_vae(self) -> bool:
@@ -155,16 +195,20 @@ def recommend_defaults(steps: int | None = None, guidance_scale: float | None = 
     return {k: v for k, v in given.items() if v is not None}
 
 
-def check_unet(unet, noise_level_classes: bool = False) -> None:
+def check_unet(unet, noise_level_classes: bool = False, text_time: bool = False) -> None:
     """Refuse, by name, a U-Net config key this exporter does not wire (UNWIRED_UNET_KEYS).
     ``noise_level_classes``: the SD x4 upscaler's U-Net, class-conditioned on the noise
-    level, is taken; other class-conditioned U-Nets are not."""
+    level, is taken; other class-conditioned U-Nets are not. ``text_time``: an SDXL pipeline
+    (two text encoders), whose U-Net's ``addition_embed_type="text_time"`` is wired."""
     cfg = unet.config
     for key, (taken, needs) in UNWIRED_UNET_KEYS.items():
         value = cfg.get(key)
         if value in taken or (noise_level_classes and key in NOISE_LEVEL_CLASSES):
             continue
-        what = " (SDXL-style; see the SDXL support plan)" if key == "addition_embed_type" else ""
+        if text_time and key == "addition_embed_type" and value == "text_time":
+            continue
+        what = (" (SDXL's, taken from a pipeline folder with text_encoder_2/)"
+                if value == "text_time" else "")
         raise ModelLoadError(f"U-Net with {key}={value!r}{what} needs {needs}, which the "
                              f"exported graph does not take; such U-Nets are not supported "
                              f"(SD1.x/SD2.x/LDM/LCM U-Nets are)")

@@ -26,7 +26,7 @@ from ldm_edge.runtime.bundle.spec import ComponentSpec
 from ldm_edge.runtime.compare import Comparison, compare
 from ldm_edge.runtime.errors import ExportError, first_line  # noqa: F401 (re-exported)
 
-from .components import reference, run_torch, sample_inputs, wrap
+from .components import reference, run_torch_all, sample_inputs, wrap
 from .load import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -142,17 +142,19 @@ def check_shapes(model: LoadedModel, spec: ComponentSpec) -> list[tuple[int, int
 
 def check_component(model: LoadedModel, spec: ComponentSpec, onnx_path: Path,
                     shapes=None) -> list[Comparison]:
-    """Run the graph in onnxruntime and PyTorch on the same inputs at each shape."""
+    """Run the graph in onnxruntime and PyTorch on the same inputs at each shape; every
+    output is compared (an SDXL text encoder's pooled embeddings too)."""
     module = reference(model, spec.name)
     sess = SessionFromOnnx(onnx_path)()
     results = []
     for i, (b, h, w) in enumerate(shapes or check_shapes(model, spec)):
         feeds = sample_inputs(spec, model, b, h, w, seed=10 + i)
-        ref = run_torch(module, spec, feeds)
-        out = sess.run([spec.output_names[0]], feeds)[0]
-        label = f"{spec.name} b{b} {h}x{w}"
-        results.append(compare(out, ref, label, atol=EXPORT_ATOL, rtol=EXPORT_RTOL,
-                               min_cosine=EXPORT_MIN_COSINE))
+        refs = run_torch_all(module, spec, feeds)
+        outs = sess.run(spec.output_names, feeds)
+        for name, out, ref in zip(spec.output_names, outs, refs):
+            label = f"{spec.name} b{b} {h}x{w}" + (f" {name}" if len(refs) > 1 else "")
+            results.append(compare(out, ref, label, atol=EXPORT_ATOL, rtol=EXPORT_RTOL,
+                                   min_cosine=EXPORT_MIN_COSINE))
     return results
 
 

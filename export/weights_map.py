@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from operator import attrgetter
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,9 @@ from ldm_edge.runtime.lora.weights_map import MappedParam, WeightsMap, map_file_
 
 from .load import LoadedModel
 
-# the components a LoRA may change, and the model attribute that holds each
-MAPPED = {"unet": "unet", "text_encoder": "text_encoder"}
+# the components a LoRA may change, and the model attribute (a dotted path) that holds each
+MAPPED = {"unet": "unet", "text_encoder": "text_encoder",
+          "text_encoder_2": "second_encoder.text_encoder"}  # SDXL's CLIP with projection
 
 
 def _digest(a: np.ndarray) -> str:
@@ -93,7 +95,7 @@ def verify_weights_map(wmap: WeightsMap, module: torch.nn.Module, onnx_path: Pat
 def write_weights_map(model: LoadedModel, component: str, onnx_path: Path,
                       forms: list[Path] = ()) -> Path:
     """Build, verify and write ``<component>.weights-map.json`` beside the graph."""
-    module = getattr(model, MAPPED[component])
+    module = attrgetter(MAPPED[component])(model)
     wmap = build_weights_map(module, component, onnx_path)
     verify_weights_map(wmap, module, onnx_path, forms)
     out = onnx_path.parent / map_file_name(component)

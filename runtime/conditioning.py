@@ -5,7 +5,9 @@ the whole loop. One class a kind, picked by ``conditioning_for`` from what the b
   text-to-image model) -> ``encoder_hidden_states``, [negatives; prompts] under guidance;
 * ``NoConditioning``: a model without a text encoder (unconditional, super-resolution);
 * ``GuidanceEmbedding``: an LCM-distilled U-Net: the prompts (no negatives: no guidance batch)
-  and the guidance scale's embedding as ``timestep_cond``.
+  and the guidance scale's embedding as ``timestep_cond``;
+* ``AddedConditioning``: SDXL: two text encoders' penultimate hidden states joined, the second's
+  pooled projection as ``text_embeds``, and the micro-conditioning as ``time_ids``.
 
 A family with more (two encoders and pooled embeddings, a guidance embedding) adds a class and
 a line in ``conditioning_for``; the denoise loop binds whatever ``feeds`` holds.
@@ -70,6 +72,58 @@ class GuidanceEmbedding(PromptConditioning):
         return out
 
 
+class AddedConditioning:
+    """SDXL (StableDiffusionXL*Pipeline.encode_prompt): each prompt through both text encoders
+    (the refiner has the second only), their penultimate hidden states joined on the feature
+    axis, the second's pooled projection as ``text_embeds``; under guidance the negatives first,
+    or zeros where the model says so and no negative prompt was given (``req.zero_negative``);
+    ``time_ids`` from the request's micro-conditioning (runtime/added_cond.py)."""
+
+    components = ("text_encoder", "text_encoder_2")
+
+    def __init__(self, manifest):
+        from .tokenizer import PromptTokenizer
+
+        self.encoders = [(name, PromptTokenizer.from_manifest(manifest, key))
+                         for name, key in (("text_encoder", "tokenizer"),
+                                           ("text_encoder_2", "tokenizer_2"))
+                         if manifest.has(name)]
+
+    def _embed(self, pipe, prompts: list[str]):
+        """(joined hidden states, pooled embeddings, tokens dropped per prompt)."""
+        hidden, pooled, dropped = [], None, [0] * len(prompts)
+        for name, tokenizer in self.encoders:
+            tokens = tokenizer(prompts)
+            outs = pipe.call_outputs(name, {"input_ids": tokens.input_ids})
+            hidden.append(outs[0])
+            pooled = outs[1] if len(outs) > 1 else pooled
+            dropped = [max(a, b) for a, b in zip(dropped, tokens.dropped)]
+        return np.concatenate(hidden, axis=-1), pooled, dropped
+
+    def encode(self, pipe, req) -> Conditioned:
+        from .added_cond import time_ids
+
+        n = req.num_images_per_prompt
+        hidden, pooled, dropped = self._embed(pipe, [q for q in req.prompts for _ in range(n)])
+        _warn_truncated(pipe, "prompt", dropped[::n], self.encoders[0][1].max_length)
+        ids = time_ids(req, negative=False)
+        if req.guided:
+            if req.zero_negative:
+                neg_hidden, neg_pooled = np.zeros_like(hidden), np.zeros_like(pooled)
+            else:
+                negs = [q for q in req.negative_prompts for _ in range(n)]
+                neg_hidden, neg_pooled, neg_dropped = self._embed(pipe, negs)
+                _warn_truncated(pipe, "negative prompt", neg_dropped[::n],
+                                self.encoders[0][1].max_length)
+            hidden = np.concatenate([neg_hidden, hidden])
+            pooled = np.concatenate([neg_pooled, pooled])
+            ids = np.concatenate([time_ids(req, negative=True), ids])
+        return Conditioned({"encoder_hidden_states": hidden.astype(np.float32),
+                            "text_embeds": pooled.astype(np.float32),
+                            "time_ids": np.repeat(ids, req.num_images, axis=0)},
+                           dropped[::n])
+
+
 # the sinusoid's frequencies run from 1 down to 1 / GUIDANCE_MAX_PERIOD (diffusers' value)
 GUIDANCE_MAX_PERIOD = 10000.0
 GUIDANCE_SCALE_FACTOR = 1000.0  # w is scaled as a timestep is before its embedding
@@ -89,15 +143,18 @@ def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
     return emb.astype(np.float32)
 
 
-def _warn_truncated(pipe, label: str, dropped: list[int]) -> None:
+def _warn_truncated(pipe, label: str, dropped: list[int], max_length: int | None = None) -> None:
     for i, k in enumerate(dropped):
         if k:
             log.warning("%s %d is longer than the text encoder's %d tokens: %d token%s dropped",
-                        label, i + 1, pipe.tokenizer.max_length, k, "s" if k > 1 else "")
+                        label, i + 1, max_length or pipe.tokenizer.max_length, k,
+                        "s" if k > 1 else "")
 
 
 def conditioning_for(manifest):
     """The conditioning of a bundle's model family."""
+    if manifest.has("text_encoder_2"):
+        return AddedConditioning(manifest)
     if not manifest.has("text_encoder"):
         return NoConditioning()
     cond = {t.name: t for t in manifest.spec("unet").inputs}.get("timestep_cond")

@@ -43,6 +43,13 @@ FIELDS = (
     sent("init_image", "--init-image", "init_image", "init_image", "BYTES", file=True),
     sent("strength", "--strength", "strength", "strength", "FP64"),
     sent("eta", "--eta", "eta", "eta", "FP64"),
+    # SDXL's micro-conditioning (runtime/added_cond.py): pairs of pixels, the refiner's scores
+    sent("original_size", "--original-size", "original_size", "original_size", "INT32", (2,)),
+    sent("crop_top_left", "--crop-top-left", "crop_top_left", "crop_top_left", "INT32", (2,)),
+    sent("target_size", "--target-size", "target_size", "target_size", "INT32", (2,)),
+    sent("aesthetic_score", "--aesthetic-score", "aesthetic_score", "aesthetic_score", "FP64"),
+    sent("negative_aesthetic_score", "--negative-aesthetic-score", "negative_aesthetic_score",
+         "negative_aesthetic_score", "FP64"),
     # each task's own (the inpainting mask, the upscaler's noise level): its plan declares them
     *TASK_FIELDS,
     # a local run's only: refused with --server unless left at the default
@@ -58,6 +65,11 @@ FIELDS = (
     Field("vae", "--vae", None),  # a Pipeline option (recorded in the PNG), like --precision
     Field("preview", "--preview", None),  # decoded here, during the run
     Field("loras", "--lora", None, default=()),
+    # ControlNets (runtime/control.py): the control images are read here, not sent (yet)
+    Field("control", "--control", "control", default=()),
+    Field("control_start", "--control-start", "control_start"),
+    Field("control_end", "--control-end", "control_end"),
+    Field("guess_mode", "--guess-mode", "guess_mode", default=False),
     Field("no_verify", "--no-verify", None, default=False),
     Field("check_lora_int8", "--check-lora-int8", None, default=False),
 )

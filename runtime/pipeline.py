@@ -23,6 +23,7 @@ from .bundle.manifest import Manifest
 from .bundle.opener import open_bundle
 from .bundle.spec import TINY_VAE
 from .conditioning import conditioning_for
+from .control import CONTROL_KEYWORDS, ControlSteps, resolve_control
 from .errors import NumericsError, UsageError
 from .request import BundleDefaults, GenerationRequest, Provenance, resolve_request
 from .schedulers import make_scheduler
@@ -43,6 +44,7 @@ class Timings:
     unet: float = 0.0
     vae_decoder: float = 0.0
     lora: float | None = None  # merging LoRA weights in numpy, when sessions opened with some
+    controlnet: float | None = None  # the ControlNets' calls, when some ran (runtime/control.py)
     unet_per_step: list[float] = field(default_factory=list)  # each step's U-Net call(s)
     denoise_loop: float = 0.0  # the whole loop: U-Net calls plus the scheduler's numpy
     total: float = 0.0
@@ -50,8 +52,8 @@ class Timings:
 
     def add(self, stage: str, seconds: float) -> None:
         """Add to a stage's seconds (a component's name, or "lora"; the tiny VAE's graphs
-        count as the VAE's stages)."""
-        stage = stage.removesuffix("_tiny")
+        count as the VAE's stages, SDXL's second text encoder as the text encoder's)."""
+        stage = stage.removesuffix("_tiny").removesuffix("_2")
         setattr(self, stage, (getattr(self, stage) or 0.0) + seconds)
 
     @property
@@ -246,20 +248,26 @@ class Pipeline:
     def call_component(self, name: str, feeds: dict) -> np.ndarray:
         """Run component ``name`` on ``feeds`` (plus its bound inputs): its first output,
         timed, checked for NaN/Inf, seen by the call hooks."""
+        return self.call_outputs(name, feeds)[0]
+
+    def call_outputs(self, name: str, feeds: dict) -> list[np.ndarray]:
+        """Every output of component ``name`` (SDXL's second text encoder has two), in its
+        spec's order, as ``call_component``; the call hooks see (and may replace) the first."""
         b = self.backend(name)
         t0 = time.perf_counter()
-        out = b.run(feeds)[b.spec.output_names[0]]
+        result = b.run(feeds)
+        outs = [result[n] for n in b.spec.output_names]
         seconds = time.perf_counter() - t0
         self.timings.add(name, seconds)
-        if not np.isfinite(out).all():
+        if not all(np.isfinite(o).all() for o in outs):
             hint = "" if b.precision == "fp32" else "; try --precision fp32"
             raise NumericsError(f"{name} ({b.precision}) produced NaN/Inf{hint}")
         if self._hooks:
-            call = ComponentCall(name, {**b.bound, **feeds}, out, seconds)
+            call = ComponentCall(name, {**b.bound, **feeds}, outs[0], seconds)
             for hook in list(self._hooks):
                 replaced = hook(call)
-                out = out if replaced is None else replaced
-        return out
+                outs[0] = outs[0] if replaced is None else replaced
+        return outs
 
     def close(self):
         for b in self._backends.values():
@@ -363,7 +371,9 @@ class Pipeline:
     # -- the whole thing ----------------------------------------------------------
     def request(self, **keywords) -> GenerationRequest:
         """Resolve ``resolve_request``'s keywords against this bundle's defaults and limits."""
+        control = {k: keywords.pop(k) for k in CONTROL_KEYWORDS if k in keywords}
         req = resolve_request(BundleDefaults.from_manifest(self.manifest.schema), **keywords)
+        req = resolve_control(self.manifest, req, **control)  # runtime/control.py
         self._check_tiles(req)
         return req
 
@@ -375,9 +385,11 @@ class Pipeline:
                  seed: int | None = None, generator=None, latents: np.ndarray | None = None,
                  init_image: np.ndarray | str | None = None, strength: float | None = None,
                  task: str | None = None, mask=None, noise_level: int | None = None,
-                 eta: float | None = None, progress=None) -> Result:
+                 eta: float | None = None, progress=None, **added) -> Result:
         """Run ``request``, or the one the keywords resolve to. ``generator``: the caller's
-        noise source (then no seed); ``progress(done, total)``: called from step 0 on."""
+        noise source (then no seed); ``progress(done, total)``: called from step 0 on;
+        ``added``: SDXL's micro-conditioning (original_size, crop_top_left, target_size,
+        aesthetic_score, negative_aesthetic_score: runtime/added_cond.py)."""
         if request is None:
             request = self.request(
                 prompt=prompt, negative_prompt=negative_prompt,
@@ -385,7 +397,8 @@ class Pipeline:
                 scheduler=scheduler, height=height, width=width,
                 num_images_per_prompt=num_images_per_prompt, seed=seed,
                 draw_seed=generator is None, latents=latents, init_image=init_image,
-                strength=strength, task=task, mask=mask, noise_level=noise_level, eta=eta)
+                strength=strength, task=task, mask=mask, noise_level=noise_level, eta=eta,
+                **added)
         if generator is not None and request.seed is not None:
             raise UsageError("give a seed or a generator, not both")
         return self._run_stages(request, generator or np.random.default_rng(request.seed), progress)
@@ -399,7 +412,8 @@ class Pipeline:
         plan = plan_of(req.task).for_request(req)
         sched = make_scheduler(req.scheduler, self.manifest.schema.scheduler, eta=req.eta)
         cond = self.conditioning.encode(self, req)
-        self._release("text_encoder")
+        for name in self.conditioning.components:
+            self._release(name)
         timesteps = plan.timesteps(sched, req)
         start = plan.start(self, sched, timesteps, req, gen)
         self._release(self._vae_component("vae_encoder"))
@@ -427,17 +441,19 @@ class Pipeline:
         dim = spec.input("sample").shape[0]
         return dim if isinstance(dim, int) else int(spec.ranges.get("batch", (1, 1 << 30))[1])
 
-    def _unet(self, x, t, t_dtype, steady: dict, chunk: int) -> np.ndarray:
+    def _unet(self, x, t, t_dtype, steady: dict, chunk: int, extra=None) -> np.ndarray:
         """One batched call when it fits (``steady``, the inputs that hold for every step,
-        bound once by the loop), else several calls, each with its slice of ``steady``."""
+        bound once by the loop), else several calls, each with its slice of ``steady``.
+        ``extra``: this step's own inputs besides the sample (ControlNet residuals)."""
+        extra = extra or {}
         if chunk >= x.shape[0]:
             return self.call_component("unet", {
-                "sample": x, "timestep": np.full((x.shape[0],), t, dtype=t_dtype)})
+                "sample": x, "timestep": np.full((x.shape[0],), t, dtype=t_dtype), **extra})
         outs = []
         for s in range(0, x.shape[0], chunk):
             xs = x[s:s + chunk]
             feeds = {"sample": xs, "timestep": np.full((xs.shape[0],), t, dtype=t_dtype),
-                     **{k: v[s:s + chunk] for k, v in steady.items()}}
+                     **{k: v[s:s + chunk] for k, v in {**steady, **extra}.items()}}
             outs.append(self.call_component("unet", feeds))
         return np.concatenate(outs)
 
@@ -450,7 +466,8 @@ class Pipeline:
         chunk = self._unet_max_batch()
         lat = start.latents
         batch = lat.shape[0] * (2 if req.guided else 1)
-        steady = {**steady, **plan.unet_feeds(req, batch)}
+        control = ControlSteps(self, req, batch, lat.shape)  # zeros unless a ControlNet acts
+        steady = {**steady, **plan.unet_feeds(req, batch), **control.zeros}
         if steady and chunk >= batch:
             unet.bind(steady)
         per_step = []
@@ -461,8 +478,9 @@ class Pipeline:
             for i, t in enumerate(timesteps):
                 x = np.concatenate([lat, lat]) if req.guided else lat
                 x = plan.model_input(sched, x, t, start)
+                extra = control.feeds(i, len(timesteps), x, t, steady)
                 t0 = time.perf_counter()
-                out = self._unet(x, t, t_dtype, steady, chunk)
+                out = self._unet(x, t, t_dtype, steady, chunk, extra)
                 per_step.append(time.perf_counter() - t0)
                 if req.guided:
                     uncond, text = np.split(out, 2)

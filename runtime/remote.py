@@ -71,12 +71,14 @@ def _wire_value(f, value):
         items = list(value) if f.many and not isinstance(value, str) else [value]
         return [v if isinstance(v, bytes) else str(v).encode() for v in items]
     dtype = NUMPY_OF[kind]
+    values = list(value) if f.wire.dims != (1,) else [value]  # a pair: SDXL's sizes
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
-        if not info.min <= value <= info.max:
-            raise UsageError(f"{f.flag} {value} is out of range: the server takes it as "
-                             f"{kind}, {info.min} to {info.max}")
-    return np.asarray([value], dtype=dtype)
+        for v in values:
+            if not info.min <= v <= info.max:
+                raise UsageError(f"{f.flag} {v} is out of range: the server takes it as "
+                                 f"{kind}, {info.min} to {info.max}")
+    return np.asarray(values, dtype=dtype)
 
 
 def _read_file(flag: str, path) -> bytes:

@@ -60,6 +60,11 @@ class BundleDefaults:
     default_noise_level: int | None = None
     # an LCM-distilled U-Net: guidance is an input (`timestep_cond`), not a CFG batch
     guidance_embedded: bool = False
+    # SDXL: the U-Net takes time ids (runtime/added_cond.py); the refiner's end with an
+    # aesthetic score; force_zeros: no negative prompt -> zero negative embeddings
+    added_conditioning: bool = False
+    aesthetics: bool = False
+    force_zeros: bool = False
 
     @classmethod
     def from_manifest(cls, manifest: BundleManifest) -> "BundleDefaults":
@@ -73,12 +78,20 @@ class BundleDefaults:
                    vae_scale_factor=int(manifest.vae_scale_factor),
                    latent_channels=int(manifest.latent_channels), task=manifest.task,
                    guidance_embedded=_guidance_embedded(manifest),
-                   **_noise_levels(manifest.upscaler))
+                   **_noise_levels(manifest.upscaler), **_added_conditioning(manifest))
 
 
 def _guidance_embedded(manifest: BundleManifest) -> bool:
     unet = manifest.components.get("unet")
     return unet is not None and "timestep_cond" in unet.spec.input_names
+
+
+def _added_conditioning(manifest: BundleManifest) -> dict:
+    rec = manifest.added_conditioning
+    if rec is None:
+        return {}
+    return {"added_conditioning": True, "aesthetics": rec.requires_aesthetics_score,
+            "force_zeros": rec.force_zeros_for_empty_prompt}
 
 
 def _noise_levels(upscaler: dict | None) -> dict:
@@ -111,6 +124,17 @@ class GenerationRequest:
     noise_level: int | None = None  # upscale: the low-resolution image's noise level
     guidance_embedded: bool = False  # the U-Net takes the guidance scale (LCM): no CFG batch
     eta: float | None = None  # tcd's stochasticity (None: the scheduler's default)
+    # SDXL's micro-conditioning (runtime/added_cond.py): (height, width) pairs in pixels, the
+    # crop's (top, left), the refiner's aesthetic scores; None on other bundles
+    original_size: tuple | None = None
+    crop_top_left: tuple | None = None
+    target_size: tuple | None = None
+    aesthetic_score: float | None = None
+    negative_aesthetic_score: float | None = None
+    # SDXL without a negative prompt: the unconditioned half gets zero embeddings
+    zero_negative: bool = False
+    # the ControlNets and their images (runtime/control.ControlRequest); None: none
+    control: object | None = None
 
     @property
     def guided(self) -> bool:
@@ -139,7 +163,17 @@ class GenerationRequest:
                 "latents_sha256": None if self.latents is None else sha256_of(self.latents),
                 "task": self.task, "mask": self.mask.to_dict() if self.mask else None,
                 "noise_level": self.noise_level, "guidance_embedded": self.guidance_embedded,
-                "eta": self.eta}
+                "eta": self.eta, **self._added_dict(),
+                **({"control": self.control.to_dict()} if self.control else {})}
+
+    def _added_dict(self) -> dict:
+        """SDXL's micro-conditioning (None where the bundle takes none)."""
+        pair = lambda v: None if v is None else list(v)  # noqa: E731
+        return {"original_size": pair(self.original_size),
+                "crop_top_left": pair(self.crop_top_left),
+                "target_size": pair(self.target_size), "aesthetic_score": self.aesthetic_score,
+                "negative_aesthetic_score": self.negative_aesthetic_score,
+                "zero_negative": self.zero_negative}
 
 
 @dataclass(frozen=True)
@@ -173,13 +207,17 @@ def resolve_request(bundle: BundleDefaults, *, prompt, negative_prompt=None,
                     latents: np.ndarray | None = None, init_image=None,
                     strength: float | None = None, task: str | None = None,
                     mask=None, noise_level: int | None = None,
-                    eta: float | None = None) -> GenerationRequest:
+                    eta: float | None = None, original_size=None, crop_top_left=None,
+                    target_size=None, aesthetic_score: float | None = None,
+                    negative_aesthetic_score: float | None = None) -> GenerationRequest:
     """Fill what is not given from ``bundle`` and check everything (one-line UsageErrors);
     the task's plan (runtime/tasks/) resolves what is its own: size, pictures, noise level.
 
     ``init_image``: a file path (loaded here, at the resolved size) or uint8 [1, H, W, 3].
     ``seed``: none given and ``draw_seed`` -> one is drawn, so the PNG says how to redo it;
-    ``draw_seed=False`` when the caller brings its own noise generator."""
+    ``draw_seed=False`` when the caller brings its own noise generator.
+    ``original_size`` ... ``negative_aesthetic_score``: SDXL's micro-conditioning
+    (runtime/added_cond.py), refused on other bundles."""
     from .schedulers import scheduler_names
 
     task = run_task(bundle.task, task)
@@ -200,6 +238,9 @@ def resolve_request(bundle: BundleDefaults, *, prompt, negative_prompt=None,
     n = validate.batch(len(prompts), num_images_per_prompt, bundle.max_batch)
     level = plan.noise_level(noise_level, bundle)
     h, w = plan.size(bundle, height, width, init_image, strength, mask)
+    micro = _micro_conditioning(bundle, h, w, negative_prompt, dict(
+        original_size=original_size, crop_top_left=crop_top_left, target_size=target_size,
+        aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score))
     seed = _seed(seed, draw_seed)
     pics = plan.start_inputs(bundle, init_image, mask, strength, latents, h, w)
     if latents is not None:
@@ -208,7 +249,16 @@ def resolve_request(bundle: BundleDefaults, *, prompt, negative_prompt=None,
         latents = frozen(latents)
     return GenerationRequest(prompts, negs, steps, g, name, h, w, n, seed, pics.strength,
                              pics.init, latents, task, pics.mask, level,
-                             bundle.guidance_embedded, eta)
+                             bundle.guidance_embedded, eta, **micro)
+
+
+def _micro_conditioning(bundle: BundleDefaults, h: int, w: int, negative_prompt,
+                        added: dict) -> dict:
+    from .added_cond import resolve
+
+    given = negative_prompt is not None and not (
+        not isinstance(negative_prompt, str) and len(negative_prompt) == 0)
+    return resolve(bundle, h, w, given, added)
 
 
 def _prompts(prompt, negative_prompt, guidance_scale, bundle: BundleDefaults):

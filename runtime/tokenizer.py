@@ -37,9 +37,10 @@ class PromptTokenizer:
         self.max_length = max_length
 
     @classmethod
-    def from_manifest(cls, manifest) -> "PromptTokenizer":
-        t = manifest.schema.tokenizer
-        return cls(manifest.tokenizer_path, t.max_length, t.pad_id, t.pad_token)
+    def from_manifest(cls, manifest, key: str = "tokenizer") -> "PromptTokenizer":
+        """The tokenizer of record ``key`` ("tokenizer", or SDXL's "tokenizer_2")."""
+        t = getattr(manifest.schema, key)
+        return cls(manifest.tokenizer_file(key), t.max_length, t.pad_id, t.pad_token)
 
     def __call__(self, prompts: list[str]) -> Tokens:
         full = self._full.encode_batch(list(prompts))

@@ -61,6 +61,8 @@ def read_inputs(request, pb_utils) -> tuple[dict, dict]:
         elif f.wire.datatype == "BYTES":
             texts = _texts(a, f.wire.name)
             given[f.option] = texts if f.many else _one(texts, f.wire.name)
+        elif f.wire.dims != (1,):  # a pair (SDXL's sizes): checked by the request
+            given[f.option] = tuple(a.reshape(-1).tolist())
         else:
             given[f.option] = _one(a.reshape(-1).tolist(), f.wire.name)
     return given, files

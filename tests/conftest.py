@@ -57,6 +57,29 @@ def tiny_bundles(tiny_models, tmp_path_factory) -> dict[str, Path]:
     return _export_all(tiny_models, tmp_path_factory.mktemp("bundles"))
 
 
+@pytest.fixture(scope="session")
+def controlnet_models(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    """Two tiny ControlNets for the tiny SD1 model, "edges" and "depth", their zero convs
+    randomised (export/tiny_controlnet.py: diffusers' zeros would prove nothing)."""
+    from ldm_edge.export.tiny_controlnet import save_tiny_controlnet
+
+    root = tmp_path_factory.mktemp("controlnets")
+    return {name: save_tiny_controlnet(root / name, tiny_models["sd1"], seed=i + 1)
+            for i, name in enumerate(("edges", "depth"))}
+
+
+@pytest.fixture(scope="session")
+def controlnet_bundle(tiny_models, controlnet_models, tmp_path_factory) -> Path:
+    """The tiny SD1 model exported with both ControlNets (its U-Net takes their residuals)."""
+    from ldm_edge.export.bundle import ExportOptions, export_bundle
+    from ldm_edge.export.load import load_model
+
+    out = tmp_path_factory.mktemp("controlnet_bundle") / "bundle"
+    nets = tuple(str(p) for p in controlnet_models.values())
+    export_bundle(load_model(tiny_models["sd1"]), out, ExportOptions(controlnets=nets))
+    return out
+
+
 def _export_all(models: dict[str, Path], root: Path) -> dict[str, Path]:
     """Each model folder exported (default options) to ``root/bundle_<key>``."""
     from ldm_edge.export.bundle import ExportOptions, export_bundle

@@ -59,8 +59,9 @@ class Manifest:
                 self._check_files(name, precision, verify)
             if rec.weights_map is not None:  # LoRA's weights map (runtime/lora/weights_map.py)
                 self._check_file_record(rec.weights_map, f"{name} weights map", verify)
-        if self.schema.tokenizer is not None:  # none for a model that takes no prompt
-            self._check_file_record(self.schema.tokenizer.file_record, "tokenizer", verify)
+        for key in ("tokenizer", "tokenizer_2"):  # none for a model that takes no prompt
+            if (tok := getattr(self.schema, key)) is not None:
+                self._check_file_record(tok.file_record, key, verify)
 
     def _check_files(self, name: str, precision: str, verify: bool) -> None:
         rec = self.schema.components[name].variants[precision]
@@ -154,3 +155,7 @@ class Manifest:
     @property
     def tokenizer_path(self) -> Path:
         return safe_member(self.root, self.schema.tokenizer.file, "tokenizer")
+
+    def tokenizer_file(self, key: str = "tokenizer") -> Path:
+        """The file of tokenizer record ``key`` ("tokenizer", or SDXL's "tokenizer_2")."""
+        return safe_member(self.root, getattr(self.schema, key).file, key)

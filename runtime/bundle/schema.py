@@ -23,6 +23,7 @@ from ..errors import BundleError
 from ..fsutil import atomic_write_json
 from ..tasks import TASKS, takes_prompt
 from .spec import COMPONENTS, TINY_VAE, ComponentSpec
+from .control_spec import is_controlnet
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -31,6 +32,8 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 REQUIRED_KEYS = ("format_version", "model", "components", "tokenizer", "scheduler",
                  "prediction_type", "latent_channels", "vae_scale_factor", "scaling_factor")
 REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+# SDXL's refiner has only the second text encoder, which then stands for the first
+SECOND_ENCODER = {"text_encoder": "text_encoder_2"}
 # Read when a manifest does not say (bundles written before the key existed).
 DEFAULT_SIZE_MULTIPLE = 8
 
@@ -178,6 +181,26 @@ class TinyVaeRecord(Record):
     def from_json(cls, d) -> "TinyVaeRecord":
         d = _object(d, "tiny_vae")
         need(d.get("scaling_factor", 1.0), (int, float), "tiny_vae.scaling_factor", positive=True)
+        return cls._from(d)
+
+
+@dataclass
+class AddedConditioningRecord(Record):
+    """SDXL's pipeline settings for the U-Net's added conditioning (``text_embeds``,
+    ``time_ids``), as its model_index.json says them: ``force_zeros_for_empty_prompt``: with
+    no negative prompt the unconditioned half of the guidance batch gets zero embeddings;
+    ``requires_aesthetics_score``: the time ids end with an aesthetic score (the refiner)."""
+
+    force_zeros_for_empty_prompt: bool = True
+    requires_aesthetics_score: bool = False
+
+    @classmethod
+    def from_json(cls, d) -> "AddedConditioningRecord":
+        d = _object(d, "added_conditioning")
+        for key in ("force_zeros_for_empty_prompt", "requires_aesthetics_score"):
+            if not isinstance(d.get(key, False), bool):
+                raise BundleError(f"manifest added_conditioning.{key} is {d[key]!r}; "
+                                  f"re-export the bundle")
         return cls._from(d)
 
 
@@ -334,7 +357,7 @@ class ComponentRecord(Record):
 
     @classmethod
     def from_json(cls, name: str, d) -> "ComponentRecord":
-        if name not in COMPONENTS:
+        if name not in COMPONENTS and not is_controlnet(name):
             raise BundleError(f"unknown component {name!r} in manifest")
         d = _object(d, name)
         try:
@@ -367,6 +390,28 @@ class ComponentRecord(Record):
     def engine_dicts(self) -> list[dict]:
         """The engine records as JSON, for trt_engines' record checks and selection."""
         return [e.to_json() for e in self.engines]
+
+
+@dataclass
+class ControlNetRecord(Record):
+    """A ControlNet the bundle carries (``ldm-export onnx --controlnet DIR``, ``ldm-export
+    controlnet``), by its name (``ldm-run --control NAME:IMAGE``): its graph is the component
+    ``component`` (``controlnet/NAME``); where it came from and the family it was checked
+    against (runtime/bundle/control_spec.py, runtime/control.py)."""
+
+    component: str | None = None
+    source: str | None = None
+    sha256: str | None = None
+    family: str | None = None
+
+    @classmethod
+    def from_json(cls, name: str, d, components: dict) -> "ControlNetRecord":
+        d = _object(d, f"controlnets.{name}")
+        comp = d.get("component")
+        if not isinstance(comp, str) or not is_controlnet(comp) or comp not in components:
+            raise BundleError(f"manifest controlnets.{name} names no ControlNet graph "
+                              f"({comp!r}); re-export the bundle")
+        return cls._from(d)
 
 
 # -- quality ----------------------------------------------------------------------------------
@@ -458,6 +503,9 @@ class DimsRecord(_GivenKeys):
     max_size: int = 1 << 16
     max_batch: int = 1 << 16
     time_cond_proj_dim: int | None = None  # an LCM U-Net's (spec.ModelDims)
+    text_hidden_size_2: int | None = None  # SDXL's (spec.ModelDims)
+    text_embeds_dim: int | None = None
+    time_ids_dim: int | None = None
 
 
 @dataclass
@@ -465,7 +513,7 @@ class BundleManifest(Record):
     """manifest.json."""
 
     NULLABLE: ClassVar[tuple] = ("shift_factor",)
-    OMIT_EMPTY: ClassVar[tuple] = ("quality",)
+    OMIT_EMPTY: ClassVar[tuple] = ("quality", "controlnets")
 
     format_version: int = FORMAT_VERSION
     producer: dict | None = None
@@ -489,9 +537,15 @@ class BundleManifest(Record):
     defaults: DefaultsRecord = field(default_factory=DefaultsRecord)
     # None for a model that takes no prompt (tasks.PROMPTLESS)
     tokenizer: TokenizerRecord | None = field(default_factory=TokenizerRecord)
+    # SDXL: the second text encoder's tokenizer (tokenizer_2.json; SDXL's pads with "!"), and
+    # the added conditioning's settings; written only for such a bundle
+    tokenizer_2: TokenizerRecord | None = None
+    added_conditioning: AddedConditioningRecord | None = None
     scheduler: dict = field(default_factory=dict)  # as diffusers writes it
     components: dict[str, ComponentRecord] = field(default_factory=dict)
     quality: dict[str, QualityRecord] = field(default_factory=dict)
+    # the ControlNets, by name (written only when there are some)
+    controlnets: dict[str, ControlNetRecord] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, d) -> "BundleManifest":
@@ -501,7 +555,9 @@ class BundleManifest(Record):
         if task is not None and task not in TASKS:
             raise BundleError(f"unknown task {task!r} in manifest; upgrade ldm-edge or re-export")
         prompted = takes_prompt(task)
-        missing = [k for k in REQUIRED_KEYS if k not in d and (prompted or k != "tokenizer")]
+        # a model without a prompt has no tokenizer; SDXL's refiner only the second one
+        tok_free = not prompted or "tokenizer_2" in d
+        missing = [k for k in REQUIRED_KEYS if k not in d and (k != "tokenizer" or not tok_free)]
         if missing:
             raise BundleError(f"manifest.json lacks {', '.join(missing)}; re-export the bundle")
         fv = d["format_version"]
@@ -519,7 +575,8 @@ class BundleManifest(Record):
         if not isinstance(comps, dict):
             raise BundleError("manifest components is not an object; re-export the bundle")
         for name in REQUIRED_COMPONENTS:  # a tiny VAE's decoder may stand for the VAE's
-            if name not in comps and TINY_VAE.get(name) not in comps \
+            stand_in = TINY_VAE.get(name) or SECOND_ENCODER.get(name)
+            if name not in comps and stand_in not in comps \
                     and (prompted or name != "text_encoder"):
                 raise BundleError(f"bundle has no {name}; re-export it")
         if "tiny_vae" not in d and any(n in comps for n in TINY_VAE.values()):
@@ -531,6 +588,7 @@ class BundleManifest(Record):
             dims=DimsRecord.of(d.get("dims")), defaults=DefaultsRecord.of(d.get("defaults")),
             tokenizer=TokenizerRecord.from_json(d["tokenizer"]) if "tokenizer" in d else None,
             tiny_vae=TinyVaeRecord.from_json(d["tiny_vae"]) if "tiny_vae" in d else None,
+            **_added_conditioning(d), controlnets=_controlnets(d),
             components={n: ComponentRecord.from_json(n, r) for n, r in comps.items()},
             quality={p: QUALITY_RECORDS.get(p, QualityRecord).from_json(q, f"quality.{p}")
                      for p, q in quality.items()})
@@ -563,6 +621,23 @@ class BundleManifest(Record):
         if tiny:
             return float(self.tiny_vae.scaling_factor), None
         return float(self.scaling_factor), self.shift_factor
+
+
+def _controlnets(d: dict) -> dict:
+    nets = _object(d.get("controlnets", {}), "controlnets")
+    return {n: ControlNetRecord.from_json(n, r, d["components"]) for n, r in nets.items()}
+
+
+def _added_conditioning(d: dict) -> dict:
+    """The SDXL records of manifest ``d``, parsed (none where it has none)."""
+    out = {}
+    if "tokenizer_2" in d:
+        out["tokenizer_2"] = TokenizerRecord.from_json(d["tokenizer_2"])
+    if "added_conditioning" in d:
+        out["added_conditioning"] = AddedConditioningRecord.from_json(d["added_conditioning"])
+    if "text_encoder_2" in d["components"] and "tokenizer_2" not in out:
+        raise BundleError("manifest has text_encoder_2 but no tokenizer_2; re-export the bundle")
+    return out
 
 
 def _check_scalars(d: dict) -> None:

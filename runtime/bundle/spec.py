@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "vae_decoder_tiny",
-              "vae_encoder_tiny")
+              "vae_encoder_tiny", "text_encoder_2")
 # A tiny VAE (TAESD, diffusers' AutoencoderTiny) works on the same latents as the model's
 # VAE, so it has graphs of its own beside the VAE's: each VAE component -> its tiny one.
 TINY_VAE = {"vae_decoder": "vae_decoder_tiny", "vae_encoder": "vae_encoder_tiny"}
@@ -87,7 +87,7 @@ class ComponentSpec:
 
 
 # dimensions only some models have (left out of the manifest when absent)
-OPTIONAL_DIMS = ("time_cond_proj_dim",)
+OPTIONAL_DIMS = ("time_cond_proj_dim", "text_hidden_size_2", "text_embeds_dim", "time_ids_dim")
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,18 @@ class ModelDims:
     max_batch: int = 4  # images per call; the U-Net sees twice that under guidance
     # an LCM-distilled U-Net's guidance embedding width (its `timestep_cond` input), or None
     time_cond_proj_dim: int | None = None
+    # SDXL (a U-Net with added text/time conditioning): the second text encoder's width, its
+    # pooled projection's (the U-Net's `text_embeds`) and the number of `time_ids` (6: original
+    # size, crop, target size; 5 for the refiner: the aesthetic score for the target size).
+    # text_hidden_size is then the first encoder's, 0 where there is none (the refiner).
+    text_hidden_size_2: int | None = None
+    text_embeds_dim: int | None = None
+    time_ids_dim: int | None = None
+
+    @property
+    def cross_attention_dim(self) -> int:
+        """The U-Net's encoder_hidden_states width: both encoders' hidden states joined."""
+        return self.text_hidden_size + (self.text_hidden_size_2 or 0)
 
     def asdict(self) -> dict:
         """As the manifest records it: an optional dimension the model lacks (None) is left
@@ -114,8 +126,7 @@ class ModelDims:
 
 def describe(dims: ModelDims) -> dict[str, ComponentSpec]:
     """The component descriptions for a model with these dimensions."""
-    f = dims.vae_scale_factor
-    c = dims.latent_channels
+    f, c = dims.vae_scale_factor, dims.latent_channels
     lat = (dims.min_size // f, dims.max_size // f)
     pix = (dims.min_size, dims.max_size)
     text_in = [TensorSpec("input_ids", "int64", ("batch", dims.text_max_length))]
@@ -128,7 +139,7 @@ def describe(dims: ModelDims) -> dict[str, ComponentSpec]:
                           ("batch", dims.text_max_length, dims.text_hidden_size))]
     if dims.time_cond_proj_dim:  # LCM: the guidance scale's embedding (runtime/conditioning.py)
         unet_in.append(TensorSpec("timestep_cond", "float32", ("batch", dims.time_cond_proj_dim)))
-    return {
+    specs = {
         "text_encoder": ComponentSpec(
             "text_encoder",
             tuple(text_in),
@@ -172,3 +183,33 @@ def describe(dims: ModelDims) -> dict[str, ComponentSpec]:
             {"batch": batch, "height": pix, "width": pix},
         ),
     }
+    return added_conditioning(dims, specs) if dims.text_hidden_size_2 else specs
+
+
+def added_conditioning(dims: ModelDims, specs: dict[str, ComponentSpec]
+                       ) -> dict[str, ComponentSpec]:
+    """SDXL's interfaces: each text encoder gives its penultimate hidden state (SDXL's pipelines
+    take ``hidden_states[-2]``), the second also its projected pooled output (``text_embeds``);
+    the U-Net takes both hidden states joined, ``text_embeds`` and ``time_ids``. No first
+    encoder where the model has none (the refiner: ``text_hidden_size`` 0)."""
+    L = dims.text_max_length
+    ids = (TensorSpec("input_ids", "int64", ("batch", L)),)
+    hidden = "penultimate_hidden_state"
+    out = dict(specs)
+    text = specs["text_encoder"]
+    out.pop("text_encoder")
+    if dims.text_hidden_size:
+        out["text_encoder"] = ComponentSpec(
+            "text_encoder", ids,
+            (TensorSpec(hidden, "float32", ("batch", L, dims.text_hidden_size)),), text.ranges)
+    out["text_encoder_2"] = ComponentSpec(
+        "text_encoder_2", ids,
+        (TensorSpec(hidden, "float32", ("batch", L, dims.text_hidden_size_2)),
+         TensorSpec("text_embeds", "float32", ("batch", dims.text_embeds_dim))), text.ranges)
+    unet = specs["unet"]
+    ehs = TensorSpec("encoder_hidden_states", "float32", ("batch", L, dims.cross_attention_dim))
+    inputs = tuple(ehs if t.name == "encoder_hidden_states" else t for t in unet.inputs)
+    inputs += (TensorSpec("text_embeds", "float32", ("batch", dims.text_embeds_dim)),
+               TensorSpec("time_ids", "float32", ("batch", dims.time_ids_dim)))
+    out["unet"] = ComponentSpec("unet", inputs, unet.outputs, unet.ranges)
+    return out

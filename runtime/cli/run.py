@@ -65,6 +65,18 @@ def _list_schedulers(ctx, _param, value):
 @click.option("--eta", type=float, default=None,
               help="tcd's stochasticity in [0, 1] (gamma in the TCD paper; default 0.3; 0: "
                    "deterministic); other schedulers refuse it.")
+@click.option("--original-size", type=(int, int), default=None, metavar="H W",
+              help="SDXL micro-conditioning: the size the model is told the picture was before "
+                   "cropping (default: the output size).")
+@click.option("--crop-top-left", type=(int, int), default=None, metavar="TOP LEFT",
+              help="SDXL micro-conditioning: the crop's top-left corner (default: 0 0, an "
+                   "uncropped, centred picture).")
+@click.option("--target-size", type=(int, int), default=None, metavar="H W",
+              help="SDXL micro-conditioning: the size aimed at (default: the output size).")
+@click.option("--aesthetic-score", type=float, default=None,
+              help="SDXL refiner: the aesthetic score conditioned on (default 6.0).")
+@click.option("--negative-aesthetic-score", type=float, default=None,
+              help="SDXL refiner: the score of the unconditioned half (default 2.5).")
 @click.option("--latents", "latents_path", type=click.Path(), default=None,
               help="float32 .npy [num_images, C, H/f, W/f] of initial noise (as diffusers' latents=).")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]),
@@ -102,6 +114,18 @@ def _list_schedulers(ctx, _param, value):
 @click.option("--lora", "loras", multiple=True, metavar="FILE:SCALE",
               help="Apply a LoRA (diffusers/PEFT or kohya safetensors) at this scale "
                    "(default 1); repeat to blend several. The bundle is not changed.")
+@click.option("--control", multiple=True, metavar="NAME:IMAGE[:SCALE]",
+              help="Steer the picture with the bundle's ControlNet NAME (ldm-export onnx "
+                   "--controlnet) and its control image (edges, depth, pose... as the ControlNet "
+                   "was trained; resized to the output size) at SCALE (default 1); repeat for "
+                   "several, their residuals summed. Recorded in the PNG.")
+@click.option("--control-start", type=float, default=None,
+              help="Fraction of the steps after which the ControlNets start acting (default 0).")
+@click.option("--control-end", type=float, default=None,
+              help="Fraction of the steps after which they stop (default 1).")
+@click.option("--guess-mode", is_flag=True,
+              help="ControlNet guess mode (diffusers'): its residuals ramp from 0.1 to 1 down the "
+                   "U-Net, and under guidance only the prompted half gets them.")
 @click.option("--check-lora-int8", is_flag=True,
               help="With --precision int8 and a --lora on the U-Net: draw the request a second "
                    "time with the FP32 graphs (and the same LoRAs) and print the 8-bit PSNR "
@@ -221,6 +245,7 @@ def timing_table(t) -> str:
             ("vae encoder", t.vae_encoder),
             (f"unet ({len(t.unet_per_step)} steps)", t.unet),
             ("unet per step (median)", t.unet_step_median),
+            ("controlnet", t.controlnet),
             ("vae decoder", t.vae_decoder),
             ("total", t.total)]
     lines = ["stage                      seconds"]

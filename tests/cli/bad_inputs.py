@@ -4,7 +4,8 @@ Print the table with:  python tests/cli/bad_inputs.py
 Each case: (what, how to break things, ldm-run arguments, exit code, message fragment).
 Placeholders in arguments: BUNDLE (a fresh copy of a tiny bundle, broken by `breaker`),
 UNCOND / INPAINT / SR / UPSCALE (the same, of the tiny unconditional LDM / SD inpainting /
-LDM super-resolution / SD x4 upscaler bundle), TMP (a scratch folder). The error cases run without -q: stderr must be the error line alone,
+LDM super-resolution / SD x4 upscaler bundle), CONTROL (of the tiny SD1 bundle with two
+ControlNets, "edges" and "depth"), TMP (a scratch folder). The error cases run without -q: stderr must be the error line alone,
 with no progress bar before it.
 """
 
@@ -165,6 +166,14 @@ CASES = [
     ("--vae tiny on a bundle without a tiny VAE", None, ["BUNDLE", "--vae", "tiny"] + P, 2, "--vae tiny: this bundle has no tiny VAE; export it with `ldm-export onnx SOURCE --tiny-vae DIR` (DIR: a TAESD folder)"),
     ("--vae full on a bundle whose only VAE is TAESD", _m(_tiny_only), ["BUNDLE", "--vae", "full"] + P, 2, "--vae full: this bundle's only VAE is the tiny one (TAESD); drop --vae full"),
     ("--preview without a tiny VAE", None, ["BUNDLE", "--preview", "1"] + P, 2, "--preview decodes with the tiny VAE (TAESD), which this bundle has not; export it with `ldm-export onnx SOURCE --tiny-vae DIR` or drop --preview"),
+    # ControlNet (CONTROL: the tiny SD1 bundle with ControlNets edges and depth)
+    ("--control on a bundle without ControlNets", _files, ["BUNDLE", "--control", "edges:TMP/init.png"] + P, 2, "--control: this bundle has no ControlNet; export one with `ldm-export onnx SOURCE --controlnet DIR`"),
+    ("--control with a name the bundle has not", _files, ["CONTROL", "--control", "canny:TMP/init.png"] + P, 2, "--control canny: this bundle has no ControlNet of that name (it has: edges, depth)"),
+    ("--control image not an image", _files, ["CONTROL", "--control", "edges:TMP/notimage.png"] + P, 2, "--control image TMP/notimage.png is not a readable image"),
+    ("--control image missing", None, ["CONTROL", "--control", "edges:TMP/none.png"] + P, 2, "--control image TMP/none.png not found"),
+    ("--control without an image", None, ["CONTROL", "--control", "edges"] + P, 2, "--control 'edges': give NAME:IMAGE[:SCALE]"),
+    ("--control-start after --control-end", _files, ["CONTROL", "--control", "edges:TMP/init.png", "--control-start", "0.8", "--control-end", "0.2"] + P, 2, "--control-start 0.8 and --control-end 0.2: need 0 <= start < end <= 1"),
+    ("--guess-mode without --control", None, ["BUNDLE", "--guess-mode"] + P, 2, "--guess-mode needs --control NAME:IMAGE"),
 ]
 
 

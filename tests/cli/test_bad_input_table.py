@@ -17,7 +17,10 @@ def test_case(what, breaker, args, code, needle, request, tmp_path):
     bundle = tmp_path / "bundle"
     other = {"UNCOND": "ldm-uncond", "INPAINT": "inpaint", "SR": "ldm-sr",
              "UPSCALE": "upscale"}.get(args[0])
-    if other:  # the LDM paper's unconditional layout, SD inpainting
+    if args[0] == "CONTROL":  # the tiny SD1 model with ControlNets "edges" and "depth"
+        shutil.copytree(request.getfixturevalue("controlnet_bundle"), bundle)
+        args = ["BUNDLE"] + args[1:]
+    elif other:  # the LDM paper's unconditional layout, SD inpainting
         shutil.copytree(request.getfixturevalue("ldm_bundles")[other], bundle)
         args = ["BUNDLE"] + args[1:]
     else:

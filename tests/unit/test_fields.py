@@ -40,7 +40,12 @@ def test_rows_say_ldm_runs_flags_and_defaults():
 def test_keywords_are_the_requests():
     from ldm_edge.runtime.request import resolve_request
 
-    takes = set(inspect.signature(resolve_request).parameters) - {"bundle"} - NOT_OPTIONS
+    from ldm_edge.runtime.control import CONTROL_KEYWORDS
+
+    # Pipeline.request resolves the ControlNet keywords itself (runtime/control.py), the rest
+    # through resolve_request
+    takes = (set(inspect.signature(resolve_request).parameters) | set(CONTROL_KEYWORDS)) \
+        - {"bundle"} - NOT_OPTIONS
     keywords = [f.keyword for f in FIELDS if f.keyword]
     assert len(keywords) == len(set(keywords))
     assert set(keywords) == takes  # a new request keyword needs a row

@@ -25,6 +25,8 @@ def _non_default(param: click.Parameter, png: str) -> list[str]:
         return [flag]  # flags default to off (--ort-cache/--no-ort-cache: to unset)
     if isinstance(param.type, click.Choice):
         return [flag, next(c for c in param.type.choices if c != param.default)]
+    if isinstance(param.type, click.Tuple):  # a pair (SDXL's sizes)
+        return [flag] + ["3"] * param.nargs
     if isinstance(param.type, click.types.IntParamType):
         return [flag, "3"]
     if isinstance(param.type, click.types.FloatParamType):

@@ -1,0 +1,196 @@
+"""ControlNet (issue #25): the tiny SD1 model exported with two tiny ControlNets (their zero convs
+randomised, export/tiny_controlnet.py), drawn here and by diffusers'
+StableDiffusionControlNetPipeline from the same initial latents: one ControlNet, two at once
+with different scales, --control-start/--control-end, guess mode, img2img. Each picture is
+also held to differ from the plain one, or the parity would prove nothing about the
+residuals; and without --control the bundle draws the plain bundle's picture bit for bit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import to_uint8
+
+from ldm_edge.runtime.compare import psnr
+from ldm_edge.runtime.errors import UsageError
+from ldm_edge.runtime.pipeline import Pipeline
+
+# 8-bit picture bar: only single-level rounding flips from ~1e-6 FP32 differences between
+# onnxruntime and PyTorch are allowed (as tests/parity/test_pipeline_parity.py).
+MIN_PSNR_DB = 50.0
+# A controlled picture must land far under the parity bar from the plain one (and from the
+# other cases it is told apart from), or it proves nothing. Measured on the tiny model, 8 PNDM
+# steps, this file's control image: 25.8 (guess mode) to 40.1 dB (start/end, acting on half the
+# steps, the nearest) from the plain picture, img2img 29.5 dB; every parity case scored 86 dB
+# or more (two ControlNets: identical pictures).
+MAX_PLAIN_PSNR_DB = 45.0
+PROMPT = "a red cat"
+STEPS = 8
+SIZE = 128  # the tiny model's default; the control image is resized to it
+
+
+@pytest.fixture(scope="module")
+def control_png(tmp_path_factory):
+    """A blocky picture of another size and shape than the output (so it is resized)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    blocks = rng.integers(0, 256, size=(10, 12, 3), dtype=np.uint8)
+    path = tmp_path_factory.mktemp("control") / "control.png"
+    Image.fromarray(blocks).resize((96, 80), Image.Resampling.NEAREST).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def diffusers_nets(controlnet_models):
+    import diffusers
+
+    return {n: diffusers.ControlNetModel.from_pretrained(p).eval()
+            for n, p in controlnet_models.items()}
+
+
+def _diffusers(model, nets, img2img=False):
+    import diffusers
+
+    cls = (diffusers.StableDiffusionControlNetImg2ImgPipeline if img2img
+           else diffusers.StableDiffusionControlNetPipeline)
+    pipe = cls.from_pretrained(model, controlnet=nets, safety_checker=None,
+                               requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def latents(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((1, 4, 16, 16), dtype=np.float32)
+
+
+# case -> (ControlNets, scales, diffusers keywords, ldm-run's keywords besides --control)
+CASES = {
+    "one": (["edges"], [0.9], {}, {}),
+    "two-scales": (["edges", "depth"], [0.6, 1.3], {}, {}),
+    "start-end": (["edges"], [1.0], dict(control_guidance_start=0.25, control_guidance_end=0.75),
+                  dict(control_start=0.25, control_end=0.75)),
+    "guess-mode": (["edges"], [1.0], dict(guess_mode=True), dict(guess_mode=True)),
+}
+
+
+def _reference(tiny_models, diffusers_nets, control_png, case, lat):
+    from PIL import Image
+
+    names, scales, kw, _ = CASES[case]
+    nets = [diffusers_nets[n] for n in names]
+    one = len(nets) == 1
+    pipe = _diffusers(tiny_models["sd1"], nets[0] if one else nets)
+    image = Image.open(control_png)
+    out = pipe(PROMPT, image=image if one else [image] * len(nets), num_inference_steps=STEPS,
+               height=SIZE, width=SIZE, latents=torch.from_numpy(lat), output_type="np",
+               controlnet_conditioning_scale=scales[0] if one else scales, **kw).images
+    return to_uint8(out)
+
+
+def _ours(bundle, control_png, case, lat):
+    names, scales, _, kw = CASES[case]
+    pipe = Pipeline(bundle)
+    control = [f"{n}:{control_png}:{s}" for n, s in zip(names, scales)]
+    req = pipe.request(prompt=PROMPT, num_inference_steps=STEPS, latents=lat, seed=0,
+                       control=control, **kw)
+    return pipe(request=req)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_controlnet_pipeline(case, controlnet_bundle, tiny_models, diffusers_nets,
+                                     control_png):
+    lat = latents()
+    ref = _reference(tiny_models, diffusers_nets, control_png, case, lat)
+    ours = _ours(controlnet_bundle, control_png, case, lat)
+    plain = Pipeline(controlnet_bundle)(PROMPT, num_inference_steps=STEPS, latents=lat,
+                                        seed=0).images
+    print(f"{case}: {psnr(ours.images, ref):.1f} dB vs diffusers, "
+          f"{psnr(ours.images, plain):.1f} dB vs the plain picture")
+    assert psnr(ours.images, ref) >= MIN_PSNR_DB
+    assert psnr(ours.images, plain) < MAX_PLAIN_PSNR_DB
+    assert ours.timings.controlnet > 0
+    meta = json.loads(json.dumps(ours.metadata(0), default=str))["control"]
+    assert [c["name"] for c in meta["controlnets"]] == CASES[case][0]
+
+
+def test_each_case_differs_from_the_single_controlnet(controlnet_bundle, control_png):
+    """The second ControlNet, the schedule and guess mode each change the picture."""
+    lat = latents()
+    one = _ours(controlnet_bundle, control_png, "one", lat).images
+    for case in ("two-scales", "start-end", "guess-mode"):
+        other = _ours(controlnet_bundle, control_png, case, lat).images
+        assert psnr(other, one) < MAX_PLAIN_PSNR_DB, (case, psnr(other, one))
+
+
+def test_without_control_the_plain_bundles_picture(controlnet_bundle, tiny_bundles):
+    """The residual inputs fed zeros: bit for bit the picture of the bundle exported without
+    ControlNets."""
+    lat = latents(1)
+    ours = Pipeline(controlnet_bundle)(PROMPT, num_inference_steps=4, latents=lat, seed=0)
+    plain = Pipeline(tiny_bundles["sd1"])(PROMPT, num_inference_steps=4, latents=lat, seed=0)
+    assert np.array_equal(ours.images, plain.images)
+    assert "control" not in ours.metadata(0)
+
+
+def test_img2img_with_control(controlnet_bundle, tiny_models, diffusers_nets, control_png,
+                              tmp_path):
+    """StableDiffusionControlNetImg2ImgPipeline: the init image's latents drawn from the same
+    torch generator (helpers.TorchNoise), the control image as text-to-image's."""
+    from helpers import TorchNoise
+    from PIL import Image
+
+    init = tmp_path / "init.png"
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(init)
+    pipe = _diffusers(tiny_models["sd1"], diffusers_nets["edges"], img2img=True)
+    ref = to_uint8(pipe(PROMPT, image=Image.open(init), control_image=Image.open(control_png),
+                        strength=0.7, num_inference_steps=STEPS, height=SIZE, width=SIZE,
+                        controlnet_conditioning_scale=0.9, output_type="np",
+                        generator=torch.Generator().manual_seed(4)).images)
+    ours_pipe = Pipeline(controlnet_bundle)
+    req = ours_pipe.request(prompt=PROMPT, num_inference_steps=STEPS, init_image=str(init),
+                            strength=0.7, draw_seed=False,
+                            control=[f"edges:{control_png}:0.9"])
+    ours = ours_pipe(request=req, generator=TorchNoise(4)).images
+    plain_req = ours_pipe.request(prompt=PROMPT, num_inference_steps=STEPS,
+                                  init_image=str(init), strength=0.7, draw_seed=False)
+    plain = ours_pipe(request=plain_req, generator=TorchNoise(4)).images
+    print(f"img2img: {psnr(ours, ref):.1f} dB vs diffusers, {psnr(ours, plain):.1f} dB vs plain")
+    assert psnr(ours, ref) >= MIN_PSNR_DB
+    assert psnr(ours, plain) < MAX_PLAIN_PSNR_DB
+
+
+# -- refusals -------------------------------------------------------------------------------
+@pytest.mark.parametrize("keywords,needle", [
+    (dict(control=["nope:IMG"]), "no ControlNet of that name (it has: edges, depth)"),
+    (dict(control=["edges:MISSING"]), "not found"),
+    (dict(control=["edges:NOTIMAGE"]), "is not a readable image"),
+    (dict(control=["edges"]), "give NAME:IMAGE[:SCALE]"),
+    (dict(control=["edges:IMG"], control_start=0.8, control_end=0.2), "need 0 <= start < end"),
+    (dict(control_start=0.5), "--control-start needs --control"),
+    (dict(guess_mode=True), "--guess-mode needs --control"),
+])
+def test_refused_in_one_line(controlnet_bundle, control_png, tmp_path, keywords, needle):
+    bad = tmp_path / "not.png"
+    bad.write_text("hello")
+    subs = {"IMG": str(control_png), "MISSING": str(tmp_path / "none.png"), "NOTIMAGE": str(bad)}
+    if "control" in keywords:
+        keywords = dict(keywords, control=[_sub(a, subs) for a in keywords["control"]])
+    with pytest.raises(UsageError) as e:
+        Pipeline(controlnet_bundle).request(prompt=PROMPT, **keywords)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def _sub(arg: str, subs: dict) -> str:
+    for k, v in subs.items():
+        arg = arg.replace(k, v)
+    return arg
+
+
+def test_a_bundle_without_controlnets_refuses_control(tiny_bundles, control_png):
+    with pytest.raises(UsageError, match="this bundle has no ControlNet; export one with"):
+        Pipeline(tiny_bundles["sd1"]).request(prompt=PROMPT, control=[f"edges:{control_png}"])
