@@ -156,6 +156,10 @@ def worst_cosine(fp16_path: Path, fp32_path: Path, samples: list[dict]):
     return min(results, key=lambda r: (bool(r), r.cosine))
 
 
+# the graphs of the model's own VAE (a tiny VAE beside it has its own numerics)
+UPCAST_VAE = ("vae_decoder", "vae_encoder")
+
+
 def convert_component(manifest: Manifest, name: str, samples: list[dict], progress,
                       txn: VariantTransaction) -> VariantRecord | None:
     """Write ``<name>.fp16.onnx`` at the first island level that passes (its files ``txn``'s);
@@ -249,6 +253,10 @@ def _convert_all(manifest: Manifest, records: dict, progress, txn: VariantTransa
     return the names converted. ExportError when the U-Net cannot run in FP16."""
     converted = []
     for name in manifest.component_names:
+        if name in UPCAST_VAE and manifest.schema.vae_force_upcast:
+            progress(f"{name}: stays FP32 (the model's VAE says force_upcast: SDXL's overflows "
+                     f"in FP16; an fp16-fixed VAE says otherwise)")
+            continue
         variant = convert_component(manifest, name, pick_samples(records[name]), progress, txn)
         if variant is None and name == "unet":
             raise ExportError("the U-Net does not run in FP16 even with norms and softmax in "

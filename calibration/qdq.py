@@ -24,10 +24,12 @@ import numpy as np
 QUANT_OPS = ("Conv", "MatMul", "Gemm")
 # Kept in float by rule (substrings of a layer's scope name), with the reason recorded:
 # the time embedding's sinusoid and MLP feed every block (an error there shifts the whole
-# noise prediction), conv_in / conv_out touch the latents directly, shortcut convs
-# carry the residual path, norm_out precedes conv_out.
+# noise prediction; SDXL's added embedding of the pooled text and time ids joins it),
+# conv_in / conv_out touch the latents directly, shortcut convs carry the residual path,
+# norm_out precedes conv_out.
 SENSITIVE_SCOPES = (
-    ("time embedding", ("/time_proj/", "/time_embedding/", "/time_emb_proj/")),
+    ("time embedding", ("/time_proj/", "/time_embedding/", "/time_emb_proj/",
+                        "/add_time_proj/", "/add_embedding/")),
     ("conv_in", ("/conv_in/",)),
     ("conv_out", ("/conv_out/",)),
     ("shortcut conv", ("/conv_shortcut/",)),

@@ -32,6 +32,7 @@ from .controlnet import export_controlnets, prepare_controlnets
 from .load import LoadedModel
 from .onnx_export import (DEFAULT_OPSET, check_component, check_inputs_read, export_component,
                           worst)
+from .release import release_finished
 from .weights_map import MAPPED, write_weights_map
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ def export_bundle(model: LoadedModel, out: str | Path, opts: ExportOptions,
                 wmap = write_weights_map(model, name, files[0], forms)
                 components[name].weights_map = file_record(wmap, stage)
             progress(f"{name}: ok ({worst(results)})")
+            release_finished(model, name, exported_components(model, opts, specs))
         tok_path = None
         if model.tokenizer_json:  # none for a model that takes no prompt
             tok_path = stage / "tokenizer.json"
@@ -210,6 +212,8 @@ def _record_second_encoder(model: LoadedModel, manifest: BundleManifest, stage: 
     manifest.added_conditioning = AddedConditioningRecord(
         force_zeros_for_empty_prompt=second.force_zeros_for_empty_prompt,
         requires_aesthetics_score=second.requires_aesthetics_score)
+    # SDXL's VAE overflows in FP16; an fp16-fixed one says force_upcast false
+    manifest.vae_force_upcast = bool(model.vae.config.get("force_upcast", True))
     write_manifest_json(stage, manifest)
 
 

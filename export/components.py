@@ -170,7 +170,7 @@ class TinyVaeEncoder(torch.nn.Module):
 
 def wrap(model: LoadedModel, name: str) -> torch.nn.Module:
     if name == "unet" and model.unet_residuals:  # ControlNet residuals as inputs
-        from .controlnet import ResidualUNet
+        from .controlnet_modules import ResidualUNet
 
         return ResidualUNet(model.unet).eval()
     if model.second_encoder is not None and name in ("text_encoder", "text_encoder_2", "unet"):
@@ -252,7 +252,7 @@ def sample_inputs(spec: ComponentSpec, model: LoadedModel, batch: int, height: i
             feeds["time_ids"] = rng.integers(0, 1024, size=(batch, model.time_ids_dim)
                                              ).astype(np.float32)
         if model.unet_residuals:  # ControlNet residuals (export/controlnet.py)
-            from .controlnet import residual_feeds
+            from .controlnet_modules import residual_feeds
 
             feeds.update(residual_feeds(spec, batch, h, w, rng))
         return feeds

@@ -27,8 +27,8 @@ from ldm_edge.runtime.bundle.schema import ComponentRecord, ControlNetRecord, Va
 from ldm_edge.runtime.bundle.spec import ComponentSpec
 from ldm_edge.runtime.compare import compare, summarise
 from ldm_edge.runtime.errors import ExportError, first_line
-from ldm_edge.runtime.tasks import TEXT_TO_IMAGE
 
+from .controlnet_modules import ControlNetGraph
 from .onnx_export import (EXPORT_ATOL, EXPORT_MIN_COSINE, EXPORT_RTOL, _finalise, _torch_export,
                           check_inputs_read, worst)
 
@@ -40,36 +40,6 @@ class LoadedControlNet:
     module: object  # diffusers ControlNetModel
     source: str
     sha256: str
-
-
-class ResidualUNet(torch.nn.Module):
-    """The U-Net taking the ControlNet residuals as inputs, after its own three."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample, timestep, encoder_hidden_states, *residuals):
-        return self.unet(sample, timestep, encoder_hidden_states,
-                         down_block_additional_residuals=tuple(residuals[:-1]),
-                         mid_block_additional_residual=residuals[-1], return_dict=False)[0]
-
-
-class ControlNetGraph(torch.nn.Module):
-    """A ControlNet with one scale per residual: diffusers multiplies each residual by
-    ``conditioning_scale`` (guess mode: by logspace(-1, 0) times it) inside forward; here the
-    scales are an input, so one graph serves both (runtime/control.py computes them)."""
-
-    def __init__(self, controlnet):
-        super().__init__()
-        self.controlnet = controlnet
-
-    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond,
-                conditioning_scale):
-        down, mid = self.controlnet(sample, timestep, encoder_hidden_states, controlnet_cond,
-                                    conditioning_scale=1.0, guess_mode=False, return_dict=False)
-        out = [r * conditioning_scale[i] for i, r in enumerate(down)]
-        return (*out, mid * conditioning_scale[len(down)])
 
 
 def parse_controlnet_arg(arg: str) -> tuple[str, Path]:
@@ -141,12 +111,6 @@ def _short(v) -> str:
     return f"({len(v)} of channels {sorted({c for c, _ in v})})" if isinstance(v, list) else str(v)
 
 
-def residual_feeds(spec: ComponentSpec, batch: int, h: int, w: int, rng) -> dict:
-    """Sample residuals for a residual-taking U-Net's export check (export/components.py)."""
-    return {r.name: rng.standard_normal(r.shape(batch, h, w), dtype=np.float32)
-            for r in residuals_of(spec)}
-
-
 def controlnet_feeds(spec: ComponentSpec, batch: int, height: int, width: int, factor: int,
                      seed: int) -> dict:
     """Sample inputs of a ControlNet graph at ``batch`` images of ``height`` x ``width``."""
@@ -198,8 +162,8 @@ def prepare_controlnets(model, args, specs: dict) -> list[LoadedControlNet]:
 def _unsupported(model) -> str | None:
     if getattr(model, "second_encoder", None) is not None:
         return "SDXL models are not supported yet"
-    if model.text_encoder is None or model.task not in (None, TEXT_TO_IMAGE):
-        return f"a {model.task or 'promptless'} model"
+    if model.text_encoder is None:
+        return "a model without a prompt"
     if model.time_cond_proj_dim or model.upscaler is not None:
         return "an LCM-distilled or upscaler U-Net"
     return None

@@ -28,6 +28,7 @@ from ldm_edge.runtime.errors import ExportError, first_line  # noqa: F401 (re-ex
 
 from .components import reference, run_torch_all, sample_inputs, wrap
 from .load import LoadedModel
+from .release import is_large, memory_note, park, trim
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,10 @@ DEFAULT_OPSET = 18
 EXPORT_ATOL = 1e-4
 EXPORT_RTOL = 1e-5
 EXPORT_MIN_COSINE = 0.99999
+# a large component (SDXL's U-Net) is traced at most this many pixels a side: the trace's size
+# fixes nothing in the graph (dynamic axes; the check runs at the model's own size), and a trace
+# at 1024^2 would run a full-size batch-2 forward pass for nothing but time and memory
+LARGE_TRACE_SIZE = 256
 
 
 def _trace_inputs(model: LoadedModel, spec: ComponentSpec, height: int, width: int):
@@ -61,8 +66,10 @@ def export_component(model: LoadedModel, spec: ComponentSpec, out_dir: Path, *, 
                      width: int, opset: int = DEFAULT_OPSET, exporter: str = "auto") -> list[Path]:
     """Write ``<name>.onnx`` (and ``<name>.onnx.data`` when large) into ``out_dir``."""
     module = wrap(model, spec.name)
-    args = _trace_inputs(model, spec, height, width)
     large = _param_bytes(module) > EXTERNAL_DATA_THRESHOLD
+    if large:
+        height, width = min(height, LARGE_TRACE_SIZE), min(width, LARGE_TRACE_SIZE)
+    args = _trace_inputs(model, spec, height, width)
     order = {"auto": ["torchscript", "dynamo"], "torchscript": ["torchscript"],
              "dynamo": ["dynamo"]}[exporter]
     errors = []
@@ -72,7 +79,7 @@ def export_component(model: LoadedModel, spec: ComponentSpec, out_dir: Path, *, 
             raw = scratch / f"{spec.name}.onnx"
             _torch_export(module, args, raw, spec, opset, dynamo=(kind == "dynamo"))
             files = _finalise(raw, out_dir / f"{spec.name}.onnx", large)
-            log.info("%s: exported with the %s exporter", spec.name, kind)
+            log.info("%s: exported with the %s exporter (%s)", spec.name, kind, memory_note())
             return files
         except OSError:
             raise  # disk full, permissions: not the exporter's fault, no point retrying
@@ -81,6 +88,7 @@ def export_component(model: LoadedModel, spec: ComponentSpec, out_dir: Path, *, 
             log.warning("%s: %s exporter failed: %s", spec.name, kind, errors[-1])
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+            trim()
     raise ExportError(f"{spec.name}: export failed ({'; '.join(errors)})")
 
 
@@ -96,18 +104,17 @@ def _torch_export(module, args, path: Path, spec: ComponentSpec, opset: int, dyn
 
 
 def _finalise(raw: Path, dest: Path, large: bool) -> list[Path]:
-    """Re-save with all weights inline (small) or in one ``.data`` file (large)."""
+    """Re-save with all weights inline (small) or in one ``.data`` file (large: copied file
+    to file, never loaded — export/external_data.py)."""
     import onnx
 
-    proto = onnx.load(str(raw), load_external_data=True)
+    from .external_data import gather_external_data
+
     for stale in (dest, dest.with_name(dest.name + ".data")):
         stale.unlink(missing_ok=True)
     if large:
-        data_name = dest.name + ".data"
-        onnx.save_model(proto, str(dest), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        onnx.checker.check_model(str(dest))
-        return [dest, dest.with_name(data_name)]
+        return gather_external_data(raw, dest)
+    proto = onnx.load(str(raw), load_external_data=True)
     onnx.checker.check_model(proto)
     onnx.save_model(proto, str(dest))
     return [dest]
@@ -144,18 +151,37 @@ def check_component(model: LoadedModel, spec: ComponentSpec, onnx_path: Path,
                     shapes=None) -> list[Comparison]:
     """Run the graph in onnxruntime and PyTorch on the same inputs at each shape; every
     output is compared (an SDXL text encoder's pooled embeddings too)."""
-    module = reference(model, spec.name)
+    cases = _torch_references(model, spec, shapes or check_shapes(model, spec), onnx_path.parent)
     sess = SessionFromOnnx(onnx_path)()
+    log.info("%s: onnxruntime session open (%s)", spec.name, memory_note())
     results = []
-    for i, (b, h, w) in enumerate(shapes or check_shapes(model, spec)):
-        feeds = sample_inputs(spec, model, b, h, w, seed=10 + i)
-        refs = run_torch_all(module, spec, feeds)
+    for (b, h, w), feeds, refs in cases:
         outs = sess.run(spec.output_names, feeds)
         for name, out, ref in zip(spec.output_names, outs, refs):
             label = f"{spec.name} b{b} {h}x{w}" + (f" {name}" if len(refs) > 1 else "")
             results.append(compare(out, ref, label, atol=EXPORT_ATOL, rtol=EXPORT_RTOL,
                                    min_cosine=EXPORT_MIN_COSINE))
+    del sess, cases
+    trim()
+    log.info("%s: checked in onnxruntime, session closed (%s)", spec.name, memory_note())
     return results
+
+
+def _torch_references(model: LoadedModel, spec: ComponentSpec, shapes, scratch: Path) -> list:
+    """[((b, h, w), feeds, PyTorch outputs)] at each shape, all computed before onnxruntime
+    opens the graph; a large module's weights are then parked (export/release.py), so the
+    torch weights and the session's never sit in memory side by side."""
+    module = reference(model, spec.name)
+    cases = []
+    for i, (b, h, w) in enumerate(shapes):
+        feeds = sample_inputs(spec, model, b, h, w, seed=10 + i)
+        cases.append(((b, h, w), feeds, run_torch_all(module, spec, feeds)))
+    log.info("%s: PyTorch reference outputs computed (%s)", spec.name, memory_note())
+    if is_large(module):
+        park(module, scratch)
+    del module
+    trim()
+    return cases
 
 
 def worst(results: list[Comparison]) -> Comparison:

@@ -30,11 +30,12 @@ import numpy as np
 from .bundle.control_spec import (CONDITIONING_SCALE, component_key, residuals_of,
                                   takes_residuals)
 from .errors import NumericsError, UsageError
+from .control_preprocess import Preprocess, parse_preprocess
 from .inputs import frozen, sha256_of
-from .tasks import TEXT_TO_IMAGE
 
 # Pipeline.request's keywords that are this module's (the --control* rows of runtime/fields.py)
-CONTROL_KEYWORDS = ("control", "control_start", "control_end", "guess_mode")
+CONTROL_KEYWORDS = ("control", "control_start", "control_end", "guess_mode",
+                    "control_preprocess")
 # guess mode's residual scales: 10**-1 .. 10**0 over the residuals (diffusers' ControlNetModel,
 # torch.logspace(-1, 0, K))
 GUESS_MODE_EXPONENTS = (-1.0, 0.0)
@@ -65,6 +66,7 @@ class ControlRequest:
     start: float = 0.0
     end: float = 1.0
     guess_mode: bool = False
+    preprocess: str | None = None  # "canny:LOW:HIGH" (runtime/control_preprocess.py)
 
     def active(self, i: int, n: int) -> bool:
         """diffusers' controlnet_keep at step ``i`` of ``n``."""
@@ -72,7 +74,7 @@ class ControlRequest:
 
     def to_dict(self) -> dict:
         return {"controlnets": [c.to_dict() for c in self.images], "start": self.start,
-                "end": self.end, "guess_mode": self.guess_mode}
+                "end": self.end, "guess_mode": self.guess_mode, "preprocess": self.preprocess}
 
 
 def parse_control_arg(arg) -> tuple[str, object, float]:
@@ -97,53 +99,56 @@ def parse_control_arg(arg) -> tuple[str, object, float]:
 
 
 def resolve_control(manifest, req, control=None, control_start=None, control_end=None,
-                    guess_mode=False):
+                    guess_mode=False, control_preprocess=None):
     """``req`` with its ControlRequest (``req.control``), checked against the bundle; ``req``
     itself when no ControlNet is asked for. One-line UsageErrors."""
     if not control:
         for flag, given in (("--control-start", control_start is not None),
                             ("--control-end", control_end is not None),
-                            ("--guess-mode", bool(guess_mode))):
+                            ("--guess-mode", bool(guess_mode)),
+                            ("--control-preprocess", control_preprocess is not None)):
             if given:
                 raise UsageError(f"{flag} needs --control NAME:IMAGE")
         return req
     have = manifest.schema.controlnets
     if not have:
         raise UsageError(f"--control: this bundle has no ControlNet; {EXPORT_HINT}")
-    if req.task != TEXT_TO_IMAGE:
-        raise UsageError(f"--control: ControlNets run with text-to-image and img2img, "
-                         f"not --task {req.task}")
     start = 0.0 if control_start is None else float(control_start)
     end = 1.0 if control_end is None else float(control_end)
     if not 0.0 <= start < end <= 1.0:
         raise UsageError(f"--control-start {start} and --control-end {end}: need "
                          f"0 <= start < end <= 1")
+    pre = parse_preprocess(control_preprocess)
     images = []
     for arg in ([control] if isinstance(control, str) else list(control)):
         name, image, scale = parse_control_arg(arg)
         if name not in have:
             raise UsageError(f"--control {name}: this bundle has no ControlNet of that name "
                              f"(it has: {', '.join(have)})")
-        pixels, source, sha = load_control_image(image, req.width, req.height)
+        pixels, source, sha = load_control_image(image, req.width, req.height, pre)
         images.append(ControlImage(name, scale, frozen(pixels), source, sha))
-    return replace(req, control=ControlRequest(tuple(images), start, end, bool(guess_mode)))
+    return replace(req, control=ControlRequest(tuple(images), start, end, bool(guess_mode),
+                                               None if pre is None else str(pre)))
 
 
-def load_control_image(image, width: int, height: int) -> tuple[np.ndarray, str, str]:
+def load_control_image(image, width: int, height: int,
+                       pre: Preprocess | None = None) -> tuple[np.ndarray, str, str]:
     """float32 [1, 3, H, W] in [0, 1], as diffusers' control image processor makes it; with the
-    source's name and sha256. ``image``: a file, or uint8 [H, W, 3] pixels at the size."""
+    source's name and sha256. ``image``: a file, or uint8 [H, W, 3] pixels at the size.
+    ``pre``: made from the picture first (canny edges), before it is resized."""
     if isinstance(image, np.ndarray):
         px = image[0] if image.ndim == 4 else image
         if px.dtype != np.uint8 or px.shape != (height, width, 3):
             raise UsageError(f"a control image array must be uint8 [{height}, {width}, 3], "
                              f"got {px.dtype} {list(px.shape)}")
-        return _planar(px), "array", sha256_of(px)
+        return _planar(pre.apply(px) if pre else px), "array", sha256_of(px)
     from .fsutil import sha256_file
 
-    return _planar(_read_resized(image, width, height)), Path(image).name, sha256_file(image)
+    pixels = _read_resized(image, width, height, pre)
+    return _planar(pixels), Path(image).name, sha256_file(image)
 
 
-def _read_resized(path, width: int, height: int) -> np.ndarray:
+def _read_resized(path, width: int, height: int, pre: Preprocess | None) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     from .image import MAX_INIT_PIXELS
@@ -151,6 +156,8 @@ def _read_resized(path, width: int, height: int) -> np.ndarray:
     Image.MAX_IMAGE_PIXELS = MAX_INIT_PIXELS
     try:
         with Image.open(path) as im:  # resized in its own mode, then RGB (diffusers' order)
+            if pre is not None:  # the edge map of the photo as it is, then resized
+                im = Image.fromarray(pre.apply(np.asarray(im.convert("RGB"))))
             im = im.resize((width, height), Image.Resampling.LANCZOS).convert("RGB")
             return np.asarray(im, dtype=np.uint8)
     except FileNotFoundError:

@@ -70,6 +70,7 @@ FIELDS = (
     Field("control_start", "--control-start", "control_start"),
     Field("control_end", "--control-end", "control_end"),
     Field("guess_mode", "--guess-mode", "guess_mode", default=False),
+    Field("control_preprocess", "--control-preprocess", "control_preprocess"),
     Field("no_verify", "--no-verify", None, default=False),
     Field("check_lora_int8", "--check-lora-int8", None, default=False),
 )

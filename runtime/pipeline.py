@@ -193,7 +193,7 @@ class Pipeline:
         Checked before anything changes; the components whose weights change are reopened
         with base + the new set's merged weights on their next call; the bundle is not
         opened or checked again (runtime/lora/apply.py)."""
-        from .lora.apply import LoraWeights
+        from .lora.apply import LORA_COMPONENTS, LoraWeights
 
         if self._lora_weights is None:
             if not loras:
@@ -203,7 +203,7 @@ class Pipeline:
         old = self._loras
         self._loras = new
         for name in list(self._backends):
-            if name in ("unet", "text_encoder") and _lora_key(old, name) != _lora_key(new, name):
+            if name in LORA_COMPONENTS and _lora_key(old, name) != _lora_key(new, name):
                 self._backends.pop(name).close()
 
     # -- components ---------------------------------------------------------------

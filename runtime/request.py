@@ -164,7 +164,7 @@ class GenerationRequest:
                 "task": self.task, "mask": self.mask.to_dict() if self.mask else None,
                 "noise_level": self.noise_level, "guidance_embedded": self.guidance_embedded,
                 "eta": self.eta, **self._added_dict(),
-                **({"control": self.control.to_dict()} if self.control else {})}
+                "control": self.control.to_dict() if self.control else None}
 
     def _added_dict(self) -> dict:
         """SDXL's micro-conditioning (None where the bundle takes none)."""

@@ -541,6 +541,9 @@ class BundleManifest(Record):
     # the added conditioning's settings; written only for such a bundle
     tokenizer_2: TokenizerRecord | None = None
     added_conditioning: AddedConditioningRecord | None = None
+    # the model's VAE overflows in FP16 (its config's force_upcast, which SDXL's pipelines
+    # honour): `ldm-export fp16` keeps it FP32; written for SDXL bundles only
+    vae_force_upcast: bool | None = None
     scheduler: dict = field(default_factory=dict)  # as diffusers writes it
     components: dict[str, ComponentRecord] = field(default_factory=dict)
     quality: dict[str, QualityRecord] = field(default_factory=dict)

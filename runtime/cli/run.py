@@ -123,6 +123,10 @@ def _list_schedulers(ctx, _param, value):
               help="Fraction of the steps after which the ControlNets start acting (default 0).")
 @click.option("--control-end", type=float, default=None,
               help="Fraction of the steps after which they stop (default 1).")
+@click.option("--control-preprocess", default=None, metavar="canny[:LOW:HIGH]",
+              help="Make each --control image from a photo first: canny, OpenCV's edge map "
+                   "(thresholds LOW, HIGH; default 100:200, as diffusers' examples). Needs "
+                   "pip install 'ldm-edge[control]'.")
 @click.option("--guess-mode", is_flag=True,
               help="ControlNet guess mode (diffusers'): its residuals ramp from 0.1 to 1 down the "
                    "U-Net, and under guidance only the prompted half gets them.")

@@ -23,7 +23,7 @@ from .weights_map import WeightsMap, read_weights_map
 log = logging.getLogger(__name__)
 
 # components a LoRA may change (the ones the exporter maps)
-LORA_COMPONENTS = ("unet", "text_encoder")
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _NP = {"float32": np.float32, "float16": np.float16}
 
 

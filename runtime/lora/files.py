@@ -4,16 +4,20 @@ Two file layouts are read (safetensors, ``safetensors_read.py``):
 
 * diffusers / PEFT, as ``pipe.save_lora_weights`` writes it:
   ``unet.<module>.lora_A.weight`` (A, [r, in, ...]) and ``lora_B.weight`` (B, [out, r, ...]),
-  ``text_encoder.<module>...`` (or ``<module>.lora.down.weight`` / ``lora.up.weight``, the
+  ``text_encoder.<module>...``, SDXL's ``text_encoder_2.<module>...`` (or ``<module>.lora.down.weight`` / ``lora.up.weight``, the
   names diffusers' training scripts save after ``convert_state_dict_to_diffusers``); alpha from the header's ``lora_adapter_metadata``
   (``unet.lora_alpha``, ``alpha_pattern``, ``use_rslora``) or a ``<module>.alpha`` key, else
   alpha = r (what diffusers assumes);
 * kohya / A1111: ``lora_unet_<module with _>.lora_down.weight`` (A), ``lora_up.weight`` (B),
-  ``.alpha``; ``lora_te_`` for the text encoder.
+  ``.alpha``; ``lora_te_`` for the text encoder, SDXL's ``lora_te1_`` / ``lora_te2_`` for its
+  two; U-Net modules by diffusers' names or, as kohya's SDXL files have them, by the original
+  U-Net's (``input_blocks_4_1_...``, ``sgm.py``).
 
 Module names resolve against the bundle's weights map (``weights_map.py``); a key that
 matches nothing is an error naming how many and the first few, so a LoRA for another model
-family is never applied half-way. The merged weight of a parameter is
+family is never applied half-way; one for a text encoder the bundle lacks (an SDXL refiner has
+only ``text_encoder_2``) is refused saying so. Modules the graph does not depend on (the weights
+map's ``unused``: SDXL's first encoder drops its last layer) are matched and left out. The merged weight of a parameter is
 
     W' = W + sum_i s_i * (alpha_i / r_i) * B_i @ A_i
 
@@ -34,17 +38,19 @@ import numpy as np
 
 from ..errors import UsageError
 from .safetensors_read import SafetensorsError, read_safetensors
+from .sgm import sgm_module
 
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 # how many unmatched keys an error names
 SHOW_KEYS = 3
-_DIFFUSERS = re.compile(r"^(unet|text_encoder)\.(.+)\.(lora_A|lora_B|lora\.down|lora\.up)\.weight$")
-_DIFFUSERS_ALPHA = re.compile(r"^(unet|text_encoder)\.(.+)\.alpha$")
-_KOHYA = re.compile(r"^lora_(unet|te)_(.+)\.(lora_down|lora_up)\.weight$")
-_KOHYA_ALPHA = re.compile(r"^lora_(unet|te)_(.+)\.alpha$")
+_DIFFUSERS = re.compile(r"^(unet|text_encoder_2|text_encoder)\.(.+)\.(lora_A|lora_B|lora\.down|lora\.up)\.weight$")
+_DIFFUSERS_ALPHA = re.compile(r"^(unet|text_encoder_2|text_encoder)\.(.+)\.alpha$")
+_KOHYA = re.compile(r"^lora_(unet|te1|te2|te)_(.+)\.(lora_down|lora_up)\.weight$")
+_KOHYA_ALPHA = re.compile(r"^lora_(unet|te1|te2|te)_(.+)\.alpha$")
 _PART = {"lora_A": "down", "lora_down": "down", "lora.down": "down",
          "lora_B": "up", "lora_up": "up", "lora.up": "up"}
-_COMPONENT = {"unet": "unet", "text_encoder": "text_encoder", "te": "text_encoder"}
+_COMPONENT = {"unet": "unet", "text_encoder": "text_encoder", "te": "text_encoder",
+              "text_encoder_2": "text_encoder_2", "te1": "text_encoder", "te2": "text_encoder_2"}
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' header entry for the adapters' configs
 
 
@@ -214,11 +220,14 @@ class LoraSet:
     def _resolve(self, f: LoraFile) -> list[tuple[str, str, LoraPair]]:
         """[(component, parameter, pair)] of one file, or an error for what does not fit."""
         out, unmatched, shared = [], list(f.unknown), []
+        _refuse_missing_component(f, self.maps)
         for p in f.pairs:
             wmap = self.maps.get(p.component)
             param = _param_of(p, wmap)
             if param is None:
                 unmatched.append(p.key)
+            elif param in wmap.unused:  # no output depends on it: nothing to merge
+                continue
             elif param in wmap.shared:
                 shared.append(p.key)
             else:
@@ -270,6 +279,17 @@ class LoraSet:
                 for e in self.entries]
 
 
+def _refuse_missing_component(f: LoraFile, maps: dict) -> None:
+    """A file adapting a text encoder (or U-Net) this bundle does not have: one line."""
+    missing = sorted({p.component for p in f.pairs if p.component not in maps})
+    if missing and maps:
+        n = sum(p.component == missing[0] for p in f.pairs)
+        hint = (" (an SDXL refiner has only text_encoder_2)" if missing[0] == "text_encoder"
+                and "text_encoder_2" in maps else "")
+        raise LoraError(f"--lora {f.name}: {n} of its modules adapt {missing[0]}, which this "
+                        f"bundle does not have{hint}; is it a LoRA for another model?")
+
+
 def _param_of(p: LoraPair, wmap) -> str | None:
     """The mapped parameter ``p`` adapts, or None. CLIP's text model is ``text_model.encoder``
     in transformers 4 and ``encoder`` in 5: files of either kind fit bundles of either."""
@@ -286,4 +306,8 @@ def _param_of(p: LoraPair, wmap) -> str | None:
                 return f"{name}.weight"
             if name in flat:
                 return f"{flat[name]}.weight"
+    if p.component == "unet" and p.key.startswith("lora_unet_"):  # SDXL's SGM names (sgm.py)
+        name = sgm_module(p.module, modules)
+        if name in flat:
+            return f"{flat[name]}.weight"
     return None

@@ -15,6 +15,9 @@ component's ``weights_map`` file, so it is hashed like every other file):
 Parameter names are the diffusers / transformers module's own (no wrapper prefix).
 ``shared`` lists parameters whose initializer also holds another parameter (the exporter
 keeps one copy of equal tensors): changing one would change both, so no LoRA may touch them.
+``unused`` (optional) lists parameters that no output of the graph depends on (the exporter
+found them unreachable in PyTorch's autograd graph: SDXL's first text encoder returns the
+penultimate hidden state, so its last layer is dead): a LoRA on them changes nothing.
 Pure python: the exporter writes it (export/weights_map.py), the runtime reads it.
 """
 
@@ -53,12 +56,13 @@ class WeightsMap:
     graph: str
     params: dict[str, MappedParam] = field(default_factory=dict)
     shared: set[str] = field(default_factory=set)
+    unused: set[str] = field(default_factory=set)
 
     def to_json(self) -> dict:
         return {"format": MAP_FORMAT, "component": self.component, "graph": self.graph,
                 "params": {k: {"initializer": p.initializer, "transpose": p.transpose,
                                "shape": list(p.shape)} for k, p in sorted(self.params.items())},
-                "shared": sorted(self.shared)}
+                "shared": sorted(self.shared), "unused": sorted(self.unused)}
 
     @classmethod
     def from_json(cls, d, what: str) -> "WeightsMap":
@@ -69,14 +73,15 @@ class WeightsMap:
             params = {str(k): MappedParam(str(v["initializer"]), bool(v["transpose"]),
                                           tuple(int(x) for x in v["shape"]))
                       for k, v in d["params"].items()}
-            return cls(str(d["component"]), str(d["graph"]), params, set(d.get("shared", [])))
+            return cls(str(d["component"]), str(d["graph"]), params, set(d.get("shared", [])),
+                       set(d.get("unused", [])))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BundleError(f"{what} is malformed ({type(e).__name__}); re-export the bundle")
 
     @cached_property
     def modules(self) -> set[str]:
-        """Module names whose weight is mapped or shared (``...attn1.to_q``)."""
-        return {p.rsplit(".", 1)[0] for p in (*self.params, *self.shared)}
+        """Module names whose weight is mapped, shared or unused (``...attn1.to_q``)."""
+        return {p.rsplit(".", 1)[0] for p in (*self.params, *self.shared, *self.unused)}
 
     @cached_property
     def flat_modules(self) -> dict[str, str]:

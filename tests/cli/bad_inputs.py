@@ -166,6 +166,9 @@ CASES = [
     ("--vae tiny on a bundle without a tiny VAE", None, ["BUNDLE", "--vae", "tiny"] + P, 2, "--vae tiny: this bundle has no tiny VAE; export it with `ldm-export onnx SOURCE --tiny-vae DIR` (DIR: a TAESD folder)"),
     ("--vae full on a bundle whose only VAE is TAESD", _m(_tiny_only), ["BUNDLE", "--vae", "full"] + P, 2, "--vae full: this bundle's only VAE is the tiny one (TAESD); drop --vae full"),
     ("--preview without a tiny VAE", None, ["BUNDLE", "--preview", "1"] + P, 2, "--preview decodes with the tiny VAE (TAESD), which this bundle has not; export it with `ldm-export onnx SOURCE --tiny-vae DIR` or drop --preview"),
+    # SDXL's micro-conditioning (tests/parity/test_sdxl.py holds the SDXL bundles' own refusals)
+    ("--original-size on a bundle that is not SDXL", None, ["BUNDLE", "--original-size", "512", "512"] + P, 2, "--original-size is SDXL's micro-conditioning; this bundle's U-Net takes no time ids (drop --original-size)"),
+    ("--aesthetic-score on a bundle that is not SDXL", None, ["BUNDLE", "--aesthetic-score", "6"] + P, 2, "--aesthetic-score is SDXL's micro-conditioning"),
     # ControlNet (CONTROL: the tiny SD1 bundle with ControlNets edges and depth)
     ("--control on a bundle without ControlNets", _files, ["BUNDLE", "--control", "edges:TMP/init.png"] + P, 2, "--control: this bundle has no ControlNet; export one with `ldm-export onnx SOURCE --controlnet DIR`"),
     ("--control with a name the bundle has not", _files, ["CONTROL", "--control", "canny:TMP/init.png"] + P, 2, "--control canny: this bundle has no ControlNet of that name (it has: edges, depth)"),

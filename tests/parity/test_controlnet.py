@@ -133,7 +133,7 @@ def test_without_control_the_plain_bundles_picture(controlnet_bundle, tiny_bundl
     ours = Pipeline(controlnet_bundle)(PROMPT, num_inference_steps=4, latents=lat, seed=0)
     plain = Pipeline(tiny_bundles["sd1"])(PROMPT, num_inference_steps=4, latents=lat, seed=0)
     assert np.array_equal(ours.images, plain.images)
-    assert "control" not in ours.metadata(0)
+    assert ours.metadata(0)["control"] is None
 
 
 def test_img2img_with_control(controlnet_bundle, tiny_models, diffusers_nets, control_png,
@@ -194,3 +194,32 @@ def _sub(arg: str, subs: dict) -> str:
 def test_a_bundle_without_controlnets_refuses_control(tiny_bundles, control_png):
     with pytest.raises(UsageError, match="this bundle has no ControlNet; export one with"):
         Pipeline(tiny_bundles["sd1"]).request(prompt=PROMPT, control=[f"edges:{control_png}"])
+
+
+def test_canny_from_a_photo_is_diffusers_canny_recipe(controlnet_bundle, tiny_models,
+                                                      diffusers_nets, tmp_path):
+    """`--control-preprocess canny` on a photo draws what diffusers draws from the edge map its
+    canny examples make (np.array(photo) -> cv2.Canny(100, 200) -> three channels)."""
+    cv2 = pytest.importorskip("cv2", reason="needs OpenCV (pip install '.[control]')")
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:90, 0:110]
+    photo = np.stack([(xx * 2) % 256, (yy * 3) % 256, ((xx + yy) // 20 % 2) * 200], axis=2)
+    path = tmp_path / "photo.png"
+    Image.fromarray(photo.astype(np.uint8)).save(path)
+    edges = cv2.Canny(np.array(Image.open(path).convert("RGB")), 100, 200)
+    canny = Image.fromarray(np.concatenate([edges[:, :, None]] * 3, axis=2))
+    lat = latents(2)
+    pipe = _diffusers(tiny_models["sd1"], diffusers_nets["edges"])
+    ref = to_uint8(pipe(PROMPT, image=canny, num_inference_steps=STEPS, height=SIZE, width=SIZE,
+                        latents=torch.from_numpy(lat), output_type="np").images)
+    ours_pipe = Pipeline(controlnet_bundle)
+    ours = ours_pipe(request=ours_pipe.request(
+        prompt=PROMPT, num_inference_steps=STEPS, latents=lat, seed=0,
+        control=[f"edges:{path}"], control_preprocess="canny"))
+    plain = ours_pipe(PROMPT, num_inference_steps=STEPS, latents=lat, seed=0).images
+    print(f"canny: {psnr(ours.images, ref):.1f} dB vs diffusers, "
+          f"{psnr(ours.images, plain):.1f} dB vs plain")
+    assert psnr(ours.images, ref) >= MIN_PSNR_DB
+    assert psnr(ours.images, plain) < MAX_PLAIN_PSNR_DB
+    assert ours.metadata(0)["control"]["preprocess"] == "canny:100:200"

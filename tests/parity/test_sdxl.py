@@ -227,3 +227,52 @@ def test_manifest_records_the_second_encoder(runtimes):
     assert [t.name for t in spec.inputs][-2:] == ["text_embeds", "time_ids"]
     assert base.spec("text_encoder_2").output_names == ["penultimate_hidden_state",
                                                          "text_embeds"]
+
+
+# FP16 picture vs FP32 (the VAE kept FP32): the bar of tests/parity/test_fp16.py; measured on
+# the tiny SDXL: 61.6 dB (AMD EPYC).
+MIN_FP16_PSNR_DB = 40.0
+# INT8 U-Net output vs FP32's on the FP32 trajectory, every step of every scheduler checked:
+# the bar of tests/parity/test_int8.py (MIN_UNET_COSINE, its reasons); random weights make the
+# picture PSNR noise-like. Measured on the tiny SDXL, 4 steps, added embedding kept float:
+# >= 0.9989 under euler, ddim, dpm++2m (0.9948 with it quantised; AMD EPYC, VNNI).
+MIN_INT8_UNET_COSINE = 0.995
+
+
+@pytest.mark.parametrize("force_upcast", [True, False])
+def test_fp16_keeps_an_upcast_vae_fp32(force_upcast, sdxl_bundles, tmp_path):
+    """SDXL's VAE overflows in FP16 (its config's force_upcast): the FP16 variant keeps it FP32
+    unless the model's VAE says otherwise (an fp16-fixed VAE)."""
+    import json
+    import shutil
+
+    from ldm_edge.calibration.fp16 import make_fp16
+
+    b = tmp_path / "b"
+    shutil.copytree(sdxl_bundles["base"], b)
+    manifest = json.loads((b / "manifest.json").read_text())
+    assert manifest["vae_force_upcast"] is True
+    manifest["vae_force_upcast"] = force_upcast
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    m = make_fp16(b, prompts=["a red cat", "a blue dog"], steps=4)
+    kept = m.quality["fp16"].components_kept_fp32
+    assert ("vae_decoder" in kept and "vae_encoder" in kept) == force_upcast
+    assert "fp16" in m.components["text_encoder_2"].variants
+    assert m.quality["fp16"].psnr_db >= MIN_FP16_PSNR_DB
+
+
+def test_int8_keeps_the_added_embedding_float(sdxl_bundles, tmp_path):
+    import shutil
+
+    from ldm_edge.calibration.int8 import make_int8
+
+    b = tmp_path / "b"
+    shutil.copytree(sdxl_bundles["base"], b)
+    m = make_int8(b, num_prompts=2, calib_steps=4, progress=lambda *_: None)
+    variant, q = m.components["unet"].variants["int8"], m.quality["int8"]
+    assert any("/add_embedding/" in n for n in variant.excluded_nodes["time embedding"])
+    assert set(q.per_scheduler) >= {"euler", "ddim", "dpm++2m"}
+    assert q.unet_cosine_min >= MIN_INT8_UNET_COSINE, q.per_scheduler
+    int8 = Pipeline(b, precision="int8")(PROMPT, num_inference_steps=4, scheduler="euler",
+                                          latents=latents(0), seed=0)
+    assert int8.provenance.precision == "int8"

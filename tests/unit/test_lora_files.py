@@ -143,10 +143,10 @@ def test_unmatched_keys_name_count_and_first(tmp_path):
     t = _diffusers_file(tmp_path / "a.safetensors")
     t["unet.mid_block.attentions.9.to_q.lora_A.weight"] = np.zeros((2, 6), np.float32)
     t["unet.mid_block.attentions.9.to_q.lora_B.weight"] = np.zeros((8, 2), np.float32)
-    t["lora_te2_text_model_x.lora_down.weight"] = np.zeros((2, 6), np.float32)  # SDXL's
+    t["lora_unet_x.hada_w1_a"] = np.zeros((2, 6), np.float32)  # LoHa's: not read
     write_safetensors(tmp_path / "b.safetensors", t)
     with pytest.raises(LoraError, match=r"b.safetensors: 2 of its 5 modules match nothing .*"
-                                        r"first: lora_te2_text_model_x.lora_down.weight, "
+                                        r"first: lora_unet_x.hada_w1_a, "
                                         r"unet.mid_block.attentions.9.to_q"):
         LoraSet([(tmp_path / "b.safetensors", 1.0)], _maps())
 

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from ldm_edge.runtime import pipeline, remote
 from ldm_edge.runtime.cli import run as cli
 from ldm_edge.runtime.cli import served as remote_cli
+from ldm_edge.runtime.control import CONTROL_KEYWORDS
 from ldm_edge.runtime.errors import UsageError
 from ldm_edge.serve import pipeline_model
 from ldm_edge.serve.limits import ServeLimits
@@ -122,6 +123,8 @@ def test_served_request_keywords_are_the_local_ones(case, files, monkeypatch):
     local = keywords(args, monkeypatch, served=False)
     served = keywords(args, monkeypatch, served=True)
     assert local.pop("latents") is None  # local only: never sent
+    for k in CONTROL_KEYWORDS:  # ControlNets are local only (runtime/fields.py): at defaults
+        assert local.pop(k) in ((), None, False)
     assert served == local
     given = {a: b for a, b in zip(args, args[1:]) if a.startswith("-")}
     assert served["task"] == given.get("--task")
