@@ -37,7 +37,8 @@ def _text_encoder(tok, second: bool):
     width, layers, heads, act = (1280, 32, 20, "gelu") if second else (768, 12, 12, "quick_gelu")
     cfg = CLIPTextConfig(
         vocab_size=SDXL_VOCAB, hidden_size=width, intermediate_size=4 * width,
-        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=SDXL_MAX_LENGTH,
+        num_hidden_layers=layers, num_attention_heads=heads,
+        max_position_embeddings=SDXL_MAX_LENGTH,
         hidden_act=act, projection_dim=width, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     return (CLIPTextModelWithProjection if second else CLIPTextModel)(cfg).eval()
@@ -80,7 +81,8 @@ def _save(name: str, build, out: Path) -> None:
 def _model_index(out: Path) -> None:
     import diffusers
 
-    index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": diffusers.__version__,
+    index = {"_class_name": "StableDiffusionXLPipeline",
+             "_diffusers_version": diffusers.__version__,
              "force_zeros_for_empty_prompt": True,
              "scheduler": ["diffusers", "EulerDiscreteScheduler"],
              "text_encoder": ["transformers", "CLIPTextModel"],

@@ -40,7 +40,8 @@ def _status(pid: int) -> dict[str, int]:
 
 def _reader(stream, log, lines: list, t0: float, last: dict) -> None:
     for line in stream:
-        stamped = f"[{time.perf_counter() - t0:7.1f}s rss {last.get('VmRSS', 0) / GIB:5.1f} GiB] {line}"
+        rss = last.get("VmRSS", 0) / GIB
+        stamped = f"[{time.perf_counter() - t0:7.1f}s rss {rss:5.1f} GiB] {line}"
         log.write(stamped)
         log.flush()
         if any(k in line for k in MEMORY_LINES):

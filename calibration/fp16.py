@@ -257,6 +257,9 @@ def _convert_all(manifest: Manifest, records: dict, progress, txn: VariantTransa
             progress(f"{name}: stays FP32 (the model's VAE says force_upcast: SDXL's overflows "
                      f"in FP16; an fp16-fixed VAE says otherwise)")
             continue
+        if name not in records:  # not captured: a ControlNet (docs/controlnet.md: not yet)
+            progress(f"{name}: stays FP32 (no FP16 ControlNet graphs yet)")
+            continue
         variant = convert_component(manifest, name, pick_samples(records[name]), progress, txn)
         if variant is None and name == "unet":
             raise ExportError("the U-Net does not run in FP16 even with norms and softmax in "

@@ -50,7 +50,8 @@ def main(ctx, debug):
 @click.option("--exporter", type=click.Choice(["auto", "torchscript", "dynamo"]), default="auto",
               show_default=True, help="torch.onnx exporter; auto tries TorchScript, then dynamo.")
 @click.option("--config", type=click.Path(exists=True, file_okay=False),
-              help="For an original-layout SD checkpoint: a diffusers folder of the same architecture.")
+              help="For an original-layout SD or SDXL checkpoint: a diffusers folder of the same "
+                   "model (configs and tokenizers; weights not needed).")
 @click.option("--skip-vae-encoder", is_flag=True, help="Do not export the VAE encoder (no img2img).")
 @click.option("--tiny-vae", type=click.Path(), default=None, metavar="DIR",
               help="Also export this TAESD (a diffusers AutoencoderTiny folder: config.json + "

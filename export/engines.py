@@ -36,7 +36,7 @@ from ldm_edge.runtime.tasks import takes_prompt
 
 # Components that see the negative and the positive prompt in one call under classifier-free
 # guidance, so their batch is twice the number of images.
-GUIDED = ("text_encoder", "unet")
+GUIDED = ("text_encoder", "text_encoder_2", "unet")
 SIZE_DIMS = {"latent_height": "height", "latent_width": "width",
              "height": "height", "width": "width"}
 

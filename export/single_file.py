@@ -7,7 +7,8 @@ Two layouts are read:
   the file's metadata (safetensors) or under ``"ldm_edge.configs"`` (ckpt).
 * the original Stable Diffusion / LDM layout (``model.diffusion_model.*``): converted
   by diffusers' single-file loader; offline it needs ``config`` — a diffusers folder
-  of the same architecture (weights not needed) — to know the architecture.
+  of the same architecture (weights not needed) — to know the architecture. SDXL base and
+  refiner files (``conditioner.embedders.*``): export/sdxl_single_file.py.
 
 Pickles are opened with ``weights_only=True`` only: one that wants to run code is refused.
 """
@@ -69,6 +70,10 @@ def load_single_file(path: Path, config: str | None = None) -> LoadedModel:
     state, cfg = _read_state(path)
     if cfg is not None:
         return _from_own_layout(path, state, cfg)
+    from .sdxl_single_file import is_sdxl_state, load_sdxl_single_file
+
+    if is_sdxl_state(state):  # SDXL base or refiner in Stability's SGM layout
+        return load_sdxl_single_file(path, config, state)
     if any(k.startswith("model.diffusion_model.") for k in state):
         return _from_original_layout(path, config, state)
     raise ModelLoadError(f"{path.name}: unknown checkpoint layout (neither ldm-edge's prefixed "

@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldm_edge.runtime.bundle.onnx_scan import (graph_io, initializer_dtypes, iter_initializers,
-                                               read_initializers)
+from ldm_edge.runtime.bundle.onnx_scan import graph_io, initializer_dtypes, iter_initializers
 from ldm_edge.runtime.errors import ExportError
 from ldm_edge.runtime.fsutil import atomic_write_bytes
 from ldm_edge.runtime.lora.weights_map import MappedParam, WeightsMap, map_file_name
@@ -63,7 +62,7 @@ def unreachable_params(wrapper: torch.nn.Module, module: torch.nn.Module,
     inputs, _ = graph_io(onnx_path)
     if not inputs or any(not dtype.startswith("int") for dtype, _ in inputs.values()):
         return set()
-    feeds = [torch.zeros([d if isinstance(d, int) and d > 0 else 1 for d in shape],
+    feeds = [torch.ones([d if isinstance(d, int) and d > 0 else 1 for d in shape],
                          dtype=torch.int64 if dtype == "int64" else torch.int32)
              for dtype, shape in inputs.values()]
     params = dict(module.named_parameters())
@@ -130,11 +129,16 @@ def verify_weights_map(wmap: WeightsMap, module: torch.nn.Module, onnx_path: Pat
     """Each mapped initializer, read by the runtime's reader, equals its parameter; every
     form of the graph keeps the mapped names. ExportError otherwise."""
     weights = dict(_weights(module))
-    got = read_initializers(onnx_path, [p.initializer for p in wmap.params.values()])
-    for param, mp in wmap.params.items():
-        if not np.array_equal(got[mp.initializer], mp.to_graph(weights[param])):
-            raise ExportError(f"{wmap.component}: weights map check failed: {mp.initializer} "
+    by_name = {mp.initializer: (param, mp) for param, mp in wmap.params.items()}
+    # one initializer at a time: SDXL's U-Net's are 10 GB, as much again as its torch weights
+    for name, got in iter_initializers(onnx_path, lambda info: info["name"] in by_name):
+        param, mp = by_name.pop(name)
+        if not np.array_equal(got, mp.to_graph(weights[param])):
+            raise ExportError(f"{wmap.component}: weights map check failed: {name} "
                               f"is not {param}; nothing was written")
+    if by_name:
+        raise ExportError(f"{wmap.component}: weights map check failed: {next(iter(by_name))} "
+                          f"is not in {onnx_path.name}; nothing was written")
     for form in forms:
         names = initializer_dtypes(form)
         lost = [p.initializer for p in wmap.params.values() if p.initializer not in names]

@@ -26,6 +26,7 @@ from typing import Callable
 
 from ldm_edge.bundletools.staging import staged_dir
 from ldm_edge.runtime.backends.choose import interface, pick_precision
+from ldm_edge.runtime.bundle.control_spec import is_controlnet
 from ldm_edge.runtime.bundle.manifest import Manifest
 from ldm_edge.runtime.bundle.opener import open_bundle
 from ldm_edge.runtime.errors import BundleError, ExportError, UsageError
@@ -76,6 +77,8 @@ def write_repository(bundle, out, *, components: str = "python", precision: str 
     with staged_dir(out, force) as stage:
         link_tree(manifest.root, stage / BUNDLE_DIR)
         for name in manifest.component_names:
+            if is_controlnet(name):  # not served yet (docs/controlnet.md)
+                continue
             engines += _component(stage, manifest, name, components, precision, batch_delay_us,
                                   trt_version)
         model = stage / PIPELINE_MODEL

@@ -10,8 +10,8 @@ Two file layouts are read (safetensors, ``safetensors_read.py``):
   alpha = r (what diffusers assumes);
 * kohya / A1111: ``lora_unet_<module with _>.lora_down.weight`` (A), ``lora_up.weight`` (B),
   ``.alpha``; ``lora_te_`` for the text encoder, SDXL's ``lora_te1_`` / ``lora_te2_`` for its
-  two; U-Net modules by diffusers' names or, as kohya's SDXL files have them, by the original
-  U-Net's (``input_blocks_4_1_...``, ``sgm.py``).
+  two; U-Net modules by diffusers' names or, in SDXL bundles (as kohya's SDXL files have
+  them), by the original U-Net's (``input_blocks_4_1_...``, ``sgm.py``).
 
 Module names resolve against the bundle's weights map (``weights_map.py``); a key that
 matches nothing is an error naming how many and the first few, so a LoRA for another model
@@ -51,6 +51,9 @@ _PART = {"lora_A": "down", "lora_down": "down", "lora.down": "down",
          "lora_B": "up", "lora_up": "up", "lora.up": "up"}
 _COMPONENT = {"unet": "unet", "text_encoder": "text_encoder", "te": "text_encoder",
               "text_encoder_2": "text_encoder_2", "te1": "text_encoder", "te2": "text_encoder_2"}
+# an SDXL U-Net (its added text/time embedding): only there are kohya's U-Net names the
+# original U-Net's (sgm.py); SD 1.x/2.x kohya files use diffusers' names
+SDXL_MARK = "add_embedding.linear_1"
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' header entry for the adapters' configs
 
 
@@ -306,8 +309,8 @@ def _param_of(p: LoraPair, wmap) -> str | None:
                 return f"{name}.weight"
             if name in flat:
                 return f"{flat[name]}.weight"
-    if p.component == "unet" and p.key.startswith("lora_unet_"):  # SDXL's SGM names (sgm.py)
-        name = sgm_module(p.module, modules)
+    if p.component == "unet" and p.key.startswith("lora_unet_") and SDXL_MARK in modules:
+        name = sgm_module(p.module, modules)  # kohya's SDXL files: the original U-Net's names
         if name in flat:
             return f"{flat[name]}.weight"
     return None

@@ -177,6 +177,7 @@ CASES = [
     ("--control without an image", None, ["CONTROL", "--control", "edges"] + P, 2, "--control 'edges': give NAME:IMAGE[:SCALE]"),
     ("--control-start after --control-end", _files, ["CONTROL", "--control", "edges:TMP/init.png", "--control-start", "0.8", "--control-end", "0.2"] + P, 2, "--control-start 0.8 and --control-end 0.2: need 0 <= start < end <= 1"),
     ("--guess-mode without --control", None, ["BUNDLE", "--guess-mode"] + P, 2, "--guess-mode needs --control NAME:IMAGE"),
+    ("--control-preprocess of an unknown kind", _files, ["CONTROL", "--control", "edges:TMP/init.png", "--control-preprocess", "depth"] + P, 2, "--control-preprocess 'depth': use canny or canny:LOW:HIGH"),
 ]
 
 

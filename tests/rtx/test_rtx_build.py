@@ -26,10 +26,10 @@ pytestmark = pytest.mark.rtx
 
 # every bundle kind the suite exports (conftest.py's tiny_bundles and ldm_bundles, and the
 # demo model of parity/test_demo_model.py)
-KINDS = ("sd1", "sd2", "demo", "ldm-bert", "ldm-uncond", "ldm-sr", "inpaint", "upscale")
+KINDS = ("sd1", "sd2", "demo", "ldm-bert", "ldm-uncond", "ldm-sr", "inpaint", "upscale", "sdxl")
 # the kinds the suite makes an INT8 variant of (parity/test_int8.py: sd1;
 # parity/test_ldm_precision.py: the paper's layouts, inpainting, the upscaler)
-INT8_KINDS = ("sd1", "ldm-bert", "ldm-uncond", "ldm-sr", "inpaint", "upscale")
+INT8_KINDS = ("sd1", "ldm-bert", "ldm-uncond", "ldm-sr", "inpaint", "upscale", "sdxl")
 # `ldm-export fp16` / `int8` at their cheapest: the graphs' structure is what TensorRT builds
 # here, their quality is the parity tier's; INT8 skips onnxruntime's fused-attention form,
 # which TensorRT never sees, and keeps the TensorRT form (on by default)
@@ -63,9 +63,9 @@ def cases(rtx, request, tmp_path_factory) -> dict:
     futures = {}
     with ThreadPoolExecutor(rtx_build.WORKERS) as pool:
         made = {}
-        for source in ("tiny_bundles", "ldm_bundles", "demo"):
-            if source == "demo":
-                base = {"demo": _demo_bundle(tmp_path_factory.mktemp("rtx-demo"))}
+        for source in ("tiny_bundles", "ldm_bundles", "demo", "sdxl"):
+            if source in OWN_BUNDLES:
+                base = {source: OWN_BUNDLES[source](tmp_path_factory.mktemp(f"rtx-{source}"))}
             else:
                 base = request.getfixturevalue(source)
             for kind, bundle in ((k, b) for k, b in base.items() if k in KINDS):
@@ -111,6 +111,22 @@ def _demo_bundle(folder: Path):
         return Missing("the demo weights are not in this checkout (make train-demo)")
     export_bundle(load_model(default_source()), folder / "bundle", ExportOptions())
     return folder / "bundle"
+
+
+def _sdxl_bundle(folder: Path):
+    """The tiny SDXL base (tests/parity/test_sdxl.py's): two text encoders, the second with
+    two outputs, a U-Net with text_embeds and time_ids."""
+    from ldm_edge.export.bundle import ExportOptions, export_bundle
+    from ldm_edge.export.load import load_model
+    from ldm_edge.export.tiny_sdxl import save_tiny_sdxl
+
+    export_bundle(load_model(save_tiny_sdxl(folder / "model", "base")), folder / "bundle",
+                  ExportOptions())
+    return folder / "bundle"
+
+
+# the kinds this module exports itself (not a session fixture of conftest.py)
+OWN_BUNDLES = {"demo": _demo_bundle, "sdxl": _sdxl_bundle}
 
 
 def _variant(src, dst: Path, precision: str, args: tuple[str, ...]):

@@ -192,3 +192,73 @@ def test_int8_engines_refuse_in_one_line():
         check_lora_precision("unet", "int8", "tensorrt")
     check_lora_precision("unet", "int8", "onnxruntime")  # re-quantised there: no error
     check_lora_precision("unet", "fp16", "openvino")  # supported: no error
+
+
+def _sdxl_maps():
+    """An SDXL bundle's maps: two text encoders (the first one's last layer unused)."""
+    maps = _maps()
+    maps["text_encoder"].unused.add("encoder.layers.2.self_attn.q_proj.weight")
+    maps["text_encoder_2"] = WeightsMap("text_encoder_2", "text_encoder_2.onnx", {
+        f"text_model.{TE}.weight": MappedParam("onnx::MatMul_5", True, (5, 5))})
+    return maps
+
+
+def test_sdxl_keys_reach_both_text_encoders(tmp_path):
+    """diffusers' ``text_encoder_2.`` and kohya's ``lora_te1_`` / ``lora_te2_``; a module of
+    the first encoder's unused last layer is matched and left out."""
+    rng = _rng()
+    A, B = rng.standard_normal((2, 5), dtype=np.float32), rng.standard_normal((5, 2), dtype=np.float32)
+    dead = "encoder.layers.2.self_attn.q_proj"
+    for name, t in {
+        "d": {f"text_encoder_2.text_model.{TE}.lora_A.weight": A,
+              f"text_encoder_2.text_model.{TE}.lora_B.weight": B,
+              f"text_encoder.{dead}.lora_A.weight": A, f"text_encoder.{dead}.lora_B.weight": B},
+        "k": {f"lora_te2_text_model_{TE.replace('.', '_')}.lora_down.weight": A,
+              f"lora_te2_text_model_{TE.replace('.', '_')}.lora_up.weight": B,
+              f"lora_te2_text_model_{TE.replace('.', '_')}.alpha": np.array(2.0, np.float32),
+              f"lora_te1_text_model_{dead.replace('.', '_')}.lora_down.weight": A,
+              f"lora_te1_text_model_{dead.replace('.', '_')}.lora_up.weight": B}}.items():
+        write_safetensors(tmp_path / f"{name}.safetensors", t)
+        s = LoraSet([(tmp_path / f"{name}.safetensors", 1.0)], _sdxl_maps())
+        assert s.components() == {"text_encoder_2"}
+        d = s.deltas("text_encoder_2")
+        assert np.allclose(d[f"text_model.{TE}.weight"], B @ A, rtol=1e-6, atol=1e-6)
+
+
+def test_lora_for_a_text_encoder_the_bundle_lacks_is_refused(tmp_path):
+    rng = _rng()
+    t = {f"text_encoder.{TE}.lora_A.weight": rng.standard_normal((2, 5), dtype=np.float32),
+         f"text_encoder.{TE}.lora_B.weight": rng.standard_normal((5, 2), dtype=np.float32)}
+    write_safetensors(tmp_path / "te1.safetensors", t)
+    refiner = {k: v for k, v in _sdxl_maps().items() if k != "text_encoder"}
+    with pytest.raises(LoraError, match=r"te1.safetensors: 1 of its modules adapt text_encoder, "
+                                        r"which this bundle does not have \(an SDXL refiner"):
+        LoraSet([(tmp_path / "te1.safetensors", 1.0)], refiner)
+    t = {k.replace("text_encoder.", "text_encoder_2."): v for k, v in t.items()}
+    write_safetensors(tmp_path / "te2.safetensors", t)
+    with pytest.raises(LoraError, match=r"adapt text_encoder_2, which this bundle does not "
+                                        r"have; is it a LoRA for another model\?$"):
+        LoraSet([(tmp_path / "te2.safetensors", 1.0)], _maps())  # an SD1 bundle
+
+
+def test_sgm_names_of_kohya_sdxl_files():
+    """kohya's SDXL U-Net names (the original U-Net's) -> diffusers', for SDXL's layout."""
+    from ldm_edge.runtime.lora.sgm import sgm_module
+
+    modules = {f"down_blocks.{b}.resnets.{k}.conv1" for b in range(3) for k in range(2)}
+    modules |= {f"up_blocks.{b}.attentions.0.proj_in" for b in range(2)}
+    cases = {"input_blocks_4_1_transformer_blocks_0_attn1_to_q":
+             "down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
+             "input_blocks_1_0_in_layers_2": "down_blocks_0_resnets_0_conv1",
+             "input_blocks_3_0_op": "down_blocks_0_downsamplers_0_conv",
+             "input_blocks_8_0_skip_connection": "down_blocks_2_resnets_1_conv_shortcut",
+             "middle_block_1_proj_out": "mid_block_attentions_0_proj_out",
+             "middle_block_2_emb_layers_1": "mid_block_resnets_1_time_emb_proj",
+             "output_blocks_2_2_conv": "up_blocks_0_upsamplers_0_conv",
+             "output_blocks_5_1_proj_in": "up_blocks_1_attentions_2_proj_in",
+             "output_blocks_8_0_out_layers_3": "up_blocks_2_resnets_2_conv2",
+             "label_emb_0_0": "add_embedding_linear_1", "input_blocks_0_0": "conv_in"}
+    for sgm, want in cases.items():
+        assert sgm_module(sgm, modules) == want, sgm
+    assert sgm_module("input_blocks_1_0_norm", modules) is None
+    assert sgm_module("down_blocks_0_resnets_0_conv1", modules) is None
