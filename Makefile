@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[export,demo,test,openvino]"
+	$(BIN)/pip install -q -e ".[export,demo,test,openvino,control]"
 	touch $(STAMP)
 
 test: install serve-venv

@@ -24,7 +24,7 @@ from ldm_edge.runtime.compare import psnr
 from ldm_edge.runtime.pipeline import ComponentCall, Pipeline
 from ldm_edge.runtime.request import default_scheduler_name
 
-from .task_inputs import call_inputs, labels
+from .task_inputs import call_inputs, control_stand_in, labels
 
 # what most users run besides the model's own (diffusers' SD pipelines and UIs' defaults):
 # ``ldm-export int8`` checks all of them unless told otherwise.
@@ -57,15 +57,36 @@ def schedulers_to_check(manifest, extra=None) -> list[str]:
 
 
 class _UNetRecorder:
-    """A call hook keeping every U-Net call's whole inputs and its output."""
+    """A call hook keeping every U-Net call's whole inputs and its output (and, in
+    ``controlnet_calls``, every ControlNet call's: name, inputs)."""
 
     def __init__(self):
         self.calls: list[tuple[dict, np.ndarray]] = []
+        self.controlnet_calls: list[tuple[str, dict]] = []
 
     def __call__(self, call: ComponentCall) -> None:
+        feeds = {k: np.array(v, copy=True) for k, v in call.feeds.items()}
         if call.name == "unet":
-            self.calls.append(({k: np.array(v, copy=True) for k, v in call.feeds.items()},
-                               call.output.copy()))
+            self.calls.append((feeds, call.output.copy()))
+        elif call.name.startswith("controlnet/"):
+            self.controlnet_calls.append((call.name, feeds))
+
+
+# ControlNet calls kept for the residuals' cosine, spread over the runs (each is one FP32 and
+# one variant call of a ControlNet: cheap next to the pictures)
+MAX_CONTROLNET_CALLS = 12
+
+
+def _joined(outputs: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.ravel(o) for o in outputs])
+
+
+def _fp32_residuals(pipe, calls: list[tuple[str, dict]]) -> list[tuple[str, dict, np.ndarray]]:
+    """Up to MAX_CONTROLNET_CALLS of ``calls`` (evenly), each with FP32's residuals joined."""
+    if len(calls) > MAX_CONTROLNET_CALLS:
+        idx = np.linspace(0, len(calls) - 1, MAX_CONTROLNET_CALLS).round().astype(int)
+        calls = [calls[i] for i in idx]
+    return [(name, feeds, _joined(pipe.call_outputs(name, feeds))) for name, feeds in calls]
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -85,8 +106,9 @@ class Reference:
 
     def __init__(self, bundle, prompts: list[str], steps: int = 10, seed: int = 0,
                  schedulers: list[str] | None = None, unet_calls: bool = True,
-                 size: tuple[int, int] | None = None):
+                 size: tuple[int, int] | None = None, control: bool = False):
         ref, rec = Pipeline(bundle, precision="fp32"), _UNetRecorder()
+        self.control = control  # every run with a ControlNet active (control_stand_in)
         if unet_calls:
             ref.add_call_hook(rec)
         # a prompt, or what stands for one where the model takes none (task_inputs.py)
@@ -103,12 +125,24 @@ class Reference:
                 self.latents.setdefault(s, []).append(r.latents)
                 if unet_calls:
                     self.calls.setdefault(s, []).append(rec.calls)
+        self.controlnet_calls = _fp32_residuals(ref, list(rec.controlnet_calls))
         ref.close()
 
     def _draw(self, pipe, scheduler, i, prompt):
         size = {"height": self.height, "width": self.width} if self.height else {}
+        if self.control:  # one ControlNet after another, each run with one
+            hw = (self.height or self.schema.defaults.height,
+                  self.width or self.schema.defaults.width)
+            size["control"] = control_stand_in(self.schema, i, *hw, every=1)
         return pipe(**call_inputs(self.schema, prompt, i), num_inference_steps=self.steps,
                     seed=self.seed + i, scheduler=scheduler, **size)
+
+    def controlnet_cosine(self, pipe) -> float | None:
+        """The lowest cosine of a ControlNet's residuals (all of them, joined) in ``pipe`` vs
+        FP32's, on the FP32 trajectories' ControlNet inputs; None when none ran."""
+        got = [cosine(_joined(pipe.call_outputs(name, feeds)), ref)
+               for name, feeds, ref in self.controlnet_calls]
+        return min(got) if got else None
 
     def _cosines(self, pipe, scheduler) -> list[float]:
         """Per step, the worst over prompts of the variant U-Net's cosine vs FP32's on the
@@ -161,3 +195,29 @@ def measure_precision(reference: Reference, bundle, precision: str, components=N
         return reference.measure(var)
     finally:
         var.close()
+
+
+def control_quality(bundle, precision: str, prompts: list[str], steps: int = 10, seed: int = 0,
+                    size: tuple[int, int] | None = None, components=None) -> dict | None:
+    """``precision`` vs FP32 with a ControlNet active (each prompt with the next ControlNet on
+    a stand-in control image, task_inputs.control_stand_in), under the model's own scheduler:
+    the picture's PSNR, the U-Net's cosine per step and the ControlNets' residuals' cosine on
+    the FP32 trajectory. None for a bundle without ControlNets."""
+    from ldm_edge.runtime.bundle.opener import open_bundle
+
+    manifest = bundle if hasattr(bundle, "schema") else open_bundle(bundle)
+    if not manifest.schema.controlnets:
+        return None
+    own = schedulers_to_check(manifest, ())
+    reference = Reference(manifest, prompts, steps, seed, own, size=size, control=True)
+    var = Pipeline(manifest, precision=precision, components=components)
+    try:
+        q = reference.measure(var)
+        q["controlnet_cosine_min"] = reference.controlnet_cosine(var)
+    finally:
+        var.close()
+    keep = ("psnr_db", "per_prompt_db", "unet_cosine_min", "controlnet_cosine_min", "prompts",
+            "steps", "seed", "size")
+    return {"scheduler": own[0], **{k: q[k] for k in keep if k in q},
+            "controlnets": [c[0][0] for c in (control_stand_in(manifest.schema, i, 8, 8, 1)
+                                             for i in range(len(q["prompts"])))]}

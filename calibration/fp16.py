@@ -17,7 +17,7 @@ import numpy as np
 
 from ldm_edge.bundletools.files import file_record
 from ldm_edge.bundletools.forms import add_fused_forms
-from ldm_edge.bundletools.quality import end_to_end_psnr, schedulers_to_check
+from ldm_edge.bundletools.quality import control_quality, end_to_end_psnr, schedulers_to_check
 
 # fp16.save_graph: the tests save to_fp16's graphs with it
 from ldm_edge.bundletools.save import save_graph  # noqa: F401
@@ -25,6 +25,7 @@ from ldm_edge.bundletools.task_inputs import labels
 from ldm_edge.bundletools.variant_txn import VariantTransaction
 from ldm_edge.runtime.backends.sessions import SessionFromOnnx
 from ldm_edge.runtime.bundle.manifest import Manifest
+from ldm_edge.runtime.bundle.control_spec import is_controlnet
 from ldm_edge.runtime.bundle.opener import open_bundle
 from ldm_edge.runtime.bundle.schema import (BundleManifest, QualityRecord, VariantRecord,
                                             read_manifest_json)
@@ -149,10 +150,10 @@ def pick_samples(records: list[dict]) -> list[dict]:
 def worst_cosine(fp16_path: Path, fp32_path: Path, samples: list[dict]):
     s16, s32 = SessionFromOnnx(fp16_path)(), SessionFromOnnx(fp32_path)()
     results = []
-    for i, feeds in enumerate(samples):
-        ref = s32.run(None, feeds)[0]
-        out = s16.run(None, feeds)[0]
-        results.append(compare(out, ref, f"sample {i}", min_cosine=FP16_MIN_COSINE))
+    for i, feeds in enumerate(samples):  # every output (a ControlNet has one per residual)
+        for k, (out, ref) in enumerate(zip(s16.run(None, feeds), s32.run(None, feeds))):
+            results.append(compare(out, ref, f"sample {i}" + (f" output {k}" if k else ""),
+                                   min_cosine=FP16_MIN_COSINE))
     return min(results, key=lambda r: (bool(r), r.cosine))
 
 
@@ -179,7 +180,7 @@ def convert_component(manifest: Manifest, name: str, samples: list[dict], progre
             progress(f"{name}: fp16 with islands '{level}': {res}")
         if res:
             return VariantRecord(
-                file=dest.name, files=[file_record(p, manifest.root) for p in files],
+                file=dest.relative_to(manifest.root).as_posix(), files=[file_record(p, manifest.root) for p in files],
                 islands=level, fp32_nodes=list(ALWAYS_FP32_NODES),
                 parity={**res.to_json(), "reference": "onnxruntime fp32", "passed": True,
                         "samples": len(feeds), "min_cosine": FP16_MIN_COSINE})
@@ -238,14 +239,28 @@ def make_fp16(bundle, prompts: list[str] | None = None, steps: int = 10,
                             schedulers=schedulers_to_check(manifest, ()))
         progress(f"end to end: 8-bit PSNR vs FP32 {q['psnr_db']:.1f} dB, U-Net cosine ≥ "
                  f"{q['unet_cosine_min']:.5f}")
+        q["control"] = _with_control(txn, prompts[:2], steps, progress)
         kept = sorted(set(manifest.component_names) - set(converted))
         record = QualityRecord.from_json({**q, "components_kept_fp32": kept}, "quality.fp16")
         txn.commit(quality={"fp16": record})
     # onnxruntime's fused-attention form of each new graph, checked against it (the FP32
     # variants got theirs at export); the recorded quality holds for it within FP16 rounding
-    forms = add_fused_forms(bundle, "fp16", components=converted)
+    forms = add_fused_forms(bundle, "fp16", components=[n for n in converted
+                                                        if not is_controlnet(n)])
     progress("fused-attention forms: " + (", ".join(n for n, f in forms.items() if f) or "none"))
     return read_manifest_json(bundle)
+
+
+def _with_control(txn: VariantTransaction, prompts: list[str], steps: int,
+                  progress) -> dict | None:
+    """The FP16 pictures with a ControlNet active vs FP32's (bundletools/quality.py), for a
+    bundle with ControlNets."""
+    qc = control_quality(txn.manifest(), "fp16", prompts, steps=steps)
+    if qc is not None:
+        progress(f"with a ControlNet active: 8-bit PSNR vs FP32 {qc['psnr_db']:.1f} dB, U-Net "
+                 f"cosine ≥ {qc['unet_cosine_min']:.5f}, ControlNet residuals' cosine ≥ "
+                 f"{qc['controlnet_cosine_min']:.5f}")
+    return qc
 
 
 def _convert_all(manifest: Manifest, records: dict, progress, txn: VariantTransaction) -> list[str]:
@@ -257,8 +272,9 @@ def _convert_all(manifest: Manifest, records: dict, progress, txn: VariantTransa
             progress(f"{name}: stays FP32 (the model's VAE says force_upcast: SDXL's overflows "
                      f"in FP16; an fp16-fixed VAE says otherwise)")
             continue
-        if name not in records:  # not captured: a ControlNet (docs/controlnet.md: not yet)
-            progress(f"{name}: stays FP32 (no FP16 ControlNet graphs yet)")
+        if name not in records:  # a ControlNet no calibration run took (capture.py)
+            progress(f"{name}: stays FP32 (no run used it: more ControlNets than every other "
+                     f"prompt; give more --num-prompts)")
             continue
         variant = convert_component(manifest, name, pick_samples(records[name]), progress, txn)
         if variant is None and name == "unet":

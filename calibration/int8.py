@@ -22,7 +22,8 @@ import numpy as np
 
 from ldm_edge.bundletools.files import file_record
 from ldm_edge.bundletools.forms import FORM, default_size, make_form
-from ldm_edge.bundletools.quality import Reference, measure_precision, schedulers_to_check
+from ldm_edge.bundletools.quality import (Reference, control_quality, measure_precision,
+                                          schedulers_to_check)
 from ldm_edge.bundletools.variant_txn import VariantTransaction
 from ldm_edge.runtime import validate
 from ldm_edge.runtime.bundle.manifest import Manifest
@@ -231,12 +232,25 @@ def add_int8(bundle, opts: Int8Options, progress=print) -> BundleManifest:
                               seed=EVAL_SEED, schedulers=cal.schedulers,
                               size=cal.hw if opts.size else None)
         q = measure_within_budget(txn, variant, reference, opts, progress, t0)
+        q["control"] = _with_control(txn, cal, opts, progress)
         if opts.tensorrt_form:
             add_tensorrt_form(txn, variant, cal, quant, reference, opts, progress)
         # onnxruntime's INT8 kernels, and so this figure, differ by CPU kind (runtime/cpu.py)
         q.update(method=opts.method, min_psnr=opts.min_psnr, kept_float_units=quant.kept,
                  cpu=cpu_summary())
         return txn.commit(quality={"int8": Int8QualityRecord.from_json(q, "quality.int8")})
+
+
+def _with_control(txn: VariantTransaction, cal: Calibration, opts: Int8Options,
+                  progress) -> dict | None:
+    """The INT8 pictures with a ControlNet active vs FP32's (the U-Net was calibrated on runs
+    with and without one: calibration/capture.py), for a bundle with ControlNets."""
+    qc = control_quality(txn.manifest(), "int8", EVAL_PROMPTS, steps=opts.calib_steps,
+                         seed=EVAL_SEED, size=cal.hw if opts.size else None)
+    if qc is not None:
+        progress(f"with a ControlNet active: end to end vs FP32 {qc['psnr_db']:.2f} dB, U-Net "
+                 f"output cosine ≥ {qc['unet_cosine_min']:.4f}")
+    return qc
 
 
 def capture_calibration(bundle: Path, opts: Int8Options, progress) -> Calibration:

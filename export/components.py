@@ -172,7 +172,7 @@ def wrap(model: LoadedModel, name: str) -> torch.nn.Module:
     if name == "unet" and model.unet_residuals:  # ControlNet residuals as inputs
         from .controlnet_modules import ResidualUNet
 
-        return ResidualUNet(model.unet).eval()
+        return ResidualUNet(model.unet, added=model.second_encoder is not None).eval()
     if model.second_encoder is not None and name in ("text_encoder", "text_encoder_2", "unet"):
         return _added_cond_wrap(model, name)
     if name == "text_encoder":

@@ -28,7 +28,7 @@ from ldm_edge.runtime.bundle.spec import ComponentSpec
 from ldm_edge.runtime.compare import compare, summarise
 from ldm_edge.runtime.errors import ExportError, first_line
 
-from .controlnet_modules import ControlNetGraph
+from .controlnet_modules import AddedControlNetGraph, ControlNetGraph
 from .onnx_export import (EXPORT_ATOL, EXPORT_MIN_COSINE, EXPORT_RTOL, _finalise, _torch_export,
                           check_inputs_read, worst)
 
@@ -77,7 +77,7 @@ def load_controlnet(arg: str) -> LoadedControlNet:
 
 
 def residuals_for(unet) -> list[Residual]:
-    """The residual layout of a diffusers U-Net (its config), for the SD1/SD2 layouts."""
+    """The residual layout of a diffusers U-Net (its config): SD1/SD2 and SDXL layouts."""
     return residual_layout(unet.config.block_out_channels, unet.config.layers_per_block)
 
 
@@ -85,10 +85,8 @@ def check_fits(net: LoadedControlNet, unet: ComponentSpec, vae_scale_factor: int
     """ExportError unless the ControlNet was made for a U-Net of this architecture: the same
     residuals (channels and levels, one for one), text states and latent channels."""
     cfg = net.module.config
-    if cfg.get("addition_embed_type") or cfg.get("global_pool_conditions"):
-        raise ExportError(f"ControlNet {net.name}: SDXL and global-pool (shuffle) ControlNets "
-                          f"are not supported yet")
     by = {t.name: t for t in unet.inputs}
+    _check_added(net, by)
     ours = [(r.channels, r.level) for r in residuals_of(unet)]
     theirs = [(r.channels, r.level) for r in
               residual_layout(cfg.block_out_channels, cfg.layers_per_block)]
@@ -107,6 +105,29 @@ def check_fits(net: LoadedControlNet, unet: ComponentSpec, vae_scale_factor: int
                           f"1/{stride}, the VAE by 1/{vae_scale_factor}")
 
 
+def _check_added(net: LoadedControlNet, by: dict) -> None:
+    """An SDXL ControlNet ("text_time") on an SDXL U-Net only, of the same pooled-text and
+    time-id widths; SD1/SD2 ones on the others. Global-pool (shuffle) ones are refused."""
+    cfg = net.module.config
+    kind = cfg.get("addition_embed_type")
+    if cfg.get("global_pool_conditions") or kind not in (None, "text_time"):
+        raise ExportError(f"ControlNet {net.name}: global-pool (shuffle) ControlNets and "
+                          f"addition_embed_type {kind!r} are not supported yet")
+    sdxl = "time_ids" in by
+    if (kind == "text_time") != sdxl:
+        raise ExportError(f"ControlNet {net.name} is for another model: an "
+                          f"{'SDXL' if kind else 'SD1/SD2'} ControlNet on an "
+                          f"{'SDXL' if sdxl else 'SD1/SD2'} U-Net")
+    if sdxl:
+        ids, pooled = int(by["time_ids"].shape[1]), int(by["text_embeds"].shape[1])
+        mine = int(cfg.projection_class_embeddings_input_dim)
+        want = ids * int(cfg.addition_time_embed_dim) + pooled
+        if mine != want:
+            raise ExportError(f"ControlNet {net.name} is for another model: its added embedding "
+                              f"takes {mine} values, the U-Net's pooled text and {ids} time "
+                              f"ids make {want} (a base ControlNet on the refiner?)")
+
+
 def _short(v) -> str:
     return f"({len(v)} of channels {sorted({c for c, _ in v})})" if isinstance(v, list) else str(v)
 
@@ -119,7 +140,13 @@ def controlnet_feeds(spec: ComponentSpec, batch: int, height: int, width: int, f
     _, c, _, _ = by["sample"].shape
     _, length, hidden = by["encoder_hidden_states"].shape
     n = by["conditioning_scale"].shape[0]
-    return {
+    added = {}
+    if "time_ids" in by:  # SDXL: pooled text embeddings; sizes in pixels
+        added = {"text_embeds": rng.standard_normal((batch, by["text_embeds"].shape[1]),
+                                                    dtype=np.float32),
+                 "time_ids": rng.integers(0, 1024, size=(batch, by["time_ids"].shape[1])
+                                          ).astype(np.float32)}
+    return added | {
         "sample": rng.standard_normal((batch, c, height // factor, width // factor),
                                       dtype=np.float32),
         "timestep": rng.uniform(0, 999, size=(batch,)).astype(np.float32),
@@ -146,7 +173,7 @@ def prepare_controlnets(model, args, specs: dict) -> list[LoadedControlNet]:
         return []
     why = _unsupported(model)
     if why:
-        raise ExportError(f"--controlnet: {why}; ControlNets work on SD1.x/SD2.x "
+        raise ExportError(f"--controlnet: {why}; ControlNets work on SD1.x/SD2.x and SDXL "
                           f"text-to-image models")
     nets = [load_controlnet(a) for a in args]
     names = [n.name for n in nets]
@@ -160,8 +187,8 @@ def prepare_controlnets(model, args, specs: dict) -> list[LoadedControlNet]:
 
 
 def _unsupported(model) -> str | None:
-    if getattr(model, "second_encoder", None) is not None:
-        return "SDXL models are not supported yet"
+    if model.text_encoder is None and getattr(model, "second_encoder", None) is not None:
+        return "an SDXL refiner (no ControlNet is made for it)"
     if model.text_encoder is None:
         return "a model without a prompt"
     if model.time_cond_proj_dim or model.upscaler is not None:
@@ -190,7 +217,8 @@ def export_controlnet(net: LoadedControlNet, unet_spec: ComponentSpec, root: Pat
     """``root``/controlnet/NAME.onnx, checked against PyTorch at two shapes (every residual
     within the export tolerances of export/onnx_export.py), or an ExportError."""
     spec = controlnet_spec(net.name, unet_spec, residuals_of(unet_spec), factor)
-    module = ControlNetGraph(net.module).eval()
+    sdxl = "time_ids" in spec.input_names
+    module = (AddedControlNetGraph if sdxl else ControlNetGraph)(net.module).eval()
     folder = root / CONTROLNET_PREFIX.rstrip("/")
     folder.mkdir(exist_ok=True)
     files = _export(module, spec, folder / f"{net.name}.onnx", height, width, factor, opset)

@@ -16,6 +16,7 @@ built on the device itself (a Jetson), which has TensorRT and no PyTorch.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from ldm_edge.runtime.backends.trt_engines import (ENGINE_BACKEND, device_facts,
                                                    import_tensorrt)
 from ldm_edge.runtime.backends.trt_refit import REFIT_KIND, mark_refittable, refit_individual
 from ldm_edge.runtime.bundle.manifest import Manifest
+from ldm_edge.runtime.bundle.control_spec import is_controlnet, level_of
 from ldm_edge.runtime.bundle.opener import open_bundle
 from ldm_edge.runtime.bundle.schema import (MANIFEST_NAME, BundleManifest, ComponentRecord,
                                             EngineRecord, edit_manifest)
@@ -35,7 +37,8 @@ from ldm_edge.runtime.fsutil import sha256_file
 from ldm_edge.runtime.tasks import takes_prompt
 
 # Components that see the negative and the positive prompt in one call under classifier-free
-# guidance, so their batch is twice the number of images.
+# guidance, so their batch is twice the number of images (and each ControlNet, `controlnet/*`,
+# which runs on the U-Net's batch; in guess mode on its half, inside the profile's minimum).
 GUIDED = ("text_encoder", "text_encoder_2", "unet")
 SIZE_DIMS = {"latent_height": "height", "latent_width": "width",
              "height": "height", "width": "width"}
@@ -78,10 +81,15 @@ def shape_profile(manifest: BundleManifest, component: str, opts: ProfileOptions
 
 def _dim_range(dim: str, spec: ComponentSpec, manifest: BundleManifest, component: str,
                opts: ProfileOptions) -> tuple[int, int, int]:
+    level = level_of(dim)
+    if level is not None:  # a ControlNet residual's rows (columns): ceil(latent / 2^k)
+        base, k = level
+        return tuple(math.ceil(v / k) for v in _dim_range(base, spec, manifest, component, opts))
     lo, hi = spec.ranges.get(dim, (1, None))
     if dim == "batch":
         # a model that takes no prompt is never guided (runtime/tasks/)
-        per = 2 if component in GUIDED and takes_prompt(manifest.task) else 1
+        guided = component in GUIDED or is_controlnet(component)
+        per = 2 if guided and takes_prompt(manifest.task) else 1
         images = opts.max_batch
         mn, opt, mx = 1, per, per * images if images else hi
         if opts.static:

@@ -21,15 +21,14 @@ bit for bit. Pure numpy; the graphs are runtime/bundle/control_spec.py's.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from .bundle.control_spec import (CONDITIONING_SCALE, component_key, residuals_of,
-                                  takes_residuals)
-from .errors import NumericsError, UsageError
+from .bundle.control_spec import (ADDED_INPUTS, CONDITIONING_SCALE, component_key,
+                                  residuals_of, takes_residuals)
+from .errors import UsageError
 from .control_preprocess import Preprocess, parse_preprocess
 from .inputs import frozen, sha256_of
 
@@ -188,6 +187,10 @@ class ControlSteps:
         self.zeros = {r.name: np.zeros(r.shape(batch, h, w), np.float32)
                       for r in self.residuals}
         self._images = self._batched(latent_shape[0]) if self.control is not None else []
+        # the loop's steady inputs a ControlNet takes too: the text states, and an SDXL
+        # model's pooled text embeddings and time ids
+        self._steady = ("encoder_hidden_states",
+                        *(a for a in ADDED_INPUTS if a in unet.input_names))
 
     def _batched(self, n: int) -> list[np.ndarray]:
         """Each control image repeated per image, doubled for guidance unless in guess mode."""
@@ -202,26 +205,22 @@ class ControlSteps:
         k = x.shape[0] // 2 if half else 0
         total = None
         for c, image in zip(self.control.images, self._images):
-            out = self._call(c, x[k:], t, steady["encoder_hidden_states"][k:], image)
+            out = self._call(c, x[k:], t, {a: steady[a][k:] for a in self._steady}, image)
             total = out if total is None else [a + b for a, b in zip(total, out)]
         if half:
             total = [np.concatenate([np.zeros_like(r), r]) for r in total]
         return {r.name: a for r, a in zip(self.residuals, total)}
 
-    def _call(self, c: ControlImage, x, t, states, image) -> list[np.ndarray]:
+    def _call(self, c: ControlImage, x, t, states: dict, image) -> list[np.ndarray]:
+        """``states``: the text states (and an SDXL model's added conditioning) of ``x``."""
         name = component_key(c.name)
-        b = self.pipe.backend(name)
-        spec = b.spec
-        feeds = {"sample": x, "encoder_hidden_states": states, "controlnet_cond": image,
+        spec = self.pipe.backend(name).spec
+        feeds = {"sample": x, **states, "controlnet_cond": image,
                  "timestep": np.full((x.shape[0],), t, dtype=spec.input("timestep").dtype),
                  CONDITIONING_SCALE: self._scales(c.scale, spec.input(CONDITIONING_SCALE))}
-        t0 = time.perf_counter()
-        got = b.run(feeds)
-        self.pipe.timings.add("controlnet", time.perf_counter() - t0)
-        outs = [got[o] for o in spec.output_names]
-        if not all(np.isfinite(o).all() for o in outs):
-            raise NumericsError(f"{name} ({b.precision}) produced NaN/Inf")
-        return outs
+        # timed as the "controlnet" stage, checked for NaN/Inf, seen by the call hooks (the
+        # calibration capture, runtime/pipeline.py)
+        return self.pipe.call_outputs(name, feeds)
 
     def _scales(self, scale: float, tensor) -> np.ndarray:
         k = int(tensor.shape[0])

@@ -54,6 +54,9 @@ FIELDS = (
     *TASK_FIELDS,
     # a local run's only: refused with --server unless left at the default
     Field("latents_path", "--latents", "latents"),  # the array, loaded from the file
+    # SDXL's ensemble of experts: a second bundle here, and where the base hands over to it
+    Field("refiner", "--refiner", None),
+    Field("denoising_end", "--denoising-end", "denoising_end"),
     Field("backend", "--backend", None, default="auto"),
     Field("device", "--device", None, default="auto"),
     Field("precision", "--precision", None, default="fp32"),

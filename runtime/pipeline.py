@@ -29,6 +29,7 @@ from .request import BundleDefaults, GenerationRequest, Provenance, resolve_requ
 from .schedulers import make_scheduler
 from .tasks import plan_of
 from .tasks.base import TaskStart, latent_shape
+from .tasks.refine import cut_at_end
 from .tokenizer import PromptTokenizer
 from .vae_tiling import DEFAULT_OVERLAP, VaeTiling, fitting_tile_sizes
 
@@ -54,6 +55,7 @@ class Timings:
         """Add to a stage's seconds (a component's name, or "lora"; the tiny VAE's graphs
         count as the VAE's stages, SDXL's second text encoder as the text encoder's)."""
         stage = stage.removesuffix("_tiny").removesuffix("_2")
+        stage = "controlnet" if stage.startswith("controlnet/") else stage  # all ControlNets
         setattr(self, stage, (getattr(self, stage) or 0.0) + seconds)
 
     @property
@@ -385,11 +387,14 @@ class Pipeline:
                  seed: int | None = None, generator=None, latents: np.ndarray | None = None,
                  init_image: np.ndarray | str | None = None, strength: float | None = None,
                  task: str | None = None, mask=None, noise_level: int | None = None,
-                 eta: float | None = None, progress=None, **added) -> Result:
+                 eta: float | None = None, progress=None, decode: bool = True,
+                 **added) -> Result:
         """Run ``request``, or the one the keywords resolve to. ``generator``: the caller's
         noise source (then no seed); ``progress(done, total)``: called from step 0 on;
         ``added``: SDXL's micro-conditioning (original_size, crop_top_left, target_size,
-        aesthetic_score, negative_aesthetic_score: runtime/added_cond.py)."""
+        aesthetic_score, negative_aesthetic_score: runtime/added_cond.py; denoising_start,
+        denoising_end: runtime/tasks/refine.py); ``decode=False``: the latents only (the
+        Result's images None), for another model to continue (SDXL's refiner)."""
         if request is None:
             request = self.request(
                 prompt=prompt, negative_prompt=negative_prompt,
@@ -401,9 +406,10 @@ class Pipeline:
                 **added)
         if generator is not None and request.seed is not None:
             raise UsageError("give a seed or a generator, not both")
-        return self._run_stages(request, generator or np.random.default_rng(request.seed), progress)
+        return self._run_stages(request, generator or np.random.default_rng(request.seed),
+                                progress, decode)
 
-    def _run_stages(self, req: GenerationRequest, gen, progress) -> Result:
+    def _run_stages(self, req: GenerationRequest, gen, progress, decode: bool = True) -> Result:
         """The stages: conditioning -> the task's start -> denoise -> decode. Low memory:
         each stage's sessions are released before the next stage's open."""
         self._check_tiles(req)
@@ -414,13 +420,13 @@ class Pipeline:
         cond = self.conditioning.encode(self, req)
         for name in self.conditioning.components:
             self._release(name)
-        timesteps = plan.timesteps(sched, req)
+        timesteps = cut_at_end(sched, plan.timesteps(sched, req), req.denoising_end)
         start = plan.start(self, sched, timesteps, req, gen)
         self._release(self._vae_component("vae_encoder"))
         lat = self._denoise(sched, plan, start, cond.feeds, timesteps, req, gen, progress)
         provenance = self._provenance(lat.shape)
         self._release("unet")
-        images = self.decode(lat)
+        images = self.decode(lat) if decode else None
         self._release(self._vae_component("vae_decoder"))
         self.timings.total = time.perf_counter() - t_start
         self.timings.steps = len(timesteps)

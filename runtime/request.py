@@ -19,6 +19,7 @@ from .bundle.schema import BundleManifest, DefaultsRecord
 from .errors import UsageError
 from .inputs import InitImage, frozen, sha256_of
 from .tasks import TEXT_TO_IMAGE, plan_of, run_task
+from .tasks.refine import check_fractions
 
 # a drawn seed (none given) fits 32 bits, so it is easy to read off a PNG and type back in
 DRAWN_SEED_BITS = 32
@@ -133,6 +134,10 @@ class GenerationRequest:
     negative_aesthetic_score: float | None = None
     # SDXL without a negative prompt: the unconditioned half gets zero embeddings
     zero_negative: bool = False
+    # SDXL's ensemble of experts (runtime/tasks/refine.py): the base stops at denoising_end
+    # (a fraction of the schedule), the refiner continues its latents from denoising_start
+    denoising_start: float | None = None
+    denoising_end: float | None = None
     # the ControlNets and their images (runtime/control.ControlRequest); None: none
     control: object | None = None
 
@@ -163,7 +168,8 @@ class GenerationRequest:
                 "latents_sha256": None if self.latents is None else sha256_of(self.latents),
                 "task": self.task, "mask": self.mask.to_dict() if self.mask else None,
                 "noise_level": self.noise_level, "guidance_embedded": self.guidance_embedded,
-                "eta": self.eta, **self._added_dict(),
+                "eta": self.eta, "denoising_start": self.denoising_start,
+                "denoising_end": self.denoising_end, **self._added_dict(),
                 "control": self.control.to_dict() if self.control else None}
 
     def _added_dict(self) -> dict:
@@ -209,7 +215,9 @@ def resolve_request(bundle: BundleDefaults, *, prompt, negative_prompt=None,
                     mask=None, noise_level: int | None = None,
                     eta: float | None = None, original_size=None, crop_top_left=None,
                     target_size=None, aesthetic_score: float | None = None,
-                    negative_aesthetic_score: float | None = None) -> GenerationRequest:
+                    negative_aesthetic_score: float | None = None,
+                    denoising_start: float | None = None,
+                    denoising_end: float | None = None) -> GenerationRequest:
     """Fill what is not given from ``bundle`` and check everything (one-line UsageErrors);
     the task's plan (runtime/tasks/) resolves what is its own: size, pictures, noise level.
 
@@ -217,7 +225,8 @@ def resolve_request(bundle: BundleDefaults, *, prompt, negative_prompt=None,
     ``seed``: none given and ``draw_seed`` -> one is drawn, so the PNG says how to redo it;
     ``draw_seed=False`` when the caller brings its own noise generator.
     ``original_size`` ... ``negative_aesthetic_score``: SDXL's micro-conditioning
-    (runtime/added_cond.py), refused on other bundles."""
+    (runtime/added_cond.py), refused on other bundles. ``denoising_start``/``denoising_end``:
+    SDXL's ensemble of experts (runtime/tasks/refine.py)."""
     from .schedulers import scheduler_names
 
     task = run_task(bundle.task, task)
@@ -243,13 +252,17 @@ def resolve_request(bundle: BundleDefaults, *, prompt, negative_prompt=None,
         aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score))
     seed = _seed(seed, draw_seed)
     pics = plan.start_inputs(bundle, init_image, mask, strength, latents, h, w)
+    fractions = check_fractions(denoising_start, denoising_end, latents)
+    if fractions[0] is not None and pics.init is not None:
+        raise UsageError("--denoising-start continues latents; it takes no --init-image")
     if latents is not None:
         f = bundle.vae_scale_factor
         validate.latents(latents, (len(prompts) * n, bundle.latent_channels, h // f, w // f), f)
         latents = frozen(latents)
     return GenerationRequest(prompts, negs, steps, g, name, h, w, n, seed, pics.strength,
                              pics.init, latents, task, pics.mask, level,
-                             bundle.guidance_embedded, eta, **micro)
+                             bundle.guidance_embedded, eta, **micro,
+                             denoising_start=fractions[0], denoising_end=fractions[1])
 
 
 def _micro_conditioning(bundle: BundleDefaults, h: int, w: int, negative_prompt,

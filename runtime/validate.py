@@ -95,6 +95,14 @@ def strength(value, has_init_image: bool) -> float:
     return float(value)
 
 
+def fraction(flag: str, value) -> float:
+    """A fraction of the schedule, strictly between 0 and 1 (SDXL's denoising_start/end)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) \
+            or not 0.0 < float(value) < 1.0:
+        raise UsageError(f"{flag} {value} must be a fraction of the schedule, between 0 and 1")
+    return float(value)
+
+
 def init_pixels(image, height: int, width: int) -> None:
     if not isinstance(image, np.ndarray) or image.ndim != 4 \
             or image.shape[1:] != (height, width, 3):

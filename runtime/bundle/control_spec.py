@@ -24,6 +24,9 @@ CONTROLNET_PREFIX = "controlnet/"
 DOWN_RESIDUAL = "down_block_residual_{}"
 MID_RESIDUAL = "mid_block_residual"
 CONDITIONING_SCALE = "conditioning_scale"
+# an SDXL U-Net's added conditioning (pooled text, micro-conditioning): an SDXL ControlNet
+# (diffusers' addition_embed_type "text_time") takes them as the U-Net does
+ADDED_INPUTS = ("text_embeds", "time_ids")
 # a ControlNet's name: what --control NAME:IMAGE types and the graph's file name
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _LEVEL_DIM = re.compile(r"^(latent_height|latent_width)_div(\d+)$")
@@ -87,6 +90,12 @@ def residuals_of(spec: ComponentSpec) -> list[Residual]:
     return out
 
 
+def level_of(dim: str) -> tuple[str, int] | None:
+    """``latent_height_div4`` -> ("latent_height", 4); None for any other dim."""
+    m = _LEVEL_DIM.match(str(dim))
+    return (m.group(1), int(m.group(2))) if m else None
+
+
 def takes_residuals(unet: ComponentSpec) -> bool:
     return MID_RESIDUAL in unet.input_names
 
@@ -125,11 +134,12 @@ def controlnet_spec(name: str, unet: ComponentSpec, residuals: list[Residual],
     """A ControlNet's graph: the U-Net's sample, timestep and text states, the control image
     (``controlnet_cond``, [0, 1] RGB at pixel size) and one scale per residual
     (``conditioning_scale``: the scale, or guess mode's 0.1..1 ramp times it) -> the
-    residuals, already scaled."""
+    residuals, already scaled. An SDXL U-Net's added conditioning (``ADDED_INPUTS``) is the
+    ControlNet's too, after the text states."""
     by = {t.name: t for t in unet.inputs}
     n = len(residuals)
     inputs = (by["sample"], TensorSpec("timestep", TIMESTEP_DTYPE, ("batch",)),
-              by["encoder_hidden_states"],
+              by["encoder_hidden_states"], *(by[a] for a in ADDED_INPUTS if a in by),
               TensorSpec("controlnet_cond", "float32", ("batch", 3, "height", "width")),
               TensorSpec(CONDITIONING_SCALE, "float32", (n,)))
     lo, hi = unet.ranges.get("latent_height", (1, 1 << 16))

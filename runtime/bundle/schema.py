@@ -434,6 +434,9 @@ class QualityRecord(Record):
     # FP32 trajectory: a measure that does not depend on what the picture looks like
     unet_cosine_min: float | None = None
     size: list | None = None  # [height, width] measured at, when not the model's own
+    # with a ControlNet active (bundletools/quality.py control_quality): psnr_db,
+    # unet_cosine_min, controlnet_cosine_min, ...; a bundle with ControlNets only
+    control: dict | None = None
 
     @classmethod
     def from_json(cls, d, what: str) -> "QualityRecord":

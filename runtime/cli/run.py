@@ -77,6 +77,12 @@ def _list_schedulers(ctx, _param, value):
               help="SDXL refiner: the aesthetic score conditioned on (default 6.0).")
 @click.option("--negative-aesthetic-score", type=float, default=None,
               help="SDXL refiner: the score of the unconditioned half (default 2.5).")
+@click.option("--refiner", type=click.Path(), default=None, metavar="DIR",
+              help="SDXL's ensemble of experts: BUNDLE (the base) stops at --denoising-end and "
+                   "hands its latents to this refiner bundle, which draws the rest of the same "
+                   "schedule (diffusers' denoising_end / denoising_start).")
+@click.option("--denoising-end", type=float, default=None,
+              help="With --refiner: the fraction of the schedule the base draws (default 0.8).")
 @click.option("--latents", "latents_path", type=click.Path(), default=None,
               help="float32 .npy [num_images, C, H/f, W/f] of initial noise (as diffusers' latents=).")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]),
@@ -184,15 +190,18 @@ def _run_local(options: dict, paths, t_proc: float) -> None:
         from ..lora.check import refuse_unless_int8_lora
 
         refuse_unless_int8_lora(pipe)  # before the run, not after it
+    refiner = _open_refiner(options, kw)  # opened (and refused) before anything runs
     # resolved once, init image loaded at the resolved size: every argument error is raised here
     request = pipe.request(**request_keywords({**options, "latents_path": latents}))
-    bar = _ProgressBar(quiet)
-    try:
-        result = pipe(request=request, progress=bar.advance)
-    finally:
-        bar.close()
+    result = _draw(pipe, request, quiet, decode=refiner is None)
+    base = None
+    if refiner is not None:
+        base, result = result, _refine(refiner, request, result, quiet)
     for i, path in enumerate(paths):
-        save_png(result.images[i], path, result.metadata(i))
+        meta = result.metadata(i)
+        if base is not None:  # what the refiner continued
+            meta["base"] = {**base.request.to_dict(), **base.provenance.to_dict()}
+        save_png(result.images[i], path, meta)
     if not quiet:
         click.echo(timing_table(result.timings), err=True)
     if options["check_lora_int8"]:  # the merged weights were re-quantised: what it cost
@@ -203,6 +212,46 @@ def _run_local(options: dict, paths, t_proc: float) -> None:
         click.echo(str(path))
     if not quiet:
         click.echo(f"done in {time.perf_counter() - t_proc:.2f} s", err=True)
+
+
+# diffusers' documented hand-over point for SDXL base + refiner (its high_noise_frac)
+DENOISING_END = 0.8
+
+
+def _open_refiner(options: dict, kw: dict):
+    """The --refiner bundle's pipeline (no LoRA: those are the base's), or None; the base's
+    --denoising-end defaulted where a refiner is given, refused where none is."""
+    from ..pipeline import Pipeline
+
+    if options["refiner"] is None:
+        if options["denoising_end"] is not None:
+            raise UsageError("--denoising-end is where the base hands its latents to a refiner; "
+                             "give --refiner DIR (or drop --denoising-end)")
+        return None
+    if options["denoising_end"] is None:
+        options["denoising_end"] = DENOISING_END
+    return Pipeline(options["refiner"], **{**kw, "loras": []})
+
+
+def _draw(pipe, request, quiet: bool, decode: bool = True):
+    bar = _ProgressBar(quiet)
+    try:
+        return pipe(request=request, progress=bar.advance, decode=decode)
+    finally:
+        bar.close()
+
+
+def _refine(refiner, req, base, quiet: bool):
+    """The refiner continuing the base's latents from where the base stopped, with the
+    base's prompts, sampler, steps and seed."""
+    negative = None if req.zero_negative else list(req.negative_prompts)
+    asked = refiner.request(
+        prompt=list(req.prompts), negative_prompt=negative,
+        num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale,
+        scheduler=req.scheduler, height=req.height, width=req.width,
+        num_images_per_prompt=req.num_images_per_prompt, seed=req.seed,
+        latents=base.latents, denoising_start=req.denoising_end)
+    return _draw(refiner, asked, quiet)
 
 
 class _ProgressBar:

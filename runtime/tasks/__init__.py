@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..bundle.spec import ComponentSpec
 from ..errors import UsageError
-from . import img2img, inpaint, super_resolution, txt2img, unconditional, upscale
+from . import img2img, inpaint, refine, super_resolution, txt2img, unconditional, upscale
 from .base import TaskPlan
 
 # task name -> plan; the names a manifest's "task" and `--task` take
@@ -21,7 +21,7 @@ TASKS = tuple(PLANS)
 TASK_FIELDS = tuple(f for plan in PLANS.values() for f in plan.fields)
 # plans a request reaches through another task's (image-to-image: text-to-image with an init
 # image); not a `--task` value or a manifest's task
-VARIANTS: dict[str, TaskPlan] = {img2img.PLAN.name: img2img.PLAN}
+VARIANTS: dict[str, TaskPlan] = {img2img.PLAN.name: img2img.PLAN, refine.PLAN.name: refine.PLAN}
 
 TEXT_TO_IMAGE = txt2img.NAME
 UNCONDITIONAL = unconditional.NAME

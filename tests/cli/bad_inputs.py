@@ -169,6 +169,9 @@ CASES = [
     # SDXL's micro-conditioning (tests/parity/test_sdxl.py holds the SDXL bundles' own refusals)
     ("--original-size on a bundle that is not SDXL", None, ["BUNDLE", "--original-size", "512", "512"] + P, 2, "--original-size is SDXL's micro-conditioning; this bundle's U-Net takes no time ids (drop --original-size)"),
     ("--aesthetic-score on a bundle that is not SDXL", None, ["BUNDLE", "--aesthetic-score", "6"] + P, 2, "--aesthetic-score is SDXL's micro-conditioning"),
+    ("--denoising-end without --refiner", None, ["BUNDLE", "--denoising-end", "0.8"] + P, 2, "--denoising-end is where the base hands its latents to a refiner; give --refiner DIR (or drop --denoising-end)"),
+    ("--refiner folder missing", None, ["BUNDLE", "--refiner", "TMP/nope"] + P, 3, "not found"),
+    ("--denoising-end out of range", None, ["BUNDLE", "--refiner", "BUNDLE", "--denoising-end", "1.2"] + P, 2, "--denoising-end 1.2 must be a fraction of the schedule, between 0 and 1"),
     # ControlNet (CONTROL: the tiny SD1 bundle with ControlNets edges and depth)
     ("--control on a bundle without ControlNets", _files, ["BUNDLE", "--control", "edges:TMP/init.png"] + P, 2, "--control: this bundle has no ControlNet; export one with `ldm-export onnx SOURCE --controlnet DIR`"),
     ("--control with a name the bundle has not", _files, ["CONTROL", "--control", "canny:TMP/init.png"] + P, 2, "--control canny: this bundle has no ControlNet of that name (it has: edges, depth)"),

@@ -58,6 +58,20 @@ def test_base_then_refiner(sdxl_cli_bundles, tmp_path):
     assert a.shape == b.shape and not np.array_equal(a, b)
 
 
+def test_base_hands_its_latents_to_the_refiner(sdxl_cli_bundles, tmp_path):
+    out = tmp_path / "experts.png"
+    r = run_cli(*RUN, str(sdxl_cli_bundles["base"]), "-p", "a red cat", "--steps", "10",
+                "--seed", "4", "--refiner", str(sdxl_cli_bundles["refiner"]), "-q",
+                "-o", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = _meta(out)
+    assert meta["denoising_start"] == 0.8 and meta["base"]["denoising_end"] == 0.8
+    assert meta["latents_sha256"] is not None and meta["base"]["model"] == "base-model"
+    r = run_cli(*RUN, str(sdxl_cli_bundles["base"]), "-p", "x", "--steps", "2",
+                "--denoising-end", "0.5", "-o", str(tmp_path / "x.png"))
+    assert r.returncode == 2 and "give --refiner DIR" in r.stderr
+
+
 def test_the_base_refuses_the_refiners_options(sdxl_cli_bundles, tmp_path):
     r = run_cli(*RUN, str(sdxl_cli_bundles["base"]), "-p", "a red cat", "--steps", "1",
                 "--aesthetic-score", "7", "-o", str(tmp_path / "x.png"))

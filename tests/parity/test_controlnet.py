@@ -228,3 +228,30 @@ def test_canny_from_a_photo_is_diffusers_canny_recipe(controlnet_bundle, tiny_mo
     assert psnr(ours.images, ref) >= MIN_PSNR_DB
     assert psnr(ours.images, plain) < MAX_PLAIN_PSNR_DB
     assert ours.metadata(0)["control"]["preprocess"] == "canny:100:200"
+
+
+def test_engine_profiles_size_the_residuals_from_the_latent(controlnet_bundle):
+    """`ldm-export engines` profiles: each residual input of the U-Net at ceil(latent / 2^k)
+    at min, opt and max alike (not its level's exported minimum), and each ControlNet at the
+    guidance batch (it runs on the U-Net's batch)."""
+    import math
+
+    from ldm_edge.export.engines import ProfileOptions, plan_builds, shape_profile
+    from ldm_edge.runtime.bundle.control_spec import residuals_of
+    from ldm_edge.runtime.bundle.opener import open_bundle
+
+    m = open_bundle(controlnet_bundle)
+    opts = ProfileOptions(min_size=64, opt_size=128, max_size=256, max_batch=2)
+    unet = shape_profile(m.schema, "unet", opts)
+    for r in residuals_of(m.spec("unet")):
+        k = 2 ** r.level
+        for end in ("min", "opt", "max"):
+            _, _, h, w = unet["sample"][end]
+            assert unet[r.name][end] == [unet["sample"][end][0], r.channels, math.ceil(h / k),
+                                         math.ceil(w / k)], (r.name, end)
+    net = shape_profile(m.schema, "controlnet/edges", opts)
+    assert net["sample"] == unet["sample"]
+    assert net["controlnet_cond"] == {"min": [1, 3, 64, 64], "opt": [2, 3, 128, 128],
+                                      "max": [4, 3, 256, 256]}
+    planned = [name for name, *_ in plan_builds(m, "fp32", ProfileOptions())]
+    assert {"controlnet/edges", "controlnet/depth"} <= set(planned)

@@ -277,3 +277,31 @@ def test_int8_keeps_the_added_embedding_float(sdxl_bundles, tmp_path):
     int8 = Pipeline(b, precision="int8")(PROMPT, num_inference_steps=4, scheduler="euler",
                                           latents=latents(0), seed=0)
     assert int8.provenance.precision == "int8"
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpm++2m"])
+def test_base_then_refiner_hand_over_latents(scheduler, sdxl_models, runtimes):
+    """SDXL's ensemble of experts: the base stops at denoising_end and hands its latents (no
+    VAE) to the refiner, which runs the rest of the same schedule from denoising_start."""
+    lat = latents(8)
+    kw = dict(num_inference_steps=10, guidance_scale=6.0)
+    base = reference(sdxl_models["base"], "StableDiffusionXLPipeline", scheduler)
+    handed = base(PROMPT, latents=torch.from_numpy(lat), denoising_end=0.7,
+                  output_type="latent", **kw).images
+    refiner = reference(sdxl_models["refiner"], "StableDiffusionXLImg2ImgPipeline", scheduler)
+    ref = _draw_ref(refiner, prompt=PROMPT, image=handed, denoising_start=0.7, **kw)
+    first = runtimes["base"](PROMPT, latents=lat, scheduler=scheduler, seed=0,
+                             denoising_end=0.7, decode=False, **kw)
+    assert first.images is None and first.timings.steps == 7
+    assert np.abs(first.latents - handed.numpy()).max() < 1e-3
+    ours = runtimes["refiner"](PROMPT, latents=first.latents, scheduler=scheduler, seed=0,
+                               denoising_start=0.7, **kw)
+    assert ours.request.task == "text-to-image" and ours.timings.steps == 3
+    assert psnr(ours.images, ref) >= MIN_PSNR_DB, psnr(ours.images, ref)
+
+
+def test_denoising_fractions_are_checked(runtimes):
+    with pytest.raises(UsageError, match="--denoising-end 1.5 must be a fraction"):
+        runtimes["base"].request(prompt=PROMPT, denoising_end=1.5)
+    with pytest.raises(UsageError, match="--denoising-start continues another model's"):
+        runtimes["refiner"].request(prompt=PROMPT, denoising_start=0.7)

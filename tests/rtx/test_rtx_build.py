@@ -26,10 +26,15 @@ pytestmark = pytest.mark.rtx
 
 # every bundle kind the suite exports (conftest.py's tiny_bundles and ldm_bundles, and the
 # demo model of parity/test_demo_model.py)
-KINDS = ("sd1", "sd2", "demo", "ldm-bert", "ldm-uncond", "ldm-sr", "inpaint", "upscale", "sdxl")
+KINDS = ("sd1", "sd2", "demo", "ldm-bert", "ldm-uncond", "ldm-sr", "inpaint", "upscale", "sdxl",
+         "sd1-controlnet")
 # the kinds the suite makes an INT8 variant of (parity/test_int8.py: sd1;
 # parity/test_ldm_precision.py: the paper's layouts, inpainting, the upscaler)
-INT8_KINDS = ("sd1", "ldm-bert", "ldm-uncond", "ldm-sr", "inpaint", "upscale", "sdxl")
+INT8_KINDS = ("sd1", "ldm-bert", "ldm-uncond", "ldm-sr", "inpaint", "upscale", "sdxl",
+              "sd1-controlnet")
+# session fixtures that are one bundle (conftest.py's controlnet_bundle: the tiny SD1 model with
+# two ControlNets, its U-Net taking their residuals), and the kind each is
+ONE_BUNDLE = {"controlnet_bundle": "sd1-controlnet"}
 # `ldm-export fp16` / `int8` at their cheapest: the graphs' structure is what TensorRT builds
 # here, their quality is the parity tier's; INT8 skips onnxruntime's fused-attention form,
 # which TensorRT never sees, and keeps the TensorRT form (on by default)
@@ -63,9 +68,11 @@ def cases(rtx, request, tmp_path_factory) -> dict:
     futures = {}
     with ThreadPoolExecutor(rtx_build.WORKERS) as pool:
         made = {}
-        for source in ("tiny_bundles", "ldm_bundles", "demo", "sdxl"):
+        for source in ("tiny_bundles", "ldm_bundles", "demo", "sdxl", *ONE_BUNDLE):
             if source in OWN_BUNDLES:
                 base = {source: OWN_BUNDLES[source](tmp_path_factory.mktemp(f"rtx-{source}"))}
+            elif source in ONE_BUNDLE:
+                base = {ONE_BUNDLE[source]: request.getfixturevalue(source)}
             else:
                 base = request.getfixturevalue(source)
             for kind, bundle in ((k, b) for k, b in base.items() if k in KINDS):
@@ -174,6 +181,9 @@ def test_every_engine_graph_parses_and_builds(kind, precision, cases):
     assert all(r.plan_bytes > 0 for *_, r in built)
     if precision == "fp16":  # FP16 graphs really went in (a component may stay FP32)
         assert "fp16" in {prec for _, prec, _, _ in built}
+    if kind in ONE_BUNDLE.values():  # the ControlNets' graphs too, at this precision
+        nets = {prec for name, prec, _, _ in built if name.startswith("controlnet/")}
+        assert nets == {precision}, nets
 
 
 @pytest.mark.parametrize("kind", INT8_KINDS)

@@ -88,3 +88,27 @@ def test_release_after_the_last_component_of_a_large_module(monkeypatch):
     release.release_finished(model, "vae_encoder", order)
     release.release_finished(model, "unet", order)
     assert model.vae.weight.is_meta and model.unet.weight.is_meta
+
+
+def test_weights_map_is_verified_one_initializer_at_a_time(tmp_path):
+    """verify_weights_map reads the graph's initializers one by one (a 10 GB U-Net's are never
+    held whole) and still fails on a changed weight and on a mapped name the graph lacks."""
+    from ldm_edge.export.weights_map import build_weights_map, verify_weights_map
+    from ldm_edge.runtime.errors import ExportError
+    from ldm_edge.runtime.lora.weights_map import MappedParam
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    path = tmp_path / "unet.onnx"
+    torch.onnx.export(m, (torch.randn(1, 8),), str(path), dynamo=False)
+    wmap = build_weights_map(m, "unet", path)
+    assert len(wmap.params) == 2
+    verify_weights_map(wmap, m, path)
+    wmap.params["ghost.weight"] = MappedParam("no-such-initializer", False, (4, 16))
+    with pytest.raises(ExportError, match="is not in unet.onnx"):
+        verify_weights_map(wmap, m, path)
+    del wmap.params["ghost.weight"]
+    with torch.no_grad():
+        m[2].weight.add_(1.0)
+    with pytest.raises(ExportError, match="is not 2.weight"):
+        verify_weights_map(wmap, m, path)

@@ -13,8 +13,9 @@ from ldm_edge.runtime.cli import run as cli
 from ldm_edge.runtime.errors import UsageError
 from ldm_edge.runtime.fields import CLIENT_OPTIONS, FIELDS, LOCAL_ONLY, SERVED
 
-# resolve_request's keywords that are no option: how the caller draws its noise
-NOT_OPTIONS = {"draw_seed"}
+# resolve_request's keywords that are no option. draw_seed: the caller brings a generator; denoising_start: set by ldm-run --refiner from the
+# base's --denoising-end, never typed
+NOT_OPTIONS = {"draw_seed", "denoising_start"}
 
 
 def _click_defaults() -> dict:

@@ -123,6 +123,7 @@ def test_served_request_keywords_are_the_local_ones(case, files, monkeypatch):
     local = keywords(args, monkeypatch, served=False)
     served = keywords(args, monkeypatch, served=True)
     assert local.pop("latents") is None  # local only: never sent
+    assert local.pop("denoising_end") is None  # the base's hand-over to --refiner: local only
     for k in CONTROL_KEYWORDS:  # ControlNets are local only (runtime/fields.py): at defaults
         assert local.pop(k) in ((), None, False)
     assert served == local
