@@ -15,7 +15,7 @@ greedily, until the end-to-end image PSNR vs FP32 meets it (``sensitivity.py``).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from ldm_edge.bundletools.quality import (Reference, control_quality, measure_pr
                                           schedulers_to_check)
 from ldm_edge.bundletools.variant_txn import VariantTransaction
 from ldm_edge.runtime import validate
+from ldm_edge.runtime.bundle.control_spec import is_controlnet
 from ldm_edge.runtime.bundle.manifest import Manifest
 from ldm_edge.runtime.bundle.opener import open_bundle
 from ldm_edge.runtime.bundle.schema import (TENSORRT_FORM, BundleManifest, CalibrationRecord,
@@ -35,6 +36,7 @@ from ldm_edge.runtime.errors import ExportError, UsageError
 from ldm_edge.runtime.request import BundleDefaults
 
 from . import qdq, trt_form
+from .int8_controlnet import quantize_controlnets
 from .ranges import METHODS, collect
 
 # U-Net calls used for the ranges, spread evenly over the captured (prompt, step) pairs
@@ -164,6 +166,8 @@ class Calibration:
     runs: list[list[dict]]  # per sampled image, its U-Net calls' inputs (graph names)
     calib: list[dict]  # the calls the ranges come from
     timesteps: list[float]
+    # ControlNet component -> its calls' inputs in those runs (int8_controlnet.py)
+    controlnets: dict[str, list[dict]] = field(default_factory=dict)
 
 
 @dataclass
@@ -222,8 +226,9 @@ def add_int8(bundle, opts: Int8Options, progress=print) -> BundleManifest:
     with VariantTransaction(bundle) as txn:
         # its files are about to be replaced: forget them first, so that a failure from
         # here on leaves a bundle without INT8 rather than one whose hashes do not match
-        txn.forget("int8", ["unet"])
+        txn.forget("int8", ["unet", *cal.controlnets])
         variant = write_variant(txn, cal, quant, opts)
+        quantize_controlnets(txn, cal, opts, progress)  # a bundle with ControlNets
         if opts.fused_form:
             add_form(txn, variant, cal, opts, progress)
         # Measure through a manifest that names the new graph, then commit both at once.
@@ -275,16 +280,18 @@ def capture_calibration(bundle: Path, opts: Int8Options, progress) -> Calibratio
                            if not takes_prompt(manifest.schema.task) else ""))
     # each prompt samples with the next of the schedulers checked below, so the ranges see the
     # latents each of their trajectories visits (not the model's own scheduler's alone)
+    captured = capture_runs(bundle, prompts, steps=opts.calib_steps, threads=opts.threads,
+                            height=hw[0], width=hw[1], schedulers=schedulers)
     runs = [[{unet.graph_name(k): v for k, v in call.items()} for call in run["unet"]]
-            for run in capture_runs(bundle, prompts, steps=opts.calib_steps,
-                                    threads=opts.threads, height=hw[0], width=hw[1],
-                                    schedulers=schedulers)]
+            for run in captured]
+    nets = {n: [c for run in captured for c in run.get(n, [])]
+            for n in sorted({k for run in captured for k in run if is_controlnet(k)})}
     calib = evenly_over_timesteps(runs, MAX_CALIB_SAMPLES)
     t_name = unet.graph_name("timestep")
     timesteps = sorted({float(np.ravel(r[t_name])[0]) for r in calib}, reverse=True)
     progress(f"{sum(map(len, runs))} U-Net calls captured; calibrating on {len(calib)} of "
              f"them (timesteps {timesteps[0]:.0f}..{timesteps[-1]:.0f})")
-    return Calibration(manifest, fp32, schedulers, prompts, hw, runs, calib, timesteps)
+    return Calibration(manifest, fp32, schedulers, prompts, hw, runs, calib, timesteps, nets)
 
 
 def image_size(manifest: Manifest, size: int | None) -> tuple[int, int]:

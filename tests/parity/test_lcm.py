@@ -195,3 +195,26 @@ def test_a_strength_too_small_for_the_steps_is_one_line(lcm_bundle):
     with pytest.raises(UsageError, match=r"--strength 0.05 keeps 2 of the model's 50") as e:
         Pipeline(lcm_bundle)(PROMPT, num_inference_steps=4, init_image=init, strength=0.05, seed=0)
     assert "\n" not in str(e.value)
+
+
+# FP16 picture vs FP32 under the LCM sampler: the bar of tests/parity/test_fp16.py; measured on
+# the tiny LCM model, 4 steps: 60.3 dB (AMD EPYC).
+MIN_FP16_PSNR_DB = 40.0
+
+
+def test_fp16_is_checked_with_the_lcm_sampler(lcm_bundle, tmp_path):
+    """`ldm-export fp16` on an LCM bundle: its end-to-end check runs the model's own sampler
+    (lcm, one U-Net call a step with the guidance embedding), and the variant draws."""
+    import shutil
+
+    from ldm_edge.calibration.fp16 import make_fp16
+
+    b = tmp_path / "b"
+    shutil.copytree(lcm_bundle, b)
+    m = make_fp16(b, prompts=["a red cat", "a blue dog"], steps=4)
+    q = m.quality["fp16"]
+    assert list(q.per_scheduler) == ["lcm"] and q.psnr_db >= MIN_FP16_PSNR_DB, q.per_scheduler
+    fp16 = Pipeline(b, precision="fp16")(PROMPT, num_inference_steps=4, latents=latents(0), seed=0)
+    fp32 = Pipeline(b)(PROMPT, num_inference_steps=4, latents=latents(0), seed=0)
+    assert fp16.provenance.precision == "fp16"
+    assert psnr(fp16.images, fp32.images) >= MIN_FP16_PSNR_DB
