@@ -51,8 +51,13 @@ eval-demo-torch: install
 
 # side-by-side benchmark vs diffusers; QUICK=1: demo + SD1.5 arch at 256², < 15 min;
 # FEW_STEP=1: then LCM SD1.5 at 4 steps and SD-Turbo-shaped SD2.1 at 1 step, 512² (~40 min fresh)
+# CONTROLNET=1: then one ControlNet per step at 512², SD1.5 arch (benchmarks/bench_controlnet.py)
+# SDXL=1: then the SDXL architecture (random weights) at 1024² and Turbo-style 512² beside
+# diffusers, and ldm-run's memory modes (benchmarks/bench_sdxl.py; ~16 GiB free RAM, ~35 GB disk)
 bench: install
 	env -u OMP_NUM_THREADS $(BIN)/python benchmarks/bench.py $(if $(QUICK),--quick,) $(if $(FEW_STEP),--few-step,)
+	$(if $(CONTROLNET),env -u OMP_NUM_THREADS $(BIN)/python benchmarks/bench_controlnet.py,)
+	$(if $(SDXL),env -u OMP_NUM_THREADS $(BIN)/python benchmarks/bench_sdxl.py --make-int8,)
 
 # a CUDA machine with TensorRT, < 10 min: FP16/INT8 engines for the demo and tiny SD1, ldm-run on
 # them vs onnxruntime (PSNR, timings), the demo LoRA refitted -> out/gpu-check/report.md

@@ -49,6 +49,14 @@ def control_stand_in(schema, index: int, height: int, width: int,
     if not names or index % every != every - 1:
         return None
     k = index // every
+    return [(names[k % len(names)], stand_in_image(k, height, width), 1.0)]
+
+
+def stand_in_image(k: int, height: int, width: int):
+    """Stand-in control image ``k``: uint8 [H, W, 3], line art for even ``k``, a depth-like
+    ramp for odd."""
+    import numpy as np
+
     rng = np.random.default_rng(1000 + k)
     if k % 2 == 0:  # line art: outlined rectangles
         img = np.zeros((height, width), np.uint8)
@@ -62,4 +70,4 @@ def control_stand_in(schema, index: int, height: int, width: int,
         cy, cx = rng.uniform(0, height), rng.uniform(0, width)
         dist = np.hypot(yy - cy, xx - cx) / np.hypot(height, width)
         img = (255 * np.clip(1.0 - dist * 1.5, 0, 1)).astype(np.uint8)
-    return [(names[k % len(names)], np.repeat(img[:, :, None], 3, axis=2), 1.0)]
+    return np.repeat(img[:, :, None], 3, axis=2)

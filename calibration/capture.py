@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_edge.bundletools.task_inputs import (call_inputs, control_stand_in, labels,
-                                              sized_by_image)
+from ldm_edge.bundletools.task_inputs import (CONTROL_EVERY, call_inputs, control_stand_in,
+                                              labels, sized_by_image)
 from ldm_edge.runtime.pipeline import ComponentCall, Pipeline
 
 DEFAULT_PROMPTS_FILE = Path(__file__).with_name("prompts.txt")
@@ -58,19 +58,22 @@ def capture_runs(bundle, prompts: list[str], *, steps: int | None = None, seed: 
     call of its run. ``schedulers``: prompt i samples with ``schedulers[i % len]`` (each
     scheduler's trajectory visits latents of its own kind); else ``scheduler`` for all.
     A bundle with ControlNets runs every other prompt with one active on a stand-in control
-    image (bundletools/task_inputs.py control_stand_in), so their calls are captured too."""
+    image (bundletools/task_inputs.py control_stand_in), so their calls are captured too;
+    then the schedulers go in turn by pairs of runs (one plain, one controlled): each
+    scheduler's trajectory with a ControlNet is calibrated on too."""
     pipe, rec = Pipeline(bundle, precision="fp32", threads=threads), _Recorder()
     pipe.add_call_hook(rec)
     schema = pipe.manifest.schema
     size = {} if sized_by_image(schema) else {"height": height, "width": width}
     hw = (height or schema.defaults.height, width or schema.defaults.width)
+    pairs = CONTROL_EVERY if schema.controlnets else 1
     for i, label in enumerate(labels(schema, prompts)):  # a prompt, or what stands for one
         rec.new_run()
         control = control_stand_in(schema, i, *hw)
         pipe(**call_inputs(schema, label, i), **({"control": control} if control else {}),
              num_inference_steps=steps,
              guidance_scale=guidance_scale, seed=seed + i, **size,
-             scheduler=schedulers[i % len(schedulers)] if schedulers else scheduler)
+             scheduler=schedulers[i // pairs % len(schedulers)] if schedulers else scheduler)
     pipe.close()
     return [dict(r) for r in rec.runs]
 

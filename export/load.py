@@ -58,10 +58,11 @@ def load_model(source: str | os.PathLike, config: str | None = None) -> LoadedMo
 
 def _weight_files(root: Path) -> list[Path]:
     """The model's files (their hash is the bundle's source_sha256). A top-level ``lora/`` folder
-    holds adapters (the demo's, demo/weights/lora), not the model: left out."""
+    holds adapters (the demo's, demo/weights/lora), not the model: left out; so is
+    ``controlnet/`` (the demo ControlNet, demo/weights/controlnet: ``--controlnet`` hashes it)."""
     exts = {".safetensors", ".bin", ".ckpt", ".json"}
     return [q for q in root.rglob("*") if q.is_file() and q.suffix in exts
-            and q.relative_to(root).parts[0] != "lora"]
+            and q.relative_to(root).parts[0] not in ("lora", "controlnet")]
 
 
 def _load_folder(p: Path) -> LoadedModel:

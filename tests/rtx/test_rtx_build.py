@@ -181,9 +181,10 @@ def test_every_engine_graph_parses_and_builds(kind, precision, cases):
     assert all(r.plan_bytes > 0 for *_, r in built)
     if precision == "fp16":  # FP16 graphs really went in (a component may stay FP32)
         assert "fp16" in {prec for _, prec, _, _ in built}
-    if kind in ONE_BUNDLE.values():  # the ControlNets' graphs too, at this precision
+    if kind in ONE_BUNDLE.values():  # the ControlNets' graphs too, at this precision (the
+        # cheap FP16_ARGS' two prompts run one ControlNet: the other stays FP32)
         nets = {prec for name, prec, _, _ in built if name.startswith("controlnet/")}
-        assert nets == {precision}, nets
+        assert precision in nets, nets
 
 
 @pytest.mark.parametrize("kind", INT8_KINDS)
@@ -202,13 +203,16 @@ def test_int8_unet_tensorrt_form_keeps_its_qdq_and_builds(kind, cases):
     record = json.loads((bundle / "manifest.json").read_text())
     form = record["components"]["unet"]["variants"]["int8"]["forms"]["tensorrt"]
     assert graph.name == form["file"]
-    assert [g for name, _, g, _ in built] == [graph]
+    assert [g for name, _, g, _ in built if name == "unet"] == [graph]
     assert int32_dequantize(graph) == []
     weights = _int8_weight_dequantize(graph)
     assert weights, "the TensorRT form has no INT8 weight DequantizeLinear"
     assert len(weights) == len(_int8_weight_dequantize(manifest.variant("unet", "int8").path))
-    ((_, _, _, result),) = built
-    assert result.ok, result.error
+    # a ControlNet's INT8 graph is its own TensorRT form (calibration/int8_controlnet.py)
+    assert all(name == "unet" or name.startswith("controlnet/") for name, *_ in built)
+    assert all(int32_dequantize(g) == [] and _int8_weight_dequantize(g) for *_, g, _ in built)
+    for name, _, _, result in built:
+        assert result.ok, (name, result.error)
 
 
 def _int8_weight_dequantize(path: Path) -> list[str]:
