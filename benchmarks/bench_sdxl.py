@@ -165,6 +165,8 @@ def worker(spec: dict) -> None:
         spec, StageTimer())
     res["peak_rss_mb"] = peak_rss_mb()
     res["wall_s"] = time.time() - spec["t_spawn"]
+    cpu = os.times()  # on a shared machine: how much of the wall this process actually ran
+    res["cpu_s"] = cpu.user + cpu.system
     if res.get("t_first_unet") is not None:
         res["cold_start_s"] = res.pop("t_first_unet") - spec["t_spawn"]
     Path(spec["out"]).write_text(json.dumps(res))

@@ -26,9 +26,12 @@ pytestmark = pytest.mark.skipif(
 THREADS = 1  # onnxruntime intra-op threads: one, so every run sums in the same order
 N_CASES = 8  # EC.cases(N_CASES): fixed photos and prompts (EC.CASES_SEED), seed-0 latents
 SET = "conflict"  # the prompt names the photo's shape at another position than its edges
-# Bars out of N_CASES, set from the measured spread (see docs/controlnet.md#the-demo-controlnet):
-MIN_HITS_WITH = None  # filled below from the measurement
-MAX_HITS_WITHOUT = None
+# Bars out of N_CASES, from `python -m ldm_edge.demo.eval_controlnet --n 100 --threads 1`
+# (docs/controlnet.md, the demo ControlNet): over the 12 blocks of 8 conflict cases, the
+# control position was read in 7 to 8 of 8 with the ControlNet (98 of 100; these 8 cases, the
+# first block: 7) and in 0 of 8 in every block without (the prompt's position: 100 of 100).
+MIN_HITS_WITH = 6  # one under the worst block measured, for other CPUs' kernels; 6 of 8 is 75 %
+MAX_HITS_WITHOUT = 1  # measured 0 everywhere; 1 leaves one borderline read, still far from 6
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +52,15 @@ def test_the_committed_controlnet_is_small_and_fits_the_demo_vae():
     assert 2 ** (len(cfg["conditioning_embedding_out_channels"]) - 1) == 8
     size = sum(f.stat().st_size for f in CONTROLNET.iterdir() if f.is_file())
     assert size <= TC.MAX_DIR_BYTES
+
+
+def test_the_controlnet_is_not_part_of_the_demo_models_hash():
+    """demo/weights/controlnet sits beside the model (as lora/): adding or retraining it must not
+    make `make demo` or `make eval-demo` re-export the plain demo bundle."""
+    from ldm_edge.export.load import _weight_files
+
+    files = _weight_files(default_source())
+    assert files and not any("controlnet" in q.relative_to(default_source()).parts for q in files)
 
 
 def test_the_controlnet_puts_the_shape_where_the_edges_are(bundle):
