@@ -79,6 +79,33 @@ def time_unet(onnx_path: str, size: int, calls: int, threads: int) -> dict:
     return {"session_open_s": open_s, "calls_s": each, "calls_cpu_s": cpu}
 
 
+def time_torch(folder: str, size: int, calls: int, threads: int) -> dict:
+    """diffusers' U-Net (PyTorch eager) on the same feeds, as StableDiffusionXLPipeline calls it."""
+    import numpy as np
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(SEED)
+    lat = size // 8
+    t0 = time.perf_counter()
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
+    open_s = time.perf_counter() - t0
+    f = lambda *shape: torch.from_numpy(rng.standard_normal(shape).astype(np.float32))  # noqa: E731
+    cond = unet.config.cross_attention_dim
+    added = {"text_embeds": f(BATCH, unet.config.projection_class_embeddings_input_dim - 6 * 256),
+             "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * BATCH, dtype=torch.float32)}
+    sample, hidden = f(BATCH, 4, lat, lat), f(BATCH, 77, cond)
+    each, cpu = [], []
+    with torch.inference_mode():
+        for _ in range(calls):
+            t0, c0 = time.perf_counter(), time.process_time()
+            unet(sample, torch.tensor(999), hidden, added_cond_kwargs=added, return_dict=False)
+            each.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    return {"load_s": open_s, "calls_s": each, "calls_cpu_s": cpu}
+
+
 def child(argv: list[str]) -> tuple[float, float, float]:
     """(wall seconds, peak RSS MiB, CPU seconds: user + system) of ``python THIS argv``; on a
     shared machine the CPU seconds say how much of the wall it actually ran."""
@@ -97,7 +124,9 @@ def main(argv=None) -> None:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--calls", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--phase", choices=["export", "time"], help=argparse.SUPPRESS)
+    ap.add_argument("--diffusers", action="store_true",
+                    help="time diffusers' U-Net (PyTorch eager) on the same inputs instead")
+    ap.add_argument("--phase", choices=["export", "time", "torch"], help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     onnx_path = str(Path(a.out) / "unet.onnx")
     if a.phase == "export":
@@ -106,11 +135,22 @@ def main(argv=None) -> None:
         Path(a.out, "time.json").write_text(json.dumps(
             time_unet(onnx_path, a.size, a.calls, a.threads)))
         return
+    if a.phase == "torch":
+        Path(a.out, "torch.json").write_text(json.dumps(
+            time_torch(a.folder, a.size, a.calls, a.threads)))
+        return
     res = {"size": a.size, "batch": BATCH, "threads": a.threads}
+    common = ["--size", str(a.size), "--calls", str(a.calls), "--threads", str(a.threads)]
+    if a.diffusers:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        res["run_wall_s"], res["run_peak_mib"], res["run_cpu_s"] = child(
+            [a.folder, "--out", a.out, "--phase", "torch", *common])
+        res.update(json.loads(Path(a.out, "torch.json").read_text()))
+        print(json.dumps(res))
+        return
     if not Path(onnx_path).is_file():
         res["export_s"], res["export_peak_mib"], res["export_cpu_s"] = child([a.folder, "--out", a.out,
                                                          "--phase", "export"])
-    common = ["--size", str(a.size), "--calls", str(a.calls), "--threads", str(a.threads)]
     res["run_wall_s"], res["run_peak_mib"], res["run_cpu_s"] = child([a.folder, "--out", a.out, "--phase", "time",
                                                     *common])
     res.update(json.loads(Path(a.out, "time.json").read_text()))
