@@ -93,7 +93,8 @@ def time_torch(folder: str, size: int, calls: int, threads: int) -> dict:
     open_s = time.perf_counter() - t0
     f = lambda *shape: torch.from_numpy(rng.standard_normal(shape).astype(np.float32))  # noqa: E731
     cond = unet.config.cross_attention_dim
-    added = {"text_embeds": f(BATCH, unet.config.projection_class_embeddings_input_dim - 6 * 256),
+    added = {"text_embeds": f(BATCH, unet.config.projection_class_embeddings_input_dim
+                                  - 6 * unet.config.addition_time_embed_dim),
              "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * BATCH, dtype=torch.float32)}
     sample, hidden = f(BATCH, 4, lat, lat), f(BATCH, 77, cond)
     each, cpu = [], []

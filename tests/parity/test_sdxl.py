@@ -305,3 +305,29 @@ def test_denoising_fractions_are_checked(runtimes):
         runtimes["base"].request(prompt=PROMPT, denoising_end=1.5)
     with pytest.raises(UsageError, match="--denoising-start continues another model's"):
         runtimes["refiner"].request(prompt=PROMPT, denoising_start=0.7)
+
+
+def test_turbo_with_a_tiny_vae_matches_diffusers(sdxl_models, tmp_path):
+    """SDXL-Turbo with TAESDXL's architecture (`--tiny-vae`, `--vae tiny`): one step, no
+    guidance, decoded by the tiny VAE, as StableDiffusionXLPipeline(vae=AutoencoderTiny)."""
+    import diffusers
+
+    from ldm_edge.export.bundle import ExportOptions, export_bundle
+    from ldm_edge.export.load import attach_tiny_vae, load_model
+    from ldm_edge.export.tiny import save_tiny_taesd
+
+    taesd = save_tiny_taesd(tmp_path / "taesd")
+    bundle = tmp_path / "bundle"
+    export_bundle(attach_tiny_vae(load_model(sdxl_models["turbo"]), taesd), bundle,
+                  ExportOptions(components=("text_encoder", "unet", "vae_decoder")))
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(
+        sdxl_models["turbo"], vae=diffusers.AutoencoderTiny.from_pretrained(taesd))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    lat = latents(2)
+    ref = _draw_ref(pipe, lat, prompt=PROMPT, num_inference_steps=1, guidance_scale=0.0)
+    ours = Pipeline(bundle, vae="tiny")(PROMPT, latents=lat, scheduler="euler-a",
+                                        num_inference_steps=1, guidance_scale=0.0,
+                                        generator=TorchNoise(11))
+    assert ours.provenance.vae == "tiny"
+    assert psnr(ours.images, ref) >= MIN_PSNR_DB, psnr(ours.images, ref)
