@@ -1,7 +1,7 @@
 """Write a diffusers StableDiffusionXLPipeline folder with SDXL base's real architecture and
 random weights (2.567 B U-Net parameters; about 14 GB of safetensors), built offline.
 
-    python benchmarks/make_sdxl_arch.py /tmp/sdxl-arch
+    python benchmarks/make_sdxl_arch.py SDXL_DIR
 
 Each component is built, saved and freed before the next, so building never holds more than
 the U-Net (about 10.3 GB). The tokenizers are the project's tiny CLIP tokenizer padded to 77:

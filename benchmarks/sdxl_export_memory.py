@@ -1,6 +1,6 @@
 """Time ``ldm-export onnx`` on a model folder and measure its peak resident memory.
 
-    OMP_NUM_THREADS=2 python benchmarks/sdxl_export_memory.py /tmp/sdxl-arch /tmp/sdxl-bundle
+    OMP_NUM_THREADS=2 python benchmarks/sdxl_export_memory.py SDXL_DIR SDXL_BUNDLE
 
 The export runs in a child process (``--debug``, so its memory log lines show: PyTorch
 references computed, weights parked, onnxruntime session open, session closed, weights

@@ -1,7 +1,7 @@
 """The SDXL U-Net alone in onnxruntime at a given size: export it the way ldm-export does (no
 check, no fused form), then time a fresh session's open and its batch-2 (guidance) calls.
 
-    OMP_NUM_THREADS=2 python benchmarks/sdxl_unet_probe.py /tmp/sdxl-arch --out DIR \
+    OMP_NUM_THREADS=2 python benchmarks/sdxl_unet_probe.py SDXL_DIR --out DIR \
         [--size 1024] [--calls 2] [--threads 2]
 
 For when a whole bundle cannot be made in the time (the full export checks every component
