@@ -28,8 +28,8 @@ class CountingPipeline:
     def request(self, **keywords):
         return "the request"
 
-    def __call__(self, *, request, progress=None):
-        assert request == "the request"  # the very request, drawn again
+    def __call__(self, *, request, progress=None, decode=True):
+        assert request == "the request" and decode  # the very request, drawn again
         CountingPipeline.draws.append(self.options["precision"])
         level = 100 if self.options["precision"] == "fp32" else 101
         images = np.full((1, 8, 8, 3), level, np.uint8)
