@@ -176,11 +176,17 @@ def build_manifest(model: LoadedModel, dims: ModelDims, components: dict, tok_pa
 def _tokenizer_record(model: LoadedModel, tok_path: Path | None, root: Path):
     if tok_path is None:
         return None
-    tok = file_record(tok_path, root)
+    return tokenizer_file_record(tok_path, root, model.tokenizer_max_length, model.pad_token_id,
+                                 model.pad_token, model.use_attention_mask)
+
+
+def tokenizer_file_record(path: Path, root: Path, max_length: int, pad_id: int, pad_token: str,
+                          use_attention_mask: bool) -> TokenizerRecord:
+    """The manifest's record of a written tokenizer file and how prompts are padded."""
+    tok = file_record(path, root)
     return TokenizerRecord(size=tok.size, sha256=tok.sha256, file=tok.path,
-                           max_length=model.tokenizer_max_length, pad_id=model.pad_token_id,
-                           pad_token=model.pad_token, use_attention_mask=model.use_attention_mask,
-                           truncation="longest_first")
+                           max_length=max_length, pad_id=pad_id, pad_token=pad_token,
+                           use_attention_mask=use_attention_mask, truncation="longest_first")
 
 
 def _second_encoder_dims(model: LoadedModel) -> dict:
@@ -197,24 +203,21 @@ def _second_encoder_dims(model: LoadedModel) -> dict:
 
 
 def _record_second_encoder(model: LoadedModel, manifest: BundleManifest, stage: Path) -> None:
-    """SDXL: tokenizer_2.json and the added conditioning's settings."""
+    """SDXL: tokenizer_2.json and the added conditioning's settings, into ``manifest``
+    (written by the caller)."""
     second = model.second_encoder
     if second is None:
         return
     path = stage / "tokenizer_2.json"
-    atomic_write_bytes(path, second.tokenizer["tokenizer_json"].encode())
-    tok = file_record(path, stage)
     t = second.tokenizer
-    manifest.tokenizer_2 = TokenizerRecord(
-        size=tok.size, sha256=tok.sha256, file=tok.path, max_length=t["tokenizer_max_length"],
-        pad_id=t["pad_token_id"], pad_token=t["pad_token"], use_attention_mask=False,
-        truncation="longest_first")
+    atomic_write_bytes(path, t["tokenizer_json"].encode())
+    manifest.tokenizer_2 = tokenizer_file_record(path, stage, t["tokenizer_max_length"],
+                                                 t["pad_token_id"], t["pad_token"], False)
     manifest.added_conditioning = AddedConditioningRecord(
         force_zeros_for_empty_prompt=second.force_zeros_for_empty_prompt,
         requires_aesthetics_score=second.requires_aesthetics_score)
     # SDXL's VAE overflows in FP16; an fp16-fixed one says force_upcast false
     manifest.vae_force_upcast = bool(model.vae.config.get("force_upcast", True))
-    write_manifest_json(stage, manifest)
 
 
 def _tiny_vae_record(model: LoadedModel) -> TinyVaeRecord | None:
