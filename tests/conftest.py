@@ -192,3 +192,16 @@ def fake_trt():
 
     yield install
     trt_engines.set_environment(previous)
+
+
+@pytest.fixture(scope="session")
+def control_png(tmp_path_factory):
+    """A control image for the ControlNet parity tests: a blocky picture of another size and
+    shape than the output (so it is resized)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    blocks = rng.integers(0, 256, size=(10, 12, 3), dtype=np.uint8)
+    path = tmp_path_factory.mktemp("control") / "control.png"
+    Image.fromarray(blocks).resize((96, 80), Image.Resampling.NEAREST).save(path)
+    return path

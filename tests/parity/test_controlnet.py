@@ -34,18 +34,6 @@ SIZE = 128  # the tiny model's default; the control image is resized to it
 
 
 @pytest.fixture(scope="module")
-def control_png(tmp_path_factory):
-    """A blocky picture of another size and shape than the output (so it is resized)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(3)
-    blocks = rng.integers(0, 256, size=(10, 12, 3), dtype=np.uint8)
-    path = tmp_path_factory.mktemp("control") / "control.png"
-    Image.fromarray(blocks).resize((96, 80), Image.Resampling.NEAREST).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def diffusers_nets(controlnet_models):
     import diffusers
 

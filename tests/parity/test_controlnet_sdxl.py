@@ -49,18 +49,6 @@ def sdxl_control(tmp_path_factory):
     return model, net, bundle
 
 
-@pytest.fixture(scope="module")
-def control_png(tmp_path_factory):
-    """A blocky picture of another size and shape than the output (so it is resized)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(3)
-    blocks = rng.integers(0, 256, size=(10, 12, 3), dtype=np.uint8)
-    path = tmp_path_factory.mktemp("control") / "control.png"
-    Image.fromarray(blocks).resize((96, 80), Image.Resampling.NEAREST).save(path)
-    return path
-
-
 def latents(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((1, 4, SIZE // 8, SIZE // 8),
                                                        dtype=np.float32)
