@@ -370,28 +370,15 @@ ROWS = [("e2e_s", "end to end (s)", 2), ("unet_step_s", "U-Net per step (s)", 3)
 
 
 def table(res: dict) -> str:
+    from bench_report import side_by_side
+
     med = res["medians"]
     head = (f"### {res['model']} ({res['size']}², {res['steps']} step{'s' * (res['steps'] > 1)}, "
             f"guidance {res['guidance']:g}, {res['threads']} threads, median of {res['repeats']})")
-    lines = [head, "", "| metric | " + " | ".join(med) + " |", "|---" * (len(med) + 1) + "|"]
-    for key, label, digits in ROWS:
-        cells = []
-        for n, m in med.items():
-            vae = n.rsplit("-", 1)[1]
-            base = med[f"diffusers-{vae}"][key]
-            v = m[key]
-            cell = f"{v:.{digits}f}"
-            if not n.startswith("diffusers") and v and base:
-                cell += (f" ({v / base:.2f}× of diffusers')" if key == "peak_rss_mb"
-                         else f" ({base / v:.2f}×)")
-            cells.append(cell)
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append("| U-Net calls | " + " | ".join(str(int(m["unet_calls"])) for m in med.values())
-                 + " |")
-    q = res["psnr_vs_diffusers"]
-    lines.append("| 8-bit PSNR vs diffusers, same VAE (dB) | " + " | ".join(
-        "–" if n not in q else f"{q[n]:.1f}" for n in med) + " |")
-    return "\n".join(lines)
+    # each of ours beside diffusers with the same VAE
+    return side_by_side(head, ROWS, med, lambda n: None if n.startswith("diffusers") else
+                        med[f"diffusers-{n.rsplit('-', 1)[1]}"], res["psnr_vs_diffusers"],
+                        "8-bit PSNR vs diffusers, same VAE (dB)")
 
 
 def write_reports(results: list, out: Path, command: str, wall_s: float) -> None:

@@ -49,6 +49,28 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def side_by_side(head: str, rows, med: dict, baseline_of, psnr: dict, psnr_label: str) -> str:
+    """The markdown table of a side-by-side run (bench_few_step.py, bench_sdxl.py): medians per
+    candidate, each cell of ours with its ratio to ``baseline_of(name)``'s medians (× faster;
+    peak RSS as × of diffusers'; None: a diffusers candidate), U-Net calls, 8-bit PSNR."""
+    lines = [head, "", "| metric | " + " | ".join(med) + " |", "|---" * (len(med) + 1) + "|"]
+    for key, label, digits in rows:
+        cells = []
+        for n, m in med.items():
+            v, base = m.get(key), (baseline_of(n) or {}).get(key)
+            cell = "–" if v is None else f"{v:.{digits}f}"
+            if v and base:
+                cell += (f" ({v / base:.2f}× of diffusers')" if key == "peak_rss_mb"
+                         else f" ({base / v:.2f}×)")
+            cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("| U-Net calls | " + " | ".join(str(int(m["unet_calls"])) for m in med.values())
+                 + " |")
+    lines.append(f"| {psnr_label} | " + " | ".join(
+        "–" if n not in psnr else f"{psnr[n]:.1f}" for n in med) + " |")
+    return "\n".join(lines)
+
+
 def chart(results: list, path: Path) -> None:
     """Speed-up over diffusers per stage (log scale), a group of bars per model and
     candidate. Pillow only."""

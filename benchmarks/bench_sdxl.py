@@ -379,27 +379,13 @@ TABLE = [("load_s", "load: session opens / from_pretrained (s)", 1),
 
 
 def row_table(res: dict) -> str:
+    from bench_report import side_by_side
+
     med = res["medians"]
-    base = med["diffusers"]
     head = (f"### {res['row']} ({res['size']}², {res['steps']} step{'s' * (res['steps'] > 1)}, "
             f"guidance {res['guidance']:g}, {res['threads']} threads, median of {res['repeats']})")
-    lines = [head, "", "| metric | " + " | ".join(med) + " |", "|---" * (len(med) + 1) + "|"]
-    for key, label, digits in TABLE:
-        cells = []
-        for name, m in med.items():
-            v = m.get(key)
-            cell = "–" if v is None else f"{v:.{digits}f}"
-            if name != "diffusers" and v and base.get(key):
-                cell += (f" ({v / base[key]:.2f}× of diffusers')" if key == "peak_rss_mb"
-                         else f" ({base[key] / v:.2f}×)")
-            cells.append(cell)
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append("| U-Net calls | " + " | ".join(str(int(m["unet_calls"])) for m in med.values())
-                 + " |")
-    q = res["psnr_vs_diffusers"]
-    lines.append("| 8-bit PSNR vs diffusers (dB) | " + " | ".join(
-        "–" if n not in q else f"{q[n]:.1f}" for n in med) + " |")
-    return "\n".join(lines)
+    return side_by_side(head, TABLE, med, lambda n: None if n == "diffusers" else med["diffusers"],
+                        res["psnr_vs_diffusers"], "8-bit PSNR vs diffusers (dB)")
 
 
 def modes_table(res: dict) -> str:
