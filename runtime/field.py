@@ -27,6 +27,9 @@ class Field:
     wire: Wire | None = None  # the served input; None: a local run's only
     default: object = None  # ldm-run's default (not given)
     file: bool = False  # a path: sent as the file's bytes, its name in ``name_input``
+    # each value names a file inside it (``--control NAME:IMAGE[:SCALE]``): the values travel
+    # as given, the files' bytes in ``files_input``, one per value, in the values' order
+    files_in_values: bool = False
 
     @property
     def many(self) -> bool:
@@ -38,6 +41,13 @@ class Field:
         """The input that carries a sent file's name."""
         return f"{self.wire.name}_name" if self.file else None
 
+    @property
+    def files_input(self) -> str | None:
+        """The input that carries the files the values name (one per value)."""
+        return f"{self.wire.name}_image" if self.files_in_values else None
 
-def sent(option, flag, keyword, name, datatype, dims=(1,), default=None, file=False) -> Field:
-    return Field(option, flag, keyword, Wire(name, datatype, dims), default, file)
+
+def sent(option, flag, keyword, name, datatype, dims=(1,), default=None, file=False,
+         files_in_values=False) -> Field:
+    return Field(option, flag, keyword, Wire(name, datatype, dims), default, file,
+                 files_in_values)

@@ -14,7 +14,9 @@ As stable-diffusion.cpp builds one request struct behind every door, every optio
 The rows of a task's own options are declared by its plan (``TaskPlan.fields``). A file (the
 init image, the mask) travels as its bytes, its name beside it in
 ``<wire>_name``: the server writes the bytes to a file of that name, so the PNG records the
-same source and a refusal names the client's file. tests/unit/test_fields_option_walk.py
+same source and a refusal names the client's file. A ControlNet's image is named inside its
+value (``NAME:IMAGE[:SCALE]``): the values travel as given, the images' bytes in
+``control_image``, one per value. tests/unit/test_fields_option_walk.py
 walks the click command: an option in no row and not a client option fails there.
 
 Pure python: imported by the lean runtime and by the Triton Python model.
@@ -50,6 +52,15 @@ FIELDS = (
     sent("aesthetic_score", "--aesthetic-score", "aesthetic_score", "aesthetic_score", "FP64"),
     sent("negative_aesthetic_score", "--negative-aesthetic-score", "negative_aesthetic_score",
          "negative_aesthetic_score", "FP64"),
+    # ControlNets (runtime/control.py): each NAME:IMAGE[:SCALE] as given, its image's bytes
+    # beside it in control_image (the server writes them to files of the client's names)
+    sent("control", "--control", "control", "control", "BYTES", (-1,), default=(),
+         files_in_values=True),
+    sent("control_start", "--control-start", "control_start", "control_start", "FP64"),
+    sent("control_end", "--control-end", "control_end", "control_end", "FP64"),
+    sent("guess_mode", "--guess-mode", "guess_mode", "guess_mode", "BOOL", default=False),
+    sent("control_preprocess", "--control-preprocess", "control_preprocess",
+         "control_preprocess", "BYTES"),
     # each task's own (the inpainting mask, the upscaler's noise level): its plan declares them
     *TASK_FIELDS,
     # a local run's only: refused with --server unless left at the default
@@ -68,12 +79,6 @@ FIELDS = (
     Field("vae", "--vae", None),  # a Pipeline option (recorded in the PNG), like --precision
     Field("preview", "--preview", None),  # decoded here, during the run
     Field("loras", "--lora", None, default=()),
-    # ControlNets (runtime/control.py): the control images are read here, not sent (yet)
-    Field("control", "--control", "control", default=()),
-    Field("control_start", "--control-start", "control_start"),
-    Field("control_end", "--control-end", "control_end"),
-    Field("guess_mode", "--guess-mode", "guess_mode", default=False),
-    Field("control_preprocess", "--control-preprocess", "control_preprocess"),
     Field("no_verify", "--no-verify", None, default=False),
     Field("check_lora_int8", "--check-lora-int8", None, default=False),
 )
@@ -99,6 +104,8 @@ def pipeline_inputs() -> dict[str, tuple[str, list[int]]]:
         out[f.wire.name] = (f.wire.datatype, list(f.wire.dims))
         if f.file:
             out[f.name_input] = ("BYTES", [1])
+        if f.files_in_values:
+            out[f.files_input] = ("BYTES", [-1])
     return out
 
 

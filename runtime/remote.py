@@ -30,7 +30,8 @@ PIPELINE_MODEL = "ldm_pipeline"
 PIPELINE_INPUTS = pipeline_inputs()
 # images: uint8 [n, H, W, 3]; parameters: one JSON text per image, what its PNG records
 PIPELINE_OUTPUTS = {"images": ("UINT8", [-1, -1, -1, 3]), "parameters": ("BYTES", [-1])}
-NUMPY_OF = {"INT32": np.int32, "UINT64": np.uint64, "FP64": np.float64, "UINT8": np.uint8}
+NUMPY_OF = {"INT32": np.int32, "UINT64": np.uint64, "FP64": np.float64, "UINT8": np.uint8,
+            "BOOL": np.bool_}
 # a generation can take minutes on a CPU; the client waits this long for the answer
 DEFAULT_TIMEOUT_S = 3600.0
 
@@ -59,6 +60,13 @@ def request_inputs(**options) -> dict:
         if f.file:
             out[f.wire.name] = [_read_file(f.flag, value)]
             out[f.name_input] = [str(value).encode()]
+        elif f.files_in_values:  # --control NAME:IMAGE[:SCALE]: each image's bytes beside it
+            from .control import parse_control_arg
+
+            values = [value] if isinstance(value, str) else list(value)
+            out[f.wire.name] = _wire_value(f, values)
+            out[f.files_input] = [_read_file(f"{f.flag} image", parse_control_arg(v)[1])
+                                  for v in values]
         else:
             out[f.wire.name] = _wire_value(f, value)
     return out

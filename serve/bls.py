@@ -14,7 +14,7 @@ from ldm_edge.runtime.backends.choose import interface, pick_precision
 from ldm_edge.runtime.errors import LdmEdgeError
 from ldm_edge.runtime.pipeline import Pipeline
 
-from .pbtxt import BATCH_DIM, batched
+from .pbtxt import BATCH_DIM, batched, model_name
 
 
 class ComponentCallError(LdmEdgeError):
@@ -66,7 +66,7 @@ class ServedPipeline(Pipeline):
     def _served_component(self, manifest, name: str, options, lora) -> BlsBackend:
         """The served model ``name``, called through BLS (a LoRA is the server's business)."""
         spec, io_map = interface(manifest.component(name))
-        return BlsBackend(spec, model=name,
+        return BlsBackend(spec, model=model_name(name),
                           precision=pick_precision(manifest, name, options["precision"]),
                           name="tensorrt" if self.kind == "tensorrt" else "onnxruntime",
                           io_map={} if self.kind == "python" else io_map)

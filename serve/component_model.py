@@ -31,7 +31,7 @@ def repository_bundle(args: dict, params: dict) -> Path:
 class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(args)
-        self.name = args["model_name"]
+        self.name = params.get("component", args["model_name"])  # controlnet/NAME's key
         manifest = open_bundle(repository_bundle(args, params), verify=False)
         self.backend = open_backend(manifest, self.name, backend="onnxruntime",
                                     precision=params.get("precision", "fp32"))

@@ -14,12 +14,19 @@ TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE
                 "int64": "TYPE_INT64", "int32": "TYPE_INT32", "uint8": "TYPE_UINT8",
                 "int8": "TYPE_INT8", "bool": "TYPE_BOOL", "uint64": "TYPE_UINT64"}
 KSERVE_TYPES = {"BYTES": "TYPE_STRING", "INT32": "TYPE_INT32", "UINT64": "TYPE_UINT64",
-                "FP64": "TYPE_FP64", "FP32": "TYPE_FP32", "UINT8": "TYPE_UINT8"}
+                "FP64": "TYPE_FP64", "FP32": "TYPE_FP32", "UINT8": "TYPE_UINT8",
+                "BOOL": "TYPE_BOOL"}
 BATCH_DIM = "batch"
 # The U-Net's dynamic batcher waits this long for other requests' calls before running what
 # it has: a demo-model U-Net call takes a few ms on this CPU, an SD1.5 one hundreds, so 2 ms
 # costs a lone request little and lets calls that arrive together run as one batch.
 UNET_QUEUE_DELAY_US = 2000
+
+
+def model_name(component: str) -> str:
+    """The served model of a bundle component: its key, a ControlNet's ``controlnet/NAME``
+    as ``controlnet_NAME`` (a Triton model is a folder of the repository, one level deep)."""
+    return component.replace("/", "_")
 
 
 def batched(spec: ComponentSpec) -> bool:

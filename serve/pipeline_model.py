@@ -58,6 +58,8 @@ def read_inputs(request, pb_utils) -> tuple[dict, dict]:
             name = (None if t_name is None else
                     _one(_texts(t_name.as_numpy(), f.name_input), f.name_input))
             files[f.option] = (name, bytes(_one(a.reshape(-1).tolist(), f.wire.name)))
+        elif f.files_in_values:  # --control NAME:IMAGE[:SCALE], each image's bytes beside
+            given[f.option], files[f.option] = _values_with_files(f, a, request, pb_utils)
         elif f.wire.datatype == "BYTES":
             texts = _texts(a, f.wire.name)
             given[f.option] = texts if f.many else _one(texts, f.wire.name)
@@ -66,6 +68,20 @@ def read_inputs(request, pb_utils) -> tuple[dict, dict]:
         else:
             given[f.option] = _one(a.reshape(-1).tolist(), f.wire.name)
     return given, files
+
+
+def _values_with_files(f, values: np.ndarray, request, pb_utils) -> tuple[list, list]:
+    """(the values as sent, [(the client's name for each file, its bytes)]), a file per value
+    in the values' order (``--control NAME:IMAGE[:SCALE]``, the image's bytes in ``files_input``)."""
+    from ldm_edge.runtime.control import parse_control_arg
+
+    texts = _texts(values, f.wire.name)
+    t = pb_utils.get_input_tensor_by_name(request, f.files_input)
+    blobs = [] if t is None else [bytes(b) for b in t.as_numpy().reshape(-1).tolist()]
+    if len(blobs) != len(texts):
+        raise UsageError(f"{f.wire.name}: {len(texts)} values and {len(blobs)} "
+                         f"{f.files_input} files; send one file per value")
+    return texts, [(str(parse_control_arg(v)[1]), b) for v, b in zip(texts, blobs)]
 
 
 def _file_name(sent: str | None, default: str) -> str:
@@ -78,14 +94,34 @@ def _file_name(sent: str | None, default: str) -> str:
 
 def write_files(folder: Path, files: dict) -> dict:
     """Each sent file in a folder of its own under ``folder``, by its client's name:
-    option -> (its path here, the client's name for it)."""
+    option -> (its path here, the client's name for it); for an option whose values name
+    files (``--control``), a list of those, one per value."""
     out = {}
-    for option, (sent, data) in files.items():
+    for option, sent_files in files.items():
         default = BY_OPTION[option].wire.name.replace("_", "-")
-        path = folder / option / _file_name(sent, default)
-        path.parent.mkdir()
-        path.write_bytes(data)
-        out[option] = (path, sent or default)
+        many = isinstance(sent_files, list)
+        written = []
+        for k, (sent, data) in enumerate(sent_files if many else [sent_files]):
+            path = folder / option / (str(k) if many else "") / _file_name(sent, default)
+            path.parent.mkdir(parents=True)
+            path.write_bytes(data)
+            written.append((path, sent or default))
+        out[option] = written if many else written[0]
+    return out
+
+
+def _with_written(given: dict, written: dict) -> dict:
+    """The option values with the server's copies of the sent files: a file option's path;
+    each ``--control`` value as (name, the copy, scale)."""
+    from ldm_edge.runtime.control import parse_control_arg
+
+    out = dict(given)
+    for option, w in written.items():
+        if isinstance(w, list):
+            out[option] = [(name, str(path), scale) for (name, _, scale), (path, _)
+                           in zip(map(parse_control_arg, given[option]), w)]
+        else:
+            out[option] = str(w[0])
     return out
 
 
@@ -121,13 +157,14 @@ class TritonPythonModel:
         self._check_early(given, files)
         with tempfile.TemporaryDirectory(prefix="ldm-serve-") as tmp:
             written = write_files(Path(tmp), files)
-            paths = {option: str(path) for option, (path, _) in written.items()}
             try:
-                req = self.pipe.request(**request_keywords({**given, **paths}, SERVED))
+                req = self.pipe.request(**request_keywords(_with_written(given, written),
+                                                           SERVED))
             except UsageError as e:  # say the client's file names, not the server's copies
                 msg = str(e)
-                for path, sent in written.values():
-                    msg = msg.replace(str(path), sent)
+                for w in written.values():
+                    for path, sent in (w if isinstance(w, list) else [w]):
+                        msg = msg.replace(str(path), sent)
                 raise UsageError(msg) from None
         self.limits.check(req)
 
@@ -145,10 +182,11 @@ class TritonPythonModel:
         """The server's limits on what was sent, before anything is decoded."""
         negs = given.get("negative_prompt")
         self.limits.check_early(given.get("prompts") or [], negs, None)
-        for option, (_, data) in files.items():
-            if len(data) > self.limits.max_init_bytes:
-                raise UsageError(f"{BY_OPTION[option].flag} of {len(data)} bytes is over this "
-                                 f"server's limit of {self.limits.max_init_bytes}")
+        for option, sent_files in files.items():
+            for _, data in (sent_files if isinstance(sent_files, list) else [sent_files]):
+                if len(data) > self.limits.max_init_bytes:
+                    raise UsageError(f"{BY_OPTION[option].flag} of {len(data)} bytes is over "
+                                     f"this server's limit of {self.limits.max_init_bytes}")
 
     def finalize(self):
         self.pipe.close()

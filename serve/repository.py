@@ -2,6 +2,7 @@
 
     REPO/
       text_encoder/ unet/ vae_decoder/ [vae_encoder/]   one model per component
+      [controlnet_NAME/]                                (ControlNet NAME: controlnet_NAME)
         config.pbtxt  1/<graph>.onnx | 1/model.plan | 1/model.py
       ldm_pipeline/                                     the sampling loop (Python backend, BLS)
         config.pbtxt  1/model.py  1/bundle/             the bundle's files, linked
@@ -26,14 +27,13 @@ from typing import Callable
 
 from ldm_edge.bundletools.staging import staged_dir
 from ldm_edge.runtime.backends.choose import interface, pick_precision
-from ldm_edge.runtime.bundle.control_spec import is_controlnet
 from ldm_edge.runtime.bundle.manifest import Manifest
 from ldm_edge.runtime.bundle.opener import open_bundle
 from ldm_edge.runtime.errors import BundleError, ExportError, UsageError
 from ldm_edge.runtime.remote import PIPELINE_INPUTS, PIPELINE_MODEL, PIPELINE_OUTPUTS
 
 from .limits import ServeLimits
-from .pbtxt import UNET_QUEUE_DELAY_US, component_config, pipeline_config
+from .pbtxt import UNET_QUEUE_DELAY_US, component_config, model_name, pipeline_config
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,6 @@ def write_repository(bundle, out, *, components: str = "python", precision: str 
     with staged_dir(out, force) as stage:
         link_tree(manifest.root, stage / BUNDLE_DIR)
         for name in manifest.component_names:
-            if is_controlnet(name):  # not served yet (docs/controlnet.md)
-                continue
             engines += _component(stage, manifest, name, components, precision, batch_delay_us,
                                   trt_version)
         model = stage / PIPELINE_MODEL
@@ -136,7 +134,8 @@ def _component(stage: Path, manifest: Manifest, name: str, kind: str, precision:
     """Write one component's model; returns the engine records it linked (tensorrt)."""
     spec, io_map = interface(manifest.component(name))
     prec = pick_precision(manifest, name, precision)
-    folder = stage / name / VERSION
+    model = model_name(name)
+    folder = stage / model / VERSION
     folder.mkdir(parents=True)
     filename, engines = None, []
     if kind == "onnxruntime":
@@ -147,9 +146,10 @@ def _component(stage: Path, manifest: Manifest, name: str, kind: str, precision:
     else:
         (folder / "model.py").write_text(SHIM.format(module="ldm_edge.serve.component_model"))
         io_map = {}  # the Python model speaks our names
-    params = {"bundle": BUNDLE_DIR, "precision": prec} if kind == "python" else {}
-    (stage / name / "config.pbtxt").write_text(component_config(
-        name, spec, kind=kind, graph_names=io_map, filename=filename, instances=1,
+    params = ({"bundle": BUNDLE_DIR, "precision": prec, "component": name} if kind == "python"
+              else {})
+    (stage / model / "config.pbtxt").write_text(component_config(
+        model, spec, kind=kind, graph_names=io_map, filename=filename, instances=1,
         dynamic_batching=name in DYNAMIC_BATCHING, params=params, queue_delay_us=batch_delay_us))
     return engines
 

@@ -49,4 +49,5 @@ def served_files(tmp_path_factory) -> dict[str, str]:
     Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / "low.png")
     (d / "notimage.png").write_text("hello")
     return {"INIT": str(d / "init.png"), "MASK": str(d / "mask.png"),
-            "LOW": str(d / "low.png"), "NOTIMAGE": str(d / "notimage.png")}
+            "LOW": str(d / "low.png"), "NOTIMAGE": str(d / "notimage.png"),
+            "EDGES_INIT": f"edges:{d / 'init.png'}"}

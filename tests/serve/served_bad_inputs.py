@@ -9,7 +9,8 @@ with ``local`` the line is exactly the one a local `ldm-run BUNDLE` + arguments 
 (a wrong type is refused by Triton itself, in its words, before the model sees it).
 The server's limits in those tests: --max-steps 500 --max-pixels 65536, others default.
 Placeholders: NOTIMAGE (a text file named .png), INIT / MASK (a 64x64 picture / mask), LOW (a
-32x32 picture), SERVER (a port nothing listens on). The rows are sent to a server of the tiny
+32x32 picture), EDGES_INIT (``edges:`` and INIT's path, a --control value), SERVER (a port
+nothing listens on). The rows are sent to a server of the tiny
 SD1 bundle, or, first argument INPAINT / UPSCALE / SR, of the tiny SD inpainting / SD x4
 upscaler / LDM super-resolution bundle (test_served_tasks.py).
 """
@@ -43,6 +44,7 @@ SERVED_CASES = [
     ("inpainting mask of another size than the init image", "ldm-run", ["INPAINT", "--init-image", "INIT", "--mask", "LOW"] + P, 2, "is 32x32, the init image is 64x64; give a mask of the image's size", True),
     ("--noise-level above the SD x4 upscaler's max_noise_level", "ldm-run", ["UPSCALE", "--init-image", "LOW", "--noise-level", "400"] + P, 2, "--noise-level 400 must be an integer from 0 to 350", True),
     ("super-resolution without an init image", "ldm-run", ["SR", "--steps", "2"], 2, "this bundle's model upscales x4: give --init-image", True),
+    ("--control on a served bundle without ControlNets", "ldm-run", ["--control", "EDGES_INIT"] + P, 2, "--control: this bundle has no ControlNet; export one with `ldm-export onnx SOURCE --controlnet DIR`", True),
     ("request without a prompt", "http", [], 400, "give a prompt with -p/--prompt: this bundle's model is text-to-image", False),
     ("steps sent as FP32 (wrong type)", "http", [PROMPT, {"name": "steps", "shape": [1], "datatype": "FP32", "data": [2.5]}], 400, "inference input 'steps' data-type is 'FP32', but model 'ldm_pipeline' expects 'INT32'", False),
     ("steps sent as text (wrong type)", "http", [PROMPT, {"name": "steps", "shape": [1], "datatype": "BYTES", "data": ["2"]}], 400, "inference input 'steps' data-type is 'BYTES', but model 'ldm_pipeline' expects 'INT32'", False),

@@ -53,8 +53,12 @@ def test_keywords_are_the_requests():
 
 
 def test_pipeline_inputs_are_the_served_rows():
-    want = {f.wire.name for f in SERVED} | {f.name_input for f in SERVED if f.file}
+    want = ({f.wire.name for f in SERVED} | {f.name_input for f in SERVED if f.file}
+            | {f.files_input for f in SERVED if f.files_in_values})
     assert set(remote.PIPELINE_INPUTS) == want
+    assert remote.PIPELINE_INPUTS["control"] == ("BYTES", [-1])
+    assert remote.PIPELINE_INPUTS["control_image"] == ("BYTES", [-1])
+    assert remote.PIPELINE_INPUTS["guess_mode"] == ("BOOL", [1])
     assert remote.PIPELINE_INPUTS["mask"] == ("BYTES", [1])
     assert remote.PIPELINE_INPUTS["mask_name"] == ("BYTES", [1])
     assert remote.PIPELINE_INPUTS["noise_level"] == ("INT32", [1])

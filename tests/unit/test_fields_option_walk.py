@@ -31,6 +31,8 @@ def _non_default(param: click.Parameter, png: str) -> list[str]:
         return [flag, "3"]
     if isinstance(param.type, click.types.FloatParamType):
         return [flag, "0.5"]
+    if (param.metavar or "").startswith("NAME:IMAGE"):  # --control NAME:IMAGE[:SCALE]
+        return [flag, f"edges:{png}"]
     return [flag, png]  # text or a path: an existing file serves both
 
 

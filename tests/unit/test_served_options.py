@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from ldm_edge.runtime import pipeline, remote
 from ldm_edge.runtime.cli import run as cli
 from ldm_edge.runtime.cli import served as remote_cli
-from ldm_edge.runtime.control import CONTROL_KEYWORDS
+from ldm_edge.runtime.control import parse_control_arg
 from ldm_edge.runtime.errors import UsageError
 from ldm_edge.serve import pipeline_model
 from ldm_edge.serve.limits import ServeLimits
@@ -40,10 +40,17 @@ class StandIn:
     def request(self, **keywords):
         for k in FILES:
             if keywords.get(k) is not None:
-                p = Path(keywords[k])
-                keywords[k] = (p.name, p.read_bytes()) if p.exists() else ("missing", p)
+                keywords[k] = _file(keywords[k])
+        if keywords.get("control"):
+            keywords["control"] = [(name, _file(image), scale) for name, image, scale
+                                   in map(parse_control_arg, keywords["control"])]
         StandIn.seen.append(keywords)
         raise _Stop("stand-in stops here")
+
+
+def _file(path) -> tuple:
+    p = Path(path)
+    return (p.name, p.read_bytes()) if p.exists() else ("missing", p)
 
 
 def triton_tensors(body: bytes, header_length: int) -> dict:
@@ -102,7 +109,10 @@ def files(tmp_path) -> dict:
     (tmp_path / "photo.png").write_bytes(b"the client's photo")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "photo.png").write_bytes(b"the client's mask, of the same name")
-    return {"INIT": str(tmp_path / "photo.png"), "MASK": str(tmp_path / "sub" / "photo.png")}
+    (tmp_path / "edges.png").write_bytes(b"the client's edge map")
+    return {"INIT": str(tmp_path / "photo.png"), "MASK": str(tmp_path / "sub" / "photo.png"),
+            "EDGES:0.5": f"edges:{tmp_path / 'edges.png'}:0.5",
+            "DEPTH": f"depth:{tmp_path / 'sub' / 'photo.png'}"}
 
 
 CASES = {
@@ -114,6 +124,9 @@ CASES = {
     "inpaint": ["-p", "a cat", "--task", "inpaint", "--init-image", "INIT", "--mask", "MASK"],
     "upscale": ["-p", "a cat", "--init-image", "INIT", "--noise-level", "0"],
     "super-resolution": ["--task", "super-resolution", "--init-image", "INIT"],
+    "two ControlNets": ["-p", "a cat", "--control", "EDGES:0.5", "--control", "DEPTH",
+                        "--control-start", "0.1", "--control-end", "0.75", "--guess-mode",
+                        "--control-preprocess", "canny:50:150"],
 }
 
 
@@ -124,13 +137,34 @@ def test_served_request_keywords_are_the_local_ones(case, files, monkeypatch):
     served = keywords(args, monkeypatch, served=True)
     assert local.pop("latents") is None  # local only: never sent
     assert local.pop("denoising_end") is None  # the base's hand-over to --refiner: local only
-    for k in CONTROL_KEYWORDS:  # ControlNets are local only (runtime/fields.py): at defaults
-        assert local.pop(k) in ((), None, False)
     assert served == local
     given = {a: b for a, b in zip(args, args[1:]) if a.startswith("-")}
     assert served["task"] == given.get("--task")
     assert served["noise_level"] == (int(given["--noise-level"]) if "--noise-level" in given
                                      else None)
+
+
+def test_control_images_travel_with_their_names_and_scales(files, monkeypatch):
+    args = ["-p", "x", "--control", files["EDGES:0.5"], "--control", files["DEPTH"],
+            "--control", f"depth:{files['INIT']}:2"]
+    served = keywords(args, monkeypatch, served=True)
+    assert served["control"] == [("edges", ("edges.png", b"the client's edge map"), 0.5),
+                                 ("depth", ("photo.png", b"the client's mask, of the same name"),
+                                  1.0),
+                                 ("depth", ("photo.png", b"the client's photo"), 2.0)]
+    assert served["guess_mode"] is False and served["control_start"] is None
+
+
+def test_a_control_image_the_client_cannot_read_is_refused_before_sending(tmp_path):
+    with pytest.raises(UsageError, match=r"^--control image .*nothing\.png not found$"):
+        remote.request_inputs(prompts=["x"], control=[f"edges:{tmp_path / 'nothing.png'}"])
+
+
+def test_control_values_and_images_must_pair_up(files):
+    inputs = remote.request_inputs(prompts=["x"], control=[files["EDGES:0.5"]])
+    inputs["control_image"] = inputs["control_image"] * 2
+    with pytest.raises(UsageError, match="1 values and 2 control_image files"):
+        served_model_sees(inputs)
 
 
 def test_two_files_of_one_name_stay_apart(files, monkeypatch):
