@@ -243,3 +243,34 @@ def test_engine_profiles_size_the_residuals_from_the_latent(controlnet_bundle):
                                       "max": [4, 3, 256, 256]}
     planned = [name for name, *_ in plan_builds(m, "fp32", ProfileOptions())]
     assert {"controlnet/edges", "controlnet/depth"} <= set(planned)
+
+
+def test_lora_with_control_matches_diffusers(controlnet_bundle, tiny_models, diffusers_nets,
+                                            control_png, tmp_path):
+    """``--lora`` and ``--control`` together: the LoRA merged into the U-Net and text encoder
+    (the ControlNet untouched, as diffusers' load_lora_weights leaves it), against diffusers'
+    ControlNet pipeline with the same LoRA loaded and fused."""
+    pytest.importorskip("peft", reason="needs peft (pip install .[demo]) to make the LoRA")
+    from PIL import Image
+    from test_lora import make_peft_lora
+
+    lora, scale = make_peft_lora(tiny_models["sd1"], tmp_path / "lora", seed=3), 0.8
+    lat = latents(2)
+    pipe = _diffusers(tiny_models["sd1"], diffusers_nets["edges"])
+    pipe.load_lora_weights(str(lora), adapter_name="a")
+    pipe.fuse_lora(lora_scale=scale, adapter_names=["a"])
+    ref = to_uint8(pipe(PROMPT, image=Image.open(control_png), num_inference_steps=STEPS,
+                        height=SIZE, width=SIZE, latents=torch.from_numpy(lat), output_type="np",
+                        controlnet_conditioning_scale=0.9).images)
+
+    def draw(loras):
+        p = Pipeline(controlnet_bundle, loras=loras)
+        return p(PROMPT, num_inference_steps=STEPS, latents=lat, seed=0,
+                 control=[f"edges:{control_png}:0.9"]).images
+
+    ours = draw([(lora, scale)])
+    without = draw(None)
+    print(f"LoRA + control: {psnr(ours, ref):.1f} dB vs diffusers, "
+          f"{psnr(ours, without):.1f} dB vs control without the LoRA")
+    assert psnr(ours, ref) >= MIN_PSNR_DB
+    assert psnr(ours, without) < MAX_PLAIN_PSNR_DB  # the LoRA did change the picture
