@@ -18,7 +18,13 @@ from .tiny import TINY_MAX_LENGTH, _perturb_out, tiny_clip_tokenizer
 TINY_SDXL_HIDDEN = (32, 64)
 TINY_SDXL_PROJECTION = 40  # encoder 2's pooled projection (SDXL: 1280)
 TINY_TIME_EMBED = 8  # addition_time_embed_dim (SDXL: 256)
-SDXL_KINDS = ("base", "turbo", "refiner", "inpaint")
+SDXL_KINDS = ("base", "turbo", "refiner", "inpaint", "distilled")
+# "distilled": SSD-1B's / Segmind-Vega's way of shrinking SDXL, blocks of unequal depth: the
+# transformer layers per attention differ within a block and between the down and up paths
+# (diffusers' nested transformer_layers_per_block and reverse_transformer_layers_per_block)
+_DISTILLED_DEPTHS = dict(layers_per_block=2,
+                         transformer_layers_per_block=[[1, 1], [2, 1], [1, 2]],
+                         reverse_transformer_layers_per_block=[[2, 1, 1], [1, 2, 1], [1, 1, 1]])
 # kinds other than base/turbo: the pipeline class, and the U-Net's input channels
 _LAYOUT = {"inpaint": ("StableDiffusionXLInpaintPipeline", 9)}
 
@@ -37,16 +43,18 @@ def _text_encoder(tokenizer, hidden: int, projection: int | None, seed: int):
     return cls(cfg).eval()
 
 
-def _unet(cross: int, time_ids: int, in_channels: int, seed: int):
+def _unet(cross: int, time_ids: int, in_channels: int, seed: int, distilled: bool = False):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
+    depths = (_DISTILLED_DEPTHS if distilled else
+              dict(layers_per_block=1, transformer_layers_per_block=(1, 1, 2)))
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=in_channels, out_channels=4, layers_per_block=1,
+        sample_size=16, in_channels=in_channels, out_channels=4, **depths,
         block_out_channels=(32, 64, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4),
+        attention_head_dim=(2, 4, 4),
         use_linear_projection=True, cross_attention_dim=cross, norm_num_groups=8,
         addition_embed_type="text_time", addition_time_embed_dim=TINY_TIME_EMBED,
         projection_class_embeddings_input_dim=time_ids * TINY_TIME_EMBED + TINY_SDXL_PROJECTION)
@@ -96,7 +104,7 @@ def tiny_sdxl_pipeline(kind: str = "base", seed: int = 0):
             force_zeros_for_empty_prompt=False)
     te1 = _text_encoder(tok1, TINY_SDXL_HIDDEN[0], None, seed)
     cls_name, channels = _LAYOUT.get(kind, ("StableDiffusionXLPipeline", 4))
-    unet = _unet(sum(TINY_SDXL_HIDDEN), 6, channels, seed + 2)
+    unet = _unet(sum(TINY_SDXL_HIDDEN), 6, channels, seed + 2, distilled=kind == "distilled")
     return getattr(diffusers, cls_name)(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
                unet=unet, scheduler=sched)
 

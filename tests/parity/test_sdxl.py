@@ -331,3 +331,19 @@ def test_turbo_with_a_tiny_vae_matches_diffusers(sdxl_models, tmp_path):
                                         generator=TorchNoise(11))
     assert ours.provenance.vae == "tiny"
     assert psnr(ours.images, ref) >= MIN_PSNR_DB, psnr(ours.images, ref)
+
+
+def test_distilled_layout_matches_diffusers(tmp_path):
+    """SSD-1B / Segmind-Vega's layout (attention depths that differ within a block and between
+    the down and up paths, export/tiny_sdxl.py "distilled") exports and draws as diffusers."""
+    from ldm_edge.export.bundle import ExportOptions, export_bundle
+    from ldm_edge.export.load import load_model
+    from ldm_edge.export.tiny_sdxl import save_tiny_sdxl
+
+    folder = save_tiny_sdxl(tmp_path / "model", "distilled")
+    export_bundle(load_model(folder), tmp_path / "bundle", ExportOptions())
+    lat = latents(4, 128, 96)
+    kw = dict(num_inference_steps=STEPS, guidance_scale=6.0, height=128, width=96)
+    ref = _draw_ref(reference(folder, "StableDiffusionXLPipeline"), lat, prompt=PROMPT, **kw)
+    ours = Pipeline(tmp_path / "bundle")(PROMPT, scheduler="euler", latents=lat, seed=0, **kw)
+    assert psnr(ours.images, ref) >= MIN_PSNR_DB, psnr(ours.images, ref)
