@@ -484,7 +484,9 @@ class Pipeline:
             for i, t in enumerate(timesteps):
                 x = np.concatenate([lat, lat]) if req.guided else lat
                 x = plan.model_input(sched, x, t, start)
-                extra = control.feeds(i, len(timesteps), x, t, steady)
+                # a ControlNet takes the scaled latents alone, not the channels a task plan
+                # joins after them (diffusers' control_model_input)
+                extra = control.feeds(i, len(timesteps), x[:, :lat.shape[1]], t, steady)
                 t0 = time.perf_counter()
                 out = self._unet(x, t, t_dtype, steady, chunk, extra)
                 per_step.append(time.perf_counter() - t0)

@@ -135,10 +135,13 @@ def controlnet_spec(name: str, unet: ComponentSpec, residuals: list[Residual],
     (``controlnet_cond``, [0, 1] RGB at pixel size) and one scale per residual
     (``conditioning_scale``: the scale, or guess mode's 0.1..1 ramp times it) -> the
     residuals, already scaled. An SDXL U-Net's added conditioning (``ADDED_INPUTS``) is the
-    ControlNet's too, after the text states."""
+    ControlNet's too, after the text states. The sample is the latents alone, the U-Net's
+    output channels (an inpainting U-Net's sample has the mask and masked image besides)."""
     by = {t.name: t for t in unet.inputs}
     n = len(residuals)
-    inputs = (by["sample"], TensorSpec("timestep", TIMESTEP_DTYPE, ("batch",)),
+    s = by["sample"]
+    sample = TensorSpec(s.name, s.dtype, (s.shape[0], unet.outputs[0].shape[1], *s.shape[2:]))
+    inputs = (sample, TensorSpec("timestep", TIMESTEP_DTYPE, ("batch",)),
               by["encoder_hidden_states"], *(by[a] for a in ADDED_INPUTS if a in by),
               TensorSpec("controlnet_cond", "float32", ("batch", 3, "height", "width")),
               TensorSpec(CONDITIONING_SCALE, "float32", (n,)))

@@ -274,3 +274,60 @@ def test_lora_with_control_matches_diffusers(controlnet_bundle, tiny_models, dif
           f"{psnr(ours, without):.1f} dB vs control without the LoRA")
     assert psnr(ours, ref) >= MIN_PSNR_DB
     assert psnr(ours, without) < MAX_PLAIN_PSNR_DB  # the LoRA did change the picture
+
+
+@pytest.fixture(scope="module")
+def inpaint_control_bundle(ldm_models, controlnet_models, tmp_path_factory):
+    """The tiny SD inpainting model (a 9-channel U-Net of the tiny SD1 layout) exported with
+    the "edges" ControlNet: the ControlNet takes the 4 latent channels alone."""
+    from ldm_edge.export.bundle import ExportOptions, export_bundle
+    from ldm_edge.export.load import load_model
+
+    out = tmp_path_factory.mktemp("inpaint_control") / "bundle"
+    export_bundle(load_model(ldm_models["inpaint"]), out,
+                  ExportOptions(controlnets=(f"edges={controlnet_models['edges']}",)))
+    return out
+
+
+# strength 1 from given latents (diffusers' default) and below 1 (the image's latents noised,
+# the noise from the same torch source), each under another sampler
+INPAINT_CASES = [("ddim", 1.0), ("euler-a", 0.6)]
+
+
+@pytest.mark.parametrize("scheduler,strength", INPAINT_CASES)
+def test_inpaint_with_control(scheduler, strength, inpaint_control_bundle, ldm_models,
+                              diffusers_nets, control_png):
+    """StableDiffusionControlNetInpaintPipeline: the ControlNet sees the scaled latents, the
+    U-Net those joined with the mask and the masked image's latents."""
+    import diffusers
+    from helpers import TorchNoise, diffusers_pipeline
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    init = rng.integers(0, 256, (1, SIZE, SIZE, 3), dtype=np.uint8)
+    mask = np.zeros((1, SIZE, SIZE), np.uint8)
+    mask[:, 32:96, 40:100] = 255
+    lat = latents(6)
+    given = {"latents": lat} if strength == 1.0 else {}
+    pipe = diffusers.StableDiffusionControlNetInpaintPipeline.from_pretrained(
+        ldm_models["inpaint"], controlnet=diffusers_nets["edges"], safety_checker=None,
+        requires_safety_checker=False)
+    pipe.scheduler = diffusers_pipeline(ldm_models["inpaint"], scheduler).scheduler
+    pipe.set_progress_bar_config(disable=True)
+    ref = to_uint8(pipe(PROMPT, image=Image.fromarray(init[0]),
+                        mask_image=Image.fromarray(mask[0]), control_image=Image.open(control_png),
+                        strength=strength, num_inference_steps=STEPS, height=SIZE, width=SIZE,
+                        controlnet_conditioning_scale=0.9, output_type="np",
+                        generator=torch.Generator().manual_seed(11),
+                        **{k: torch.from_numpy(v) for k, v in given.items()}).images)
+    ours_pipe = Pipeline(inpaint_control_bundle)
+    kw = dict(init_image=init, mask=mask, strength=strength, num_inference_steps=STEPS,
+              scheduler=scheduler, **given)
+    ours = ours_pipe(PROMPT, generator=TorchNoise(11), control=[f"edges:{control_png}:0.9"],
+                     **kw)
+    plain = ours_pipe(PROMPT, generator=TorchNoise(11), **kw)
+    print(f"inpaint {scheduler} {strength}: {psnr(ours.images, ref):.1f} dB vs diffusers, "
+          f"{psnr(ours.images, plain.images):.1f} dB vs without control")
+    assert ours.request.task == "inpaint"
+    assert psnr(ours.images, ref) >= MIN_PSNR_DB
+    assert psnr(ours.images, plain.images) < MAX_PLAIN_PSNR_DB
