@@ -65,9 +65,11 @@ def main(ctx, debug):
 @click.option("--default-scheduler", default=None,
               help="Record this sampler (ldm-run --list-schedulers) as the bundle's default "
                    "(default: the one the model's scheduler config names).")
-@click.option("--controlnet", "controlnets", multiple=True, metavar="DIR|NAME=DIR",
-              help="Also export this ControlNet (a diffusers ControlNetModel folder), named by its "
-                   "folder or NAME; repeatable. The U-Net then takes its residuals "
+@click.option("--controlnet", "controlnets", multiple=True, metavar="[NAME=]DIR|FILE",
+              help="Also export this ControlNet (a diffusers ControlNetModel folder, or a "
+                   ".safetensors/.pth/.ckpt file in the original control_* layout, read as a "
+                   "ControlNet of SOURCE's U-Net), named by its folder, its file's stem or NAME; "
+                   "repeatable. The U-Net then takes its residuals "
                    "(ldm-run --control NAME:IMAGE; without --control, the plain picture).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 def onnx_cmd(source, out, opset, min_size, max_size, max_batch, exporter, config,
@@ -106,14 +108,19 @@ def onnx_cmd(source, out, opset, min_size, max_size, max_batch, exporter, config
 
 @main.command("controlnet")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.argument("controlnet", metavar="DIR|NAME=DIR")
-def controlnet_cmd(bundle, controlnet):
-    """Add a ControlNet (a diffusers ControlNetModel folder) to BUNDLE, whose U-Net must take
-    ControlNet residuals (exported with --controlnet); checked against PyTorch like the rest."""
+@click.argument("controlnet", metavar="[NAME=]DIR|FILE")
+@click.option("--config", type=click.Path(exists=True, file_okay=False),
+              help="For a single-file ControlNet (original control_* layout): the diffusers "
+                   "folder of the bundle's model (its unet/config.json; weights not needed) or a "
+                   "ControlNetModel folder (config.json).")
+def controlnet_cmd(bundle, controlnet, config):
+    """Add a ControlNet (a diffusers ControlNetModel folder, or a single file in the original
+    layout with --config) to BUNDLE, whose U-Net must take ControlNet residuals (exported with
+    --controlnet); checked against PyTorch like the rest."""
     from .controlnet import add_controlnet
 
     t0 = time.perf_counter()
-    m = add_controlnet(bundle, controlnet,
+    m = add_controlnet(bundle, controlnet, config=config,
                        progress=lambda msg: click.echo(f"  [{time.perf_counter() - t0:6.1f}s] {msg}", err=True))
     click.echo(summary_table(m))
     click.echo(f"ControlNets in {bundle}: {', '.join(m.controlnets)}")

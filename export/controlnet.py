@@ -43,27 +43,37 @@ class LoadedControlNet:
 
 
 def parse_controlnet_arg(arg: str) -> tuple[str, Path]:
-    """``DIR`` (named by its folder) or ``NAME=DIR``."""
+    """``DIR`` (named by its folder), ``FILE`` (a single file, named by its stem), or
+    ``NAME=DIR`` / ``NAME=FILE``."""
+    from .controlnet_single_file import SUFFIXES
+
     name, sep, path = arg.partition("=")
     if not sep:
-        name, path = Path(arg.rstrip("/")).name, arg
+        path = Path(arg.rstrip("/"))
+        name = path.stem if path.suffix.lower() in SUFFIXES else path.name
     if not NAME_PATTERN.match(name):
         raise ExportError(f"--controlnet {arg}: name {name!r} must be letters, digits, '.', "
-                          f"'_' or '-' (give NAME=DIR to name it)")
+                          f"'_' or '-' (give NAME=DIR or NAME=FILE to name it)")
     return name, Path(path)
 
 
-def load_controlnet(arg: str) -> LoadedControlNet:
-    """A diffusers ControlNetModel folder (config.json + weights), named; one-line errors."""
+def load_controlnet(arg: str, *, unet=None, config=None) -> LoadedControlNet:
+    """A diffusers ControlNetModel folder (config.json + weights), or a single file in the
+    original layout (export/controlnet_single_file.py: its architecture is ``unet``'s, the
+    model's diffusers U-Net, or ``config``'s), named; one-line errors."""
     from diffusers import ControlNetModel
 
+    from .controlnet_single_file import is_controlnet_file, load_controlnet_file
     from .model_facts import hash_files
 
     name, path = parse_controlnet_arg(arg)
+    if is_controlnet_file(path):
+        module, sha256 = load_controlnet_file(path, unet=unet, config=config)
+        return LoadedControlNet(name, module, str(path), sha256)
     cfg = path / "config.json"
     if not cfg.is_file():
         raise ExportError(f"--controlnet {path}: not a diffusers ControlNetModel folder "
-                          f"(no config.json)")
+                          f"(no config.json) nor a .safetensors/.pth/.ckpt file")
     kind = json.loads(cfg.read_text()).get("_class_name")
     if kind != "ControlNetModel":
         raise ExportError(f"--controlnet {path}: config.json is a {kind}, not a ControlNetModel")
@@ -83,7 +93,9 @@ def residuals_for(unet) -> list[Residual]:
 
 def check_fits(net: LoadedControlNet, unet: ComponentSpec, vae_scale_factor: int) -> None:
     """ExportError unless the ControlNet was made for a U-Net of this architecture: the same
-    residuals (channels and levels, one for one), text states and latent channels."""
+    residuals (channels and levels, one for one), text states and latent channels (an
+    inpainting U-Net's mask and masked-image channels are not the ControlNet's: it takes the
+    latents alone, the U-Net's output channels)."""
     cfg = net.module.config
     by = {t.name: t for t in unet.inputs}
     _check_added(net, by)
@@ -93,7 +105,7 @@ def check_fits(net: LoadedControlNet, unet: ComponentSpec, vae_scale_factor: int
     mine = {"residuals": theirs, "cross_attention_dim": int(cfg.cross_attention_dim),
             "in_channels": int(cfg.in_channels)}
     want = {"residuals": ours, "cross_attention_dim": int(by["encoder_hidden_states"].shape[-1]),
-            "in_channels": int(by["sample"].shape[1])}
+            "in_channels": int(unet.outputs[0].shape[1])}
     for key in mine:
         if mine[key] != want[key]:
             raise ExportError(f"ControlNet {net.name} is for another model: its {key} "
@@ -175,7 +187,7 @@ def prepare_controlnets(model, args, specs: dict) -> list[LoadedControlNet]:
     if why:
         raise ExportError(f"--controlnet: {why}; ControlNets work on SD1.x/SD2.x and SDXL "
                           f"text-to-image models")
-    nets = [load_controlnet(a) for a in args]
+    nets = [load_controlnet(a, unet=model.unet) for a in args]
     names = [n.name for n in nets]
     if len(set(names)) != len(names):
         raise ExportError(f"--controlnet: two ControlNets named {names}; give NAME=DIR")
@@ -281,11 +293,12 @@ def check_controlnet(module, spec: ComponentSpec, onnx_path: Path, height: int, 
     return results
 
 
-def add_controlnet(bundle, arg: str, progress=lambda m: None):
-    """``ldm-export controlnet BUNDLE DIR``: export and check one ControlNet into a bundle whose
-    U-Net takes the residuals. Its files are made in a hidden folder in the bundle and moved
-    beside the others before the manifest is rewritten (atomically): until then the bundle is
-    the old, whole one; on a failure nothing of it stays."""
+def add_controlnet(bundle, arg: str, progress=lambda m: None, config=None):
+    """``ldm-export controlnet BUNDLE DIR|FILE``: export and check one ControlNet into a bundle
+    whose U-Net takes the residuals (a single file's architecture from ``config``). Its files
+    are made in a hidden folder in the bundle and moved beside the others before the manifest
+    is rewritten (atomically): until then the bundle is the old, whole one; on a failure
+    nothing of it stays."""
     import os
 
     from ldm_edge.runtime.bundle.control_spec import component_key, takes_residuals
@@ -298,7 +311,7 @@ def add_controlnet(bundle, arg: str, progress=lambda m: None):
     if not takes_residuals(unet.spec):
         raise ExportError(f"{bundle}: its U-Net takes no ControlNet residuals; re-export the "
                           f"bundle with `ldm-export onnx SOURCE --controlnet DIR`")
-    net = load_controlnet(arg)
+    net = load_controlnet(arg, config=config)
     if net.name in m.controlnets or (bundle / f"{component_key(net.name)}.onnx").exists():
         raise ExportError(f"{bundle} already has a ControlNet named {net.name}; name this one "
                           f"with NAME=DIR")
