@@ -187,7 +187,7 @@ def add_fused_forms(bundle: str | Path, precision: str = "fp32", components=None
     manifest = read_manifest_json(root)
     made = {}
     with VariantTransaction(root) as txn:
-        for name in components or ATTENTION_COMPONENTS:
+        for name in components or attention_components(manifest):
             comp = manifest.components.get(name)
             if comp is None or precision not in comp.variants:
                 continue
@@ -207,6 +207,11 @@ def add_fused_forms(bundle: str | Path, precision: str = "fp32", components=None
         if any(f is not None for f in made.values()):
             txn.commit(edit=record)
     return made
+
+
+def attention_components(m: BundleManifest) -> list[str]:
+    """The bundle's components with attention to fuse: U-Net, VAE, and each ControlNet."""
+    return [*ATTENTION_COMPONENTS, *(r.component for r in m.controlnets.values())]
 
 
 def default_size(m: BundleManifest) -> dict:

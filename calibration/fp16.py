@@ -25,7 +25,6 @@ from ldm_edge.bundletools.task_inputs import labels
 from ldm_edge.bundletools.variant_txn import VariantTransaction
 from ldm_edge.runtime.backends.sessions import SessionFromOnnx
 from ldm_edge.runtime.bundle.manifest import Manifest
-from ldm_edge.runtime.bundle.control_spec import is_controlnet
 from ldm_edge.runtime.bundle.opener import open_bundle
 from ldm_edge.runtime.bundle.schema import (BundleManifest, QualityRecord, VariantRecord,
                                             read_manifest_json)
@@ -245,8 +244,7 @@ def make_fp16(bundle, prompts: list[str] | None = None, steps: int = 10,
         txn.commit(quality={"fp16": record})
     # onnxruntime's fused-attention form of each new graph, checked against it (the FP32
     # variants got theirs at export); the recorded quality holds for it within FP16 rounding
-    forms = add_fused_forms(bundle, "fp16", components=[n for n in converted
-                                                        if not is_controlnet(n)])
+    forms = add_fused_forms(bundle, "fp16", components=converted)
     progress("fused-attention forms: " + (", ".join(n for n, f in forms.items() if f) or "none"))
     return read_manifest_json(bundle)
 

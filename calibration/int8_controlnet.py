@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ldm_edge.bundletools.files import file_record
+from ldm_edge.bundletools.forms import FORM, default_size, make_form
 from ldm_edge.bundletools.variant_txn import VariantTransaction
 from ldm_edge.runtime.backends.sessions import SessionFromOnnx
 from ldm_edge.runtime.bundle.schema import CalibrationRecord, VariantRecord
@@ -110,7 +111,7 @@ def quantize_controlnet(txn: VariantTransaction, cal, name: str, calls: list[dic
                  f"graph runs under --precision int8")
         return None
     root = txn.root
-    return VariantRecord(
+    variant = VariantRecord(
         file=dest.relative_to(root).as_posix(), files=[file_record(p, root) for p in files],
         format="QDQ", weights=f"int8, per output channel, symmetric, {opts.weight_bits}-bit range",
         activations="int8, per tensor, symmetric (float biases: TensorRT reads it as it is)",
@@ -122,6 +123,12 @@ def quantize_controlnet(txn: VariantTransaction, cal, name: str, calls: list[dic
         parity={**worst.to_json(), "reference": "onnxruntime fp32", "passed": True,
                 "samples": min(len(feeds), MAX_CHECK_CALLS),
                 "min_cosine": CONTROLNET_MIN_COSINE})
+    if opts.fused_form:  # what ldm-run opens: the quality with control is measured on it
+        form = make_form(root, comp.spec, variant, "int8", threads=opts.threads,
+                         **default_size(txn.trial), reference=fp32, txn=txn)
+        if form is not None:
+            variant.forms[FORM] = form
+    return variant
 
 
 def _worst(int8_path: Path, fp32_path: Path, samples: list[dict]):

@@ -131,7 +131,7 @@ def _controlnets(nets, model: LoadedModel, specs: dict, stage: Path, opts: Expor
     return export_controlnets(nets, specs["unet"], stage, family=model.family,
                               factor=model.vae_scale_factor, height=int(model.defaults["height"]),
                               width=int(model.defaults["width"]), opset=opts.opset,
-                              progress=progress)
+                              fused_form=opts.fused_forms, progress=progress)
 
 
 def model_dims(model: LoadedModel, opts: ExportOptions) -> ModelDims:

@@ -152,15 +152,26 @@ def fp16_cmd(bundle, prompts_file, num_prompts, steps):
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), multiple=True,
               help="Variants to add the form to (default: every precision the bundle has).")
-def fuse_cmd(bundle, precision):
-    """Add the onnxruntime form (attention fused into MultiHeadAttention) to BUNDLE's U-Net and
-    VAE variants; each form is checked against its plain graph and recorded."""
-    from ldm_edge.bundletools.forms import add_fused_forms
+@click.option("--component", "components", multiple=True, metavar="NAME",
+              help="Only this component (unet, vae_decoder, vae_encoder, controlnet/NAME); "
+                   "repeatable. Default: each of them the bundle has.")
+def fuse_cmd(bundle, precision, components):
+    """Add the onnxruntime form (attention fused into MultiHeadAttention) to BUNDLE's U-Net,
+    VAE and ControlNet variants; each form is checked against its plain graph and recorded."""
+    from ldm_edge.bundletools.forms import add_fused_forms, attention_components
     from ldm_edge.runtime.bundle.schema import read_manifest_json
+    from ldm_edge.runtime.errors import UsageError
 
-    have = sorted({p for c in read_manifest_json(bundle).components.values() for p in c.variants})
+    manifest = read_manifest_json(bundle)
+    known = attention_components(manifest)
+    for name in components:
+        if name not in known:
+            raise UsageError(f"--component {name}: not one of this bundle's components with "
+                             f"attention ({', '.join(n for n in known if n in manifest.components)})")
+    have = sorted({p for c in manifest.components.values() for p in c.variants})
     for prec in precision or have:
-        for name, form in add_fused_forms(bundle, prec).items():
+        made = add_fused_forms(bundle, prec, components=list(components) or None)
+        for name, form in made.items():
             click.echo(f"{name} ({prec}): " + ("no fusable attention or check failed (see log)"
                        if form is None else f"{form.file}, {form.fused_attention} attentions, "
                        f"max-abs {form.check['max_abs']:.2e} vs plain"))

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ldm_edge.bundletools.files import file_record
+from ldm_edge.bundletools.forms import FORM, make_form
 from ldm_edge.runtime.bundle.control_spec import (CONTROLNET_PREFIX, NAME_PATTERN, Residual,
                                                   controlnet_spec, residual_layout, residuals_of)
 from ldm_edge.runtime.bundle.schema import ComponentRecord, ControlNetRecord, VariantRecord
@@ -210,13 +211,14 @@ def _unsupported(model) -> str | None:
 
 def export_controlnets(nets: list[LoadedControlNet], unet_spec: ComponentSpec, stage: Path, *,
                        family: str | None, factor: int, height: int, width: int, opset: int,
+                       fused_form: bool = True,
                        progress=lambda m: None) -> tuple[dict, dict]:
     """Export and check each ControlNet into ``stage``: (components, controlnets records)."""
     comps, records = {}, {}
     for net in nets:
         progress(f"{CONTROLNET_PREFIX}{net.name}: exporting, checking against PyTorch")
         comp = export_controlnet(net, unet_spec, stage, factor=factor, height=height,
-                                 width=width, opset=opset)
+                                 width=width, opset=opset, fused_form=fused_form)
         comps[comp.name] = comp
         records[net.name] = ControlNetRecord(component=comp.name, source=net.source,
                                              sha256=net.sha256, family=family)
@@ -225,9 +227,12 @@ def export_controlnets(nets: list[LoadedControlNet], unet_spec: ComponentSpec, s
 
 
 def export_controlnet(net: LoadedControlNet, unet_spec: ComponentSpec, root: Path, *,
-                      factor: int, height: int, width: int, opset: int) -> ComponentRecord:
+                      factor: int, height: int, width: int, opset: int,
+                      fused_form: bool = True) -> ComponentRecord:
     """``root``/controlnet/NAME.onnx, checked against PyTorch at two shapes (every residual
-    within the export tolerances of export/onnx_export.py), or an ExportError."""
+    within the export tolerances of export/onnx_export.py), or an ExportError; with
+    ``fused_form``, its onnxruntime form beside it (attention fused, bundletools/forms.py: a
+    ControlNet is the U-Net's encoder, with its attention at the latent's full size)."""
     spec = controlnet_spec(net.name, unet_spec, residuals_of(unet_spec), factor)
     sdxl = "time_ids" in spec.input_names
     module = (AddedControlNetGraph if sdxl else ControlNetGraph)(net.module).eval()
@@ -245,6 +250,10 @@ def export_controlnet(net: LoadedControlNet, unet_spec: ComponentSpec, root: Pat
     variant = VariantRecord(file=files[0].relative_to(root).as_posix(),
                             files=[file_record(p, root) for p in files], opset=opset,
                             parity=summarise(whole, "pytorch fp32"))
+    if fused_form:
+        form = make_form(root, spec, variant, "fp32", height=height, width=width, factor=factor)
+        if form is not None:
+            variant.forms[FORM] = form
     return ComponentRecord(spec.name, spec=spec, variants={"fp32": variant})
 
 
@@ -324,9 +333,11 @@ def add_controlnet(bundle, arg: str, progress=lambda m: None, config=None):
                                  height=int(m.defaults.height), width=int(m.defaults.width),
                                  opset=unet.variants["fp32"].opset or 18)
         (bundle / CONTROLNET_PREFIX).mkdir(exist_ok=True)
-        for f in comp.variants["fp32"].files:
-            os.replace(stage / f.path, bundle / f.path)
-            moved.append(bundle / f.path)
+        variant = comp.variants["fp32"]
+        for path in dict.fromkeys([f.path for f in variant.files] + [
+                f.path for form in variant.forms.values() for f in form.files]):
+            os.replace(stage / path, bundle / path)
+            moved.append(bundle / path)
         record = ControlNetRecord(component=comp.name, source=net.source, sha256=net.sha256,
                                   family=m.model.family)
 

@@ -331,3 +331,28 @@ def test_inpaint_with_control(scheduler, strength, inpaint_control_bundle, ldm_m
     assert ours.request.task == "inpaint"
     assert psnr(ours.images, ref) >= MIN_PSNR_DB
     assert psnr(ours.images, plain.images) < MAX_PLAIN_PSNR_DB
+
+
+def test_controlnets_get_a_fused_attention_form(controlnet_bundle, control_png, monkeypatch):
+    """Each ControlNet graph is exported with its onnxruntime form (attention fused, checked
+    against the plain graph), ldm-run opens it, and it draws the plain graph's picture to
+    float noise (the parity cases above ran with it)."""
+    from ldm_edge.runtime.bundle.opener import open_bundle
+
+    m = open_bundle(controlnet_bundle).schema
+    for name in ("edges", "depth"):
+        form = m.components[f"controlnet/{name}"].variants["fp32"].forms["ort-mha"]
+        assert form.fused_attention > 0 and form.check["passed"]
+    lat = latents(3)
+
+    def draw():
+        pipe = Pipeline(controlnet_bundle)
+        out = pipe(PROMPT, num_inference_steps=4, latents=lat, seed=0,
+                   control=[f"edges:{control_png}:0.9"])
+        return out.images, pipe.backend("controlnet/edges").form
+
+    fused, opened = draw()
+    monkeypatch.setenv("LDM_EDGE_FUSED_ATTENTION", "0")
+    plain, plain_opened = draw()
+    assert (opened, plain_opened) == ("ort-mha", None)
+    assert psnr(fused, plain) >= MIN_PSNR_DB
