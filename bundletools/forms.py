@@ -99,10 +99,11 @@ def sample_feeds(session, spec: ComponentSpec, batch: int, height: int, width: i
 
 
 def _outputs(graph, feeds: list[dict], threads: int = 0) -> list[np.ndarray]:
-    """The first output of ``graph`` (a path, or an open session) for each of ``feeds``."""
+    """Every output of ``graph`` (a path, or an open session) for each of ``feeds``, joined
+    flat in the graph's order: a ControlNet's first residual comes before any attention, so
+    a check of it alone would prove nothing about the rewrite."""
     session = graph if hasattr(graph, "run") else SessionFromOnnx(graph, threads=threads)()
-    name = session.get_outputs()[0].name
-    return [session.run([name], f)[0] for f in feeds]
+    return [np.concatenate([o.ravel() for o in session.run(None, f)]) for f in feeds]
 
 
 def check_form(plain: Path, form: Path, spec: ComponentSpec, precision: str,

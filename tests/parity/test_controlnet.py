@@ -356,3 +356,21 @@ def test_controlnets_get_a_fused_attention_form(controlnet_bundle, control_png, 
     plain, plain_opened = draw()
     assert (opened, plain_opened) == ("ort-mha", None)
     assert psnr(fused, plain) >= MIN_PSNR_DB
+
+
+def test_a_broken_controlnet_rewrite_fails_its_check(controlnet_bundle, tmp_path):
+    """Negative control: the form's check covers every residual (the first comes before any
+    attention, so a check of it alone would pass a wrong rewrite)."""
+    import shutil
+
+    from ldm_edge.bundletools import forms
+    from ldm_edge.runtime.bundle.opener import open_bundle
+
+    dst = tmp_path / "bundle"
+    shutil.copytree(controlnet_bundle, dst)
+    m = open_bundle(dst)
+    v = m.variant("controlnet/edges", "fp32").record
+    (dst / v.forms["ort-mha"].file).unlink()
+    form = forms.make_form(dst, m.spec("controlnet/edges"), v, "fp32", num_heads=1,
+                           **forms.default_size(m.schema))
+    assert form is None and not (dst / v.forms["ort-mha"].file).exists()
