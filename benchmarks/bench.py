@@ -85,7 +85,8 @@ def run_once(name, args, model, a, rep) -> dict:
            "--steps", str(a.steps), "--threads", str(a.threads), "--latents", str(model["latents"]),
            "--png", str(png), "--out", str(out), "--t-spawn", str(time.time())]
     # our own cache folder: the user's is left alone, and a rerun starts from the same state
-    env = {**os.environ, "LDM_EDGE_CACHE": str(OUT / "cache")}
+    # the graph cache only where a candidate says --ort-cache (it is on for users)
+    env = {**os.environ, "LDM_EDGE_CACHE": str(OUT / "cache"), "LDM_EDGE_ORT_CACHE": "0"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode:
         raise SystemExit(f"{name} failed on {model['name']}:\n{r.stderr[-3000:]}")

@@ -299,8 +299,9 @@ def run_one(model: dict, label: str, a, rep: int) -> dict:
             "model": model["model"], "controlnet": model["controlnet"],
             "latents": model["latents"], "image": model["image"],
             "result": str(a.out / f"{label}-latents.npy"), "out": str(out)}
+    # onnxruntime's graph cache off (it is on for users): its gain is bench_ort_cache.py's
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads),
-           "LDM_EDGE_CACHE": str(a.out / "cache")}
+           "LDM_EDGE_CACHE": str(a.out / "cache"), "LDM_EDGE_ORT_CACHE": "0"}
     r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker",
                         json.dumps(spec)], check=False, capture_output=True, text=True, env=env)
     if r.returncode:

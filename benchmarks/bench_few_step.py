@@ -323,8 +323,10 @@ def run_one(model: dict, cand, a, rep: int) -> dict:
             "kind": model["kind"], "bundle": str(model["bundle"]), "dir": str(model["dir"]),
             "taesd": str(model["taesd"]), "latents": str(model["latents"]),
             "png": str(a.out / f"{model['name']}-{label}.png"), "out": str(out)}
+    # onnxruntime's graph cache off (it is on for users): a warm-up round would store the
+    # graphs and the counted rounds time its hits; its gain is bench_ort_cache.py's
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads),
-           "LDM_EDGE_CACHE": str(a.out / "cache")}
+           "LDM_EDGE_CACHE": str(a.out / "cache"), "LDM_EDGE_ORT_CACHE": "0"}
     r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker",
                         json.dumps(spec)], check=False, capture_output=True, text=True, env=env)
     if r.returncode:

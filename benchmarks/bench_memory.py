@@ -37,6 +37,11 @@ print(json.dumps(times))
 """
 
 
+# onnxruntime's graph cache off (it is on for users): writing an entry is not what these
+# rows measure; with --ort-cache in the ldm-run arguments a row says so itself
+os.environ.setdefault("LDM_EDGE_ORT_CACHE", "0")
+
+
 def peak_rss(cmd: list[str]) -> tuple[float, float]:
     """(peak RSS in MiB, wall seconds) of one process running ``cmd``."""
     t0 = time.perf_counter()

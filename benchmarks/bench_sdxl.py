@@ -276,7 +276,9 @@ def work_cli(s: dict, timer) -> dict:
 # -- the driver ----------------------------------------------------------------------------
 def spawn(spec: dict, a) -> dict:
     spec = {**spec, "t_spawn": time.time()}
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+    # onnxruntime's graph cache off (it is on for users): a 1024² mode would store a 10 GB
+    # entry and the next mode time its hits; the modes measure ldm-run as it opens the bundle
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "LDM_EDGE_ORT_CACHE": "0"}
     r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker",
                         json.dumps(spec)], check=False, capture_output=True, text=True, env=env)
     if r.returncode:

@@ -107,7 +107,7 @@ class Reference:
     def __init__(self, bundle, prompts: list[str], steps: int = 10, seed: int = 0,
                  schedulers: list[str] | None = None, unet_calls: bool = True,
                  size: tuple[int, int] | None = None, control: bool = False):
-        ref, rec = Pipeline(bundle, precision="fp32"), _UNetRecorder()
+        ref, rec = Pipeline(bundle, precision="fp32", ort_cache=False), _UNetRecorder()
         self.control = control  # every run with a ControlNet active (control_stand_in)
         if unet_calls:
             ref.add_call_hook(rec)
@@ -190,7 +190,7 @@ def measure_precision(reference: Reference, bundle, precision: str, components=N
     """``reference.measure`` of ``bundle``'s ``precision`` pipeline (a folder or a Manifest,
     e.g. a trial one naming a graph not yet recorded), closed afterwards. ``components``: the
     pipeline's component provider (default: the bundle's own backends)."""
-    var = Pipeline(bundle, precision=precision, components=components)
+    var = Pipeline(bundle, precision=precision, components=components, ort_cache=False)
     try:
         return reference.measure(var)
     finally:
@@ -210,7 +210,8 @@ def control_quality(bundle, precision: str, prompts: list[str], steps: int = 10,
         return None
     own = schedulers_to_check(manifest, ())
     reference = Reference(manifest, prompts, steps, seed, own, size=size, control=True)
-    var = Pipeline(manifest, precision=precision, components=components)
+    var = Pipeline(manifest, precision=precision, components=components,
+                   ort_cache=False)
     try:
         q = reference.measure(var)
         q["controlnet_cosine_min"] = reference.controlnet_cosine(var)

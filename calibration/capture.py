@@ -61,7 +61,7 @@ def capture_runs(bundle, prompts: list[str], *, steps: int | None = None, seed: 
     image (bundletools/task_inputs.py control_stand_in), so their calls are captured too;
     then the schedulers go in turn by pairs of runs (one plain, one controlled): each
     scheduler's trajectory with a ControlNet is calibrated on too."""
-    pipe, rec = Pipeline(bundle, precision="fp32", threads=threads), _Recorder()
+    pipe, rec = Pipeline(bundle, precision="fp32", threads=threads, ort_cache=False), _Recorder()
     pipe.add_call_hook(rec)
     schema = pipe.manifest.schema
     size = {} if sized_by_image(schema) else {"height": height, "width": width}

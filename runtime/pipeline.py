@@ -159,10 +159,10 @@ class Pipeline:
         # a model that takes no prompt has no tokenizer (runtime/tasks/)
         self.tokenizer = (PromptTokenizer.from_manifest(self.manifest)
                           if self.manifest.schema.tokenizer is not None else None)
-        if ort_cache is None:  # not said: the environment decides (LDM_EDGE_ORT_CACHE=1)
-            from .backends.ort_cache import enabled_by_env
+        if ort_cache is None:  # not said: on, unless LDM_EDGE_ORT_CACHE=0
+            from .backends.ort_cache import wanted
 
-            ort_cache = enabled_by_env()
+            ort_cache = wanted()
         options = dict(backend=backend, precision=precision, device=device, threads=threads,
                        ort_cache=ort_cache)
         self.low_memory = bool(low_memory)

@@ -22,6 +22,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # the manifest reader's hash cache: one per test run, never the user's
 os.environ["LDM_EDGE_CACHE"] = tempfile.mkdtemp(prefix="ldm-edge-cache-")
+# onnxruntime's optimised-graph cache is on by default for users; a test run opens thousands
+# of throwaway graphs: off here, on in the tests of the cache itself (tests/parity/test_ort_cache.py)
+os.environ["LDM_EDGE_ORT_CACHE"] = "0"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 

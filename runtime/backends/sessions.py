@@ -122,7 +122,7 @@ class SessionFromOnnx:
     def _open_cached(self):
         """The optimised graph from the cache, or optimise now and store it."""
         from ..bundle.onnx_scan import ScanError
-        from .ort_cache import DATA, EXTERNAL_MIN_BYTES, MODEL, GraphCache, graph_key
+        from .ort_cache import DATA, EXTERNAL_MIN_BYTES, MODEL, STORED, GraphCache, graph_key
 
         path = self.model
         cache = GraphCache()
@@ -144,6 +144,12 @@ class SessionFromOnnx:
                 log.warning("%s: the cached optimised graph does not load (%s); making it again",
                             self.label, first_line(e, 120))
                 cache.remove(key)
+        size = _graph_bytes(path)
+        if not cache.room_for(size):
+            log.warning("%s: not keeping its optimised graph (%.1f GB) in %s: not enough room "
+                        "(see LDM_EDGE_ORT_CACHE_MAX_GB, or --no-ort-cache)", self.label,
+                        size / 1e9, cache.root)
+            return self._open(path, self.options())
         try:
             staged = cache.stage(key)
         except OSError as e:
@@ -164,4 +170,17 @@ class SessionFromOnnx:
             return session
         if cache.commit(key, staged) is not None:
             self.cache_state = "miss"
+            STORED.append(self.label)
+            cache.trim(keep=key)
         return session
+
+
+def _graph_bytes(path: Path) -> int:
+    """The graph file and its external data: about what its optimised copy takes."""
+    from ..bundle.onnx_scan import external_locations
+
+    try:
+        return path.stat().st_size + sum((path.parent / loc).stat().st_size
+                                         for loc in set(external_locations(path)))
+    except Exception:  # noqa: BLE001 - the open itself names an unreadable graph
+        return 0

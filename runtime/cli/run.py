@@ -95,10 +95,10 @@ def _list_schedulers(ctx, _param, value):
 @click.option("--threads", type=click.IntRange(0, 1024), default=0, help="CPU threads (0: all).")
 @click.option("--ort-cache/--no-ort-cache", default=None,
               help="onnxruntime on the CPU: keep the graphs it optimises for this CPU in "
-                   "~/.cache/ldm-edge/ort-graphs (a copy of the weights), so later starts skip "
-                   "the optimisation (docs/run.md has the measured gain and the "
-                   "command). Default: off, or "
-                   "$LDM_EDGE_ORT_CACHE=1.")
+                   "~/.cache/ldm-edge/ort-graphs (a copy of the weights, kept under "
+                   "$LDM_EDGE_ORT_CACHE_MAX_GB, default 20), so later starts skip the "
+                   "optimisation; the first start pays for writing them (docs/run.md has "
+                   "both measured). Default: on, unless $LDM_EDGE_ORT_CACHE=0.")
 @click.option("--low-memory", is_flag=True,
               help="One component in memory at a time (each opened when its stage starts and "
                    "released when it ends), onnxruntime's memory arena off: a lower peak, a "
@@ -204,6 +204,7 @@ def _run_local(options: dict, paths, t_proc: float) -> None:
         save_png(result.images[i], path, meta)
     if not quiet:
         click.echo(timing_table(result.timings), err=True)
+        _say_what_was_cached()
     if options["check_lora_int8"]:  # the merged weights were re-quantised: what it cost
         from ..lora.check import int8_lora_check
 
@@ -212,6 +213,16 @@ def _run_local(options: dict, paths, t_proc: float) -> None:
         click.echo(str(path))
     if not quiet:
         click.echo(f"done in {time.perf_counter() - t_proc:.2f} s", err=True)
+
+
+def _say_what_was_cached() -> None:
+    """Once, after a run that stored optimised graphs: why this start was slow, the next not."""
+    from ..backends.ort_cache import STORED, GraphCache
+
+    if STORED:
+        click.echo(f"kept onnxruntime's optimised {', '.join(STORED)} for this CPU in "
+                   f"{GraphCache().root}: later starts skip optimising them "
+                   f"(--no-ort-cache to skip the cache)", err=True)
 
 
 # diffusers' documented hand-over point for SDXL base + refiner (its high_noise_frac)
