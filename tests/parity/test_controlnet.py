@@ -374,3 +374,32 @@ def test_a_broken_controlnet_rewrite_fails_its_check(controlnet_bundle, tmp_path
     form = forms.make_form(dst, m.spec("controlnet/edges"), v, "fp32", num_heads=1,
                            **forms.default_size(m.schema))
     assert form is None and not (dst / v.forms["ort-mha"].file).exists()
+
+
+def test_sd2_controlnet_matches_diffusers(tiny_models, control_png, tmp_path):
+    """An SD 2.x ControlNet (the tiny SD2 model's layout: OpenCLIP-width text states, linear
+    projections, v-prediction) on the SD2 bundle, against StableDiffusionControlNetPipeline."""
+    import diffusers
+    from PIL import Image
+
+    from ldm_edge.export.bundle import ExportOptions, export_bundle
+    from ldm_edge.export.load import load_model
+    from ldm_edge.export.tiny_controlnet import save_tiny_controlnet
+
+    net = save_tiny_controlnet(tmp_path / "sd2-lines", tiny_models["sd2"], seed=4)
+    bundle = tmp_path / "bundle"
+    export_bundle(load_model(tiny_models["sd2"]), bundle,
+                  ExportOptions(controlnets=(f"lines={net}",)))
+    lat = latents(7)
+    pipe = _diffusers(tiny_models["sd2"], diffusers.ControlNetModel.from_pretrained(net).eval())
+    ref = to_uint8(pipe(PROMPT, image=Image.open(control_png), num_inference_steps=STEPS,
+                        height=SIZE, width=SIZE, latents=torch.from_numpy(lat), output_type="np",
+                        controlnet_conditioning_scale=0.9).images)
+    ours_pipe = Pipeline(bundle)
+    ours = ours_pipe(PROMPT, num_inference_steps=STEPS, latents=lat, seed=0,
+                     control=[f"lines:{control_png}:0.9"]).images
+    plain = ours_pipe(PROMPT, num_inference_steps=STEPS, latents=lat, seed=0).images
+    print(f"SD2: {psnr(ours, ref):.1f} dB vs diffusers, {psnr(ours, plain):.1f} dB vs plain")
+    assert ours_pipe.manifest.schema.model.family == "sd2"
+    assert psnr(ours, ref) >= MIN_PSNR_DB
+    assert psnr(ours, plain) < MAX_PLAIN_PSNR_DB
