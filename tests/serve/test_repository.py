@@ -101,3 +101,30 @@ def test_refused_repository_leaves_nothing(bundle, tmp_path):
     shutil.rmtree(bundle)  # a missing bundle: the runtime's one-line bundle error
     r = run_cli(*EXPORT, "triton", str(bundle), "-o", str(repo))
     assert r.returncode == 3 and r.stderr.startswith("ldm-export: error: bundle ") and not repo.exists()
+
+
+@pytest.mark.parametrize("kind", ["onnxruntime", "tensorrt"])
+def test_controlnets_are_models_of_the_repository(kind, serve_venv, controlnet_bundle,
+                                                  tmp_path):
+    """Each ControlNet is a model (controlnet/NAME as controlnet_NAME: a model is one folder),
+    unbatched (its conditioning_scale has no batch dim), and the pipeline takes the control
+    inputs; every config parses as Triton's ModelConfig."""
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(controlnet_bundle, bundle)
+    if kind == "tensorrt":
+        with_fake_engines(bundle)
+    repo = tmp_path / "repo"
+    r = run_cli(*EXPORT, "triton", str(bundle), "-o", str(repo), "--components", kind)
+    assert r.returncode == 0, r.stderr
+    configs = parse_configs(serve_venv, repo)
+    assert {"controlnet_edges", "controlnet_depth"} <= set(configs)
+    spec = read_manifest_json(bundle).components["controlnet/edges"].spec
+    cfg = configs["controlnet_edges"]
+    assert cfg["name"] == "controlnet_edges" and cfg.get("max_batch_size", 0) == 0
+    assert "dynamic_batching" not in cfg
+    assert [i["name"] for i in cfg["input"]] == spec.input_names
+    inputs = {i["name"]: i["data_type"] for i in configs["ldm_pipeline"]["input"]}
+    assert (inputs["control"], inputs["control_image"], inputs["guess_mode"]) == \
+        ("TYPE_STRING", "TYPE_STRING", "TYPE_BOOL")
