@@ -37,6 +37,17 @@ def parse_configs(venv, repo) -> dict:
     return json.loads(r.stdout)
 
 
+def written_configs(venv, bundle, kind: str, tmp_path) -> tuple:
+    """(the repository `ldm-export triton` writes for ``bundle`` with ``kind`` components,
+    its configs parsed as Triton's ModelConfig); fake engine records for tensorrt."""
+    if kind == "tensorrt":
+        with_fake_engines(bundle)
+    repo = tmp_path / "repo"
+    r = run_cli(*EXPORT, "triton", str(bundle), "-o", str(repo), "--components", kind)
+    assert r.returncode == 0, r.stderr
+    return repo, parse_configs(venv, repo)
+
+
 def with_fake_engines(bundle):
     """Engine records (and files) as `ldm-export engines` writes them, for the config only."""
     m = json.loads((bundle / "manifest.json").read_text())
@@ -49,12 +60,7 @@ def with_fake_engines(bundle):
 
 @pytest.mark.parametrize("kind", ["onnxruntime", "tensorrt", "python"])
 def test_configs_parse_as_triton_model_config(kind, serve_venv, bundle, tmp_path):
-    if kind == "tensorrt":
-        with_fake_engines(bundle)
-    repo = tmp_path / "repo"
-    r = run_cli(*EXPORT, "triton", str(bundle), "-o", str(repo), "--components", kind)
-    assert r.returncode == 0, r.stderr
-    configs = parse_configs(serve_venv, repo)
+    repo, configs = written_configs(serve_venv, bundle, kind, tmp_path)
     manifest = read_manifest_json(bundle)
     assert set(configs) == {"ldm_pipeline", *manifest.components}
     for name, comp in manifest.components.items():
@@ -109,16 +115,9 @@ def test_controlnets_are_models_of_the_repository(kind, serve_venv, controlnet_b
     """Each ControlNet is a model (controlnet/NAME as controlnet_NAME: a model is one folder),
     unbatched (its conditioning_scale has no batch dim), and the pipeline takes the control
     inputs; every config parses as Triton's ModelConfig."""
-    import shutil
-
     bundle = tmp_path / "bundle"
     shutil.copytree(controlnet_bundle, bundle)
-    if kind == "tensorrt":
-        with_fake_engines(bundle)
-    repo = tmp_path / "repo"
-    r = run_cli(*EXPORT, "triton", str(bundle), "-o", str(repo), "--components", kind)
-    assert r.returncode == 0, r.stderr
-    configs = parse_configs(serve_venv, repo)
+    _, configs = written_configs(serve_venv, bundle, kind, tmp_path)
     assert {"controlnet_edges", "controlnet_depth"} <= set(configs)
     spec = read_manifest_json(bundle).components["controlnet/edges"].spec
     cfg = configs["controlnet_edges"]
