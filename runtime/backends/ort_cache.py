@@ -83,17 +83,21 @@ def entry_key(graph_files: list[Path], ort_version: str, level: str = "all") -> 
     return h.hexdigest()[:40]
 
 
-def graph_key(path: Path) -> str:
-    """``entry_key`` of the graph at ``path`` with the external-data files it names, for
-    the onnxruntime installed here. Raises OSError or onnx_scan.ScanError for a file that
-    cannot be read."""
-    import onnxruntime as ort
-
+def graph_files(path: Path) -> list[Path]:
+    """The graph at ``path`` and the external-data files it names. Raises OSError
+    or onnx_scan.ScanError for a file that cannot be read."""
     from ..bundle.onnx_scan import external_locations
 
     path = Path(path)
-    files = [path] + [path.parent / loc for loc in external_locations(path)]
-    return entry_key(files, ort.__version__)
+    return [path] + [path.parent / loc for loc in external_locations(path)]
+
+
+def graph_key(path: Path, files: list[Path] | None = None) -> str:
+    """``entry_key`` of the graph at ``path`` (its ``graph_files``, when not given), for the
+    onnxruntime installed here."""
+    import onnxruntime as ort
+
+    return entry_key(files or graph_files(path), ort.__version__)
 
 
 class GraphCache:

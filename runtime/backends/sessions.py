@@ -122,12 +122,14 @@ class SessionFromOnnx:
     def _open_cached(self):
         """The optimised graph from the cache, or optimise now and store it."""
         from ..bundle.onnx_scan import ScanError
-        from .ort_cache import DATA, EXTERNAL_MIN_BYTES, MODEL, STORED, GraphCache, graph_key
+        from .ort_cache import (DATA, EXTERNAL_MIN_BYTES, MODEL, STORED, GraphCache, graph_files,
+                                graph_key)
 
         path = self.model
         cache = GraphCache()
         try:
-            key = graph_key(path)
+            files = graph_files(path)  # read once: the key and the entry's size
+            key = graph_key(path, files)
         except (OSError, ScanError):  # the plain open names the problem
             return self._open(path, self.options())
         if self.weights_key:  # the merged weights are in the optimised graph: their own entry
@@ -144,7 +146,7 @@ class SessionFromOnnx:
                 log.warning("%s: the cached optimised graph does not load (%s); making it again",
                             self.label, first_line(e, 120))
                 cache.remove(key)
-        size = _graph_bytes(path)
+        size = sum(f.stat().st_size for f in files)  # about what its optimised copy takes
         if not cache.room_for(size):
             log.warning("%s: not keeping its optimised graph (%.1f GB) in %s: not enough room "
                         "(see LDM_EDGE_ORT_CACHE_MAX_GB, or --no-ort-cache)", self.label,
@@ -174,13 +176,3 @@ class SessionFromOnnx:
             cache.trim(keep=key)
         return session
 
-
-def _graph_bytes(path: Path) -> int:
-    """The graph file and its external data: about what its optimised copy takes."""
-    from ..bundle.onnx_scan import external_locations
-
-    try:
-        return path.stat().st_size + sum((path.parent / loc).stat().st_size
-                                         for loc in set(external_locations(path)))
-    except Exception:  # noqa: BLE001 - the open itself names an unreadable graph
-        return 0
