@@ -24,14 +24,16 @@ import tempfile
 import time
 
 
-def _feeds(manifest, spec) -> dict:
-    """Batch-2 inputs at the bundle's default size, from the component's spec."""
+def _feeds(manifest, spec, batch: int = 2, size: int | None = None) -> dict:
+    """Random inputs from the component's spec: ``batch``, ``size`` pixels square (None: the
+    bundle's default size)."""
     import numpy as np
 
     d = manifest.schema.defaults
     f = int(manifest.schema.vae_scale_factor)
-    sizes = {"batch": 2, "latent_height": d.height // f, "latent_width": d.width // f,
-             "height": d.height, "width": d.width}
+    h, w = (size, size) if size else (d.height, d.width)
+    sizes = {"batch": batch, "latent_height": h // f, "latent_width": w // f,
+             "height": h, "width": w}
     rng = np.random.default_rng(0)
     feeds = {}
     for t in spec.inputs:

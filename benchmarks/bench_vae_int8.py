@@ -4,12 +4,14 @@ against FP32: the 8-bit PSNR of the decoded pictures on held-out latents, and th
 call, interleaved in one process (medians).
 
     python benchmarks/bench_vae_int8.py BUNDLE [--calib-size 256] [--size 512] \\
-        [--prompts 4] [--repeats 4] [--threads 2]
+        [--prompts 4] [--repeats 4] [--threads 2] [--component vae_decoder_tiny]
 
 Calibration inputs are the latents the bundle's own FP32 sampling ends with (6 steps, each
 prompt on the next of ddim, euler, dpm++2m, pndm), as ``ldm-export int8`` captures the
 U-Net's; the held-out latents are two other prompts and seeds at ``--size``. Nothing is
-written to the bundle (the graph goes to a temporary folder).
+written to the bundle (the graph goes to a temporary folder). ``--component
+vae_decoder_tiny``: the bundle's TAESD decoder instead, fed the same latents rescaled to its
+own scaling (as ``ldm-export fp16`` feeds it).
 """
 
 from __future__ import annotations
@@ -32,14 +34,23 @@ SCHEDULERS = ["ddim", "euler", "dpm++2m", "pndm"]
 STEPS = 6
 
 
-def final_latents(bundle, vae, prompts, size, seed, threads):
-    """The VAE decoder's input of each prompt's FP32 run, named as the graph names it."""
+def final_latents(bundle, vae, prompts, size, seed, threads, rescale: float = 1.0):
+    """The VAE decoder's input of each prompt's FP32 run, times ``rescale``, named as the
+    graph names it."""
     from ldm_edge.calibration.capture import capture_runs
 
     runs = capture_runs(bundle, prompts, steps=STEPS, height=size, width=size, seed=seed,
                         schedulers=SCHEDULERS, threads=threads)
-    return [{vae.graph_name(k): v for k, v in call.items()}
+    return [{vae.graph_name(k): (v * rescale).astype(np.float32) for k, v in call.items()}
             for run in runs for call in run["vae_decoder"]]
+
+
+def tiny_rescale(m) -> float:
+    """Full-VAE decoder input -> TAESD decoder input (both see the same scaled latents)."""
+    s_full, shift = m.schema.vae_scaling(False)
+    if shift:
+        raise SystemExit("a VAE with a shift factor (SD3/Flux) has no TAESD here")
+    return s_full / m.schema.vae_scaling(True)[0]
 
 
 def to_pixels(x: np.ndarray) -> np.ndarray:
@@ -64,13 +75,17 @@ def main(argv=None) -> None:
     ap.add_argument("--prompts", type=int, default=4, help="calibration prompts (up to 8)")
     ap.add_argument("--repeats", type=int, default=4, help="timed calls per graph")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--component", choices=("vae_decoder", "vae_decoder_tiny"),
+                    default="vae_decoder", help="the full VAE's decoder or TAESD's")
     a = ap.parse_args(argv)
 
     m = open_bundle(a.bundle, verify=False)
-    vae = m.component("vae_decoder")
-    fp32 = m.variant("vae_decoder", "fp32").path
+    vae = m.component(a.component)
+    fp32 = m.variant(a.component, "fp32").path
+    rescale = tiny_rescale(m) if a.component == "vae_decoder_tiny" else 1.0
     t0 = time.perf_counter()
-    calib = final_latents(a.bundle, vae, CALIB_PROMPTS[:a.prompts], a.calib_size, 0, a.threads)
+    calib = final_latents(a.bundle, vae, CALIB_PROMPTS[:a.prompts], a.calib_size, 0, a.threads,
+                          rescale)
     proto = onnx.load(str(fp32), load_external_data=False)
     layers, excluded = qdq.analyse(proto.graph)
     tensors = list(dict.fromkeys([ly.act for ly in layers] + [ly.out for ly in layers if ly.out]))
@@ -81,16 +96,21 @@ def main(argv=None) -> None:
           + ", ".join(f"{k} {len(v)}" for k, v in excluded.items()), flush=True)
     graph = build_graph(proto, fp32.parent, layers, ranges, {ly.unit for ly in layers}, 7)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "vae_decoder.int8.onnx"
+        path = Path(tmp) / f"{a.component}.int8.onnx"
         save_graph(graph, path)
         del graph, proto
-        held = final_latents(a.bundle, vae, HELD_OUT, a.size, 100, a.threads)
+        held = final_latents(a.bundle, vae, HELD_OUT, a.size, 100, a.threads, rescale)
         sessions = {"fp32": SessionFromOnnx(fp32, threads=a.threads)(),
                     "int8": SessionFromOnnx(path, threads=a.threads)()}
         out = {k: [s.run(None, f)[0] for f in held] for k, s in sessions.items()}
         for i, prompt in enumerate(HELD_OUT):
+            q, ref = out["int8"][i], out["fp32"][i]
+            # the raw outputs too: a random-weight decoder's lie far outside [-1, 1], where
+            # the 8-bit picture is clipped to 0/255 and any sign change costs a whole level
+            raw = 20 * np.log10(np.ptp(ref) / np.sqrt(np.mean((q - ref) ** 2)))
             print(f"{a.size}² decode of {prompt!r}: INT8 vs FP32 "
-                  f"{psnr(to_pixels(out['int8'][i]), to_pixels(out['fp32'][i])):.2f} dB")
+                  f"{psnr(to_pixels(q), to_pixels(ref)):.2f} dB (8-bit picture), {raw:.1f} dB "
+                  f"(raw output over its range; {np.mean(np.abs(ref) > 1):.0%} of it outside [-1, 1])")
         times = {k: [] for k in sessions}
         for r in range(a.repeats):
             for k in (list(sessions) if r % 2 == 0 else list(sessions)[::-1]):

@@ -144,14 +144,21 @@ class Pipeline:
     opening the bundle's (the served pipeline calls its components over Triton this way), and
     ``add_call_hook`` observes every component call (calibration capture, the quality check,
     benchmarks); ``add_step_hook`` sees the latents after every step (--preview).
-    ``options`` is read-only; ``open_components`` shows what is open."""
+    ``options`` is read-only; ``open_components`` shows what is open.
+
+    ``one_shot``: this pipeline draws one request and is dropped (``ldm-run`` does): a
+    component opened for it is told how often the request calls it (the U-Net and ControlNets
+    once a step, the rest once), so a float graph called only a few times opens without
+    onnxruntime's weight pre-packing (runtime/backends/prepack.py). Not set, the pipeline may
+    serve many requests and every graph is pre-packed."""
 
     def __init__(self, bundle, *, backend: str = "auto", precision: str = "fp32",
                  device: str = "auto", threads: int = 0, verify: bool = True,
                  ort_cache: bool | None = None, low_memory: bool = False,
                  vae_tiling: bool = False, vae_tile_size: int | None = None,
                  vae_tile_overlap: float | None = None, loras=None,
-                 components: Callable | None = None, vae: str | None = None):
+                 components: Callable | None = None, vae: str | None = None,
+                 one_shot: bool = False):
         if not vae_tiling and (vae_tile_size is not None or vae_tile_overlap is not None):
             raise UsageError("--vae-tile-size needs --vae-tiling (it is the size of the tiles "
                              "the VAE decodes); add --vae-tiling or drop --vae-tile-size")
@@ -179,6 +186,8 @@ class Pipeline:
         # other components may fall back to a wider precision; the U-Net must have the one asked
         self.manifest.variant("unet", precision)
         self._backends = {}
+        self.one_shot = bool(one_shot)
+        self._steps_planned: int | None = None  # one_shot: the request's steps, once known
         self.timings = Timings()
         self._lora_weights, self._loras = None, None
         if loras:
@@ -214,9 +223,23 @@ class Pipeline:
             if not self.manifest.has(name):
                 raise UsageError(f"this bundle has no {name}; re-export it"
                                  + (" without --skip-vae-encoder" if name == "vae_encoder" else ""))
-            self._backends[name] = self._provide(self.manifest, name, self.options,
+            options = self.options
+            if self._steps_planned is not None:
+                options = {**options, "calls": self._planned_calls(name)}
+            self._backends[name] = self._provide(self.manifest, name, options,
                                                  self._merged(name))
         return self._backends[name]
+
+    def expect(self, request: GenerationRequest) -> None:
+        """A one-shot pipeline: the request it will draw, said before its sessions are opened
+        ahead of the call (the call says it itself); ignored otherwise."""
+        if self.one_shot:
+            self._steps_planned = request.num_inference_steps
+
+    def _planned_calls(self, name: str) -> int:
+        """How often a one-shot request calls ``name``: the denoisers once a step."""
+        denoiser = name == "unet" or name.startswith("controlnet/")
+        return self._steps_planned if denoiser else 1
 
     @property
     def open_components(self):
@@ -413,6 +436,7 @@ class Pipeline:
         """The stages: conditioning -> the task's start -> denoise -> decode. Low memory:
         each stage's sessions are released before the next stage's open."""
         self._check_tiles(req)
+        self.expect(req)
         self.timings = Timings()
         t_start = time.perf_counter()
         plan = plan_of(req.task).for_request(req)

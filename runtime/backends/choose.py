@@ -65,14 +65,16 @@ def interface(comp: ComponentRecord) -> tuple[ComponentSpec, dict]:
 def open_backend(manifest: Manifest, component: str, *, backend: str = "auto",
                  precision: str = "fp32", device: str = "auto", threads: int = 0,
                  ort_cache: bool = False, fused_attention: bool | None = None,
-                 memory_arena: bool = True, lora=None) -> Backend:
+                 memory_arena: bool = True, lora=None, calls: int | None = None) -> Backend:
     """``tensorrt``: the manifest's engine for this machine, or a one-line error saying how to
     build it. ``auto``: that engine when it exists and TensorRT imports, else onnxruntime.
     ``ort_cache``: onnxruntime on the CPU opens its optimised graph from the disk cache
     (runtime/backends/ort_cache.py). ``fused_attention``: onnxruntime opens the variant's ``ort-mha``
     form where it has one (None: unless LDM_EDGE_FUSED_ATTENTION=0). ``memory_arena=False``:
     onnxruntime without its memory arena (low-memory mode; the other backends ignore it).
-    ``lora``: the component's merged LoRA weights (runtime/lora_apply.GraphWeights) or None."""
+    ``lora``: the component's merged LoRA weights (runtime/lora_apply.GraphWeights) or None.
+    ``calls``: how many times the caller will call it (None: unknown); onnxruntime skips
+    pre-packing a float graph called only a few times (runtime/backends/prepack.py)."""
     kind = resolve_backend(backend)
     prec = pick_precision(manifest, component, precision)
     if lora is not None:
@@ -94,11 +96,12 @@ def open_backend(manifest: Manifest, component: str, *, backend: str = "auto",
             return b
     variant = manifest.variant(component, prec)
     from .onnxruntime import OnnxRuntimeBackend
+    from .prepack import prepack_wanted
 
     return OnnxRuntimeBackend(spec, variant.path, device=device, threads=threads, io_map=io_map,
                               graph_cache=ort_cache, precision=prec, memory_arena=memory_arena,
                               fused_path=fused_form(manifest, variant), fused_attention=fused_attention,
-                              lora=lora)
+                              lora=lora, prepack=prepack_wanted(prec, calls))
 
 
 def fused_form(manifest: Manifest, variant) -> Path | None:

@@ -93,7 +93,7 @@ class OnnxRuntimeBackend(Backend):
                  threads: int = 0, io_map: dict | None = None, graph_cache: bool = False,
                  precision: str = "fp32", fused_path: str | Path | None = None,
                  fused_attention: bool | None = None, memory_arena: bool = True,
-                 lora=None, optimise: bool = True):
+                 lora=None, optimise: bool = True, prepack: bool = True):
         super().__init__(spec, precision=precision)
         # spec name -> graph name, for graphs whose I/O names differ from ours (Optimum's)
         self.io_map = dict(io_map or {})
@@ -111,7 +111,8 @@ class OnnxRuntimeBackend(Backend):
         loader = SessionFromOnnx(path, threads=threads, providers=providers,
                                  cache=graph_cache, label=spec.name, memory_arena=memory_arena,
                                  weights=weights, external=external, optimise=optimise,
-                                 weights_key=lora.key if lora is not None else "")
+                                 weights_key=lora.key if lora is not None else "",
+                                 prepack=prepack)
         try:
             self.session = loader()
         except Exception as e:

@@ -42,13 +42,16 @@ class SessionFromOnnx:
     are, so the graph cache keeps their optimised graph apart from the base one.
     ``fixed_dims``: symbolic dimensions pinned to values ({"latent_height": 64, ...};
     onnxruntime's free-dimension overrides), so the session is planned for one size only.
+    ``prepack=False``: the weights are used as stored, not copied into the kernels' layout
+    at open (a faster open for a graph called a few times; runtime/backends/prepack.py).
     """
 
     def __init__(self, model: str | Path | bytes, *, threads: int = 0, inter_threads: int = 0,
                  optimise: bool = True, providers=CPU, cache: bool = False,
                  label: str | None = None, memory_arena: bool = True,
                  weights: dict | None = None, external=(), weights_key: str = "",
-                 fixed_dims: dict[str, int] | None = None):
+                 fixed_dims: dict[str, int] | None = None, prepack: bool = True):
+        self.prepack = prepack
         self.model = model if isinstance(model, bytes) else Path(model)
         self.threads, self.inter_threads, self.optimise = threads, inter_threads, optimise
         self.providers = list(providers)
@@ -79,6 +82,8 @@ class SessionFromOnnx:
             self._add_weights(opts, ort)
         for name, value in self.fixed_dims.items():
             opts.add_free_dimension_override_by_name(name, int(value))
+        if not self.prepack:  # at open, not in the graph: a cached graph serves both ways
+            opts.add_session_config_entry("session.disable_prepacking", "1")
         return opts
 
     def _add_weights(self, opts, ort) -> None:

@@ -147,7 +147,8 @@ def _list_schedulers(ctx, _param, value):
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or timing table.")
 @click.option("--server", default=None, metavar="URL",
               help="Send the request to a served pipeline (`ldm-serve`, KServe v2 HTTP, e.g. "
-                   "http://127.0.0.1:8000) instead of running BUNDLE here; same PNG.")
+                   "http://127.0.0.1:8000) instead of running BUNDLE here; same picture "
+                   "(byte for byte with LDM_EDGE_ORT_PREPACK=1 here: docs/serving.md).")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
 def main(**options):
     """Generate images from BUNDLE (a folder written by `ldm-export onnx`), or on --server."""
@@ -181,7 +182,7 @@ def _run_local(options: dict, paths, t_proc: float) -> None:
               low_memory=options["low_memory"], vae_tiling=options["vae_tiling"],
               vae_tile_size=options["vae_tile_size"], vae=options["vae"],
               loras=[parse_lora_arg(x) for x in options["loras"]])
-    pipe = Pipeline(options["bundle"], **kw)
+    pipe = Pipeline(options["bundle"], one_shot=True, **kw)
     if options["preview"] is not None:  # refused here, before the run, without a tiny VAE
         from ..preview import Preview, preview_path
 
@@ -241,7 +242,7 @@ def _open_refiner(options: dict, kw: dict):
         return None
     if options["denoising_end"] is None:
         options["denoising_end"] = DENOISING_END
-    return Pipeline(options["refiner"], **{**kw, "loras": []})
+    return Pipeline(options["refiner"], one_shot=True, **{**kw, "loras": []})
 
 
 def _draw(pipe, request, quiet: bool, decode: bool = True):

@@ -1,4 +1,5 @@
-"""``ldm-run --server URL``: the same options, run by a served pipeline, the same PNGs."""
+"""``ldm-run --server URL``: the same options, run by a served pipeline, the same pictures
+(byte for byte where the local run pre-packs as the server does: docs/serving.md)."""
 
 from __future__ import annotations
 

@@ -170,7 +170,13 @@ def test_fuzz_cli_arguments_never_traceback(opt, value, tiny_bundles, tmp_path_f
     out = tmp_path_factory.mktemp("cli") / "o.png"
     r = CliRunner().invoke(main, [str(tiny_bundles["sd1"]), "-p", "x", "--steps", "1", "-q",
                                   opt, value, "-o", str(out)])
-    # click's usage errors exit 2; ours exit with their own code; success writes the file
+    # click's usage errors exit 2; ours exit with their own code; success writes the files
+    # (--num-images N > 1 writes o-0.png ... : the names ldm-run gives them)
     assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
     assert "Traceback" not in r.output
-    assert (r.exit_code == 0) == out.exists()
+    written = sorted(out.parent.glob("*.png"))
+    assert (r.exit_code == 0) == bool(written)
+    if written:
+        from ldm_edge.runtime.image import output_paths
+
+        assert written == sorted(output_paths(str(out), len(written)))

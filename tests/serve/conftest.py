@@ -32,6 +32,13 @@ def serve_venv() -> Path:
     return venv
 
 
+@pytest.fixture(autouse=True)
+def local_runs_prepack_like_the_server(monkeypatch):
+    """The server's pipeline is long-lived and pre-packs every graph; a local one-shot
+    ``ldm-run`` skips pre-packing its few-call float graphs, which moves float rounding
+    (runtime/backends/prepack.py). The served-vs-local byte-for-byte checks compare like with
+    like: the local runs here pre-pack too."""
+    monkeypatch.setenv("LDM_EDGE_ORT_PREPACK", "1")
 
 
 @pytest.fixture(scope="session")
