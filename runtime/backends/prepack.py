@@ -27,8 +27,9 @@ ENV = "LDM_EDGE_ORT_PREPACK"
 # calls; SD2.1's ViT-H text encoder: 0.8 s against ~0.02 s a call (~40 calls); CLIP ViT-L's:
 # 0.3 s against nothing measurable.
 MIN_CALLS = 20
-# Always pre-packed: the INT8 U-Net's integer kernels are 1.7x slower a call without it
-# (0.99 -> 1.67 s on SD1.5 at 512², the same machine), more than the 0.77 s at open.
+# Always pre-packed: without it the INT8 U-Net's integer kernels run 1.6x slower a call
+# (0.99 -> 1.60 s on SD1.5 at 512², the same machine: more than the 0.76 s the packing takes)
+# and compute other numbers (max-abs 5e-2 on its output), not those its quality check measured.
 ALWAYS = ("int8",)
 
 
