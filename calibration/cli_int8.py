@@ -38,6 +38,11 @@ def summary(m) -> str:
                      "independent; final latents' relative error "
                      + ", ".join(f"{s} {v['latent_rel_error']:.3f}"
                                  for s, v in (q.per_scheduler or {}).items()) + ")")
+    tiny = m.components.get("vae_decoder_tiny")
+    if tiny is not None and "int8" in tiny.variants:
+        par = tiny.variants["int8"].parity
+        lines.append(f"vae_decoder_tiny (int8): {tiny.variants['int8'].file}; worst decode vs "
+                     f"fp32 {par['psnr_db']:.2f} dB ({par['samples']} decodes, raw output)")
     budget = v.min_psnr
     if budget:
         plain = budget["plain_int8_psnr_db"]

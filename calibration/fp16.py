@@ -198,6 +198,15 @@ def encoder_samples(manifest: Manifest, records: dict, decoder: str = "vae_decod
     return out
 
 
+def decoder_inputs_for(manifest: Manifest, calls: list[dict], ran: str, other: str) -> list[dict]:
+    """The inputs of one VAE decoder's ``calls`` (``ran``: "vae_decoder" or
+    "vae_decoder_tiny") as the other decoder takes the same latents, at its own scaling."""
+    s_ran, shift_ran = manifest.schema.vae_scaling(ran != "vae_decoder")
+    s_other, shift_other = manifest.schema.vae_scaling(other != "vae_decoder")
+    return [{"latent": (((f["latent"] - (shift_ran or 0.0)) * s_ran / s_other)
+                        + (shift_other or 0.0)).astype(np.float32)} for f in calls]
+
+
 def add_vae_samples(manifest: Manifest, records: dict) -> None:
     """Inputs for the VAE graphs the capture run did not call: a bundle with both VAEs (TAESD
     beside the full one) decodes with one, so the other decoder gets the same latents at its
@@ -205,11 +214,7 @@ def add_vae_samples(manifest: Manifest, records: dict) -> None:
     ran = "vae_decoder" if "vae_decoder" in records else "vae_decoder_tiny"
     other = TINY_VAE["vae_decoder"] if ran == "vae_decoder" else "vae_decoder"
     if manifest.has(other):
-        s_ran, shift_ran = manifest.schema.vae_scaling(ran != "vae_decoder")
-        s_other, shift_other = manifest.schema.vae_scaling(other != "vae_decoder")
-        records[other] = [{"latent": (((f["latent"] - (shift_ran or 0.0)) * s_ran / s_other)
-                                      + (shift_other or 0.0)).astype(np.float32)}
-                          for f in records.get(ran, [])]
+        records[other] = decoder_inputs_for(manifest, records.get(ran, []), ran, other)
     for encoder in ("vae_encoder", TINY_VAE["vae_encoder"]):
         if manifest.has(encoder):
             records[encoder] = encoder_samples(manifest, records, ran)

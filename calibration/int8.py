@@ -37,6 +37,7 @@ from ldm_edge.runtime.request import BundleDefaults
 
 from . import qdq, trt_form
 from .int8_controlnet import quantize_controlnets
+from .int8_tiny_vae import TINY_DECODER, decoder_calls, quantize_tiny_vae
 from .ranges import METHODS, collect
 
 # U-Net calls used for the ranges, spread evenly over the captured (prompt, step) pairs
@@ -168,6 +169,8 @@ class Calibration:
     timesteps: list[float]
     # ControlNet component -> its calls' inputs in those runs (int8_controlnet.py)
     controlnets: dict[str, list[dict]] = field(default_factory=dict)
+    # the tiny VAE decoder's inputs for those runs' decodes (int8_tiny_vae.py); [] without one
+    decodes: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -226,9 +229,10 @@ def add_int8(bundle, opts: Int8Options, progress=print) -> BundleManifest:
     with VariantTransaction(bundle) as txn:
         # its files are about to be replaced: forget them first, so that a failure from
         # here on leaves a bundle without INT8 rather than one whose hashes do not match
-        txn.forget("int8", ["unet", *cal.controlnets])
+        txn.forget("int8", ["unet", *cal.controlnets, *([TINY_DECODER] if cal.decodes else [])])
         variant = write_variant(txn, cal, quant, opts)
         quantize_controlnets(txn, cal, opts, progress)  # a bundle with ControlNets
+        quantize_tiny_vae(txn, cal, opts, progress)  # a bundle with a tiny VAE (TAESD)
         if opts.fused_form:
             add_form(txn, variant, cal, opts, progress)
         # Measure through a manifest that names the new graph, then commit both at once.
@@ -291,7 +295,8 @@ def capture_calibration(bundle: Path, opts: Int8Options, progress) -> Calibratio
     timesteps = sorted({float(np.ravel(r[t_name])[0]) for r in calib}, reverse=True)
     progress(f"{sum(map(len, runs))} U-Net calls captured; calibrating on {len(calib)} of "
              f"them (timesteps {timesteps[0]:.0f}..{timesteps[-1]:.0f})")
-    return Calibration(manifest, fp32, schedulers, prompts, hw, runs, calib, timesteps, nets)
+    return Calibration(manifest, fp32, schedulers, prompts, hw, runs, calib, timesteps, nets,
+                       decoder_calls(manifest, captured))
 
 
 def image_size(manifest: Manifest, size: int | None) -> tuple[int, int]:

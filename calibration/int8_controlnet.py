@@ -84,25 +84,12 @@ def quantize_controlnet(txn: VariantTransaction, cal, name: str, calls: list[dic
                         progress) -> VariantRecord | None:
     """``NAME.int8.onnx`` beside the ControlNet's FP32 graph, or None (nothing left) when it
     misses CONTROLNET_MIN_COSINE."""
-    import onnx
-
     comp = cal.manifest.component(name)
     fp32 = cal.manifest.variant(name, "fp32").path
     feeds = [{comp.graph_name(k): v for k, v in c.items()} for c in calls]
     calib = _with_every_kind(_evenly(feeds, MAX_CALIB_CALLS // (1 + STAND_IN_KINDS)),
                              comp.graph_name("controlnet_cond"))
-    proto = onnx.load(str(fp32), load_external_data=False)
-    layers, excluded = qdq.analyse(proto.graph)
-    tensors = list(dict.fromkeys([ly.act for ly in layers] + [ly.out for ly in layers if ly.out]))
-    hists = collect(fp32, tensors, calib, threads=opts.threads)
-    ranges = trt_form.symmetric({t: hists[t].range(opts.method) for t in tensors})
-    graph, _ = qdq.build(proto, layers, ranges, {ly.unit for ly in layers}, base_dir=str(fp32.parent),
-                         weight_bits=opts.weight_bits, int32_bias=False)
-    from ldm_edge.bundletools.external_data import load_all
-
-    load_all(graph, fp32.parent)
-    dest = fp32.with_name(f"{fp32.stem}.int8.onnx")
-    files = txn.save(graph, dest)
+    dest, files, layers, excluded = save_qdq_graph(txn, fp32, calib, opts)
     worst = _worst(dest, fp32, _evenly(feeds, MAX_CHECK_CALLS))
     progress(f"{name}: int8 {len(layers)} layers, every residual vs FP32: {worst}")
     if not worst:
@@ -110,25 +97,52 @@ def quantize_controlnet(txn: VariantTransaction, cal, name: str, calls: list[dic
         progress(f"{name}: no INT8 graph (under cosine {CONTROLNET_MIN_COSINE}); its float "
                  f"graph runs under --precision int8")
         return None
+    variant = int8_record(txn.root, dest, files, layers, excluded, cal, opts, len(calib),
+                          {**worst.to_json(), "reference": "onnxruntime fp32", "passed": True,
+                           "samples": min(len(feeds), MAX_CHECK_CALLS),
+                           "min_cosine": CONTROLNET_MIN_COSINE})
     root = txn.root
-    variant = VariantRecord(
-        file=dest.relative_to(root).as_posix(), files=[file_record(p, root) for p in files],
-        format="QDQ", weights=f"int8, per output channel, symmetric, {opts.weight_bits}-bit range",
-        activations="int8, per tensor, symmetric (float biases: TensorRT reads it as it is)",
-        method=opts.method, ops=list(qdq.QUANT_OPS),
-        quantized_nodes=[ly.node for ly in layers], excluded_nodes=excluded,
-        calibration=CalibrationRecord(prompts=cal.prompts, steps=opts.calib_steps,
-                                      size=list(cal.hw), samples=len(calib),
-                                      schedulers=list(cal.schedulers)),
-        parity={**worst.to_json(), "reference": "onnxruntime fp32", "passed": True,
-                "samples": min(len(feeds), MAX_CHECK_CALLS),
-                "min_cosine": CONTROLNET_MIN_COSINE})
     if opts.fused_form:  # what ldm-run opens: the quality with control is measured on it
         form = make_form(root, comp.spec, variant, "int8", threads=opts.threads,
                          **default_size(txn.trial), reference=fp32, txn=txn)
         if form is not None:
             variant.forms[FORM] = form
     return variant
+
+
+def save_qdq_graph(txn: VariantTransaction, fp32: Path, calib: list[dict], opts):
+    """``NAME.int8.onnx`` beside ``fp32``, in ``txn``: every layer qdq.py quantises, ranges
+    from ``calib`` (symmetric), float biases; (its path, its files, the layers, those kept
+    float)."""
+    import onnx
+
+    from ldm_edge.bundletools.external_data import load_all
+
+    proto = onnx.load(str(fp32), load_external_data=False)
+    layers, excluded = qdq.analyse(proto.graph)
+    tensors = list(dict.fromkeys([ly.act for ly in layers] + [ly.out for ly in layers if ly.out]))
+    hists = collect(fp32, tensors, calib, threads=opts.threads)
+    ranges = trt_form.symmetric({t: hists[t].range(opts.method) for t in tensors})
+    graph, _ = qdq.build(proto, layers, ranges, {ly.unit for ly in layers}, base_dir=str(fp32.parent),
+                         weight_bits=opts.weight_bits, int32_bias=False)
+    load_all(graph, fp32.parent)
+    dest = fp32.with_name(f"{fp32.stem}.int8.onnx")
+    return dest, txn.save(graph, dest), layers, excluded
+
+
+def int8_record(root: Path, dest: Path, files, layers, excluded, cal, opts, samples: int,
+                parity: dict) -> VariantRecord:
+    """The manifest's record of a graph ``save_qdq_graph`` wrote."""
+    return VariantRecord(
+        file=dest.relative_to(root).as_posix(), files=[file_record(p, root) for p in files],
+        format="QDQ", weights=f"int8, per output channel, symmetric, {opts.weight_bits}-bit range",
+        activations="int8, per tensor, symmetric (float biases: TensorRT reads it as it is)",
+        method=opts.method, ops=list(qdq.QUANT_OPS),
+        quantized_nodes=[ly.node for ly in layers], excluded_nodes=excluded,
+        calibration=CalibrationRecord(prompts=cal.prompts, steps=opts.calib_steps,
+                                      size=list(cal.hw), samples=samples,
+                                      schedulers=list(cal.schedulers)),
+        parity=parity)
 
 
 def _worst(int8_path: Path, fp32_path: Path, samples: list[dict]):

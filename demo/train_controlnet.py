@@ -209,7 +209,7 @@ def train(args) -> tuple:
     return net.eval(), step, wall + time.time() - t0, stopped
 
 
-def save(net, out: Path, note: dict) -> Path:
+def save(net, out: Path, note: dict, what: str = "ControlNet") -> Path:
     """save_pretrained (fp16 safetensors) into a temporary folder, then each file into ``out``."""
     tmp = out.parent / (".tmp_" + out.name)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -217,8 +217,7 @@ def save(net, out: Path, note: dict) -> Path:
     size = sum(f.stat().st_size for f in tmp.iterdir())
     if size > MAX_DIR_BYTES:
         shutil.rmtree(tmp)
-        sys.exit(f"train-controlnet: error: the ControlNet would be {size} bytes, over the "
-                 f"{MAX_DIR_BYTES}-byte budget")
+        sys.exit(f"error: the {what} would be {size} bytes, over the {MAX_DIR_BYTES}-byte budget")
     weights = tmp / "diffusion_pytorch_model.safetensors"
     note = dict(note, bytes=weights.stat().st_size,
                 sha256=hashlib.sha256(weights.read_bytes()).hexdigest())
@@ -231,15 +230,23 @@ def save(net, out: Path, note: dict) -> Path:
     return out
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def trainer_args(doc: str, out: Path, steps: int, minutes: float,
+                 seed: int) -> argparse.ArgumentParser:
+    """The options every demo trainer beside the model takes: the model, where to write, and
+    the budget."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--weights", type=Path, default=S.DEFAULT_WEIGHTS, help="the demo model")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="checkpoints (resumed from)")
-    ap.add_argument("--steps", type=int, default=STEPS)
-    ap.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget of this run")
-    ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--out", type=Path, default=out)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--minutes", type=float, default=minutes, help="wall-clock budget of this run")
+    ap.add_argument("--seed", type=int, default=seed)
     ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
+def main(argv=None) -> None:
+    ap = trainer_args(__doc__, DEFAULT_OUT, STEPS, 30.0, SEED)
+    ap.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="checkpoints (resumed from)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     net, done, wall, stopped = train(a)

@@ -56,13 +56,18 @@ def load_model(source: str | os.PathLike, config: str | None = None) -> LoadedMo
     raise ModelLoadError(f"{p.name}: not a diffusers folder or a single .safetensors/.ckpt file")
 
 
+# folders of a model folder that hold something used beside the model, not the model itself
+BESIDE_THE_MODEL = ("lora", "controlnet", "taesd")
+
+
 def _weight_files(root: Path) -> list[Path]:
     """The model's files (their hash is the bundle's source_sha256). A top-level ``lora/`` folder
-    holds adapters (the demo's, demo/weights/lora), not the model: left out; so is
-    ``controlnet/`` (the demo ControlNet, demo/weights/controlnet: ``--controlnet`` hashes it)."""
+    holds adapters (the demo's, demo/weights/lora), not the model: left out; so are
+    ``controlnet/`` (the demo ControlNet, demo/weights/controlnet: ``--controlnet`` hashes it)
+    and ``taesd/`` (the demo TAESD, demo/weights/taesd: ``--tiny-vae`` hashes it)."""
     exts = {".safetensors", ".bin", ".ckpt", ".json"}
     return [q for q in root.rglob("*") if q.is_file() and q.suffix in exts
-            and q.relative_to(root).parts[0] not in ("lora", "controlnet")]
+            and q.relative_to(root).parts[0] not in BESIDE_THE_MODEL]
 
 
 def _load_folder(p: Path) -> LoadedModel:

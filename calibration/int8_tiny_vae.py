@@ -1,0 +1,72 @@
+"""An INT8 tiny VAE (TAESD) decoder: its graph in Q/DQ, calibrated on the latents the FP32
+runs that calibrate the U-Net end with (each decoded once: with the full VAE in a bundle
+that has both, those latents rescaled to the tiny VAE's scaling), checked against FP32 on the
+same decodes, written only where it holds.
+
+The same graph form as the INT8 ControlNets (int8_controlnet.py: symmetric activations,
+float biases). 32 of TAESD's 35 convolutions become integer kernels; the 3 kept float feed
+several consumers. The full VAE's decoder gets no INT8 graph: it misses the bar
+(docs/precision.md#an-int8-vae-decoder).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ldm_edge.bundletools.variant_txn import VariantTransaction
+from ldm_edge.runtime.backends.sessions import SessionFromOnnx
+from ldm_edge.runtime.bundle.schema import VariantRecord
+
+from .fp16 import decoder_inputs_for
+from .int8_controlnet import int8_record, save_qdq_graph
+
+TINY_DECODER = "vae_decoder_tiny"
+# The worst decode's PSNR, INT8 vs FP32, on the decoder's raw output over the FP32 output's
+# range (for a trained TAESD that is the picture's PSNR: 38-42 dB on the demo TAESD's). 35 dB
+# is what a VAE INT8 form is asked to keep. The raw output, not the 8-bit picture, because a
+# random-weight TAESD's output lies far outside [-1, 1] (clipped, its picture is 0 or 255 and
+# any sign change costs a whole level).
+MIN_PSNR_DB = 35.0
+MAX_CALIB_DECODES = 16
+
+
+def decoder_calls(manifest, captured: list[dict]) -> list[dict]:
+    """The tiny decoder's inputs (graph names) for every decode of the captured runs, or []
+    where the bundle has no tiny decoder."""
+    if not manifest.has(TINY_DECODER):
+        return []
+    ran = "vae_decoder" if any("vae_decoder" in run for run in captured) else TINY_DECODER
+    calls = [c for run in captured for c in run.get(ran, [])]
+    if ran != TINY_DECODER:
+        calls = decoder_inputs_for(manifest, calls, ran, TINY_DECODER)
+    comp = manifest.component(TINY_DECODER)
+    return [{comp.graph_name(k): v for k, v in c.items()} for c in calls]
+
+
+def raw_psnr(out: np.ndarray, ref: np.ndarray) -> float:
+    mse = float(np.mean((out.astype(np.float64) - ref) ** 2))
+    return float("inf") if mse == 0 else 20 * np.log10(float(np.ptp(ref)) / np.sqrt(mse))
+
+
+def quantize_tiny_vae(txn: VariantTransaction, cal, opts, progress) -> VariantRecord | None:
+    """``vae_decoder_tiny.int8.onnx`` put in ``txn``, or None (nothing left) without a tiny
+    decoder, without decodes, or when the worst decode misses MIN_PSNR_DB."""
+    calls = cal.decodes[:MAX_CALIB_DECODES]
+    if not calls:
+        return None
+    fp32 = cal.manifest.variant(TINY_DECODER, "fp32").path
+    dest, files, layers, excluded = save_qdq_graph(txn, fp32, calls, opts)
+    s8, s32 = SessionFromOnnx(dest)(), SessionFromOnnx(fp32)()
+    worst = min(raw_psnr(s8.run(None, f)[0], s32.run(None, f)[0]) for f in calls)
+    progress(f"{TINY_DECODER}: int8 {len(layers)} layers, worst of {len(calls)} decodes vs "
+             f"FP32 {worst:.2f} dB (raw output; at least {MIN_PSNR_DB:.0f} kept)")
+    if worst < MIN_PSNR_DB:
+        txn.discard(files)
+        progress(f"{TINY_DECODER}: no INT8 graph (under {MIN_PSNR_DB:.0f} dB); its float graph "
+                 f"runs under --precision int8")
+        return None
+    variant = int8_record(txn.root, dest, files, layers, excluded, cal, opts, len(calls),
+                          {"psnr_db": round(worst, 2), "reference": "onnxruntime fp32",
+                           "passed": True, "samples": len(calls), "min_psnr_db": MIN_PSNR_DB})
+    txn.put(TINY_DECODER, "int8", variant)
+    return variant
