@@ -42,7 +42,7 @@ def summary(m) -> str:
     if tiny is not None and "int8" in tiny.variants:
         par = tiny.variants["int8"].parity
         lines.append(f"vae_decoder_tiny (int8): {tiny.variants['int8'].file}; worst decode vs "
-                     f"fp32 {par['psnr_db']:.2f} dB ({par['samples']} decodes, raw output)")
+                     f"fp32 {par['psnr_db']:.2f} dB ({par['samples']} decodes not calibrated on, raw output)")
     budget = v.min_psnr
     if budget:
         plain = budget["plain_int8_psnr_db"]

@@ -232,7 +232,6 @@ def add_int8(bundle, opts: Int8Options, progress=print) -> BundleManifest:
         txn.forget("int8", ["unet", *cal.controlnets, *([TINY_DECODER] if cal.decodes else [])])
         variant = write_variant(txn, cal, quant, opts)
         quantize_controlnets(txn, cal, opts, progress)  # a bundle with ControlNets
-        quantize_tiny_vae(txn, cal, opts, progress)  # a bundle with a tiny VAE (TAESD)
         if opts.fused_form:
             add_form(txn, variant, cal, opts, progress)
         # Measure through a manifest that names the new graph, then commit both at once.
@@ -244,6 +243,9 @@ def add_int8(bundle, opts: Int8Options, progress=print) -> BundleManifest:
         q["control"] = _with_control(txn, cal, opts, progress)
         if opts.tensorrt_form:
             add_tensorrt_form(txn, variant, cal, quant, reference, opts, progress)
+        # after the U-Net's figures, which a bundle whose only VAE is TAESD decodes for with
+        # its FP32 graph: they are the U-Net's alone
+        quantize_tiny_vae(txn, cal, opts, progress)
         # onnxruntime's INT8 kernels, and so this figure, differ by CPU kind (runtime/cpu.py)
         q.update(method=opts.method, min_psnr=opts.min_psnr, kept_float_units=quant.kept,
                  cpu=cpu_summary())

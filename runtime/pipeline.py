@@ -150,7 +150,9 @@ class Pipeline:
     component opened for it is told how often the request calls it (the U-Net and ControlNets
     once a step, the rest once), so a float graph called only a few times opens without
     onnxruntime's weight pre-packing (runtime/backends/prepack.py). Not set, the pipeline may
-    serve many requests and every graph is pre-packed."""
+    serve many requests and every graph is pre-packed. A one-shot pipeline hands a
+    ``components`` provider ``options`` with one more key, ``calls`` (that count), which
+    ``open_backend`` takes."""
 
     def __init__(self, bundle, *, backend: str = "auto", precision: str = "fp32",
                  device: str = "auto", threads: int = 0, verify: bool = True,
@@ -237,7 +239,8 @@ class Pipeline:
             self._steps_planned = request.num_inference_steps
 
     def _planned_calls(self, name: str) -> int:
-        """How often a one-shot request calls ``name``: the denoisers once a step."""
+        """How often a one-shot request calls ``name``: the denoisers once a step (a batch
+        split into several calls a step is not counted), the rest once."""
         denoiser = name == "unet" or name.startswith("controlnet/")
         return self._steps_planned if denoiser else 1
 
@@ -445,6 +448,8 @@ class Pipeline:
         for name in self.conditioning.components:
             self._release(name)
         timesteps = cut_at_end(sched, plan.timesteps(sched, req), req.denoising_end)
+        if self._steps_planned is not None:  # one-shot: the steps this run takes (img2img's
+            self._steps_planned = len(timesteps)  # strength, a refiner's start, an end cut)
         start = plan.start(self, sched, timesteps, req, gen)
         self._release(self._vae_component("vae_encoder"))
         lat = self._denoise(sched, plan, start, cond.feeds, timesteps, req, gen, progress)

@@ -21,11 +21,11 @@ from ..errors import UsageError
 
 ENV = "LDM_EDGE_ORT_PREPACK"
 # A float graph is pre-packed when the process will call it at least this many times. The
-# packing is paid once at open and saves a little on every call: SD1.5's FP32 U-Net, 2
-# threads, AMD EPYC: 0.74-0.77 s at open (2.7 s when its weights are not yet in the page
-# cache) against 0.03-0.05 s (1.3-2.9 %) a call at 256²-512², so it pays after ~15-25
-# calls; SD2.1's ViT-H text encoder: 0.8 s against ~0.02 s a call (~40 calls); CLIP ViT-L's:
-# 0.3 s against nothing measurable.
+# packing is paid once at open and saves a little on every call (2 threads, AMD EPYC,
+# `benchmarks/bench_prepack.py`, docs/run.md): SD1.5's FP32 U-Net at 512² 0.68 s at open
+# (2.7 s when its weights are not yet in the page cache) against 0.033 s (1.6 %) a call, so it
+# pays after 21 calls; the text encoders (CLIP ViT-L, OpenCLIP ViT-H) after 24-25; the VAE
+# decoder never.
 MIN_CALLS = 20
 # Always pre-packed: without it the INT8 U-Net's integer kernels run 1.6x slower a call
 # (0.99 -> 1.60 s on SD1.5 at 512², the same machine: more than the 0.76 s the packing takes)

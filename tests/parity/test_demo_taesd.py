@@ -39,12 +39,10 @@ def test_the_committed_taesd_is_small_and_not_part_of_the_demo_models_hash():
 
 
 def test_the_taesd_decodes_and_encodes_like_the_demo_vae():
-    import torch
     from diffusers import AutoencoderKL, AutoencoderTiny
 
     from ldm_edge.demo import dataset as D
 
-    torch.set_num_threads(1)
     vae = AutoencoderKL.from_pretrained(default_source() / "vae").eval()
     tiny = AutoencoderTiny.from_pretrained(TAESD).eval()
     held = TT.teacher_pairs(vae, D.heldout_set(HELD_OUT, seed=TT.SEED + 17)[0])
