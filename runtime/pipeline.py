@@ -448,8 +448,8 @@ class Pipeline:
         for name in self.conditioning.components:
             self._release(name)
         timesteps = cut_at_end(sched, plan.timesteps(sched, req), req.denoising_end)
-        if self._steps_planned is not None:  # one-shot: the steps this run takes (img2img's
-            self._steps_planned = len(timesteps)  # strength, a refiner's start, an end cut)
+        if self._steps_planned is not None:  # one-shot: the steps this run takes (its
+            self._steps_planned = len(timesteps)  # plan may start late or end early)
         start = plan.start(self, sched, timesteps, req, gen)
         self._release(self._vae_component("vae_encoder"))
         lat = self._denoise(sched, plan, start, cond.feeds, timesteps, req, gen, progress)
