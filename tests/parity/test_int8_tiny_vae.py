@@ -19,7 +19,8 @@ pytestmark = pytest.mark.skipif(
     default_source() is None or not (TT.DEFAULT_OUT / "config.json").is_file(),
     reason="demo weights or the demo TAESD not in this checkout")
 
-QUICK = ["--num-prompts", "8", "--calib-steps", "4", "--no-tensorrt-form", "--no-fused-form"]
+# `ldm-export int8 --num-prompts 8 --calib-steps 4 --no-tensorrt-form --no-fused-form`, in process
+QUICK = dict(num_prompts=8, calib_steps=4, tensorrt_form=False, fused_form=False)
 # The INT8 pipeline (U-Net and tiny decoder) against the FP32 one, both decoding with TAESD,
 # 8-bit PSNR: measured 43.2 dB at 10 steps (the INT8 U-Net with the full VAE: 50.4 dB). 35 dB
 # is what a VAE INT8 form is asked to keep.
@@ -28,12 +29,13 @@ MIN_PICTURE_PSNR_DB = 35.0
 
 @pytest.fixture(scope="module")
 def demo_with_taesd(tmp_path_factory):
-    from helpers import run_cli
+    """`ldm-export onnx -o OUT --tiny-vae demo/weights/taesd`, in process."""
+    from ldm_edge.export.bundle import ExportOptions, export_bundle
+    from ldm_edge.export.load import attach_tiny_vae, load_model
 
     out = tmp_path_factory.mktemp("demo-taesd") / "bundle"
-    r = run_cli("-m", "ldm_edge.export.cli", "onnx", "-o", str(out), "--tiny-vae",
-                str(TT.DEFAULT_OUT))
-    assert r.returncode == 0, r.stderr[-2000:]
+    export_bundle(attach_tiny_vae(load_model(default_source()), TT.DEFAULT_OUT), out,
+                  ExportOptions())
     return out
 
 
@@ -44,15 +46,14 @@ def _copy(bundle, tmp_path):
 
 
 def test_int8_adds_a_tiny_decoder_that_runs_and_holds(demo_with_taesd, tmp_path):
-    from helpers import run_cli
-
+    from ldm_edge.calibration.cli_int8 import summary
+    from ldm_edge.calibration.int8 import Int8Options, add_int8
     from ldm_edge.runtime.compare import psnr
     from ldm_edge.runtime.pipeline import Pipeline
 
     b = _copy(demo_with_taesd, tmp_path)
-    r = run_cli("-m", "ldm_edge.export.cli", "int8", str(b), *QUICK)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "vae_decoder_tiny (int8)" in r.stdout
+    said = []
+    assert "vae_decoder_tiny (int8)" in summary(add_int8(b, Int8Options(**QUICK), said.append))
     rec = json.loads((b / "manifest.json").read_text())["components"]["vae_decoder_tiny"]
     assert rec["variants"]["int8"]["parity"]["held_out"]  # checked on decodes not calibrated on
     pics = {}
@@ -70,8 +71,8 @@ def test_a_tiny_decoder_under_the_bar_gets_no_int8_graph(demo_with_taesd, tmp_pa
     b = _copy(demo_with_taesd, tmp_path)
     monkeypatch.setattr(T, "MIN_PSNR_DB", 200.0)  # no INT8 graph reaches it
     said = []
-    m = add_int8(b, Int8Options(num_prompts=2, calib_steps=2, tensorrt_form=False,
-                                fused_form=False), progress=said.append)
+    m = add_int8(b, Int8Options(**{**QUICK, "num_prompts": 2, "calib_steps": 2}),
+                 progress=said.append)
     assert "int8" not in m.components["vae_decoder_tiny"].variants
     assert "int8" in m.components["unet"].variants
     assert any("vae_decoder_tiny: no INT8 graph" in s for s in said)
