@@ -63,6 +63,7 @@ def main(argv=None) -> None:
     from ldm_edge.bundletools.save import save_graph
     from ldm_edge.calibration import qdq
     from ldm_edge.calibration.int8 import build_graph
+    from ldm_edge.calibration.int8_tiny_vae import raw_psnr
     from ldm_edge.calibration.ranges import collect
     from ldm_edge.runtime.bundle.opener import open_bundle
     from ldm_edge.runtime.compare import psnr
@@ -107,7 +108,7 @@ def main(argv=None) -> None:
             q, ref = out["int8"][i], out["fp32"][i]
             # the raw outputs too: a random-weight decoder's lie far outside [-1, 1], where
             # the 8-bit picture is clipped to 0/255 and any sign change costs a whole level
-            raw = 20 * np.log10(np.ptp(ref) / np.sqrt(np.mean((q - ref) ** 2)))
+            raw = raw_psnr(q, ref)
             print(f"{a.size}² decode of {prompt!r}: INT8 vs FP32 "
                   f"{psnr(to_pixels(q), to_pixels(ref)):.2f} dB (8-bit picture), {raw:.1f} dB "
                   f"(raw output over its range; {np.mean(np.abs(ref) > 1):.0%} of it outside [-1, 1])")

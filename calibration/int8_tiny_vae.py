@@ -16,6 +16,7 @@ import numpy as np
 from ldm_edge.bundletools.variant_txn import VariantTransaction
 from ldm_edge.runtime.backends.sessions import SessionFromOnnx
 from ldm_edge.runtime.bundle.schema import VariantRecord
+from ldm_edge.runtime.compare import psnr
 
 from .fp16 import decoder_inputs_for
 from .int8_controlnet import int8_record, save_qdq_graph
@@ -44,8 +45,8 @@ def decoder_calls(manifest, captured: list[dict]) -> list[dict]:
 
 
 def raw_psnr(out: np.ndarray, ref: np.ndarray) -> float:
-    mse = float(np.mean((out.astype(np.float64) - ref) ** 2))
-    return float("inf") if mse == 0 else 20 * np.log10(float(np.ptp(ref)) / np.sqrt(mse))
+    """PSNR of a decoder's raw output over the reference output's range."""
+    return psnr(out, ref, peak=float(np.ptp(ref)))
 
 
 def quantize_tiny_vae(txn: VariantTransaction, cal, opts, progress) -> VariantRecord | None:

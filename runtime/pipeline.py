@@ -19,6 +19,7 @@ import numpy as np
 
 from . import validate
 from .backends.choose import DRAWN_LATENT, open_backend
+from .bundle.control_spec import is_controlnet
 from .bundle.manifest import Manifest
 from .bundle.opener import open_bundle
 from .bundle.spec import TINY_VAE
@@ -241,8 +242,7 @@ class Pipeline:
     def _planned_calls(self, name: str) -> int:
         """How often a one-shot request calls ``name``: the denoisers once a step (a batch
         split into several calls a step is not counted), the rest once."""
-        denoiser = name == "unet" or name.startswith("controlnet/")
-        return self._steps_planned if denoiser else 1
+        return self._steps_planned if name == "unet" or is_controlnet(name) else 1
 
     @property
     def open_components(self):
